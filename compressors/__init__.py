@@ -1,0 +1,26 @@
+"""ctxzip's library: memories, compressors, the shared inference wrapper, base models and hub I/O."""
+
+from . import baselines  # noqa: F401  (registers the training-free compressors)
+from .base import COMPRESSORS, Compressor, CompressorConfig, compressor_class, register_compressor
+from .errors import (
+    BaseModelMismatchError,
+    ContextTooLongError,
+    CorruptArtifactError,
+    CtxzipError,
+    EmptyInputError,
+    UnknownCompressorError,
+)
+from .gist import GistCompressor, GistConfig
+from .hub import load_compressor, save_compressor
+from .memory import Memory
+from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
+from .wrapper import CompressedLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
+    "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
+    "GistCompressor", "GistConfig", "Memory", "UnknownCompressorError", "compressor_class", "load_base",
+    "load_compressor", "register_compressor", "save_compressor",
+]

@@ -1,0 +1,42 @@
+"""Full context: the KV cache of every context token (ratio 1). The ceiling every method is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..base import Compressor, CompressorConfig, register_compressor
+from ..memory import Memory
+
+
+@dataclass
+class FullContextConfig(CompressorConfig):
+    pass
+
+
+def prefill_kv(compressor: Compressor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the base LM over ``ids`` (positions from 0, left padding masked) and return its per-layer KV."""
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = compressor.base_lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, item in enumerate(out.past_key_values.layers):
+        tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
+    if not bool(mask.all()):
+        tensors["slot_mask"] = mask.to(torch.int8)  # padded rows: the decoder must not read the pads
+    return tensors
+
+
+@register_compressor
+class FullContext(Compressor):
+    compressor_type = "full_context"
+    config_class = FullContextConfig
+    memory_kind = "kv"
+
+    @torch.no_grad()
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        mask = self.check_context(context_ids, attention_mask)
+        lengths = mask.sum(-1).tolist()
+        return self.new_memory(prefill_kv(self, context_ids, mask), source_tokens=lengths,
+                               slots=context_ids.shape[1], position_offset=lengths)

@@ -1,0 +1,65 @@
+"""Truncation: keep only part of the context's tokens, so the model never reads the rest.
+
+The floor of every comparison at a memory budget. ``keep="recent"`` keeps the last
+``ceil(n / ratio)`` tokens; ``keep="first_last"`` keeps half the budget from each end. The kept
+tokens are re-encoded on their own at positions ``0..budget-1`` (true truncation, not KV eviction).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..base import Compressor, CompressorConfig, register_compressor
+from ..memory import Memory
+from .full_context import prefill_kv
+
+
+@dataclass
+class TruncationConfig(CompressorConfig):
+    ratio: float = 4.0
+    keep: str = "recent"  # or "first_last"
+
+    def __post_init__(self) -> None:
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {self.ratio}")
+        if self.keep not in ("recent", "first_last"):
+            raise ValueError(f"keep must be 'recent' or 'first_last', got {self.keep!r}")
+
+
+def kept_indices(length: int, budget: int, keep: str) -> list[int]:
+    """Indices of the tokens kept out of ``length`` under ``budget``."""
+    budget = min(budget, length)
+    if keep == "recent":
+        return list(range(length - budget, length))
+    head = budget // 2
+    return list(range(head)) + list(range(length - (budget - head), length))
+
+
+@register_compressor
+class Truncation(Compressor):
+    compressor_type = "truncation"
+    config_class = TruncationConfig
+    memory_kind = "kv"
+
+    def budget(self, length: int) -> int:
+        return max(1, math.ceil(length / self.compressor_config.ratio))
+
+    @torch.no_grad()
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        mask = self.check_context(context_ids, attention_mask)
+        rows, lengths = [], mask.sum(-1).tolist()
+        for row, length in enumerate(lengths):
+            real = context_ids[row][mask[row].bool()]
+            rows.append(real[kept_indices(length, self.budget(length), self.compressor_config.keep)])
+        slots = max(len(r) for r in rows)
+        pad = self.base_lm.config.pad_token_id or 0
+        ids = torch.full((len(rows), slots), pad, dtype=context_ids.dtype, device=context_ids.device)
+        kept_mask = torch.zeros_like(ids)
+        for row, kept in enumerate(rows):  # left-pad so that every row ends at the same slot
+            ids[row, slots - len(kept):], kept_mask[row, slots - len(kept):] = kept, 1
+        return self.new_memory(prefill_kv(self, ids, kept_mask), source_tokens=lengths, slots=slots,
+                               position_offset=[len(r) for r in rows])

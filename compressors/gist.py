@@ -1,0 +1,150 @@
+"""Gist tokens: compress a context into the keys/values of a few learned gist positions.
+
+Papers: Mu et al. 2023, "Learning to Compress Prompts with Gist Tokens" (arXiv 2304.08467);
+Li et al. 2024, "500xCompressor" (arXiv 2408.03094); Ge et al. 2024, ICAE (arXiv 2307.06945).
+
+How it works here: ``k`` learnable gist embeddings live in their own parameter table (the tied
+vocabulary is never resized). A context is split into segments of ``segment_length`` tokens; each
+segment is followed by ``ceil(len / tokens_per_gist)`` gists and encoded by the base model (with a
+LoRA adapter when ``lora_r > 0``), while attending to the memory of the previous segments. The
+per-layer keys/values at the gist positions are the ``kv`` Memory; the decoder reads them as a
+``past_key_values`` prefix and continues from the position after the last gist.
+
+Faithful: KV-at-gist-positions memory (500xCompressor / the KV form of gisting), frozen decoder
+with a LoRA encoder (ICAE, 500xCompressor), autoencoding + continuation + task SFT objectives.
+Not faithful: gisting trains in one pass with a gist attention mask; here the encoder and the
+decoder are two passes (mathematically the same attention pattern, but twice the prefill). The
+segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather than any one paper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .base import Compressor, CompressorConfig, register_compressor
+from .memory import Memory
+
+
+@dataclass
+class GistConfig(CompressorConfig):
+    """Hyper-parameters of the gist compressor."""
+
+    tokens_per_gist: int = 4  # sets the ratio: context tokens summarised by one gist
+    segment_length: int = 256  # contexts are compressed segment by segment
+    lora_r: int = 8  # 0 = train only the gist embeddings
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_in_decoder: bool = False  # ICAE / 500xCompressor keep the decoder frozen
+    init: str = "vocab_mean"  # or "random"
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_gist < 1:
+            raise ValueError("tokens_per_gist must be >= 1")
+        if self.segment_length < self.tokens_per_gist:
+            raise ValueError("segment_length must be >= tokens_per_gist")
+        if self.init not in ("vocab_mean", "random"):
+            raise ValueError(f"init must be 'vocab_mean' or 'random', got {self.init!r}")
+
+    @property
+    def num_gists(self) -> int:
+        return math.ceil(self.segment_length / self.tokens_per_gist)
+
+
+@register_compressor
+class GistCompressor(Compressor):
+    compressor_type = "gist"
+    config_class = GistConfig
+    memory_kind = "kv"
+
+    def __init__(self, config: GistConfig, model: PreTrainedModel) -> None:
+        if config.lora_r > 0 and not hasattr(model, "peft_config"):
+            model = _add_lora(model, config)  # PEFT freezes every non-LoRA weight
+        elif config.lora_r == 0:
+            model.requires_grad_(False)
+        super().__init__(config, model)
+        embed = self.base_lm.get_input_embeddings()
+        # An nn.Embedding (not a bare Parameter) so that ZeRO-3 gathers it with its own module hook.
+        self.gist_embeddings = nn.Embedding(config.num_gists, embed.embedding_dim)
+        self._init_gists(embed.weight)
+        self.gist_embeddings.to(device=embed.weight.device, dtype=embed.weight.dtype)
+
+    @torch.no_grad()
+    def _init_gists(self, vocab: torch.Tensor) -> None:
+        if self.compressor_config.init == "vocab_mean":
+            # Start from the mean word embedding plus small noise: on-distribution for the LM.
+            mean, std = vocab.float().mean(0), vocab.float().std(0)
+            noise = torch.randn(self.gist_embeddings.weight.shape, generator=torch.Generator().manual_seed(0))
+            self.gist_embeddings.weight.copy_(mean + 0.1 * std * noise)
+        else:
+            nn.init.normal_(self.gist_embeddings.weight, std=float(vocab.float().std()))
+
+    # ----- encoder ------------------------------------------------------------------------
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        """Compress ``context_ids`` ([batch, length], left padding allowed) into a ``kv`` Memory."""
+        attention_mask = self.check_context(context_ids, attention_mask)
+        memory: Memory | None = None
+        length, step = context_ids.shape[1], self.compressor_config.segment_length
+        # Segments are cut from the right so that only the first one can hold left padding.
+        bounds = [(max(0, end - step), end) for end in range(length, 0, -step)][::-1]
+        for start, end in bounds:
+            segment = self._compress_segment(context_ids[:, start:end], attention_mask[:, start:end], memory)
+            memory = segment if memory is None else memory.cat(segment)
+        assert memory is not None
+        return memory
+
+    def _compress_segment(self, ids: torch.Tensor, mask: torch.Tensor, previous: Memory | None) -> Memory:
+        batch, n_gists = ids.shape[0], math.ceil(ids.shape[1] / self.compressor_config.tokens_per_gist)
+        start = torch.tensor(previous.position_offset if previous else [0] * batch, device=ids.device)
+        real = mask.long().sum(-1)
+        token_pos = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
+        gist_pos = (start + real)[:, None] + torch.arange(n_gists, device=ids.device)
+        gists = self.gist_embeddings.weight[:n_gists].unsqueeze(0).expand(batch, -1, -1)
+        embeds = torch.cat([self.base_lm.get_input_embeddings()(ids), gists.to(self.base_lm.dtype)], dim=1)
+        full_mask = torch.cat([mask, mask.new_ones(batch, n_gists)], dim=1)
+        cache = None
+        if previous is not None:
+            cache = previous.to_cache()
+            full_mask = torch.cat([mask.new_ones(batch, previous.slots), full_mask], dim=1)
+        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True,
+                         position_ids=torch.cat([token_pos, gist_pos], dim=1), past_key_values=cache)
+        tensors = {}
+        for layer, (key, value) in enumerate(_cache_layers(out.past_key_values)):
+            tensors[f"key.{layer}"] = key[:, :, -n_gists:]
+            tensors[f"value.{layer}"] = value[:, :, -n_gists:]
+        return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists,
+                               position_offset=(gist_pos[:, -1] + 1).tolist())
+
+    # ----- decoder ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, memory: Memory) -> Iterator[None]:
+        """The decoder is the frozen base model unless ``lora_in_decoder``."""
+        if self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
+def _add_lora(model: PreTrainedModel, config: GistConfig) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer of a transformers cache, whatever its version's internals."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]

@@ -1,0 +1,205 @@
+"""Artifacts: save / load / push a compressor as a folder in the PEFT-style layout.
+
+A folder holds ``compressor_config.json`` (type, hyper-parameters, base model id, revision and
+shape, tokenizer hash, ctxzip version), ``compressor.safetensors`` (the compressor's own weights),
+the LoRA part as a standard PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+and a model card ``README.md``. Safetensors only, no pickles, no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .base import Compressor, compressor_class
+from .errors import BaseModelMismatchError, CorruptArtifactError, CtxzipError
+from .model_card import render_model_card
+from .models import load_base, model_signature, tokenizer_hash
+
+CONFIG_NAME = "compressor_config.json"
+WEIGHTS_NAME = "compressor.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CTXZIP_VERSION = "0.1.0"
+
+
+def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
+    base = compressor.base_lm
+    return {
+        "compressor_type": compressor.compressor_type,
+        "memory_kind": compressor.memory_kind,
+        "config": compressor.compressor_config.to_dict(),
+        "base_model": compressor.base_name,
+        "base_revision": getattr(base.config, "_commit_hash", None),
+        "base_signature": model_signature(base.config),
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "has_adapter": hasattr(compressor.model, "peft_config"),
+        "ctxzip_version": CTXZIP_VERSION,
+    }
+
+
+def save_compressor(compressor: Compressor, folder: str | os.PathLike,
+                    tokenizer: PreTrainedTokenizerBase | None = None,
+                    eval_results: list[dict[str, Any]] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the artifact folder. Each file lands atomically; the config is written last.
+
+    ``state_dict`` (optional) supplies the trained tensors when the module's own parameters are
+    sharded (DeepSpeed ZeRO-3): keys as in ``compressor.state_dict()``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = compressor_metadata(compressor, tokenizer)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+    try:
+        source = compressor.own_state_dict() if state_dict is None else {
+            k: v for k, v in state_dict.items() if not k.startswith("model.")}
+        own = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        if own:
+            save_file(own, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        if meta["has_adapter"]:
+            adapter_state = None if state_dict is None else {
+                k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state)
+            _point_adapter_at_base(staging / ADAPTER_CONFIG, meta["base_model"])
+        (staging / "README.md").write_text(render_model_card(meta, eval_results))
+        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for name in [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", CONFIG_NAME]:
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _point_adapter_at_base(path: Path, base_model: str) -> None:
+    """PEFT records the base model id in the adapter config; make it the id we load bases by."""
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; anything else is treated as a Hub repo id and downloaded."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision))
+    except (RepositoryNotFoundError, HFValidationError) as exc:
+        raise CtxzipError(f"{name_or_path!r} is neither a local folder nor a Hub repo: {exc}") from exc
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise CorruptArtifactError(f"{folder} has no {CONFIG_NAME}: not a ctxzip compressor folder")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    for key in ("compressor_type", "config", "base_model", "base_signature"):
+        if key not in meta:
+            raise CorruptArtifactError(f"{path} lacks the field {key!r}")
+    return meta
+
+
+def check_base_model(meta: dict[str, Any], model: PreTrainedModel,
+                     tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Refuse a base model (or tokenizer) other than the one the compressor was trained for."""
+    signature = model_signature(model.config)
+    if signature != meta["base_signature"]:
+        diff = {k: (meta["base_signature"].get(k), signature.get(k)) for k in signature
+                if meta["base_signature"].get(k) != signature.get(k)}
+        raise BaseModelMismatchError(
+            f"this compressor was trained for base model {meta['base_model']!r}; the given base model "
+            f"has a different shape (saved vs given: {diff})")
+    saved_hash = meta.get("tokenizer_hash")
+    if tokenizer is not None and saved_hash and saved_hash != tokenizer_hash(tokenizer):
+        raise BaseModelMismatchError(
+            f"the tokenizer differs from the one the compressor was trained with ({meta['base_model']!r})")
+
+
+def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | None = None,
+                    tokenizer: PreTrainedTokenizerBase | None = None, base_model: str | None = None,
+                    dtype: str | torch.dtype | None = "float32", revision: str | None = None,
+                    ) -> tuple[Compressor, PreTrainedTokenizerBase]:
+    """Load a saved compressor onto ``model`` (or onto its recorded base model, loaded here)."""
+    folder = resolve_folder(name_or_path, revision)
+    meta = read_metadata(folder)
+    if model is None:
+        model, loaded_tokenizer = load_base(base_model or meta["base_model"], dtype=dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    check_base_model(meta, model, tokenizer)
+    cls = compressor_class(meta["compressor_type"])
+    compressor = cls(cls.config_class.from_dict(meta["config"]), model)
+    _load_own_weights(compressor, folder)
+    if meta.get("has_adapter"):
+        _load_adapter(compressor, folder)
+    compressor.eval()
+    return compressor, tokenizer  # type: ignore[return-value]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CorruptArtifactError(f"missing weight file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptArtifactError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+
+
+def _load_own_weights(compressor: Compressor, folder: Path) -> None:
+    expected = compressor.own_state_dict()
+    if not expected:
+        return
+    weights = _read_safetensors(folder / WEIGHTS_NAME)
+    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unexpected:
+        raise CorruptArtifactError(
+            f"{folder / WEIGHTS_NAME} does not match the compressor: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CorruptArtifactError(f"{name}: saved shape {tuple(tensor.shape)}, "
+                                       f"expected {tuple(expected[name].shape)}")
+    compressor.load_state_dict(weights, strict=False)
+
+
+def _load_adapter(compressor: Compressor, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    weights = _read_safetensors(folder / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(compressor.model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing_lora = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or missing_lora:
+        raise CorruptArtifactError(
+            f"{folder / ADAPTER_WEIGHTS} does not match the adapter: unexpected {unexpected[:5]}, "
+            f"missing {missing_lora[:5]}")
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload ctxzip compressor") -> str:
+    """Create ``repo_id`` if needed and upload exactly the artifact folder; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    # Only the artifact files: an output_dir also holds checkpoints and logs that must stay local.
+    artifact = [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", CONFIG_NAME]
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                             allow_patterns=artifact)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,54 @@
+"""Compare a compressor with the untrained one, truncation at the same budget and the full context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from compressors import CompressedLM, Compressor
+from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
+
+from .scoring import Summary, markdown_table, score_rows
+
+
+def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, rows: Any,
+                           scoring: str = "loglik", untrained: Compressor | None = None,
+                           baselines: bool = True) -> list[Summary]:
+    """Score ``compressor`` on ``rows``; with ``baselines``, also the untrained compressor, truncation
+    to the compressor's achieved ratio (the same memory budget in tokens), and the full context."""
+    trained, _ = score_rows(CompressedLM(compressor, tokenizer), rows, "trained", scoring)
+    summaries = [trained]
+    if not baselines:
+        return summaries
+    if untrained is not None:
+        summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, "untrained", scoring)[0])
+    base = compressor.base_lm
+    with _adapters_off(compressor):
+        truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.ratio)), base)
+        summaries.append(score_rows(CompressedLM(truncation, tokenizer), rows, "truncation", scoring)[0])
+        full = FullContext(FullContextConfig(), base)
+        summaries.append(score_rows(CompressedLM(full, tokenizer), rows, "full_context", scoring)[0])
+    return summaries
+
+
+class _adapters_off:
+    """Baselines read the plain base model even when the compressor wraps it with LoRA."""
+
+    def __init__(self, compressor: Compressor) -> None:
+        self.model = compressor.model
+        self.ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def print_table(summaries: list[Summary], title: str = "") -> str:
+    table = markdown_table(summaries)
+    print(("\n" + title + "\n" if title else "\n") + table + "\n")
+    return table

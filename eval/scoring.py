@@ -1,0 +1,96 @@
+"""Score a compressor on question/answer rows: by teacher-forced log-likelihood or by generation.
+
+``loglik`` (fast on CPU): the reply is teacher-forced after the memory and the question; a row is
+correct when every reply token is the model's argmax (exactly what greedy decoding would emit
+first), and its mean log-probability is reported too. ``generate``: greedy decoding, then
+exact / substring match against the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from compressors import CompressedLM, Memory
+
+
+@dataclass
+class RowScore:
+    correct: bool
+    answer_logprob: float
+    prediction: str
+    ratio: float
+    nbytes: int
+
+
+@dataclass
+class Summary:
+    method: str
+    accuracy: float
+    mean_logprob: float
+    ratio: float
+    memory_bytes: float
+    n: int
+    scoring: str
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reply_ids(clm: CompressedLM, answer: str) -> list[int]:
+    ids = clm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return ids + clm.eos_token_ids()[-1:]
+
+
+@torch.no_grad()
+def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) -> tuple[bool, float, str]:
+    prompt, reply = clm.prompt_ids(question), reply_ids(clm, answer)
+    ids = torch.tensor([prompt + reply], device=clm.device)
+    with clm.compressor.reading(memory):
+        step = clm.compressor.decoder_forward(memory.to(clm.device), ids, torch.ones_like(ids), use_cache=False)
+    logits = step.logits[0, len(prompt) - 1 : -1].float()
+    target = torch.tensor(reply, device=logits.device)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
+    predicted = logits.argmax(-1)
+    correct = bool((predicted[:-1] == target[:-1]).all())  # the answer tokens; end-of-turn is not required
+    return correct, float(logprobs[:-1].mean()), clm.tokenizer.decode(predicted[:-1])
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().strip().strip(".").split())
+
+
+def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",
+               max_new_tokens: int = 16) -> tuple[Summary, list[dict[str, Any]]]:
+    """Compress each row's context, answer its question, and summarise."""
+    if scoring not in ("loglik", "generate"):
+        raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
+    predictions: list[dict[str, Any]] = []
+    for row in rows:
+        memory = clm.compress(row["context"])
+        if scoring == "loglik":
+            correct, logprob, prediction = score_loglik(clm, memory, row["question"], row["answer"])
+        else:
+            prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=max_new_tokens))
+            correct, logprob = normalize(row["answer"]) in normalize(prediction), float("nan")
+        predictions.append({"method": method, "question": row["question"], "answer": row["answer"],
+                            "prediction": prediction, "correct": correct, "answer_logprob": logprob,
+                            "ratio": memory.ratio, "memory_bytes": memory.nbytes})
+    n = max(1, len(predictions))
+    summary = Summary(method=method, accuracy=sum(p["correct"] for p in predictions) / n,
+                      mean_logprob=sum(p["answer_logprob"] for p in predictions) / n,
+                      ratio=sum(p["ratio"] for p in predictions) / n,
+                      memory_bytes=sum(p["memory_bytes"] for p in predictions) / n, n=len(predictions),
+                      scoring=scoring)
+    return summary, predictions
+
+
+def markdown_table(summaries: list[Summary]) -> str:
+    lines = ["| method | accuracy | answer log-prob | achieved ratio | memory KiB | n |",
+             "|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s.method} | {s.accuracy:.3f} | {s.mean_logprob:.3f} | {s.ratio:.2f} | "
+                     f"{s.memory_bytes / 1024:.1f} | {s.n} |")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Train a gist compressor (Mu et al. 2023 / 500xCompressor-style KV memory).
+
+    accelerate launch recipes/gist.py --config recipes/configs/gist/quickstart.yaml
+    accelerate launch --config_file accelerate_configs/zero2.yaml --num_processes 2 recipes/gist.py \\
+        --config recipes/configs/gist/quickstart.yaml --max_steps 4
+
+Any YAML field can be overridden on the command line (``--tokens_per_gist 8``). The run resumes
+from the last complete checkpoint in ``output_dir``; the exported compressor (config, gist
+weights, PEFT adapter, model card with the evaluation table) is written to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainingArguments, set_seed
+from trl import TrlParser
+
+from compressors import GistCompressor, GistConfig, load_base
+from eval.compare import compare_with_baselines, print_table
+from trainers import MemoryCollator, MemoryCompressorTrainer, last_complete_checkpoint
+from trainers.export import rebuild_trained, save_and_push
+from trainers.script_args import (
+    CompressorScriptArguments,
+    build_eval_dataset,
+    build_train_dataset,
+    prepare_training_args,
+)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((CompressorScriptArguments, GistConfig, TrainingArguments))
+
+
+def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
+         training_args: TrainingArguments) -> list | None:
+    push = prepare_training_args(training_args)
+    set_seed(training_args.seed)
+    model, tokenizer = load_base(script_args.base_model, dtype=script_args.dtype,
+                                 quantization=script_args.quantization)
+    trainer = MemoryCompressorTrainer(
+        model=GistCompressor(gist_config, model), args=training_args, processing_class=tokenizer,
+        train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
+        data_collator=MemoryCollator(tokenizer, gist_config.max_context_tokens, script_args.max_target_tokens),
+        objective_weights=script_args.objective_weights)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(training_args.output_dir))
+    trained = trainer.trained_state_dict()  # a collective under ZeRO-3: every process calls it
+    if not trainer.is_world_process_zero():
+        return None
+    final = rebuild_trained(GistCompressor, gist_config, script_args.base_model, trained, script_args.dtype)
+    rows = []
+    if script_args.num_eval_samples > 0:
+        untrained = GistCompressor(gist_config, load_base(script_args.base_model, dtype=script_args.dtype)[0])
+        summaries = compare_with_baselines(
+            final, tokenizer, build_eval_dataset(script_args, tokenizer, training_args.seed),
+            script_args.eval_scoring, untrained=untrained, baselines=script_args.eval_baselines)
+        print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
+        rows = [s.as_row() for s in summaries]
+    save_and_push(final, tokenizer, training_args.output_dir, rows or None, push, training_args.hub_model_id)
+    return rows
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
