@@ -92,6 +92,9 @@ class GistCompressor(Compressor):
                  query_ids: torch.Tensor | None = None) -> Memory:
         """Compress ``context_ids`` ([batch, length], left padding allowed) into a ``kv`` Memory."""
         attention_mask = self.check_context(context_ids, attention_mask)
+        # Drop columns that are padding in every row, so that no segment is padding only.
+        first = int((attention_mask.sum(0) > 0).nonzero()[0])
+        context_ids, attention_mask = context_ids[:, first:], attention_mask[:, first:]
         memory: Memory | None = None
         length, step = context_ids.shape[1], self.compressor_config.segment_length
         # Segments are cut from the right so that only the first one can hold left padding.
@@ -103,26 +106,37 @@ class GistCompressor(Compressor):
         return memory
 
     def _compress_segment(self, ids: torch.Tensor, mask: torch.Tensor, previous: Memory | None) -> Memory:
-        batch, n_gists = ids.shape[0], math.ceil(ids.shape[1] / self.compressor_config.tokens_per_gist)
+        # Each row gets ceil(its own tokens / tokens_per_gist) gists, as if compressed alone: rows
+        # with fewer gists are left-padded with masked gist slots (``slot_mask``).
+        batch, per_gist = ids.shape[0], self.compressor_config.tokens_per_gist
         start = torch.tensor(previous.position_offset if previous else [0] * batch, device=ids.device)
         real = mask.long().sum(-1)
+        row_gists = (real + per_gist - 1) // per_gist
+        n_gists = int(row_gists.max())
+        gist_index = torch.arange(n_gists, device=ids.device) - (n_gists - row_gists)[:, None]  # <0: padding
+        gist_mask = (gist_index >= 0).to(mask.dtype)
         token_pos = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
-        gist_pos = (start + real)[:, None] + torch.arange(n_gists, device=ids.device)
-        gists = self.gist_embeddings.weight[:n_gists].unsqueeze(0).expand(batch, -1, -1)
+        gist_pos = (start + real)[:, None] + gist_index.clamp(min=0)
+        gists = self.gist_embeddings.weight[gist_index.clamp(min=0)]
         embeds = torch.cat([self.base_lm.get_input_embeddings()(ids), gists.to(self.base_lm.dtype)], dim=1)
-        full_mask = torch.cat([mask, mask.new_ones(batch, n_gists)], dim=1)
+        full_mask = torch.cat([mask, gist_mask], dim=1)
         cache = None
         if previous is not None:
             cache = previous.to_cache()
-            full_mask = torch.cat([mask.new_ones(batch, previous.slots), full_mask], dim=1)
+            previous_mask = previous.tensors.get("slot_mask")
+            if previous_mask is None:
+                previous_mask = mask.new_ones(batch, previous.slots)
+            full_mask = torch.cat([previous_mask.to(mask.dtype), full_mask], dim=1)
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True,
                          position_ids=torch.cat([token_pos, gist_pos], dim=1), past_key_values=cache)
         tensors = {}
         for layer, (key, value) in enumerate(_cache_layers(out.past_key_values)):
             tensors[f"key.{layer}"] = key[:, :, -n_gists:]
             tensors[f"value.{layer}"] = value[:, :, -n_gists:]
+        if not bool(gist_mask.all()):
+            tensors["slot_mask"] = gist_mask.to(torch.int8)  # the decoder must not read padding gists
         return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists,
-                               position_offset=(gist_pos[:, -1] + 1).tolist())
+                               position_offset=(start + real + row_gists).tolist())
 
     # ----- decoder ------------------------------------------------------------------------
     @contextlib.contextmanager

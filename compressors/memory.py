@@ -103,6 +103,7 @@ class Memory:
 
     def cat(self, other: Memory) -> Memory:
         """Append ``other`` along the slot axis (recurrent methods: segment by segment)."""
+        self, other = _with_common_slot_mask([self, other])
         self._check_compatible(other)
         if self.batch_size != other.batch_size:
             raise ValueError("cannot concatenate memories with different batch sizes")
@@ -119,6 +120,7 @@ class Memory:
     @staticmethod
     def stack(memories: list[Memory]) -> Memory:
         """Join batch-1 memories with equal slot counts into one batch."""
+        memories = _with_common_slot_mask(memories)
         first = memories[0]
         for m in memories[1:]:
             first._check_compatible(m)
@@ -188,7 +190,24 @@ class Memory:
             raise CorruptArtifactError(f"{path} is not a readable safetensors memory file: {exc}") from exc
         if header is None:
             raise CorruptArtifactError(f"{path} is a safetensors file but not a ctxzip Memory")
-        info = json.loads(header)
-        if info.pop("format", None) != _FORMAT:
-            raise CorruptArtifactError(f"{path}: unsupported memory format")
-        return cls(tensors=tensors, **info)
+        try:
+            info = json.loads(header)
+            if not isinstance(info, dict) or info.pop("format", None) != _FORMAT:
+                raise CorruptArtifactError(f"{path}: unsupported memory format")
+            return cls(tensors=tensors, **info)
+        except (ValueError, TypeError) as exc:  # bad JSON, missing or unknown fields
+            raise CorruptArtifactError(f"{path} has a corrupt ctxzip memory header: {exc}") from exc
+
+
+def _with_common_slot_mask(memories: list[Memory]) -> list[Memory]:
+    """Give every memory a ``slot_mask`` when any has one (no mask means every slot is real)."""
+    if all("slot_mask" in m.tensors for m in memories) or not any("slot_mask" in m.tensors for m in memories):
+        return memories
+    out = []
+    for m in memories:
+        if "slot_mask" not in m.tensors:
+            device = next(iter(m.tensors.values())).device
+            ones = torch.ones(m.batch_size, m.slots, dtype=torch.int8, device=device)
+            m = m._replace(tensors={**m.tensors, "slot_mask": ones})
+        out.append(m)
+    return out

@@ -94,3 +94,43 @@ def markdown_table(summaries: list[Summary]) -> str:
         lines.append(f"| {s.method} | {s.accuracy:.3f} | {s.mean_logprob:.3f} | {s.ratio:.2f} | "
                      f"{s.memory_bytes / 1024:.1f} | {s.n} |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def time_decode(clm: CompressedLM, memory: Memory, question: str, steps: int = 8) -> tuple[float, float]:
+    """Seconds to read the prompt after ``memory`` and seconds per generated token (greedy, never
+    stopping at end-of-sequence, so every run decodes exactly ``steps`` tokens)."""
+    import time
+
+    ids = torch.tensor([clm.prompt_ids(question)], device=clm.device)
+    memory = memory.to(clm.device)
+    model = clm.compressor.base_lm
+    with clm.compressor.reading(memory):
+        start = time.perf_counter()
+        step = clm.compressor.decoder_forward(memory, ids, torch.ones_like(ids))
+        prompt_s = time.perf_counter() - start
+        logits, cache, mask, position = step.logits[:, -1], step.cache, step.attention_mask, step.next_position
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits, cache, position = out.logits[:, -1], out.past_key_values, position + 1
+        per_token = (time.perf_counter() - start) / max(1, steps)
+    return prompt_s, per_token
+
+
+@torch.no_grad()
+def score_continuation(clm: CompressedLM, memory: Memory, continuation: str) -> float:
+    """Mean negative log-likelihood per token of ``continuation`` read right after ``memory``
+    (no prompt, no chat template): ``exp`` of it is the continuation perplexity."""
+    ids = clm.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError("a continuation needs at least two tokens")
+    tensor = torch.tensor([ids], device=clm.device)
+    memory = memory.to(clm.device)
+    with clm.compressor.reading(memory):
+        step = clm.compressor.decoder_forward(memory, tensor, torch.ones_like(tensor), use_cache=False)
+    logits = step.logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, tensor[0, 1:]))

@@ -41,7 +41,10 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
         train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
         data_collator=MemoryCollator(tokenizer, gist_config.max_context_tokens, script_args.max_target_tokens),
         objective_weights=script_args.objective_weights)
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(training_args.output_dir))
+    checkpoint = last_complete_checkpoint(training_args.output_dir)
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
     trained = trainer.trained_state_dict()  # a collective under ZeRO-3: every process calls it
     if not trainer.is_world_process_zero():
         return None

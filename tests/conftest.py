@@ -67,3 +67,39 @@ def local_hub() -> Iterator[LocalHub]:
 # =============================================================================================
 # 3. Other fixtures (tiny models, datasets, ...) go below.
 # =============================================================================================
+# ctxzip's converted-model cache (the tiny model borrows the embedded tokenizer from it): keep the
+# user's default so that the one-time GGUF conversion is not repeated per test session.
+os.environ.setdefault("CTXZIP_HOME", str(Path.home() / ".cache" / "ctxzip"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Factory ``tiny(**overrides) -> (model, tokenizer)``: a fresh tiny random Llama each call.
+
+    With no overrides the model equals ``compressors.load_base("tiny-random-llama")`` (seeded,
+    deterministic); overrides (``hidden_size=32, head_dim=8``, ``seed=1``, ...) give other shapes.
+    """
+    import compressors
+    from compressors.models import tiny_llama
+
+    _, tokenizer = compressors.load_base(compressors.TINY_MODEL)
+
+    def make(**overrides):
+        model = tiny_llama(vocab_size=len(tokenizer), **overrides).eval()
+        return model, tokenizer
+
+    return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test with one intra-op thread: tiny-model ops are far too small to gain from threads,
+    and on a busy 2-core machine the thread hand-offs make them ~50x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,256 @@
+"""SnapKV: keep, per KV head, the context positions the observation window attends to most.
+
+Paper: "SnapKV: LLM Knows What You are Looking for Before Generation", Li et al. 2024,
+https://arxiv.org/abs/2404.14469 (SAGE-KV, https://arxiv.org/abs/2503.08879, is the same
+one-time top-k after a full prefill, so it is covered by this file with the same knobs).
+
+What it does here: one full prefill of the context (``prefill_kv``) while forward pre-hooks on
+every attention module catch the hidden states of the last ``window`` tokens; their queries are
+recomputed exactly (``q_proj`` + the rotary embedding the layer received), and softmax attention
+of those queries over all cached keys (causal inside the window) is computed in fp32. Scores are
+averaged over the window's queries and over the query heads of each KV group (GQA), pooled along
+the sequence (``pooling``/``kernel_size``), and the top ``ceil(n / ratio)`` positions per KV head
+are gathered into a smaller, real KV cache. The window itself is always kept (most recent first
+when the budget is smaller than the window). Kept keys keep their original rotary positions and
+the decoder continues at position ``n``.
+
+Faithful: observation-window scoring, GQA-group averaging, 1-D pooling (max by default, as the
+reference code; ``avg`` as kvpress), one-time top-k per head, window always kept.
+Not faithful / differences: the budget is a ratio of the context (``ceil(n / ratio)`` slots,
+window included) rather than a fixed token count; the observation window is the end of the
+context, not the question (the question is not seen at compression time, so one memory serves
+many prompts; ``query_ids`` is ignored); selection runs after the prefill rather than inside
+the attention kernel. Ratio 1 keeps every position in order, i.e. exactly the full KV cache.
+
+This module also holds the machinery shared by the other selection baselines (StreamingLLM,
+ChunkKV, PyramidKV): ``KVSelection`` does the prefill once and builds memories for several
+ratios from it (``compress_ratios``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ..base import Compressor, CompressorConfig, register_compressor
+from ..memory import Memory
+from .full_context import prefill_kv
+
+KEEP_SCORE = 1.0e4  # score given to always-kept positions (attention scores are <= 1)
+
+
+def budget_for(length: int, ratio: float) -> int:
+    """Slots kept from ``length`` tokens at ``ratio``: ``ceil(length / ratio)``, at least 1."""
+    return min(length, max(1, math.ceil(length / ratio)))
+
+
+@dataclass
+class KVSelectionConfig(CompressorConfig):
+    ratio: float = 4.0
+    window: int = 32  # observation window: the last ``window`` context tokens score the rest
+    kernel_size: int = 5  # pooling width along the sequence (1 = no pooling)
+    pooling: str = "max"  # "max" (SnapKV reference) or "avg" (kvpress)
+
+    def __post_init__(self) -> None:
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {self.ratio}")
+        if self.window < 1 or self.kernel_size < 1:
+            raise ValueError("window and kernel_size must be >= 1")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+
+
+class _QueryCatcher:
+    """Forward pre-hooks that recompute the queries of the last ``window`` positions per layer."""
+
+    def __init__(self, model: Any, window: int) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rotate = apply_rotary_pos_emb
+        self.window = window
+        self.queries: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for layer, block in enumerate(model.model.layers):
+            self.handles.append(block.self_attn.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cos, sin = kwargs["position_embeddings"]
+            w = min(self.window, hidden.shape[1])
+            h = hidden[:, -w:]
+            q = module.q_proj(h).view(h.shape[0], w, -1, module.head_dim).transpose(1, 2)
+            q, _ = self.rotate(q, q, cos[:, -w:], sin[:, -w:])
+            self.queries[layer] = q.detach()
+        return hook
+
+    def __enter__(self) -> _QueryCatcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean attention of the window's queries on every position: ``[batch, kv_heads, n]`` (fp32).
+
+    ``queries`` ``[B, Hq, w, D]`` are the last ``w`` positions; ``mask`` ``[B, n]`` marks real
+    tokens (left padding). Query heads of one KV group are averaged.
+    """
+    b, hq, w, d = queries.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    q = queries.float().view(b, hkv, hq // hkv, w, d)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", q, keys.float()) / math.sqrt(d)
+    pos = torch.arange(n, device=keys.device)
+    qpos = torch.arange(n - w, n, device=keys.device)
+    allowed = (pos[None, :] <= qpos[:, None])[None, None, None] & mask.bool()[:, None, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    qmask = mask[:, n - w:].float()[:, None, None, :, None]  # pad queries (short rows) do not vote
+    probs = torch.nan_to_num(probs) * qmask
+    return probs.sum(dim=(2, 3)) / (qmask.sum(dim=(3,)).clamp(min=1) * (hq // hkv)).view(b, 1, 1)
+
+
+def pool(scores: torch.Tensor, kernel_size: int, kind: str) -> torch.Tensor:
+    if kernel_size <= 1:
+        return scores
+    b, h, n = scores.shape
+    flat = scores.reshape(b * h, 1, n)
+    pad = kernel_size // 2
+    if kind == "max":
+        out = F.max_pool1d(F.pad(flat, (pad, kernel_size - 1 - pad), value=float("-inf")), kernel_size, stride=1)
+    else:
+        out = F.avg_pool1d(F.pad(flat, (pad, kernel_size - 1 - pad), value=0.0), kernel_size, stride=1)
+    return out.view(b, h, n)
+
+
+def protect_window(scores: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Give the last ``window`` real positions the highest scores (most recent highest) and pads -inf."""
+    n = scores.shape[-1]
+    pos = torch.arange(n, device=scores.device, dtype=scores.dtype)
+    in_window = pos >= n - window
+    boosted = torch.where(in_window, KEEP_SCORE + pos / n, scores)
+    return boosted.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best positions along the last axis, in increasing position order."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def gather_positions(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ``[B, H, n, D]`` at ``index`` ``[B, H, k]`` -> ``[B, H, k, D]``."""
+    return tensor.gather(2, index[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+
+
+def stack_padded(memories: list[Memory]) -> Memory:
+    """Join batch-1 kv memories of different slot counts: shorter rows are left-padded with
+    zero slots that ``slot_mask`` hides from the decoder (``meta['layer_slots']`` rows are joined)."""
+    if len(memories) == 1:
+        return memories[0]
+    slots = max(m.slots for m in memories)
+    padded = []
+    for m in memories:
+        extra = slots - m.slots
+        tensors = {}
+        for name, t in m.tensors.items():
+            if name == "slot_mask":
+                continue
+            tensors[name] = F.pad(t, (0, 0, extra, 0)) if extra else t
+        old = m.tensors.get("slot_mask")
+        old = torch.ones(1, m.slots, dtype=torch.int8, device=m.tensors["key.0"].device) if old is None else old
+        tensors["slot_mask"] = F.pad(old.to(torch.int8), (extra, 0))
+        padded.append(m._replace(tensors=tensors, slots=slots))
+    joined = Memory.stack(padded)
+    if "layer_slots" in memories[0].meta:
+        joined.meta["layer_slots"] = [row for m in memories for row in m.meta["layer_slots"]]
+    joined.meta["real_slots"] = [s for m in memories for s in m.meta.get("real_slots", [m.slots])]
+    return joined
+
+
+class KVSelection(Compressor):
+    """Base of the KV-eviction baselines: one prefill, then per-layer, per-head kept positions.
+
+    Subclasses implement ``layer_indices(layer, scores, budget) -> [B, Hkv, budget]`` (sorted
+    positions in the padded context; each row of a batch gets its own budget, so batches are
+    processed row by row) and say whether they need attention scores (``needs_scores``).
+    """
+
+    config_class = KVSelectionConfig
+    memory_kind = "kv"
+    needs_scores = True
+
+    @torch.no_grad()
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
+
+    @torch.no_grad()
+    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        ratios: list[float]) -> list[Memory]:
+        """Memories at several ratios from ONE prefill (and one scoring pass) of the context."""
+        for ratio in ratios:
+            if ratio < 1:
+                raise ValueError(f"ratio must be >= 1, got {ratio}")
+        mask = self.check_context(context_ids, attention_mask)
+        rows = []
+        for row in range(context_ids.shape[0]):  # rows have their own length, hence their own budget
+            real = mask[row].bool()
+            ids = context_ids[row:row + 1, real]
+            rows.append(self._compress_row(ids, ratios))
+        return [stack_padded([r[i] for r in rows]) for i in range(len(ratios))]
+
+    def _compress_row(self, ids: torch.Tensor, ratios: list[float]) -> list[Memory]:
+        n = ids.shape[1]
+        mask = torch.ones_like(ids)
+        if self.needs_scores:
+            with _QueryCatcher(self.base_lm, self.compressor_config.window) as catcher:
+                kv = prefill_kv(self, ids, mask)
+            layers = self.base_lm.config.num_hidden_layers
+            scores = [self.score_layer(catcher.queries[i], kv[f"key.{i}"], mask) for i in range(layers)]
+        else:
+            kv, scores = prefill_kv(self, ids, mask), None
+        memories = []
+        for ratio in ratios:
+            memories.append(self.select(kv, scores, n, ratio))
+        return memories
+
+    def score_layer(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.compressor_config
+        scores = pool(window_scores(queries, keys, mask), cfg.kernel_size, cfg.pooling)
+        return protect_window(scores, mask, cfg.window)
+
+    def select(self, kv: dict[str, torch.Tensor], scores: list[torch.Tensor] | None, n: int,
+               ratio: float) -> Memory:
+        budget = budget_for(n, ratio)
+        tensors: dict[str, torch.Tensor] = {}
+        layers = self.base_lm.config.num_hidden_layers
+        for layer in range(layers):
+            key, value = kv[f"key.{layer}"], kv[f"value.{layer}"]
+            if budget == n:  # ratio 1 (or tiny contexts): the whole cache, untouched
+                tensors[f"key.{layer}"], tensors[f"value.{layer}"] = key, value
+                continue
+            index = self.layer_indices(layer, None if scores is None else scores[layer], key, budget)
+            tensors[f"key.{layer}"] = gather_positions(key, index)
+            tensors[f"value.{layer}"] = gather_positions(value, index)
+        return self.new_memory(tensors, source_tokens=[n], slots=budget, position_offset=[n],
+                               meta={"ratio_requested": ratio, "real_slots": [budget]})
+
+    def layer_indices(self, layer: int, scores: torch.Tensor | None, key: torch.Tensor,
+                      budget: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_compressor
+class SnapKV(KVSelection):
+    compressor_type = "snapkv"
+    config_class = KVSelectionConfig
+
+    def layer_indices(self, layer: int, scores: torch.Tensor | None, key: torch.Tensor,
+                      budget: int) -> torch.Tensor:
+        assert scores is not None
+        return topk_sorted(scores, budget)

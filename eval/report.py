@@ -1,0 +1,164 @@
+"""Outputs of an evaluation run: ``metrics.json``, ``predictions.jsonl``, ``config.yaml``,
+``report.md`` and PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .runner import read_predictions, write_json_atomic
+
+PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _ratio_label(s: dict[str, Any]) -> str:
+    return "native" if s["ratio"] == 0 else f"{s['ratio']:g}"
+
+
+def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config: dict[str, Any] | None = None) -> str:
+    lines = [f"# {title}", ""]
+    if config:
+        lines += [f"- base model: `{config.get('base_model')}`",
+                  f"- samples per configuration: {config.get('num_samples')}, seed {config.get('seed')}, "
+                  f"split `{config.get('split')}`",
+                  f"- scoring: **{config.get('scoring')}** "
+                  + ("(teacher-forced: correct when every answer token is the model's argmax)"
+                     if config.get("scoring") == "loglik" else "(greedy generation, substring match)"), ""]
+    for task in sorted({s["task"] for s in summaries}):
+        for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
+            rows = sorted((s for s in summaries if s["task"] == task and s["context_length"] == length),
+                          key=lambda s: (s["method"] != "full_context", s["method"], s["ratio"]))
+            full = [s for s in rows if s["method"] == "full_context"]
+            lines += [f"## {task}, {length}-token contexts", ""]
+            if full:
+                lines += [f"Full-context ceiling: accuracy **{_fmt(full[0]['accuracy'])}** "
+                          f"(n={full[0]['n']}); no compressor can be expected to beat it on this model.", ""]
+            lines += ["| method | ratio | achieved ratio | accuracy | answer log-prob | memory KiB | "
+                      "compress s | answer s | decode ms/token | N prompts s (memory / full) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for s in rows:
+                n_prompts = f"{_fmt(s.get('n_prompts_s'), 2)} / {_fmt(s.get('n_prompts_full_s'), 2)}"
+                decode = s.get("decode_s_per_token")
+                lines.append(
+                    f"| {s['method']} | {_ratio_label(s)} | {_fmt(s['achieved_ratio'], 2)} | {_fmt(s['accuracy'])} | "
+                    f"{_fmt(s['answer_logprob'])} | {_fmt(s['memory_bytes'] / 1024, 1)} | {_fmt(s['compress_s'], 3)} | "
+                    f"{_fmt(s['answer_s'], 3)} | {_fmt(None if decode is None else decode * 1000, 1)} | {n_prompts} |")
+            extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
+            if extra:
+                lines += ["", "| method | ratio | exact match | BLEU | ROUGE-L |", "|---|---|---|---|---|"]
+                lines += [f"| {s['method']} | {_ratio_label(s)} | {_fmt(s['exact_match'])} | {_fmt(s['bleu'])} | "
+                          f"{_fmt(s['rouge_l'])} |" for s in extra]
+            lines.append("")
+    n = summaries[0].get("n_prompts", 10) if summaries else 10
+    lines += ["Notes: *achieved ratio* = context tokens / real memory slots per layer (requested ratio in "
+              "the second column). *memory KiB* = bytes the Memory tensors really hold (PyramidKV's padded "
+              "layers included). *compress s* is one compression of one context (selection baselines "
+              "build all ratios from one shared prefill; the figure is that shared call). *answer s* "
+              "reads the question and answer after the memory. *decode ms/token*: greedy decoding after "
+              f"the memory (first sample). *N prompts*: N={n} prompts answered from one memory "
+              "(compress + N answers) vs re-reading the full context each time (N x (full prefill + "
+              "answer)); derived from the measured parts.", ""]
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = sorted({s["task"] for s in summaries})
+    if not tasks:
+        return written
+    length = max(s["context_length"] for s in summaries)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [s for s in summaries if s["task"] == task and s["context_length"] == length]
+        for method in sorted({s["method"] for s in rows}):
+            pts = sorted((s["achieved_ratio"], s["accuracy"]) for s in rows if s["method"] == method)
+            if method == "full_context":
+                ax.axhline(pts[0][1], color="black", linestyle="--", label="full context (ceiling)")
+                continue
+            style = dict(color="grey", linestyle=":", marker="x") if method == "truncation" else dict(marker="o")
+            label = "truncation (floor)" if method == "truncation" else method
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("achieved compression ratio")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task} ({length} tokens)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    written.append(out / PLOTS[0])
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    for name, key, ylabel, scale in ((PLOTS[1], "compress_s", "compression (prefill) s", 1.0),
+                                     (PLOTS[2], "memory_bytes", "memory MiB", 1 / 2**20)):
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ratios = sorted({s["ratio"] for s in summaries if s["ratio"] > 1})
+        ref_ratio = ratios[len(ratios) // 2] if ratios else None
+        for method in sorted({s["method"] for s in summaries}):
+            rows = [s for s in summaries if s["method"] == method and
+                    (s["ratio"] in (0.0, 1.0) or s["ratio"] == ref_ratio)]
+            by_len: dict[int, list[float]] = {}
+            for s in rows:
+                by_len.setdefault(s["context_length"], []).append(s[key] * scale)
+            xs = sorted(by_len)
+            ax.plot(xs, [sum(by_len[x]) / len(by_len[x]) for x in xs], marker="o", label=method)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} (ratio {ref_ratio:g})" if ref_ratio else ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_outputs(out: Path, summaries: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    write_json_atomic(out / "metrics.json", {"config": config, "results": summaries})
+    with open(out / "predictions.jsonl.tmp", "w") as f:
+        for row in read_predictions(out):
+            f.write(json.dumps(row, default=float) + "\n")
+    (out / "predictions.jsonl.tmp").replace(out / "predictions.jsonl")
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (out / "report.md").write_text(markdown(summaries, f"ctxzip evaluation: {out.name}", config))
+    plot(summaries, out)
+
+
+def compare(dirs: list[str], output_dir: str | None = None) -> str:
+    """One table (and plots, with ``output_dir``) over the ``metrics.json`` of several runs.
+
+    References (full context, truncation) measured by several runs are kept once (the first)."""
+    merged: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for d in dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d} has no metrics.json (is it an evaluation output folder?)")
+        for s in json.loads(path.read_text())["results"]:
+            key = (s["task"], s["context_length"], s["method"], s["ratio"])
+            if key in seen:
+                continue
+            seen.add(key)
+            merged.append(s)
+    text = markdown(merged, "ctxzip comparison: " + ", ".join(Path(d).name for d in dirs))
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "metrics.json", {"config": {"compare": dirs}, "results": merged})
+        (out / "report.md").write_text(text)
+        plot(merged, out)
+    return text

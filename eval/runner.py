@@ -1,0 +1,308 @@
+"""The evaluation runner behind ``python -m eval``: methods x tasks x ratios, resumable.
+
+A *configuration* is one (task, context length, method, requested ratio). Its rows and summary
+are written to ``<output_dir>/configs/<key>.json`` atomically as soon as it is finished, so a
+restarted run skips it. Query-agnostic selection baselines (``KVSelection``) build the memories of
+all pending ratios of a sample from ONE prefill (``compress_ratios``).
+
+Measured per configuration: accuracy (``loglik`` or ``generate`` scoring), the achieved ratio
+(context tokens per real memory slot), the bytes the memory holds, compression time (for shared
+prefills: the shared call, i.e. what producing that memory alone costs), answer time (reading the
+question + answer after the memory), per-token decode time and prompt-read time (``time_decode``
+on the first ``timing_samples`` samples), and the time to answer ``n_prompts`` prompts from one
+memory (compress once + N answers) next to re-reading the full context for each prompt (N x full
+context prefill + answer, from the full-context configuration of the same task). Those two are
+derived from measured components, not timed end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressors import COMPRESSORS, CompressedLM, Compressor, load_base, load_compressor
+from compressors.baselines import BASELINES, FullContext, FullContextConfig, KVSelection
+from compressors.errors import ContextTooLongError, UnknownCompressorError
+from data import TASKS, build_task
+
+from .metrics import text_metrics
+from .scoring import score_continuation, score_loglik, time_decode
+
+REFERENCES = ("full_context", "truncation")
+GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
+PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the context
+
+
+@dataclass
+class EvalConfig:
+    compressors: list[str]
+    base_model: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_multikey", "fact_qa"])
+    context_lengths: list[int] = field(default_factory=lambda: [2048])
+    ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
+    num_samples: int = 50
+    output_dir: str = "results/eval"
+    scoring: str = "loglik"
+    seed: int = 0
+    split: str = "test"
+    max_new_tokens: int = 16
+    timing_samples: int = 1
+    decode_steps: int = 8
+    n_prompts: int = 10
+    references: bool = True
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}")
+        bad = [r for r in self.ratios if not r >= 1]
+        if bad:
+            raise ValueError(f"compression ratios must be >= 1, got {bad}")
+        if self.scoring not in ("loglik", "generate"):
+            raise ValueError(f"scoring must be 'loglik' or 'generate', got {self.scoring!r}")
+        if self.num_samples < 1 or any(n < 1 for n in self.context_lengths):
+            raise ValueError("num_samples and context lengths must be >= 1")
+        for name in self.compressors:
+            kind_of_method(name)
+
+
+def kind_of_method(name: str) -> str:
+    """``baseline`` (a registered training-free name), ``saved`` (a folder) or ``hub`` (a repo id)."""
+    if name in BASELINES or name == "full_context":
+        return "baseline"
+    if Path(name).is_dir():
+        return "saved"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return "hub"
+    known = sorted(set(BASELINES) | {"full_context"})
+    hint = " (it is a learned type: pass a saved folder or Hub id)" if name in COMPRESSORS else ""
+    raise UnknownCompressorError(
+        f"unknown compressor {name!r}{hint}: not a baseline ({', '.join(known)}), "
+        "not a saved compressor folder, not a Hub repo id")
+
+
+def label_for(name: str) -> str:
+    return Path(name).name if kind_of_method(name) == "saved" else name
+
+
+def config_key(task: str, length: int, method: str, ratio: float) -> str:
+    safe = re.sub(r"[^\w.-]+", "_", method)
+    return f"{task}__L{length}__{safe}__r{ratio:g}"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+class Method:
+    """One evaluated method: builds a compressor per ratio on a shared base model."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, base: str | None = None,
+                 dtype: str = "float32", label: str | None = None) -> None:
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.label = label or label_for(name)
+        self.learned: Compressor | None = None
+        if kind_of_method(name) != "baseline":
+            # its own copy of the base model: a LoRA adapter injected into the shared model would
+            # otherwise also change what the baselines read
+            self.learned, _ = load_compressor(name, base_model=base, dtype=dtype)
+
+    @property
+    def ratio_free(self) -> bool:
+        """Methods whose ratio is fixed by their own config (learned ones, the full context)."""
+        return self.name == "full_context" or self.learned is not None
+
+    def compressor(self, ratio: float) -> Compressor:
+        if self.learned is not None:
+            return self.learned
+        if self.name == "full_context":
+            return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
+        cls = COMPRESSORS[self.name]
+        return cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
+
+    def memories(self, ratios: list[float], context: str) -> tuple[list[Any], float]:
+        """Memories of ``context`` for each ratio and the seconds one compression takes."""
+        first = self.compressor(ratios[0])
+        clm = CompressedLM(first, self.tokenizer)
+        if isinstance(first, KVSelection) and len(ratios) > 1:
+            ids, mask = clm.tokenize_context(context)
+            start = time.perf_counter()
+            with torch.no_grad():
+                mems = [m.detach() for m in first.compress_ratios(ids, mask, ratios)]
+            return mems, time.perf_counter() - start
+        mems, spent = [], 0.0
+        for ratio in ratios:
+            clm = CompressedLM(self.compressor(ratio), self.tokenizer)
+            start = time.perf_counter()
+            mems.append(clm.compress(context))
+            spent = max(spent, time.perf_counter() - start)
+        return mems, spent
+
+
+def achieved(memory: Any) -> tuple[float, float]:
+    """(achieved ratio over real slots, real slots per row)."""
+    real = memory.meta.get("real_slots")
+    slots = sum(real) / len(real) if real else memory.slots
+    return sum(memory.source_tokens) / max(1e-9, slots * memory.batch_size), slots
+
+
+def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
+              max_new_tokens: int) -> dict[str, Any]:
+    task = row["task"]
+    start = time.perf_counter()
+    out: dict[str, Any] = {}
+    if task == "continuation":
+        nll = score_continuation(clm, memory, row["answer"])
+        out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
+    elif task in GENERATION_TASKS or scoring == "generate":
+        budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
+        prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget))
+        metrics = text_metrics(prediction, row["answer"])
+        out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
+                   correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
+    else:
+        correct, logprob, prediction = score_loglik(clm, memory, row["question"], row["answer"])
+        out.update(correct=float(correct), answer_logprob=logprob, prediction=prediction)
+    out["answer_s"] = time.perf_counter() - start
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if key in r and r[key] is not None and not _isnan(r[key])]
+        return sum(values) / len(values) if values else float("nan")
+
+    summary = dict(meta, n=len(rows))
+    for key in ("correct", "answer_logprob", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
+                "answer_s", "prompt_s", "decode_s_per_token", "perplexity", "exact_match", "substring_match",
+                "bleu", "rouge_l"):
+        summary["accuracy" if key == "correct" else key] = mean(key)
+    return summary
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def check_length(model: Any, lengths: list[int]) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) + PROMPT_MARGIN > limit:
+        raise ContextTooLongError(
+            f"context length {max(lengths)} (+{PROMPT_MARGIN} tokens for the question and answer) "
+            f"exceeds the base model's {limit} positions")
+
+
+def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
+    base = cfg.base_model
+    if base is None:
+        learned = [c for c in cfg.compressors if kind_of_method(c) != "baseline"]
+        if not learned:
+            raise ValueError("--base-model is required when only baselines are evaluated")
+        from compressors.hub import read_metadata, resolve_folder
+
+        base = read_metadata(resolve_folder(learned[0], None))["base_model"]
+    model, tokenizer = load_base(base, dtype=cfg.dtype)
+    return model.eval(), tokenizer, base
+
+
+def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every pending configuration, then write ``metrics.json``, ``predictions.jsonl``,
+    ``config.yaml``, ``report.md`` and the plots. Returns the summaries of all configurations."""
+    from tqdm.auto import tqdm
+
+    from .report import write_outputs
+
+    cfg.validate()
+    model, tokenizer, base = load_model_for(cfg)
+    check_length(model, cfg.context_lengths)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
+    methods = [Method(name, model, tokenizer, base, cfg.dtype) for name in names]
+    plan = []  # (task, length, method, pending ratios)
+    for task in cfg.tasks:
+        for length in cfg.context_lengths:
+            for method in methods:
+                # ratio 0 = "native": a learned compressor's ratio is fixed by its own config
+                ratios = ([1.0] if method.name == "full_context" else [0.0]) if method.ratio_free else cfg.ratios
+                pending = [r for r in ratios
+                           if not (out / "configs" / f"{config_key(task, length, method.label, r)}.json").exists()]
+                if pending:
+                    plan.append((task, length, method, pending))
+    total = sum(len(p[3]) for p in plan) * cfg.num_samples
+    bar = tqdm(total=total, desc="eval", unit="answer", disable=not progress)
+    datasets: dict[tuple[str, int], Any] = {}
+    for task, length, method, ratios in plan:
+        if (task, length) not in datasets:
+            datasets[(task, length)] = build_task(task, tokenizer, num_samples=cfg.num_samples,
+                                                  context_tokens=length, seed=cfg.seed, split=cfg.split)
+        rows = {r: [] for r in ratios}
+        bar.set_postfix_str(f"{task} L={length} {method.label}")
+        for index, sample in enumerate(datasets[(task, length)]):
+            mems, compress_s = method.memories(ratios, sample["context"])
+            for ratio, memory in zip(ratios, mems):
+                clm = CompressedLM(method.compressor(ratio), tokenizer)
+                result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens)
+                ach, real = achieved(memory)
+                result.update(id=sample["id"], task=task, method=method.label, ratio=ratio, context_length=length,
+                              context_tokens=sample["context_tokens"], question=sample["question"],
+                              answer=sample["answer"] if task != "autoencoding" else sample["answer"][:200],
+                              achieved_ratio=ach, real_slots=real, memory_bytes=memory.nbytes,
+                              compress_s=compress_s)
+                if index < cfg.timing_samples and sample["question"]:
+                    result["prompt_s"], result["decode_s_per_token"] = time_decode(
+                        clm, memory, sample["question"], cfg.decode_steps)
+                rows[ratio].append(result)
+                bar.update(1)
+        for ratio in ratios:
+            meta = dict(task=task, context_length=length, method=method.label, ratio=ratio,
+                        scoring="generate" if task in GENERATION_TASKS else
+                        ("teacher-forced NLL" if task == "continuation" else cfg.scoring),
+                        source=method.name)
+            payload = {"summary": summarize(rows[ratio], meta), "rows": rows[ratio]}
+            write_json_atomic(out / "configs" / f"{config_key(task, length, method.label, ratio)}.json", payload)
+    bar.close()
+    summaries = collect(out, cfg)
+    write_outputs(out, summaries, dict(asdict(cfg), base_model=base))
+    return summaries
+
+
+def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
+    """Summaries of the finished configurations in ``out`` (all of them, or those ``cfg`` asks for),
+    with the N-prompt times derived against the full-context configuration of the same task."""
+    summaries = []
+    for path in sorted((out / "configs").glob("*.json")):
+        summaries.append(json.loads(path.read_text())["summary"])
+    if cfg is not None:
+        labels = {label_for(n) for n in (list(REFERENCES) if cfg.references else []) + cfg.compressors}
+        summaries = [s for s in summaries if s["task"] in cfg.tasks and s["context_length"] in cfg.context_lengths
+                     and s["method"] in labels]
+    n_prompts = cfg.n_prompts if cfg is not None else 10
+    full = {(s["task"], s["context_length"]): s for s in summaries if s["method"] == "full_context"}
+    for s in summaries:
+        s["n_prompts"] = n_prompts
+        s["n_prompts_s"] = s["compress_s"] + n_prompts * s["answer_s"]
+        ref = full.get((s["task"], s["context_length"]))
+        s["n_prompts_full_s"] = n_prompts * (ref["compress_s"] + ref["answer_s"]) if ref else float("nan")
+    return summaries
+
+
+def read_predictions(out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted((out / "configs").glob("*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    return rows
