@@ -110,9 +110,14 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CorruptArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CorruptArtifactError(f"{path} must hold a JSON object, not {type(meta).__name__}")
     for key in ("compressor_type", "config", "base_model", "base_signature"):
         if key not in meta:
             raise CorruptArtifactError(f"{path} lacks the field {key!r}")
+    for key in ("config", "base_signature"):
+        if not isinstance(meta[key], dict):
+            raise CorruptArtifactError(f"{path}: the field {key!r} must be a JSON object")
     return meta
 
 

@@ -2,7 +2,7 @@
 
 A *configuration* is one (task, context length, method, requested ratio). Its rows and summary
 are written to ``<output_dir>/configs/<key>.json`` atomically as soon as it is finished, so a
-restarted run skips it. Query-agnostic selection baselines (``KVSelection``) build the memories of
+restarted run skips it. Query-agnostic baselines with ``compress_ratios`` build the memories of
 all pending ratios of a sample from ONE prefill (``compress_ratios``).
 
 Measured per configuration: accuracy (``loglik`` or ``generate`` scoring), the achieved ratio
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from compressors import COMPRESSORS, CompressedLM, Compressor, load_base, load_compressor
-from compressors.baselines import BASELINES, FullContext, FullContextConfig, KVSelection
+from compressors.baselines import BASELINES, FullContext, FullContextConfig
 from compressors.errors import ContextTooLongError, UnknownCompressorError
 from data import TASKS, build_task
 
@@ -132,13 +132,16 @@ class Method:
         if self.name == "full_context":
             return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
         cls = COMPRESSORS[self.name]
-        return cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
+        made = cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
+        if hasattr(made, "use_tokenizer"):
+            made.use_tokenizer(self.tokenizer)
+        return made
 
     def memories(self, ratios: list[float], context: str) -> tuple[list[Any], float]:
         """Memories of ``context`` for each ratio and the seconds one compression takes."""
         first = self.compressor(ratios[0])
         clm = CompressedLM(first, self.tokenizer)
-        if isinstance(first, KVSelection) and len(ratios) > 1:
+        if hasattr(first, "compress_ratios") and len(ratios) > 1:
             ids, mask = clm.tokenize_context(context)
             start = time.perf_counter()
             with torch.no_grad():

@@ -15,6 +15,8 @@ import torch
 
 from compressors import CompressedLM, Memory
 
+from .metrics import normalize
+
 
 @dataclass
 class RowScore:
@@ -56,10 +58,6 @@ def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) 
     predicted = logits.argmax(-1)
     correct = bool((predicted[:-1] == target[:-1]).all())  # the answer tokens; end-of-turn is not required
     return correct, float(logprobs[:-1].mean()), clm.tokenizer.decode(predicted[:-1])
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.lower().strip().strip(".").split())
 
 
 def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",

@@ -1,0 +1,119 @@
+"""Selective Context: drop the context units the model finds least informative, re-encode the rest.
+
+Paper: "Compressing Context to Enhance Inference Efficiency of Large Language Models", Li et al.
+2023 (EMNLP), https://arxiv.org/abs/2310.06201
+
+What it does here: one forward pass of the base LM over the context gives each token's
+self-information ``-log p(x_t | x_<t)`` (the first token gets +inf: it is always kept). Tokens are
+grouped into word units (a unit starts at a token whose text begins with white space or
+punctuation); a unit's self-information is the sum over its tokens. Units are kept in
+decreasing self-information while they fit in the budget ``ceil(n / ratio)`` tokens; leftover room
+is filled with the most informative single tokens of the dropped units, so exactly the budget is
+kept. The kept tokens, in their original order, are re-encoded on their own (positions
+``0..budget-1``, like truncation), and their KV cache is the memory. One scoring pass serves every
+ratio (``compress_ratios``); only the re-encoding depends on the ratio. Word units need the
+token texts: call ``use_tokenizer(tokenizer)`` (the eval runner does); without it each token is a unit.
+
+Faithful: self-information from a causal LM, unit-level filtering, the kept text read as a
+plain shorter context. Not faithful: units are words, not spaCy noun phrases / sentences; the
+paper drops units below a self-information percentile (a variable token count), here the token
+budget is exact; the scoring model is the base model itself (the paper uses a small LM,
+which this also is at 135M). Ratio 1 keeps every token, i.e. exactly the full context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..base import Compressor, CompressorConfig, register_compressor
+from ..memory import Memory
+from .full_context import prefill_kv
+from .snapkv import budget_for, stack_padded
+
+
+@dataclass
+class SelectiveContextConfig(CompressorConfig):
+    ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.ratio < 1:
+            raise ValueError(f"ratio must be >= 1, got {self.ratio}")
+
+
+def word_units(pieces: list[str]) -> list[list[int]]:
+    """Group token indices into word units from the tokens' text."""
+    units: list[list[int]] = []
+    for i, piece in enumerate(pieces):
+        starts = not units or (piece[:1].isspace() or (piece[:1] and not piece[:1].isalnum()))
+        if starts:
+            units.append([i])
+        else:
+            units[-1].append(i)
+    return units
+
+
+def select_units(info: list[float], units: list[list[int]], budget: int) -> list[int]:
+    """Kept token indices (sorted): whole units by decreasing self-information, then single tokens."""
+    kept: set[int] = set()
+    for unit in sorted(units, key=lambda u: -sum(info[i] for i in u)):
+        if len(kept) + len(unit) <= budget:
+            kept.update(unit)
+        if len(kept) == budget:
+            break
+    if len(kept) < budget:
+        rest = sorted((i for i in range(len(info)) if i not in kept), key=lambda i: -info[i])
+        kept.update(rest[:budget - len(kept)])
+    return sorted(kept)
+
+
+@register_compressor
+class SelectiveContext(Compressor):
+    compressor_type = "selective_context"
+    config_class = SelectiveContextConfig
+    memory_kind = "kv"
+
+    @torch.no_grad()
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
+
+    tokenizer_pieces = None  # set by ``use_tokenizer``; without it every token is its own unit
+
+    def use_tokenizer(self, tokenizer) -> SelectiveContext:  # noqa: ANN001
+        """Give the compressor the token texts it needs to form word units (the eval runner does)."""
+        self.tokenizer_pieces = lambda ids: [tokenizer.decode([i]) for i in ids]
+        return self
+
+    @torch.no_grad()
+    def self_information(self, ids: torch.Tensor) -> list[float]:
+        logits = self.base_lm(input_ids=ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        return [math.inf] + nll.tolist()
+
+    @torch.no_grad()
+    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        ratios: list[float]) -> list[Memory]:
+        if any(r < 1 for r in ratios):
+            raise ValueError(f"ratio must be >= 1, got {ratios}")
+        mask = self.check_context(context_ids, attention_mask)
+        tokenizer_pieces = self.tokenizer_pieces
+        per_row = []
+        for row in range(context_ids.shape[0]):
+            ids = context_ids[row:row + 1, mask[row].bool()]
+            n = ids.shape[1]
+            info = self.self_information(ids)
+            pieces = tokenizer_pieces(ids[0].tolist()) if tokenizer_pieces else [" "] * n
+            units = word_units(pieces)
+            memories = []
+            for ratio in ratios:
+                budget = budget_for(n, ratio)
+                kept = select_units(info, units, budget)
+                sub = ids[:, kept]
+                memories.append(self.new_memory(prefill_kv(self, sub, torch.ones_like(sub)), source_tokens=[n],
+                                                slots=budget, position_offset=[budget],
+                                                meta={"ratio_requested": ratio, "real_slots": [budget]}))
+            per_row.append(memories)
+        return [stack_padded([r[i] for r in per_row]) for i in range(len(ratios))]

@@ -1,0 +1,74 @@
+"""``python -m eval``: outputs, resume without recomputation, clear errors; the text metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval import bleu, exact_match, rouge_l, substring_match
+from eval.__main__ import main
+
+TINY = ["--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "2", "--context-length", "96"]
+
+
+def test_metrics_on_known_inputs():
+    assert exact_match("The Cat.", "the cat") == 1.0 and exact_match("a cat", "the cat") == 0.0
+    assert substring_match("the pass key is 12345", "12345") == 1.0
+    assert substring_match("1234", "12345") == 0.0
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert bleu("dog", "the cat sat on the mat") == 0.0
+    # unigram 1/1... hand-computed: hyp "the cat", ref "the cat sat": p1 = 1, p2 (+1) = 2/2,
+    # p3 = (0+1)/(0+1), p4 = 1 -> precision 1, brevity exp(1 - 3/2)
+    assert bleu("the cat", "the cat sat") == pytest.approx(pytest.approx(2.718281828 ** -0.5))
+    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4 -> F1 = 0.75
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x y", "a b") == 0.0 and rouge_l("same words", "Same words.") == 1.0
+
+
+def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["--compressor", "snapkv,streaming_llm", "--tasks", "passkey", "--ratios", "2,4", "--output-dir", str(out)]
+    assert main(args + TINY) == 0
+    for name in ("predictions.jsonl", "metrics.json", "config.yaml", "report.md", "accuracy_vs_ratio.png",
+                 "latency_vs_context.png", "memory_vs_context.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    methods = {(r["method"], r["ratio"]) for r in results}
+    assert methods == {("full_context", 1.0), ("truncation", 2.0), ("truncation", 4.0), ("snapkv", 2.0),
+                       ("snapkv", 4.0), ("streaming_llm", 2.0), ("streaming_llm", 4.0)}
+    for r in results:
+        if r["ratio"] > 1:
+            assert r["achieved_ratio"] == pytest.approx(r["ratio"], rel=0.05)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * len(methods)
+    assert "Full-context ceiling" in (out / "report.md").read_text()
+
+    import eval.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("a finished configuration was recomputed")
+
+    monkeypatch.setattr(runner, "score_one", boom)
+    assert main(args + TINY) == 0  # everything finished: nothing is scored again
+    monkeypatch.undo()
+    calls = []
+    original = runner.score_one
+    monkeypatch.setattr(runner, "score_one", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--ratios", "2,8", "--output-dir", str(out)]
+                + TINY) == 0
+    assert len(calls) == 4  # 2 samples x the 2 new configurations (snapkv, 8) and (truncation, 8)
+    capsys.readouterr()
+    assert main(["--compare", str(out), str(out), "--output-dir", str(tmp_path / "cmp")]) == 0
+    assert "snapkv" in capsys.readouterr().out and (tmp_path / "cmp" / "accuracy_vs_ratio.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compressor", "snapkv", "--tasks", "no_such_task"], "unknown task"),
+    (["--compressor", "no_such_baseline"], "unknown compressor"),
+    (["--compressor", "snapkv", "--ratios", "0.5,2"], "ratios must be >= 1"),
+    (["--compressor", "snapkv", "--context-length", "5000"], "exceeds the base model's 4096 positions"),
+])
+def test_clear_errors(tmp_path, capsys, args, message):
+    assert main(args + ["--base-model", "tiny-random-llama", "--output-dir", str(tmp_path / "x"),
+                        "--num-samples", "1", "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

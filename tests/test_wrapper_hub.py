@@ -1,0 +1,349 @@
+"""CompressedLM (compress once, answer many), artifact folders, PEFT interop, load errors, Hub push / pull."""
+
+import json
+import shutil
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, hf_hub_download
+from safetensors.torch import load_file
+
+from compressors import (
+    BaseModelMismatchError,
+    CompressedLM,
+    CorruptArtifactError,
+    EmptyInputError,
+    GistCompressor,
+    GistConfig,
+    Memory,
+    UnknownCompressorError,
+    load_compressor,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARTIFACT_FILES = {"compressor_config.json", "compressor.safetensors", "adapter_config.json",
+                  "adapter_model.safetensors", "README.md"}
+CONTEXT = "The passkey is 58213. Remember it. The grass is green and the sky is blue, again and again."
+PROMPTS = ["What is the passkey?", "Say something about the sky, please, in a few words.", "Hi"]
+
+
+def randomize(gist: GistCompressor, seed: int = 0) -> GistCompressor:
+    """Random gists and a non-zero LoRA B, so that a load that drops either cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in gist.named_parameters():
+            if name.startswith("gist_embeddings") or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return gist
+
+
+def make_clm(tiny, **config) -> CompressedLM:
+    model, tokenizer = tiny()
+    settings = dict(tokens_per_gist=4, segment_length=32, lora_r=4, lora_in_decoder=True)
+    settings.update(config)
+    return CompressedLM(randomize(GistCompressor(GistConfig(**settings), model).eval()), tokenizer)
+
+
+def prompt_logits(clm: CompressedLM, memory: Memory, prompt: str = PROMPTS[0]) -> torch.Tensor:
+    ids = torch.tensor([clm.prompt_ids(prompt)])
+    with torch.no_grad(), clm.compressor.reading(memory):
+        return clm.compressor.decoder_forward(memory, ids, torch.ones_like(ids)).logits
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """LoRA tensors by a name that does not depend on how the model was wrapped."""
+    out = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            out[name[name.index("layers."):]] = param.detach()
+    return out
+
+
+@pytest.fixture
+def clm(tiny) -> CompressedLM:
+    return make_clm(tiny)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory) -> tuple[Path, CompressedLM]:
+    """One saved folder per module, and the CompressedLM that wrote it (never modify either)."""
+    clm = make_clm(tiny)
+    folder = tmp_path_factory.mktemp("saved") / "gist-tiny"
+    clm.save_pretrained(folder)
+    return folder, clm
+
+
+@pytest.fixture
+def broken(saved, tmp_path) -> Path:
+    """A private copy of the saved folder, for tests that damage it."""
+    return Path(shutil.copytree(saved[0], tmp_path / "copy"))
+
+
+# ----- CompressedLM -----------------------------------------------------------------------------
+def test_compress_strings_and_batches(clm: CompressedLM) -> None:
+    memory = clm.compress(CONTEXT)
+    n_tokens = len(clm.tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
+    assert memory.batch_size == 1 and memory.source_tokens == [n_tokens]
+    assert memory.slots == -(-n_tokens // 4) and not memory.tensors["key.0"].requires_grad
+    batch = clm.compress([CONTEXT, "A much shorter context."])
+    assert batch.batch_size == 2 and batch.source_tokens[0] == n_tokens
+    assert torch.allclose(prompt_logits(clm, batch.select(0)), prompt_logits(clm, memory), atol=1e-4)
+    for empty in ("", "   ", [CONTEXT, ""], []):
+        with pytest.raises(EmptyInputError):
+            clm.compress(empty)
+
+
+def test_generate_with_strings_chat_messages_and_batches(clm: CompressedLM) -> None:
+    memory = clm.compress(CONTEXT)
+    answer = clm.generate(PROMPTS[0], memory=memory, max_new_tokens=5)
+    assert isinstance(answer, str) and answer
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    chat_answer = clm.generate(chat, memory=memory, max_new_tokens=5)
+    assert isinstance(chat_answer, str)
+    # A one-user-turn chat is the same prompt as the plain string.
+    assert clm.generate([{"role": "user", "content": PROMPTS[0]}], memory=memory, max_new_tokens=5) == answer
+    both = clm.generate([PROMPTS[0], chat], memory=memory, max_new_tokens=5)
+    assert both == [answer, chat_answer]
+    with pytest.raises(EmptyInputError):
+        clm.generate("  ", memory=memory)
+    with pytest.raises(TypeError, match="unsupported generation arguments"):
+        clm.generate(PROMPTS[0], memory=memory, num_beams=2)
+
+
+def test_answer_many_equals_single_greedy_generate_calls(clm: CompressedLM) -> None:
+    memory = clm.compress(CONTEXT)
+    prompts = [*PROMPTS, [{"role": "user", "content": "Another one?"}]]
+    many = clm.answer_many(memory, prompts, batch_size=3, max_new_tokens=6)  # batches of 3 and 1, padded
+    singles = [clm.generate(p, memory=memory, max_new_tokens=6) for p in prompts]
+    assert many == singles and len(set(many)) > 1
+    with pytest.raises(ValueError, match="single-row"):
+        clm.answer_many(clm.compress([CONTEXT, CONTEXT]), prompts)
+
+
+def test_sampling_is_reproducible_with_a_seed(clm: CompressedLM) -> None:
+    memory = clm.compress(CONTEXT)
+    settings = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7, max_new_tokens=6)
+    assert clm.generate(PROMPTS[0], memory=memory, **settings) == clm.generate(PROMPTS[0], memory=memory, **settings)
+
+
+def test_generate_without_memory_is_plain_generation(tiny) -> None:
+    clm = make_clm(tiny, lora_in_decoder=False)
+    ids = torch.tensor([clm.prompt_ids(PROMPTS[1])])
+    with torch.no_grad(), clm.compressor.model.disable_adapter():
+        ref = clm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=clm.eos_token_ids(), pad_token_id=clm.tokenizer.pad_token_id)
+    expected = clm.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert clm.generate(PROMPTS[1], max_new_tokens=5) == expected
+
+
+# ----- artifacts ----------------------------------------------------------------------------------
+def test_saved_folder_holds_exactly_the_artifact_files(saved) -> None:
+    folder, clm = saved
+    assert {p.name for p in folder.iterdir()} == ARTIFACT_FILES  # no staging or temporary leftovers
+    meta = json.loads((folder / "compressor_config.json").read_text())
+    assert meta["compressor_type"] == "gist" and meta["memory_kind"] == "kv" and meta["has_adapter"]
+    assert meta["config"] == clm.compressor.compressor_config.to_dict()
+    assert meta["base_model"] == "tiny-random-llama"
+    assert meta["base_signature"] == clm.compressor.base_signature and meta["tokenizer_hash"]
+    assert set(load_file(folder / "compressor.safetensors")) == {"gist_embeddings.weight"}
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny-random-llama" and adapter["r"] == 4
+    assert all("lora_" in k for k in load_file(folder / "adapter_model.safetensors"))
+
+
+def test_model_card_has_yaml_metadata(saved) -> None:
+    card = (saved[0] / "README.md").read_text()
+    assert card.startswith("---\n")
+    front, body = card[4:].split("\n---\n", 1)
+    metadata = yaml.safe_load(front)
+    assert metadata["library_name"] == "ctxzip" and metadata["base_model"] == "tiny-random-llama"
+    assert {"ctxzip", "gist"} <= set(metadata["tags"])
+    assert "CompressedLM.from_pretrained" in body and "PeftModel.from_pretrained" in body
+
+
+def test_model_card_has_the_evaluation_table(tiny, tmp_path) -> None:
+    clm = make_clm(tiny)
+    clm.eval_results = [{"method": "gist", "accuracy": 0.5, "n": 4}]
+    card = (clm.save_pretrained(tmp_path / "card") / "README.md").read_text()
+    assert "## Evaluation" in card and "| gist | 0.500 | 4 |" in card
+
+
+def test_save_load_round_trip_gives_identical_logits_and_generations(saved) -> None:
+    folder, clm = saved
+    loaded = CompressedLM.from_pretrained(folder)
+    assert isinstance(loaded.compressor, GistCompressor)
+    assert loaded.compressor.compressor_config == clm.compressor.compressor_config
+    assert not loaded.compressor.training
+    assert torch.equal(loaded.compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
+    ours, theirs = lora_state(clm.compressor.model), lora_state(loaded.compressor.model)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    memory, loaded_memory = clm.compress(CONTEXT), loaded.compress(CONTEXT)
+    for name, tensor in memory.tensors.items():
+        assert torch.equal(tensor, loaded_memory.tensors[name]), name
+    assert torch.equal(prompt_logits(clm, memory), prompt_logits(loaded, loaded_memory))
+    assert loaded.answer_many(loaded_memory, PROMPTS, max_new_tokens=5) == \
+        clm.answer_many(memory, PROMPTS, max_new_tokens=5)
+    # A memory saved by one process is read by the other.
+    path = memory.save(folder.parent / "memory.safetensors")
+    assert torch.equal(prompt_logits(loaded, Memory.load(path)), prompt_logits(clm, memory))
+
+
+def test_load_compressor_onto_a_given_model(saved, tiny) -> None:
+    folder, clm = saved
+    model, tokenizer = tiny()
+    compressor, tok = load_compressor(folder, model=model, tokenizer=tokenizer)
+    memory = clm.compress(CONTEXT)
+    assert tok is tokenizer
+    assert torch.equal(prompt_logits(CompressedLM(compressor, tokenizer), memory), prompt_logits(clm, memory))
+
+
+def test_adapter_loads_with_plain_peft(saved, tiny) -> None:
+    folder, clm = saved
+    base, _ = tiny()
+    peft_model = peft.PeftModel.from_pretrained(base, folder)
+    ours, theirs = lora_state(clm.compressor.model), lora_state(peft_model)
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 4 * 2  # A and B, 4 projections, 2 layers
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert any(t.any() for k, t in theirs.items() if "lora_B" in k)
+
+
+def test_untrained_gist_without_lora_saves_no_adapter(tiny, tmp_path) -> None:
+    clm = make_clm(tiny, lora_r=0)
+    folder = clm.save_pretrained(tmp_path / "no-lora")
+    assert {p.name for p in folder.iterdir()} == {"compressor_config.json", "compressor.safetensors", "README.md"}
+    loaded = CompressedLM.from_pretrained(folder)
+    memory = clm.compress(CONTEXT)
+    assert torch.equal(prompt_logits(loaded, loaded.compress(CONTEXT)), prompt_logits(clm, memory))
+
+
+# ----- load errors -----------------------------------------------------------------------------------
+def test_base_model_of_another_shape_is_refused(saved, tiny) -> None:
+    other, _ = tiny(hidden_size=32, head_dim=8)
+    with pytest.raises(BaseModelMismatchError, match="hidden_size"):
+        load_compressor(saved[0], model=other)
+    deeper, _ = tiny(num_hidden_layers=3)
+    with pytest.raises(BaseModelMismatchError, match="num_hidden_layers"):
+        load_compressor(saved[0], model=deeper)
+
+
+def test_another_tokenizer_is_refused(saved, tiny, monkeypatch) -> None:
+    model, tokenizer = tiny()
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ messages }}")
+    with pytest.raises(BaseModelMismatchError, match="tokenizer"):
+        load_compressor(saved[0], model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "wrong_tensors"])
+def test_missing_or_corrupt_weights_raise_corrupt_artifact_error(broken: Path, tiny, damage: str) -> None:
+    path = broken / "compressor.safetensors"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff" * 300)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"something_else": torch.zeros(3)}, str(path))
+    with pytest.raises(CorruptArtifactError):
+        load_compressor(broken, model=tiny()[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_corrupt_adapter_raises_corrupt_artifact_error(broken: Path, tiny, damage: str) -> None:
+    path = broken / "adapter_model.safetensors"
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(CorruptArtifactError):
+        load_compressor(broken, model=tiny()[0])
+
+
+@pytest.mark.parametrize("content", [None, "", "{not json", "[1, 2]", "42", '"gist"', '{"compressor_type": "gist"}',
+                                     "no_config_dict"])
+def test_missing_or_invalid_config_raises_corrupt_artifact_error(broken: Path, content: str | None) -> None:
+    path = broken / "compressor_config.json"
+    if content is None:
+        path.unlink()
+    elif content == "no_config_dict":
+        meta = json.loads(path.read_text())
+        meta["config"] = [1, 2]
+        path.write_text(json.dumps(meta))
+    else:
+        path.write_text(content)
+    with pytest.raises(CorruptArtifactError):
+        load_compressor(broken)
+
+
+def test_unknown_compressor_type_raises(broken: Path) -> None:
+    path = broken / "compressor_config.json"
+    meta = json.loads(path.read_text())
+    meta["compressor_type"] = "no_such_method"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UnknownCompressorError, match="no_such_method") as excinfo:
+        load_compressor(broken)
+    assert "gist" in str(excinfo.value)  # the message lists what is registered
+
+
+def test_unknown_config_key_raises_value_error_naming_it(broken: Path) -> None:
+    path = broken / "compressor_config.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["tokens_per_gits"] = 8
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tokens_per_gits"):
+        load_compressor(broken)
+
+
+def test_from_base_builds_a_fresh_compressor() -> None:
+    clm = CompressedLM.from_base("gist", base_model="tiny-random-llama", tokens_per_gist=8, lora_r=0)
+    assert clm.compressor.compressor_config.tokens_per_gist == 8
+    assert clm.compress(CONTEXT).slots == -(-clm.compress(CONTEXT).source_tokens[0] // 8)
+    with pytest.raises(UnknownCompressorError):
+        CompressedLM.from_base("no_such_method", base_model="tiny-random-llama")
+    with pytest.raises(ValueError, match="tokens_per_gits"):
+        CompressedLM.from_base("gist", base_model="tiny-random-llama", tokens_per_gits=8)
+
+
+# ----- Hub ---------------------------------------------------------------------------------------------
+def test_push_to_hub_then_from_pretrained_round_trips(local_hub, saved) -> None:
+    folder, clm = saved
+    repo_id = "test-user/gist-tiny"
+    url = clm.push_to_hub(repo_id)
+    assert repo_id in url
+    api = HfApi()
+    assert set(api.list_repo_files(repo_id)) == ARTIFACT_FILES | {".gitattributes"}
+    for name in ARTIFACT_FILES:  # the pushed bytes are exactly what save_pretrained writes
+        assert Path(hf_hub_download(repo_id, name)).read_bytes() == (folder / name).read_bytes(), name
+    assert not [r for r in local_hub.requests if "lfs" in r or "xet" in r]
+
+    pulled = CompressedLM.from_pretrained(repo_id)
+    memory = clm.compress(CONTEXT)
+    pulled_memory = pulled.compress(CONTEXT)
+    assert torch.equal(prompt_logits(pulled, pulled_memory), prompt_logits(clm, memory))
+    assert pulled.generate(PROMPTS[0], memory=pulled_memory, max_new_tokens=5) == \
+        clm.generate(PROMPTS[0], memory=memory, max_new_tokens=5)
+
+
+def test_push_uploads_only_artifact_files(local_hub, tmp_path, saved) -> None:
+    from compressors.hub import push_folder
+
+    folder = Path(shutil.copytree(saved[0], tmp_path / "output_dir"))
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "trainable.safetensors").write_bytes(b"x")
+    (folder / "trainer_log.txt").write_text("log")
+    push_folder(folder, "test-user/gist-tiny-output-dir")
+    assert set(HfApi().list_repo_files("test-user/gist-tiny-output-dir")) == ARTIFACT_FILES | {".gitattributes"}
+
+
+def test_unknown_repo_is_a_clear_error(local_hub) -> None:
+    from compressors import CtxzipError
+
+    with pytest.raises(CtxzipError, match="neither a local folder nor a Hub repo"):
+        CompressedLM.from_pretrained("test-user/never-pushed")
