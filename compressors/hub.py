@@ -69,7 +69,8 @@ def save_compressor(compressor: Compressor, folder: str | os.PathLike,
         if meta["has_adapter"]:
             adapter_state = None if state_dict is None else {
                 k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-            compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state)
+            compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state,
+                                             save_embedding_layers=False)  # no Hub lookup of the base
             _point_adapter_at_base(staging / ADAPTER_CONFIG, meta["base_model"])
         (staging / "README.md").write_text(render_model_card(meta, eval_results))
         (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
