@@ -19,12 +19,13 @@ from .metrics import normalize
 
 
 @dataclass
-class RowScore:
-    correct: bool
-    answer_logprob: float
-    prediction: str
-    ratio: float
-    nbytes: int
+class TeacherForced:
+    """One row scored by teacher forcing the reply after the memory and the question."""
+
+    correct: bool  # every answer token is the argmax
+    answer_logprob: float  # mean log-probability of the answer tokens
+    token_accuracy: float  # fraction of answer tokens that are the argmax (partial credit)
+    prediction: str  # the argmax tokens, decoded
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Summary:
     memory_bytes: float
     n: int
     scoring: str
+    token_accuracy: float = float("nan")  # loglik scoring only: mean fraction of answer tokens right
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,8 +48,14 @@ def reply_ids(clm: CompressedLM, answer: str) -> list[int]:
     return ids + clm.eos_token_ids()[-1:]
 
 
-@torch.no_grad()
 def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) -> tuple[bool, float, str]:
+    """``(correct, mean answer log-prob, argmax prediction)`` of one row."""
+    scored = teacher_forced(clm, memory, question, answer)
+    return scored.correct, scored.answer_logprob, scored.prediction
+
+
+@torch.no_grad()
+def teacher_forced(clm: CompressedLM, memory: Memory, question: str, answer: str) -> TeacherForced:
     prompt, reply = clm.prompt_ids(question), reply_ids(clm, answer)
     ids = torch.tensor([prompt + reply], device=clm.device)
     with clm.compressor.reading(memory):
@@ -56,8 +64,9 @@ def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) 
     target = torch.tensor(reply, device=logits.device)
     logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
     predicted = logits.argmax(-1)
-    correct = bool((predicted[:-1] == target[:-1]).all())  # the answer tokens; end-of-turn is not required
-    return correct, float(logprobs[:-1].mean()), clm.tokenizer.decode(predicted[:-1])
+    hits = predicted[:-1] == target[:-1]  # the answer tokens; end-of-turn is not required
+    return TeacherForced(correct=bool(hits.all()), answer_logprob=float(logprobs[:-1].mean()),
+                         token_accuracy=float(hits.float().mean()), prediction=clm.tokenizer.decode(predicted[:-1]))
 
 
 def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",
@@ -68,28 +77,32 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
     predictions: list[dict[str, Any]] = []
     for row in rows:
         memory = clm.compress(row["context"])
+        token_accuracy = float("nan")
         if scoring == "loglik":
-            correct, logprob, prediction = score_loglik(clm, memory, row["question"], row["answer"])
+            scored = teacher_forced(clm, memory, row["question"], row["answer"])
+            correct, logprob, prediction = scored.correct, scored.answer_logprob, scored.prediction
+            token_accuracy = scored.token_accuracy
         else:
             prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=max_new_tokens))
             correct, logprob = normalize(row["answer"]) in normalize(prediction), float("nan")
         predictions.append({"method": method, "question": row["question"], "answer": row["answer"],
                             "prediction": prediction, "correct": correct, "answer_logprob": logprob,
+                            "token_accuracy": token_accuracy,
                             "ratio": memory.ratio, "memory_bytes": memory.nbytes})
     n = max(1, len(predictions))
     summary = Summary(method=method, accuracy=sum(p["correct"] for p in predictions) / n,
                       mean_logprob=sum(p["answer_logprob"] for p in predictions) / n,
                       ratio=sum(p["ratio"] for p in predictions) / n,
                       memory_bytes=sum(p["memory_bytes"] for p in predictions) / n, n=len(predictions),
-                      scoring=scoring)
+                      scoring=scoring, token_accuracy=sum(p["token_accuracy"] for p in predictions) / n)
     return summary, predictions
 
 
 def markdown_table(summaries: list[Summary]) -> str:
-    lines = ["| method | accuracy | answer log-prob | achieved ratio | memory KiB | n |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | accuracy | answer-token acc | answer log-prob | achieved ratio | memory KiB | n |",
+             "|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s.method} | {s.accuracy:.3f} | {s.mean_logprob:.3f} | {s.ratio:.2f} | "
+        lines.append(f"| {s.method} | {s.accuracy:.3f} | {s.token_accuracy:.3f} | {s.mean_logprob:.3f} | {s.ratio:.2f} | "
                      f"{s.memory_bytes / 1024:.1f} | {s.n} |")
     return "\n".join(lines)
 

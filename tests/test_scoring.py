@@ -99,7 +99,9 @@ def test_score_rows_loglik_summary(clm: CompressedLM) -> None:
     assert predictions[0]["memory_bytes"] == memory.nbytes and predictions[0]["ratio"] == memory.ratio
     assert summary.mean_logprob == pytest.approx(sum(p["answer_logprob"] for p in predictions) / 2)
     assert predictions[1]["answer_logprob"] < predictions[0]["answer_logprob"]
-    assert set(summary.as_row()) == {"method", "accuracy", "mean_logprob", "ratio", "memory_bytes", "n", "scoring"}
+    assert set(summary.as_row()) == {"method", "accuracy", "mean_logprob", "ratio", "memory_bytes", "n", "scoring",
+                                     "token_accuracy"}
+    assert 0.0 <= summary.token_accuracy <= 1.0 and predictions[0]["token_accuracy"] == 1.0
 
 
 def test_score_rows_generate(clm: CompressedLM) -> None:
@@ -143,14 +145,14 @@ def test_normalize(text: str, expected: str) -> None:
 
 def test_markdown_table() -> None:
     summaries = [Summary(method="gist", accuracy=0.75, mean_logprob=-1.23456, ratio=4.0, memory_bytes=2048.0,
-                         n=8, scoring="loglik"),
+                         n=8, scoring="loglik", token_accuracy=0.9),
                  Summary(method="full_context", accuracy=1.0, mean_logprob=-0.5, ratio=1.0, memory_bytes=10752.0,
                          n=8, scoring="loglik")]
     lines = markdown_table(summaries).splitlines()
     assert lines == [
-        "| method | accuracy | answer log-prob | achieved ratio | memory KiB | n |",
-        "|---|---|---|---|---|---|",
-        "| gist | 0.750 | -1.235 | 4.00 | 2.0 | 8 |",
-        "| full_context | 1.000 | -0.500 | 1.00 | 10.5 | 8 |",
+        "| method | accuracy | answer-token acc | answer log-prob | achieved ratio | memory KiB | n |",
+        "|---|---|---|---|---|---|---|",
+        "| gist | 0.750 | 0.900 | -1.235 | 4.00 | 2.0 | 8 |",
+        "| full_context | 1.000 | nan | -0.500 | 1.00 | 10.5 | 8 |",
     ]
     assert markdown_table([]).count("\n") == 1  # the header alone
