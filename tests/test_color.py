@@ -1,0 +1,419 @@
+"""CoLoR: length-penalised losses, pair rules, readers, cached stages, the compressor, the recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("recipe_color_dpo", ROOT / "recipes" / "color_dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----- losses on hand-computed examples ---------------------------------------------------
+def test_length_scale_is_the_gap_times_coef_clamped_at_one() -> None:
+    from trainers.color_dpo import length_scale
+
+    chosen = torch.tensor([10, 10, 30, 10])
+    rejected = torch.tensor([50, 15, 10, 20])
+    # 0.1 * 40 = 4; 0.1 * 5 = 0.5 -> 1; chosen longer -> negative -> 1; 0.1 * 10 = 1
+    assert torch.allclose(length_scale(chosen, rejected), torch.tensor([4.0, 1.0, 1.0, 1.0]))
+    assert torch.allclose(length_scale(chosen, rejected, coef=0.5), torch.tensor([20.0, 2.5, 1.0, 5.0]))
+
+
+def test_length_penalized_dpo_loss_sign_and_scale() -> None:
+    from trainers.color_dpo import length_penalized_dpo_loss
+
+    # chosen gains 1 nat over the reference, rejected loses 1: margin 2; beta 0.1
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
+    same_length, _, _ = length_penalized_dpo_loss(pc, pr, rc, rr, torch.tensor([5]), torch.tensor([5]), beta=0.1)
+    assert same_length.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)  # -log sigmoid(0.2)
+    # rejected 30 tokens longer: scale 0.1 * 30 = 3 -> -log sigmoid(0.6)
+    longer, chosen_r, rejected_r = length_penalized_dpo_loss(pc, pr, rc, rr, torch.tensor([5]), torch.tensor([35]),
+                                                             beta=0.1)
+    assert longer.item() == pytest.approx(math.log1p(math.exp(-0.6)), abs=1e-6)
+    assert chosen_r.item() == pytest.approx(0.1) and rejected_r.item() == pytest.approx(-0.1)
+    # the wrong preference (margin -2) costs more, and more again with the length scale
+    wrong, _, _ = length_penalized_dpo_loss(pr, pc, rr, rc, torch.tensor([5]), torch.tensor([35]), beta=0.1)
+    assert wrong.item() == pytest.approx(math.log1p(math.exp(0.6)), abs=1e-6)
+    assert wrong.item() > math.log(2) > longer.item()
+
+
+def test_length_penalized_orpo_loss_on_known_odds() -> None:
+    from trainers.color_dpo import length_penalized_orpo_loss, log_odds_ratio
+
+    # p(y_w) = 1/2 (odds 1) and p(y_l) = 1/4 (odds 1/3): log odds ratio = log 3
+    mean_w, mean_l = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert log_odds_ratio(mean_w, mean_l).item() == pytest.approx(math.log(3), abs=1e-5)
+    plain, scaled = length_penalized_orpo_loss(mean_w, mean_l, torch.tensor([10]), torch.tensor([12]))
+    assert plain.item() == pytest.approx(math.log(4 / 3), abs=1e-5)  # -log sigmoid(log 3) = log(1 + 1/3)
+    assert scaled.item() == pytest.approx(math.log(3), abs=1e-5)
+    # rejected 20 tokens longer: scale 2 -> -log sigmoid(2 log 3) = log(1 + 1/9)
+    penalised, _ = length_penalized_orpo_loss(mean_w, mean_l, torch.tensor([10]), torch.tensor([30]))
+    assert penalised.item() == pytest.approx(math.log(10 / 9), abs=1e-5)
+    # preferring the rejected one: the length scale makes the loss larger, log(1 + 9)
+    wrong, _ = length_penalized_orpo_loss(mean_l, mean_w, torch.tensor([10]), torch.tensor([30]))
+    assert wrong.item() == pytest.approx(math.log(10), abs=1e-5)
+    # stable where a mean log-probability is ~0 (probability ~1)
+    assert torch.isfinite(log_odds_ratio(torch.tensor([-1e-9]), torch.tensor([-3.0]))).all()
+
+
+def test_config_refuses_unknown_loss() -> None:
+    from trainers.color_dpo import ColorDPOConfig
+
+    with pytest.raises(ValueError, match="color_loss"):
+        ColorDPOConfig(output_dir="/tmp/x", color_loss="simpo")
+
+
+# ----- pair construction rules -----------------------------------------------------------
+def cand(text: str, tokens: int, success: bool, variant: str = "v") -> dict:
+    return {"text": text, "tokens": tokens, "success": success, "variant": variant, "ids": list(range(tokens))}
+
+
+def test_pairs_shortest_success_vs_longest_failure() -> None:
+    from data.retrieval import make_pair
+
+    cands = [cand("a", 30, True), cand("b", 12, True), cand("c", 40, False), cand("d", 5, False)]
+    pair = make_pair(cands)
+    assert (pair["chosen"]["text"], pair["rejected"]["text"], pair["rule"]) == ("b", "c", "contrast")
+    # the longest failure may be shorter than the chosen: still the pair (the length scale is then 1)
+    pair = make_pair([cand("a", 30, True), cand("d", 5, False)])
+    assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("a", "d")
+
+
+def test_pairs_when_all_succeed_or_all_fail() -> None:
+    from data.retrieval import PairRules, make_pair
+
+    wins = [cand("a", 30, True), cand("b", 12, True), cand("c", 20, True)]
+    pair = make_pair(wins)
+    assert (pair["chosen"]["text"], pair["rejected"]["text"], pair["rule"]) == ("b", "a", "all_success")
+    assert make_pair(wins, PairRules(all_success="skip")) is None
+    fails = [cand("a", 30, False), cand("b", 12, False)]
+    assert make_pair(fails) is None  # the released code's "hard" setting
+    pair = make_pair(fails, PairRules(all_failed="shortest_vs_longest"))
+    assert (pair["chosen"]["text"], pair["rejected"]["text"], pair["rule"]) == ("b", "a", "all_failed")
+    # equal lengths: first is shortest, last is longest (a stable sort's ends); same text: no pair
+    pair = make_pair([cand("x", 8, True), cand("y", 8, True)])
+    assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("x", "y")
+    assert make_pair([cand("x", 8, True), cand("x", 9, True)]) is None
+    assert make_pair([cand("x", 8, True)]) is None
+    with pytest.raises(ValueError, match="all_failed"):
+        PairRules(all_failed="keep")
+
+
+def test_variants_parse_and_refuse_nonsense() -> None:
+    from data.retrieval import parse_variants
+
+    v = parse_variants(["greedy", "words:0.25", "sample:0.8"])
+    assert v[1].words_fraction == 0.25 and v[2].do_sample and v[2].temperature == 0.8
+    for bad in (["words:2"], ["beam:4"], ["greedy", "greedy"]):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
+
+
+# ----- readers on a toy corpus -----------------------------------------------------------
+TOY = ["The pet of Alice Moreno is a parrot. Dictionaries preserve insertion order.",
+       "Bruno Okafor works in the city of Oslo. A class may define a __contains__ method.",
+       "Chloe Tanaka was born in the year 1948. The with statement wraps a block."]
+TOY_QUERIES = ["What kind of animal is the pet of Alice Moreno?", "In which city does Bruno Okafor work?",
+               "In which year was Chloe Tanaka born?"]
+
+
+def test_dense_reader_retrieves_the_toy_corpus() -> None:
+    from eval.retrieval import DenseReader, retrieval_metrics
+
+    reader = DenseReader()
+    rankings = reader.rank(TOY, TOY_QUERIES)
+    assert [r[0] for r in rankings] == [0, 1, 2]
+    assert sorted(rankings[0]) == [0, 1, 2]
+    assert retrieval_metrics([1, 2, 1, 5])["recall@1"] == 0.5
+    assert retrieval_metrics([1, 2, 1, 6])["MRR"] == pytest.approx((1 + 0.5 + 1 + 1 / 6) / 4)
+
+
+def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:
+    from compressors.errors import ContextTooLongError
+    from eval.retrieval import LMReader
+
+    model, tokenizer = tiny()
+    reader = LMReader(model, tokenizer)
+    rankings = reader.rank(TOY, TOY_QUERIES)
+    assert len(rankings) == 3 and all(sorted(r) == [0, 1, 2] for r in rankings)
+    assert reader.rank(TOY, TOY_QUERIES) == rankings  # deterministic
+    # scores = teacher-forced log-probability of each id after corpus + query, read from one shared cache:
+    # the same as a full forward pass without any cache
+    prefix = reader.corpus_ids(TOY)
+    query = reader.middle + reader._encode(TOY_QUERIES[0]) + reader.tail
+    answers = reader._answer_ids(3)
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+        scores = reader._score(cache, len(prefix), query, answers, torch.device("cpu"))
+        for i in (0, 2):
+            full = torch.tensor([prefix + query + answers[i]])
+            logprobs = model(input_ids=full).logits[0].float().log_softmax(-1)
+            start = len(prefix) + len(query)
+            direct = sum(float(logprobs[start - 1 + j, t]) for j, t in enumerate(answers[i]))
+            assert scores[i] == pytest.approx(direct, abs=1e-3)
+    assert rankings[0] == sorted(range(3), key=lambda i: (-scores[i], i))
+    with pytest.raises(ContextTooLongError, match="corpus_size"):
+        LMReader(model, tokenizer, max_positions=64).rank(TOY, TOY_QUERIES)
+
+
+def test_lm_reader_and_dense_reader_share_the_labels_interface(tiny, one_thread, tmp_path) -> None:
+    from data.retrieval import RetrievalCorpus, Variant, label_candidates
+    from eval.retrieval import LMReader
+
+    corpus = toy_corpus()
+    candidates = [{"passage_id": p["passage_id"], "variant": "greedy", "text": p["passage"][:40], "ids": [1],
+                   "tokens": 1} for p in corpus.passages]
+    model, tokenizer = tiny()
+    labels = label_candidates(corpus, candidates, [Variant("greedy")], LMReader(model, tokenizer), tmp_path)
+    assert {r["passage_id"] for r in labels} == {"p0", "p1", "p2"}
+    assert all(isinstance(r["success"], bool) and 1 <= r["gold_rank"] <= 3 for r in labels)
+    assert isinstance(corpus, RetrievalCorpus)
+
+
+# ----- cached stages resume --------------------------------------------------------------
+def toy_corpus():
+    from data.retrieval import _windowed
+
+    passages = [{"passage_id": f"p{i}", "passage": t} for i, t in enumerate(TOY)]
+    queries = [{"query_id": f"q{i}", "query": q, "gold_id": f"p{i}"} for i, q in enumerate(TOY_QUERIES)]
+    return _windowed(passages, queries, corpus_size=2, fingerprint="toy")
+
+
+class Boom(Exception):
+    pass
+
+
+def test_candidates_stage_resumes_after_a_crash(tmp_path) -> None:
+    from data.retrieval import Variant, generate_candidates
+
+    corpus, variants = toy_corpus(), [Variant("greedy"), Variant("sample:1", do_sample=True)]
+    calls = []
+
+    def writer(passages, variant, crash_after=None):
+        calls.append((variant.name, [p["passage_id"] for p in passages]))
+        if crash_after is not None and len(calls) > crash_after:
+            raise Boom
+        return [([7] * (i + 1), f"{variant.name} {p['passage_id']}") for i, p in enumerate(passages)]
+
+    with pytest.raises(Boom):
+        generate_candidates(corpus, variants, lambda p, v: writer(p, v, crash_after=3), tmp_path, {"w": 1},
+                            batch_size=2)
+    done = len(list((tmp_path / "candidates").glob("part-*.jsonl")))
+    assert done == 2
+    calls.clear()
+    records = generate_candidates(corpus, variants, writer, tmp_path, {"w": 1}, batch_size=2)
+    assert len(records) == 6 and calls == [("sample:1", ["p1", "p2"])]  # only the missing batch
+    assert {(r["passage_id"], r["variant"]) for r in records} == {(f"p{i}", v.name) for i in range(3) for v in variants}
+    calls.clear()
+    assert generate_candidates(corpus, variants, writer, tmp_path, {"w": 1}, batch_size=2) == records
+    assert calls == []  # fully cached
+    generate_candidates(corpus, variants, writer, tmp_path, {"w": 2}, batch_size=2)
+    assert len(calls) == 4  # other writer settings: all recomputed (3 batches, one with both variants)
+
+
+def test_labels_and_pairs_stages_resume(tmp_path) -> None:
+    from data.retrieval import Variant, label_candidates, make_pairs
+
+    corpus, variants = toy_corpus(), [Variant("a"), Variant("b")]
+    candidates = [{"passage_id": p["passage_id"], "variant": v.name, "text": f"{v.name}:{p['passage']}",
+                   "ids": [1] * (3 if v.name == "a" else 9), "tokens": 3 if v.name == "a" else 9}
+                  for v in variants for p in corpus.passages]
+
+    class Reader:  # variant "b" keeps every passage retrievable, "a" loses all but lone ones
+        name = "fake"
+        calls = 0
+        crash = False
+
+        def rank(self, passages, queries):
+            Reader.calls += 1
+            if Reader.crash and Reader.calls > 1:
+                raise Boom
+            out = []
+            for i in range(len(queries)):
+                others = [j for j in range(len(passages)) if j != i]
+                out.append([i, *others] if passages[0].startswith("b:") else [*others, i])
+            return out
+
+    Reader.crash = True
+    with pytest.raises(Boom):
+        label_candidates(corpus, candidates, variants, Reader(), tmp_path)
+    Reader.crash, Reader.calls = False, 0
+    labels = label_candidates(corpus, candidates, variants, Reader(), tmp_path)
+    assert Reader.calls == 3  # 2 variants x 2 windows, one was cached before the crash
+    success = {(r["passage_id"], r["variant"]): r["success"] for r in labels}
+    assert success == {("p0", "a"): False, ("p1", "a"): False, ("p2", "a"): True,
+                       ("p0", "b"): True, ("p1", "b"): True, ("p2", "b"): True}
+    prompts = []
+
+    def prompt(passage):
+        prompts.append(passage["passage_id"])
+        return "PROMPT " + passage["passage_id"], [5, 6]
+
+    pairs = make_pairs(corpus, candidates, labels, prompt, [2], "</s>", tmp_path)
+    assert set(pairs.column_names) >= {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids"}
+    assert pairs[0]["chosen_ids"][-1] == 2 and pairs[0]["chosen"].endswith("</s>")
+    assert len(prompts) == len(pairs) == 3
+    rules = {row["passage_id"]: (row["rule"], row["chosen_variant"], row["rejected_variant"]) for row in pairs}
+    assert rules == {"p0": ("contrast", "b", "a"), "p1": ("contrast", "b", "a"), "p2": ("all_success", "a", "b")}
+    prompts.clear()
+    again = make_pairs(corpus, candidates, labels, prompt, [2], "</s>", tmp_path)
+    assert prompts == [] and again.to_list() == pairs.to_list()  # cached
+
+
+def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> None:
+    from compressors.models import load_tokenizer
+    from data.retrieval import offline_corpus
+    from data.tasks import FIRST_NAMES, LAST_NAMES
+
+    tokenizer = load_tokenizer("tiny-random-llama")
+    corpus = offline_corpus(tokenizer, num_passages=6, passage_tokens=48, corpus_size=4, cache_dir=tmp_path)
+    assert len(corpus.passages) == 6 and [len(w) for w in corpus.windows] == [4, 2]
+    people = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
+    for q in corpus.queries:
+        (name,) = [n for n in people if n in q["query"]]
+        assert [p["passage_id"] for p in corpus.passages if name in p["passage"]] == [q["gold_id"]]
+        assert q["answer"] in corpus.passage(q["gold_id"])["passage"]
+    part = next((tmp_path / "corpus-train").glob("part-*.jsonl"))
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    rows[0]["passage"] = "EDITED " + rows[0]["passage"]
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = offline_corpus(tokenizer, num_passages=6, passage_tokens=48, corpus_size=4, cache_dir=tmp_path)
+    assert again.passages[0]["passage"].startswith("EDITED ")  # read from the cache, not rebuilt
+    other = offline_corpus(tokenizer, num_passages=5, passage_tokens=48, corpus_size=4, cache_dir=tmp_path)
+    assert not other.passages[0]["passage"].startswith("EDITED ")  # other settings: rebuilt
+
+
+# ----- datasets and errors ---------------------------------------------------------------
+def test_hub_or_local_dataset_and_missing_columns(tmp_path) -> None:
+    from data.retrieval import load_corpus
+
+    good = tmp_path / "corpus.jsonl"
+    good.write_text("".join(json.dumps({"passage_id": i, "passage": t, "query": q, "gold_id": i}) + "\n"
+                            for i, (t, q) in enumerate(zip(TOY, TOY_QUERIES))))
+    corpus = load_corpus(str(good), str(good), corpus_size=2)
+    assert len(corpus.passages) == 3 and len(corpus.queries) == 3
+    assert all(corpus.passage(q["gold_id"])["window"] == q["window"] for q in corpus.queries)
+    bad = tmp_path / "queries.jsonl"
+    bad.write_text(json.dumps({"question": "x?", "gold": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['query', 'gold_id'\].*question"):
+        load_corpus(str(good), str(bad))
+    orphan = tmp_path / "orphan.jsonl"
+    orphan.write_text(json.dumps({"query": "x?", "gold_id": "nope"}) + "\n")
+    with pytest.raises(ValueError, match="gold_id 'nope'"):
+        load_corpus(str(good), str(orphan))
+
+
+def test_passage_longer_than_the_context_is_refused(tiny, one_thread) -> None:
+    from compressors import ColorCompressor, ColorConfig
+    from compressors.errors import ContextTooLongError
+    from data.retrieval import _windowed
+
+    model, tokenizer = tiny(max_position_embeddings=96)
+    compressor = ColorCompressor(ColorConfig(max_new_tokens=8), model).use_tokenizer(tokenizer)
+    long_ids = tokenizer(" ".join(TOY * 4), add_special_tokens=False)["input_ids"]
+    with pytest.raises(ContextTooLongError, match="96"):
+        compressor.generate([long_ids])
+    corpus = _windowed([{"passage_id": "long-1", "passage": " ".join(TOY * 4)}], [], 1, "x")
+    with pytest.raises(ContextTooLongError, match="long-1"):
+        load_recipe().check_passages(corpus, tokenizer, ColorConfig(max_new_tokens=8), 96)
+
+
+# ----- the compressor --------------------------------------------------------------------
+def test_text_memory_is_read_by_the_base_model_with_lora_off(tiny, one_thread, tmp_path) -> None:
+    from compressors import ColorCompressor, ColorConfig, CompressedLM, Memory
+
+    model, tokenizer = tiny()
+    compressor = ColorCompressor(ColorConfig(max_new_tokens=5), model).use_tokenizer(tokenizer).eval()
+    with torch.no_grad():
+        for name, p in compressor.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # the writer now differs from the base model
+    clm = CompressedLM(compressor, tokenizer)
+    memory = clm.compress([TOY[0], TOY[1][:30]])
+    assert memory.kind == "text" and memory.batch_size == 2 and len(memory.texts) == 2
+    assert memory.slots == 5 and memory.source_tokens[0] > memory.source_tokens[1]
+    assert memory.ratio == pytest.approx(sum(memory.source_tokens) / 10)
+    row = memory.select(0)
+    prompt = torch.tensor([clm.prompt_ids("Who?")])
+    with compressor.reading(row), torch.no_grad():
+        step = compressor.decoder_forward(row, prompt, torch.ones_like(prompt), use_cache=False)
+    plain, _ = tiny()
+    with torch.no_grad():
+        expected = plain(torch.cat([row.tensors["input_ids"], prompt], dim=1)).logits[:, row.slots:]
+    assert torch.allclose(step.logits, expected, atol=1e-5)  # base model, LoRA disabled, prompt positions only
+    assert isinstance(clm.generate("Who?", memory=row, max_new_tokens=3), str)
+    memory.save(tmp_path / "m.mem")
+    assert Memory.load(tmp_path / "m.mem").texts == memory.texts
+    clm.save_pretrained(tmp_path / "saved")
+    again = CompressedLM.from_pretrained(tmp_path / "saved")
+    assert again.compress(TOY[0]).texts == clm.compress(TOY[0]).texts  # the trained LoRA came back
+
+
+# ----- the recipe ------------------------------------------------------------------------
+def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--base_model", "tiny-random-llama",
+            "--num_train_passages", "4", "--num_eval_passages", "2", "--passage_tokens", "24", "--corpus_size", "2",
+            "--candidate_variants", "sample:1.0", "sample:1.5", "--label_reader", "lm", "--eval_readers", "lm",
+            "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--length_probe_steps", "1",
+            "--length_probe_max_new_tokens", "4", "--warmup_steps", "0", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "color_dpo.py"), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| uncompressed | lm |" in result.stdout and "| trained | lm |" in result.stdout
+    assert "length/policy_compressed" in result.stdout + result.stderr
+    for name in ("compressor_config.json", "adapter_model.safetensors", "README.md", "color_eval.json"):
+        assert (out / name).is_file(), name
+    assert "recall@1" in (out / "README.md").read_text()
+    for stage in ("corpus-train", "candidates", "labels", "pairs", "eval-untrained"):
+        assert json.loads((out / "color_data" / stage / "stage.json").read_text())["complete"], stage
+    from compressors import CompressedLM
+
+    clm = CompressedLM.from_pretrained(out)
+    assert clm.compressor.compressor_type == "color"
+    assert clm.compress(TOY[0]).kind == "text"
+
+
+def test_trainer_dpo_step_starts_at_log2_and_trains_only_lora(tiny, one_thread, tmp_path) -> None:
+    import datasets
+
+    from compressors import ColorConfig
+    from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer
+
+    model, tokenizer = tiny()
+    rows = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 2], "rejected_ids": [11, 12, 13, 14, 15, 2]},
+            {"prompt_ids": [5, 6, 8], "chosen_ids": [21, 2], "rejected_ids": [22, 23, 24, 2]}]
+    args = ColorDPOConfig(output_dir=str(tmp_path), color_loss="dpo", beta=0.1, max_steps=1, logging_steps=1,
+                          per_device_train_batch_size=2, warmup_steps=0, save_strategy="no", use_cpu=True,
+                          length_probe_steps=1, length_probe_max_new_tokens=3, disable_tqdm=True)
+    trainer = ColorDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=ColorConfig().lora_config(),
+                              length_probe=[[5, 6, 7]])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["loss"] == pytest.approx(math.log(2), abs=1e-4)  # LoRA starts at zero: policy == reference
+    assert logs["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert logs["length/chosen"] == pytest.approx(2.5) and logs["length/rejected"] == pytest.approx(5.0)
+    assert logs["length/scale"] == 1.0 and "length/policy_compressed" in logs
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    trained = trainer.trained_state_dict()
+    assert trained and all("lora_" in k for k in trained)
