@@ -3,6 +3,7 @@
 from . import baselines  # noqa: F401  (registers the training-free compressors)
 from .base import COMPRESSORS, Compressor, CompressorConfig, compressor_class, register_compressor
 from .color import ColorCompressor, ColorConfig  # noqa: F401  (registers the CoLoR compressor)
+from .cskv import CSKVCompressor, CSKVConfig  # noqa: F401  (registers the cskv compressor)
 from .errors import (
     BaseModelMismatchError,
     ContextTooLongError,

@@ -1,0 +1,309 @@
+"""The CSKV compressor: low-rank K/V channel shrinking with a bi-branch cache.
+
+Paper: Wang et al. 2024, "CSKV: Training-Efficient Channel Shrinking for KV Cache in Long-Context
+Scenarios" (arXiv 2409.10593); related: Palu (Chang et al. 2024, arXiv 2407.21118).
+
+Faithful: ``k_proj`` / ``v_proj`` factored into down / up projections with rank set by a density,
+SVD or ASVD init, a bi-branch cache (latents of old tokens, full K/V of a recent window),
+optional low-bit latents, training of the factors only by layer-wise K/V reconstruction (MSE),
+with fake quantization (straight-through) when ``quant_bits`` is set. As in the paper's code, a
+prefill attends with the exact keys / values of its own tokens; the cache then keeps latents.
+Different: one joint latent per layer for all KV heads (as in the paper's code, not Palu's
+per-head groups); keys are stored before RoPE and rotated after reconstruction (Palu-style) so that
+the latent is position-free; 8 / 4-bit latents use per-token groups of channels (the paper uses
+KIVI-style per-channel keys over token blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..base import Compressor, DecoderStep, register_compressor
+from ..memory import Memory
+from .attention import make_forward
+from .cache import CacheSpec, CSKVCache, LayerSpec
+from .config import CSKVConfig, rank_for
+from .factorization import InputStatistics, LowRankKV, asvd_scale
+from .quant import fake_quantize
+
+# RoPE variants whose cos / sin are cos / sin(position * inv_freq) * attention_scaling.
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, checked to be Llama-style."""
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"CSKV needs a decoder with model.layers (Llama-style); got {type(model).__name__}")
+    modules = []
+    for index, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+                   if not hasattr(attn, n)]
+        if missing:
+            raise ValueError(f"layer {index} attention lacks {missing}: CSKV supports Llama-style attention")
+        if hasattr(attn, "k_norm") or hasattr(attn, "q_norm"):
+            raise ValueError("CSKV does not support attention with q/k norms (the key is not linear in x)")
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(getattr(attn, name), "weight", None)
+            if weight is None or not weight.is_floating_point() or hasattr(weight, "quant_state"):
+                raise ValueError(f"layer {index} {name} is not a plain float linear layer (a quantized base "
+                                 "model cannot be factored; load it in float)")
+        modules.append(attn)
+    return modules
+
+
+def rope_type(model: PreTrainedModel) -> str:
+    params = getattr(model.config, "rope_parameters", None) or {}
+    return str(params.get("rope_type", getattr(model.model.rotary_emb, "rope_type", "default")))
+
+
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full (read-only) views of parameters that DeepSpeed ZeRO-3 partitioned at load time."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+@register_compressor
+class CSKVCompressor(Compressor):
+    compressor_type = "cskv"
+    config_class = CSKVConfig
+    memory_kind = "latent_kv"
+
+    def __init__(self, config: CSKVConfig, model: PreTrainedModel) -> None:
+        model.requires_grad_(False)  # only the factors train
+        super().__init__(config, model)
+        attns = attention_modules(self.base_lm)
+        kind = rope_type(self.base_lm)
+        if kind not in _ROPE_TYPES:
+            raise ValueError(f"CSKV rotates reconstructed keys with RoPE of type {list(_ROPE_TYPES)}; this "
+                             f"model uses {kind!r}")
+        self.factors = nn.ModuleList()
+        for attn, (key_density, value_density) in zip(attns, config.densities(len(attns))):
+            k_proj, v_proj = attn.k_proj, attn.v_proj
+            factors = LowRankKV(k_proj.in_features, k_proj.out_features,
+                                rank_for(key_density, k_proj.out_features),
+                                rank_for(value_density, v_proj.out_features), bias=k_proj.bias is not None)
+            factors.to(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
+            self.factors.append(factors)
+        self._attention = tuple(attns)  # a tuple: not registered again as submodules
+        self._installed_depth = 0
+        self.initialize_svd()
+
+    # ----- factors ------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize_svd(self, input_scales: list[torch.Tensor] | None = None) -> None:
+        """(Re)set every factor pair from the base projections: SVD, or ASVD with ``input_scales``."""
+        for index, (attn, factors) in enumerate(zip(self._attention, self.factors)):
+            scale = None if input_scales is None else input_scales[index]
+            with _gathered([*attn.k_proj.parameters(), *attn.v_proj.parameters()]):
+                factors.k.initialize(attn.k_proj.weight, attn.k_proj.bias, scale)
+                factors.v.initialize(attn.v_proj.weight, attn.v_proj.bias, scale)
+
+    @torch.no_grad()
+    def activation_means(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                         ) -> tuple[list[torch.Tensor], int]:
+        """Mean |x| per input channel of every layer's ``k_proj`` (``v_proj`` reads the same x) over
+        calibration ``(input_ids, attention_mask)`` batches, and the number of tokens seen."""
+        stats = InputStatistics([attn.k_proj for attn in self._attention])
+        tokens = 0
+        try:
+            for ids, mask in batches:
+                ids = ids.to(self.device)
+                mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+                stats.mask = mask
+                self.decoder_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                tokens += int(mask.sum())
+        finally:
+            stats.remove()
+        if tokens == 0:
+            raise ValueError("ASVD calibration needs at least one token")
+        return stats.means(), tokens
+
+    def calibrate_asvd(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                       means: list[torch.Tensor] | None = None) -> int:
+        """ASVD init from calibration batches (or from precomputed ``means``); returns the tokens seen."""
+        tokens = 0
+        if means is None:
+            means, tokens = self.activation_means(batches)
+        self.initialize_svd([asvd_scale(m, self.compressor_config.asvd_alpha) for m in means])
+        return tokens
+
+    @property
+    def decoder_model(self) -> nn.Module:
+        """The base model without its LM head (prefill and training need no logits)."""
+        return self.base_lm.model
+
+    @property
+    def key_ranks(self) -> list[int]:
+        return [f.k.rank for f in self.factors]
+
+    @property
+    def value_ranks(self) -> list[int]:
+        return [f.v.rank for f in self.factors]
+
+    def rope(self) -> tuple[torch.Tensor, float]:
+        rotary = self.base_lm.model.rotary_emb
+        return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+
+    def cache_spec(self) -> CacheSpec:
+        attn = self._attention[0]
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        cfg = self.compressor_config
+        layers = tuple(LayerSpec(f.k.rank, f.v.rank, kv_heads, attn.head_dim) for f in self.factors)
+        return CacheSpec(layers, cfg.window, cfg.quant_bits, cfg.quant_group_size, self.base_lm.dtype)
+
+    def new_cache(self, batch: int) -> CSKVCache:
+        return CSKVCache(self.cache_spec(), batch, self.device)
+
+    # ----- the attention path ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Attention modules take the CSKV path when given a CSKVCache (re-entrant)."""
+        if self._installed_depth == 0:
+            for index, (attn, factors) in enumerate(zip(self._attention, self.factors)):
+                attn.forward = make_forward(attn, factors, index, self.rope)
+        self._installed_depth += 1
+        try:
+            yield
+        finally:
+            self._installed_depth -= 1
+            if self._installed_depth == 0:
+                for attn in self._attention:
+                    del attn.forward  # back to the class's forward
+
+    @contextlib.contextmanager
+    def reading(self, memory: Memory) -> Iterator[None]:
+        with self.installed():
+            yield
+
+    # ----- encoder ------------------------------------------------------------------------
+    @torch.no_grad()
+    def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 query_ids: torch.Tensor | None = None) -> Memory:
+        """Prefill ``context_ids`` (left padding allowed) into the bi-branch cache; a ``latent_kv`` Memory."""
+        attention_mask = self.check_context(context_ids, attention_mask)
+        cache = self.new_cache(context_ids.shape[0])
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.installed():
+            self.decoder_model(input_ids=context_ids, attention_mask=attention_mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        return self.memory_from_cache(cache, attention_mask)
+
+    def memory_from_cache(self, cache: CSKVCache, attention_mask: torch.Tensor) -> Memory:
+        """The ``latent_kv`` Memory of a filled cache (``attention_mask``: its context's mask)."""
+        tensors = cache.tensors()
+        if not bool(attention_mask.bool().all()):
+            tensors["slot_mask"] = attention_mask.to(torch.int8)
+        real = attention_mask.long().sum(-1).tolist()
+        full = cache.full_cache_nbytes()
+        meta = {"cskv": self.memory_format(), "full_kv_nbytes": full,
+                "kv_reduction": 1.0 - sum(t.numel() * t.element_size() for t in tensors.values()) / full}
+        return self.new_memory(tensors, source_tokens=real, slots=attention_mask.shape[1], position_offset=real,
+                               meta=meta)
+
+    def memory_format(self) -> dict[str, Any]:
+        cfg = self.compressor_config
+        return {"key_ranks": self.key_ranks, "value_ranks": self.value_ranks, "window": cfg.window,
+                "quant_bits": cfg.quant_bits, "quant_group_size": cfg.quant_group_size}
+
+    def memory_cache(self, memory: Memory, repeat: int = 1) -> CSKVCache:
+        """A fresh cache holding a ``latent_kv`` memory (decoding mutates caches: never share one)."""
+        if memory.kind != "latent_kv":
+            raise ValueError(f"a CSKV compressor reads latent_kv memories, not {memory.kind!r}")
+        memory.check_base(self.base_signature)
+        made = memory.meta.get("cskv")
+        if made != self.memory_format():
+            raise ValueError(f"this memory was made by a CSKV compressor with another format ({made}); this "
+                             f"one has {self.memory_format()}")
+        tensors = {k: v for k, v in memory.tensors.items() if k != "slot_mask"}
+        return CSKVCache.from_tensors(self.cache_spec(), tensors, repeat=repeat)
+
+    # ----- decoder ------------------------------------------------------------------------
+    def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        use_cache: bool = True) -> DecoderStep:
+        if memory.kind == "kv":  # e.g. CompressedLM's empty memory for plain generation
+            return super().decoder_forward(memory, input_ids, attention_mask, use_cache)
+        batch = input_ids.shape[0]
+        if memory.batch_size not in (1, batch):
+            raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
+        repeat = batch if memory.batch_size == 1 else 1
+        cache = self.memory_cache(memory, repeat)
+        slots_mask = memory.tensors.get("slot_mask")
+        if slots_mask is None:
+            slots_mask = attention_mask.new_ones(batch, memory.slots)
+        else:
+            slots_mask = slots_mask.to(attention_mask.dtype).repeat_interleave(repeat, 0)
+        offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
+        position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([slots_mask, attention_mask], dim=1)
+        with self.installed():
+            out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                               past_key_values=cache, use_cache=True)
+        return DecoderStep(logits=out.logits, cache=cache, attention_mask=full_mask,
+                           next_position=position_ids[:, -1] + 1)
+
+    # ----- training: layer-wise K/V reconstruction ------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> dict[str, Any]:
+        """Layer-wise reconstruction loss: sum over layers of the MSE between the base model's keys
+        (before RoPE; RoPE is a rotation, so the error is the same after it) and values and their
+        reconstructions ``up(down(x))`` from the same inputs; latents are fake-quantized (straight
+        through) when ``quant_bits`` is set. The base model runs frozen; only the factors get gradients.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.to(self.device)
+        count = mask.sum().clamp(min=1)
+        cfg = self.compressor_config
+        losses: list[tuple[torch.Tensor, torch.Tensor]] = []
+        inputs: dict[int, torch.Tensor] = {}
+
+        def mse(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+            err = (estimate.float() - target.detach().float()).pow(2).sum(-1)
+            return (err * mask).sum() / (count * target.shape[-1])
+
+        def reconstruct(projection: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            latent = fake_quantize(projection.down(x), cfg.quant_bits, cfg.quant_group_size)
+            return projection.up(latent)
+
+        def on_k(index: int):  # noqa: ANN202
+            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                x = args[0].detach()
+                inputs[index] = x
+                losses.append((mse(out, reconstruct(self.factors[index].k, x)), torch.zeros((), device=x.device)))
+            return hook
+
+        def on_v(index: int):  # noqa: ANN202
+            def hook(_m: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                x = inputs.pop(index)
+                key_loss, _ = losses[-1]
+                losses[-1] = (key_loss, mse(out, reconstruct(self.factors[index].v, x)))
+            return hook
+
+        handles = []
+        for index, attn in enumerate(self._attention):
+            handles.append(attn.k_proj.register_forward_hook(on_k(index)))
+            handles.append(attn.v_proj.register_forward_hook(on_v(index)))
+        try:
+            # The base model is frozen and its inputs need no gradient, so autograd records only
+            # the factor computations made in the hooks.
+            self.decoder_model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(losses) != len(self._attention):
+            raise RuntimeError(f"reconstruction losses from {len(losses)} of {len(self._attention)} layers")
+        key_loss = torch.stack([k for k, _ in losses]).sum()
+        value_loss = torch.stack([v for _, v in losses]).sum()
+        return {"loss": key_loss + value_loss, "key_mse": key_loss.detach(), "value_mse": value_loss.detach()}

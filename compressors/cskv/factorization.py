@@ -1,0 +1,108 @@
+"""Low-rank factorization of ``k_proj`` / ``v_proj``: SVD and activation-aware SVD (ASVD) init.
+
+A projection ``W`` (``[out, in]``) becomes ``up @ down`` with ``down: [r, in]`` (what the cache
+stores, per token: the latent ``down @ x``) and ``up: [out, r]`` (applied when reading). Plain
+SVD keeps the top ``r`` singular directions of ``W``; ASVD (Yuan et al. 2023, arXiv 2312.05821, as
+used by CSKV) first scales the input channels by ``s_j = mean|x_j| ** alpha`` measured on
+calibration text, so that channels the model actually drives are kept:
+``W S = U Sigma V^T``, ``W ~ (U_r Sigma_r^1/2) (Sigma_r^1/2 V_r^T S^-1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankProjection(nn.Module):
+    """``x -> up(down(x))``: ``down`` makes the latent, ``up`` (with the original bias) reconstructs."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                   input_scale: torch.Tensor | None = None) -> None:
+        """Set the factors from the original projection (SVD, or ASVD with ``input_scale``)."""
+        down, up = factorize(weight, self.rank, input_scale)
+        self.down.weight.copy_(down.to(self.down.weight.dtype))
+        self.up.weight.copy_(up.to(self.up.weight.dtype))
+        if self.up.bias is not None:
+            if bias is None:
+                self.up.bias.zero_()
+            else:
+                self.up.bias.copy_(bias.to(self.up.bias.dtype))
+
+
+class LowRankKV(nn.Module):
+    """The key and value factor pairs of one attention layer."""
+
+    def __init__(self, hidden_size: int, kv_features: int, key_rank: int, value_rank: int, bias: bool) -> None:
+        super().__init__()
+        self.k = LowRankProjection(hidden_size, kv_features, key_rank, bias)
+        self.v = LowRankProjection(hidden_size, kv_features, value_rank, bias)
+
+
+def factorize(weight: torch.Tensor, rank: int, input_scale: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down [rank, in], up [out, rank])`` with ``up @ down`` the best rank-``rank`` approximation
+    of ``weight`` (after scaling its input channels by ``input_scale`` when given), float32."""
+    w = weight.detach().float()
+    if input_scale is not None:
+        scale = input_scale.detach().float().to(w.device)
+        if scale.shape != (w.shape[1],) or not bool((scale > 0).all()):
+            raise ValueError(f"input_scale must be positive with shape ({w.shape[1]},)")
+        w = w * scale[None, :]
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root[None, :]
+    down = root[:, None] * vh[:rank]
+    if input_scale is not None:
+        down = down / scale[None, :]
+    return down, up
+
+
+def asvd_scale(abs_mean: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """ASVD's diagonal input scaling from the mean absolute activation of each input channel."""
+    return (abs_mean.float() + eps) ** alpha
+
+
+class InputStatistics:
+    """Mean |x| per input channel of chosen linear layers, over the non-padding tokens they see."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.sums: list[torch.Tensor | None] = [None] * len(modules)
+        self.counts = [0] * len(modules)
+        self.mask: torch.Tensor | None = None
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):  # noqa: ANN202
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            x = inputs[0].detach().float().abs()
+            if self.mask is not None:
+                keep = self.mask.to(x.device).bool()
+                x, n = x[keep], int(keep.sum())
+            else:
+                x, n = x.reshape(-1, x.shape[-1]), x.shape[0] * x.shape[1]
+            total = x.sum(0)
+            self.sums[index] = total if self.sums[index] is None else self.sums[index] + total
+            self.counts[index] += n
+        return hook
+
+    def means(self) -> list[torch.Tensor]:
+        if any(s is None for s in self.sums):
+            raise ValueError("no calibration tokens reached every layer")
+        return [s / max(1, c) for s, c in zip(self.sums, self.counts)]  # type: ignore[operator]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,106 @@
+"""PyTorch reference for CSKV attention: reconstruct keys / values from latents, rotate keys, attend.
+
+``decode_attention_reference`` is the oracle the Triton kernel (``kernel.py``) must match, with the
+same arguments; it is also the decode path on machines without a GPU. Keys are stored before
+RoPE (a latent cannot be rotated) and rotated at their own positions after reconstruction, with
+``cos / sin = cos / sin(position * inv_freq) * rope_scaling`` exactly as transformers' rotary
+embedding computes them (default, linear, llama3 and yarn RoPE are all of this form).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import LatentStore
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float = 1.0,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[batch, tokens, head_dim]`` (float32) for integer ``positions``."""
+    freqs = positions.float()[..., None] * inv_freq.float().to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * rope_scaling, emb.sin() * rope_scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[batch, heads, tokens, head_dim]`` with ``cos / sin`` ``[batch, tokens, head_dim]``."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def reconstruct(latent: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+                num_heads: int, head_dim: int) -> torch.Tensor:
+    """``[batch, tokens, rank]`` latents -> ``[batch, heads, tokens, head_dim]`` keys or values."""
+    out = torch.nn.functional.linear(latent.to(up_weight.dtype), up_weight, up_bias)
+    batch, tokens = latent.shape[:2]
+    return out.view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+
+
+def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
+                       bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None,
+                       positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float, num_heads: int,
+                       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents."""
+    dtype = up_k.dtype
+    keys = reconstruct(latent_k.dequantize(dtype), up_k, bias_k, num_heads, head_dim)
+    cos, sin = rope_cos_sin(positions, inv_freq, rope_scaling)
+    keys = apply_rope(keys, cos, sin)
+    values = reconstruct(latent_v.dequantize(dtype), up_v, bias_v, num_heads, head_dim)
+    return keys, values
+
+
+def valid_keys(batch: int, latent_len: int, window_len: int, device: torch.device,
+               key_mask: torch.Tensor | None = None, latent_lens: torch.Tensor | None = None,
+               window_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean ``[batch, latent_len + window_len]``: which keys each row attends to."""
+    lat = torch.arange(latent_len, device=device)[None].expand(batch, -1)
+    win = torch.arange(window_len, device=device)[None].expand(batch, -1)
+    lat_ok = lat < (latent_lens.to(device)[:, None] if latent_lens is not None else latent_len)
+    win_ok = win < (window_lens.to(device)[:, None] if window_lens is not None else window_len)
+    valid = torch.cat([lat_ok, win_ok], dim=1)
+    if key_mask is not None:
+        valid = valid & key_mask.to(device).bool()
+    return valid
+
+
+def decode_attention_reference(
+    q: torch.Tensor, latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
+    bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None, positions: torch.Tensor,
+    inv_freq: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, *, sm_scale: float,
+    rope_scaling: float = 1.0, key_mask: torch.Tensor | None = None, latent_lens: torch.Tensor | None = None,
+    window_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of attention over a bi-branch cache; returns ``[batch, q_heads, head_dim]``.
+
+    Args:
+        q: ``[batch, q_heads, head_dim]`` rotated queries of the new token.
+        latent_k, latent_v: latents of the old tokens ``[batch, T, rank]`` (float or packed).
+        up_k, bias_k, up_v, bias_v: up-projections ``[kv_heads * head_dim, rank]`` and biases.
+        positions: ``[batch, T]`` positions of the latent tokens (for RoPE).
+        inv_freq: ``[head_dim // 2]`` RoPE inverse frequencies; ``rope_scaling`` multiplies cos / sin.
+        window_k, window_v: ``[batch, kv_heads, W, head_dim]`` full keys (already rotated) / values.
+        key_mask: optional ``[batch, T + W]``, nonzero where a key may be read.
+        latent_lens, window_lens: optional ``[batch]`` valid lengths of each branch (ragged rows).
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = window_k.shape[1]
+    group = q_heads // kv_heads
+    keys, values = latent_keys_values(latent_k, latent_v, up_k.float(), _f(bias_k), up_v.float(), _f(bias_v),
+                                      positions, inv_freq, rope_scaling, kv_heads, head_dim)
+    keys = torch.cat([keys, window_k.float()], dim=2)
+    values = torch.cat([values, window_v.float()], dim=2)
+    valid = valid_keys(batch, latent_k.length, window_k.shape[2], q.device, key_mask, latent_lens, window_lens)
+    scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, kv_heads, group, head_dim), keys) * sm_scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no valid key reads nothing
+    out = torch.einsum("bhgt,bhtd->bhgd", probs, values)
+    return out.reshape(batch, q_heads, head_dim).to(q.dtype)
+
+
+def _f(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
