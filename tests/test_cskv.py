@@ -281,7 +281,12 @@ def test_killed_recipe_resumes_and_exports_a_reloadable_compressor(tmp_path, cap
     assert first.is_file(), f"the run never wrote its first checkpoint: {stderr[-2000:]}"
     assert not (out / "compressor_config.json").exists(), "the run finished before it could be killed"
     # Resume in this process (saves an interpreter start-up): the run continues from its checkpoint.
-    recipe.main(*recipe.make_parser().parse_args_and_config(args))
+    from accelerate.state import AcceleratorState
+
+    try:
+        recipe.main(*recipe.make_parser().parse_args_and_config(args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # later tests get a fresh accelerate state
     printed = capsys.readouterr().out
     assert "resuming from " in printed and "reloads and generates identically" in printed
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
