@@ -138,19 +138,8 @@ class Compressor(nn.Module):
                         use_cache: bool = True) -> DecoderStep:
         """Run the LM on ``input_ids`` after the memory; the default reads a ``kv`` memory as a prefix."""
         memory.check_base(self.base_signature)
-        batch = input_ids.shape[0]
-        if memory.batch_size not in (1, batch):
-            raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
-        repeat = batch if memory.batch_size == 1 else 1
+        repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
         cache = memory.to_cache(repeat=repeat)
-        slots_mask = memory.tensors.get("slot_mask")
-        if slots_mask is None:
-            slots_mask = attention_mask.new_ones(batch, memory.slots)
-        else:
-            slots_mask = slots_mask.to(attention_mask.dtype).repeat_interleave(repeat, 0)
-        offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
-        position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        full_mask = torch.cat([slots_mask, attention_mask], dim=1)
         out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=use_cache)
         return DecoderStep(logits=out.logits, cache=out.past_key_values, attention_mask=full_mask,
@@ -179,6 +168,27 @@ class DecoderStep:
     cache: Any
     attention_mask: torch.Tensor
     next_position: torch.Tensor
+
+
+def memory_prefix(memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """How prompts continue after a memory: ``(repeat, full attention mask, position ids)``.
+
+    A one-row memory is repeated for every prompt row; slots are attended unless ``slot_mask``
+    hides them; prompt positions continue from each row's ``position_offset``.
+    """
+    batch = input_ids.shape[0]
+    if memory.batch_size not in (1, batch):
+        raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
+    repeat = batch if memory.batch_size == 1 else 1
+    slots_mask = memory.tensors.get("slot_mask")
+    if slots_mask is None:
+        slots_mask = attention_mask.new_ones(batch, memory.slots)
+    else:
+        slots_mask = slots_mask.to(attention_mask.dtype).repeat_interleave(repeat, 0)
+    offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
+    position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return repeat, torch.cat([slots_mask, attention_mask], dim=1), position_ids
 
 
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

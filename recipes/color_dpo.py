@@ -48,9 +48,8 @@ from data.retrieval import (
     stage_fingerprint,
 )
 from eval.retrieval import RetrievalResult, build_reader, evaluate_corpus, markdown_table
-from trainers import last_complete_checkpoint
 from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
-from trainers.export import rebuild_trained, save_and_push
+from trainers.export import rebuild_trained, save_and_push, train_resumable
 
 WORDS_PROMPT = ("Rewrite the passage below in at most {words} words. Keep every name, number and fact in it.\n\n"
                 "Passage:\n{passage}")
@@ -302,11 +301,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig,
     model, _ = load_base(script_args.base_model, dtype=script_args.dtype, quantization=script_args.quantization)
     trainer = ColorDPOTrainer(model=model, args=training_args, train_dataset=pairs, processing_class=tokenizer,
                               peft_config=color_config.lora_config(), length_probe=probe)
-    checkpoint = last_complete_checkpoint(training_args.output_dir)
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trained = trainer.trained_state_dict()  # a collective under ZeRO-3: every process calls it
+    trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None
     final = rebuild_trained(ColorCompressor, color_config, script_args.base_model,

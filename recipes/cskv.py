@@ -28,9 +28,8 @@ from compressors.baselines import FullContext, FullContextConfig
 from compressors.cskv import CSKVCompressor, CSKVConfig
 from data import build_task
 from eval.scoring import score_continuation
-from trainers import last_complete_checkpoint
 from trainers.cskv_trainer import CSKVTrainer, TokenChunkCollator, build_text_dataset, calibration_batches
-from trainers.export import rebuild_trained, save_and_push
+from trainers.export import rebuild_trained, save_and_push, train_resumable
 from trainers.script_args import prepare_training_args
 
 
@@ -119,11 +118,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
     else:
         trainer = CSKVTrainer(model=compressor, args=training_args, processing_class=tokenizer,
                               train_dataset=train, data_collator=collator)
-        checkpoint = last_complete_checkpoint(training_args.output_dir)
-        if checkpoint:
-            print(f"resuming from {checkpoint}")
-        trainer.train(resume_from_checkpoint=checkpoint)
-        trained = trainer.trained_state_dict()  # a collective under ZeRO-3: every process calls it
+        trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
         is_main = trainer.is_world_process_zero()
     if not is_main:
         return None

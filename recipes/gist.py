@@ -16,8 +16,8 @@ from trl import TrlParser
 
 from compressors import GistCompressor, GistConfig, load_base
 from eval.compare import compare_with_baselines, print_table
-from trainers import MemoryCollator, MemoryCompressorTrainer, last_complete_checkpoint
-from trainers.export import rebuild_trained, save_and_push
+from trainers import MemoryCollator, MemoryCompressorTrainer
+from trainers.export import rebuild_trained, save_and_push, train_resumable
 from trainers.script_args import (
     CompressorScriptArguments,
     build_eval_dataset,
@@ -41,11 +41,7 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
         train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
         data_collator=MemoryCollator(tokenizer, gist_config.max_context_tokens, script_args.max_target_tokens),
         objective_weights=script_args.objective_weights)
-    checkpoint = last_complete_checkpoint(training_args.output_dir)
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trained = trainer.trained_state_dict()  # a collective under ZeRO-3: every process calls it
+    trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None
     final = rebuild_trained(GistCompressor, gist_config, script_args.base_model, trained, script_args.dtype)

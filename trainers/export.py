@@ -12,6 +12,20 @@ from compressors import Compressor, CompressorConfig, load_base, save_compressor
 from compressors.hub import push_folder
 
 
+def train_resumable(trainer: Any) -> dict[str, torch.Tensor]:
+    """Train from the last complete checkpoint in ``output_dir`` (if any); return the trained tensors.
+
+    Every process must call this: gathering the tensors is a collective under ZeRO-3.
+    """
+    from .memory_trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer.trained_state_dict()
+
+
 def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, base_model: str,
                     trained: dict[str, torch.Tensor], dtype: str = "float32") -> Compressor:
     """A plain (unsharded, unwrapped) compressor holding ``trained``; what gets evaluated and exported.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..base import Compressor, DecoderStep, register_compressor
+from ..base import Compressor, DecoderStep, memory_prefix, register_compressor
 from ..memory import Memory
 from .attention import make_forward
 from .cache import CacheSpec, CSKVCache, LayerSpec
@@ -234,19 +234,8 @@ class CSKVCompressor(Compressor):
                         use_cache: bool = True) -> DecoderStep:
         if memory.kind == "kv":  # e.g. CompressedLM's empty memory for plain generation
             return super().decoder_forward(memory, input_ids, attention_mask, use_cache)
-        batch = input_ids.shape[0]
-        if memory.batch_size not in (1, batch):
-            raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
-        repeat = batch if memory.batch_size == 1 else 1
+        repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
         cache = self.memory_cache(memory, repeat)
-        slots_mask = memory.tensors.get("slot_mask")
-        if slots_mask is None:
-            slots_mask = attention_mask.new_ones(batch, memory.slots)
-        else:
-            slots_mask = slots_mask.to(attention_mask.dtype).repeat_interleave(repeat, 0)
-        offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
-        position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        full_mask = torch.cat([slots_mask, attention_mask], dim=1)
         with self.installed():
             out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                                past_key_values=cache, use_cache=True)
