@@ -33,7 +33,8 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                   f"split `{config.get('split')}`",
                   f"- scoring: **{config.get('scoring')}** "
                   + ("(teacher-forced: correct when every answer token is the model's argmax)"
-                     if config.get("scoring") == "loglik" else "(greedy generation, substring match)"), ""]
+                     if config.get("scoring") == "loglik" else "(greedy generation, substring match)"),
+                  f"- dtype: `{config.get('dtype')}`", ""]
     for task in sorted({s["task"] for s in summaries}):
         for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
             rows = sorted((s for s in summaries if s["task"] == task and s["context_length"] == length),
@@ -43,15 +44,15 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
             if full:
                 lines += [f"Full-context ceiling: accuracy **{_fmt(full[0]['accuracy'])}** "
                           f"(n={full[0]['n']}); no compressor can be expected to beat it on this model.", ""]
-            lines += ["| method | ratio | achieved ratio | accuracy | answer log-prob | memory KiB | "
+            lines += ["| method | ratio | achieved ratio | accuracy | answer-token acc | answer log-prob | memory KiB | "
                       "compress s | answer s | decode ms/token | N prompts s (memory / full) |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for s in rows:
                 n_prompts = f"{_fmt(s.get('n_prompts_s'), 2)} / {_fmt(s.get('n_prompts_full_s'), 2)}"
                 decode = s.get("decode_s_per_token")
                 lines.append(
                     f"| {s['method']} | {_ratio_label(s)} | {_fmt(s['achieved_ratio'], 2)} | {_fmt(s['accuracy'])} | "
-                    f"{_fmt(s['answer_logprob'])} | {_fmt(s['memory_bytes'] / 1024, 1)} | {_fmt(s['compress_s'], 3)} | "
+                    f"{_fmt(s.get('token_accuracy'))} | {_fmt(s['answer_logprob'])} | {_fmt(s['memory_bytes'] / 1024, 1)} | {_fmt(s['compress_s'], 3)} | "
                     f"{_fmt(s['answer_s'], 3)} | {_fmt(None if decode is None else decode * 1000, 1)} | {n_prompts} |")
             extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
             if extra:
@@ -62,9 +63,13 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
     n = summaries[0].get("n_prompts", 10) if summaries else 10
     lines += ["Notes: *achieved ratio* = context tokens / real memory slots per layer (requested ratio in "
               "the second column). *memory KiB* = bytes the Memory tensors really hold (PyramidKV's padded "
-              "layers included). *compress s* is one compression of one context (selection baselines "
-              "build all ratios from one shared prefill; the figure is that shared call; the one-time "
-              "calibration of Q-Filters and EHPC is not included). *answer s* "
+              "layers included). *answer-token acc*: fraction of answer tokens that are the model's argmax "
+              "(partial credit; loglik scoring). *compress s* is what one compression of one context "
+              "costs the method alone: the runner prefills each sample ONCE for every method that can "
+              "start from a prefill (KV selection, full context, Selective Context's self-information, "
+              "EHPC's scores) and charges that prefill to each of them plus its own work; EHPC, whose own "
+              "path is a cheaper early-exit pass, is timed alone on the timed samples; the one-time "
+              "calibration of Q-Filters and EHPC is not included. *answer s* "
               "reads the question and answer after the memory. *decode ms/token*: greedy decoding after "
               f"the memory (first sample). *N prompts*: N={n} prompts answered from one memory "
               "(compress + N answers) vs re-reading the full context each time (N x (full prefill + "

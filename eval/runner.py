@@ -31,11 +31,12 @@ import torch
 
 from compressors import COMPRESSORS, CompressedLM, Compressor, load_base, load_compressor
 from compressors.baselines import BASELINES, FullContext, FullContextConfig
+from compressors.baselines.snapkv import ContextPrefill, prefill_context
 from compressors.errors import ContextTooLongError, UnknownCompressorError
 from data import TASKS, build_task
 
 from .metrics import text_metrics
-from .scoring import score_continuation, score_loglik, time_decode
+from .scoring import score_continuation, teacher_forced, time_decode
 
 REFERENCES = ("full_context", "truncation")
 GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
@@ -143,10 +144,27 @@ class Method:
             made.use_tokenizer(self.tokenizer)
         return made
 
-    def memories(self, ratios: list[float], context: str) -> tuple[list[Any], float]:
-        """Memories of ``context`` for each ratio and the seconds one compression takes."""
+    def prefill_needs(self) -> tuple[int, bool] | None:
+        """What a shared prefill must hold for this method (window, token NLL), or None when the
+        method cannot start from one (it re-encodes, or it is learned)."""
+        if not hasattr(self, "_needs"):
+            made = None if self.learned is not None else self.compressor(2.0)
+            self._needs = made.prefill_needs() if hasattr(made, "compress_from") else None
+        return self._needs
+
+    def memories(self, ratios: list[float], context: str, prefill: ContextPrefill | None = None,
+                 time_alone: bool = False) -> tuple[list[Any], float | None]:
+        """Memories of ``context`` for each ratio and the seconds one compression takes. From a
+        shared ``prefill``, that is its time plus this method's own selection when the method's
+        own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
+        early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
         first = self.compressor(ratios[0])
         clm = CompressedLM(first, self.tokenizer)
+        own_cost = getattr(first, "prefill_is_own_cost", True)
+        if prefill is not None and self.prefill_needs() is not None and (own_cost or not time_alone):
+            start = time.perf_counter()
+            mems = [m.detach() for m in first.compress_from(prefill, ratios)]
+            return mems, (prefill.seconds + time.perf_counter() - start) if own_cost else None
         if hasattr(first, "compress_ratios") and len(ratios) > 1:
             ids, mask = clm.tokenize_context(context)
             start = time.perf_counter()
@@ -160,6 +178,15 @@ class Method:
             mems.append(clm.compress(context))
             spent = max(spent, time.perf_counter() - start)
         return mems, spent
+
+
+def shared_prefill(methods: list[Method], model: Any, tokenizer: Any, context: str) -> ContextPrefill | None:
+    """ONE prefill of ``context`` holding what every method in ``methods`` that can share it needs."""
+    needs = [n for n in (m.prefill_needs() for m in methods) if n is not None]
+    if not needs:
+        return None
+    ids = tokenizer(context, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    return prefill_context(model, ids, window=max(w for w, _ in needs), token_nll=any(t for _, t in needs))
 
 
 def achieved(memory: Any) -> tuple[float, float]:
@@ -184,8 +211,9 @@ def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
         out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
                    correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
     else:
-        correct, logprob, prediction = score_loglik(clm, memory, row["question"], row["answer"])
-        out.update(correct=float(correct), answer_logprob=logprob, prediction=prediction)
+        scored = teacher_forced(clm, memory, row["question"], row["answer"])
+        out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
+                   token_accuracy=scored.token_accuracy, prediction=scored.prediction)
     out["answer_s"] = time.perf_counter() - start
     return out
 
@@ -196,7 +224,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
         return sum(values) / len(values) if values else float("nan")
 
     summary = dict(meta, n=len(rows))
-    for key in ("correct", "answer_logprob", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
+    for key in ("correct", "answer_logprob", "token_accuracy", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
                 "answer_s", "prompt_s", "decode_s_per_token", "perplexity", "exact_match", "substring_match",
                 "bleu", "rouge_l"):
         summary["accuracy" if key == "correct" else key] = mean(key)
@@ -252,42 +280,76 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                            if not (out / "configs" / f"{config_key(task, length, method.label, r)}.json").exists()]
                 if pending:
                     plan.append((task, length, method, pending))
-    total = sum(len(p[3]) for p in plan) * cfg.num_samples
+    total = sum(len(ratios) for _, _, _, ratios in plan) * cfg.num_samples
     bar = tqdm(total=total, desc="eval", unit="answer", disable=not progress)
-    datasets: dict[tuple[str, int], Any] = {}
+    by_task: dict[tuple[str, int], list[tuple[Method, list[float]]]] = {}
     for task, length, method, ratios in plan:
-        if (task, length) not in datasets:
-            datasets[(task, length)] = build_task(task, tokenizer, num_samples=cfg.num_samples,
-                                                  context_tokens=length, seed=cfg.seed, split=cfg.split)
-        rows = {r: [] for r in ratios}
-        bar.set_postfix_str(f"{task} L={length} {method.label}")
-        for index, sample in enumerate(datasets[(task, length)]):
-            mems, compress_s = method.memories(ratios, sample["context"])
+        by_task.setdefault((task, length), []).append((method, ratios))
+    for (task, length), pending in by_task.items():
+        dataset = build_task(task, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
+                             seed=cfg.seed, split=cfg.split)
+        evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar)
+    bar.close()
+    summaries = collect(out, cfg)
+    write_outputs(out, summaries, dict(asdict(cfg), base_model=base))
+    return summaries
+
+
+def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
+                  pending: list[tuple[Method, list[float]]], dataset: Any, model: Any, tokenizer: Any,
+                  bar: Any) -> None:
+    """All pending configurations of one task, sample by sample: each sample's context is
+    prefilled ONCE for every method that can share the prefill. Rows are checkpointed after every
+    sample (``partial/``), so a killed run resumes at the sample where it stopped; each
+    configuration's file is written when the task is done."""
+    partial_path = out / "partial" / f"{task}__L{length}.json"
+    keys = {(m.label, r): config_key(task, length, m.label, r) for m, ratios in pending for r in ratios}
+    saved = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    rows: dict[str, list[dict[str, Any]]] = {k: saved.get(k, []) for k in keys.values()}
+    bar.update(sum(len(r) for r in rows.values()))
+    for index, sample in enumerate(dataset):
+        todo = [(m, [r for r in ratios if len(rows[keys[m.label, r]]) <= index]) for m, ratios in pending]
+        todo = [(m, ratios) for m, ratios in todo if ratios]
+        if not todo:
+            continue
+        bar.set_postfix_str(f"{task} L={length} sample {index}")
+        prefill = shared_prefill([m for m, _ in todo], model, tokenizer, sample["context"])
+        for method, ratios in todo:
+            mems, compress_s = method.memories(ratios, sample["context"], prefill,
+                                               time_alone=index < cfg.timing_samples)
             for ratio, memory in zip(ratios, mems):
-                clm = CompressedLM(method.compressor(ratio), tokenizer)
-                result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens)
-                ach, real = achieved(memory)
-                result.update(id=sample["id"], task=task, method=method.label, ratio=ratio, context_length=length,
-                              context_tokens=sample["context_tokens"], question=sample["question"],
-                              answer=sample["answer"] if task != "autoencoding" else sample["answer"][:200],
-                              achieved_ratio=ach, real_slots=real, memory_bytes=memory.nbytes,
-                              compress_s=compress_s)
-                if index < cfg.timing_samples and sample["question"]:
-                    result["prompt_s"], result["decode_s_per_token"] = time_decode(
-                        clm, memory, sample["question"], cfg.decode_steps)
-                rows[ratio].append(result)
+                result = evaluate_sample(cfg, method, ratio, memory, sample, index)
+                result.update(task=task, ratio=ratio, context_length=length, compress_s=compress_s)
+                rows[keys[method.label, ratio]].append(result)
                 bar.update(1)
+        del prefill
+        write_json_atomic(partial_path, rows)
+    for method, ratios in pending:
         for ratio in ratios:
             meta = dict(task=task, context_length=length, method=method.label, ratio=ratio,
                         scoring="generate" if task in GENERATION_TASKS else
                         ("teacher-forced NLL" if task == "continuation" else cfg.scoring),
                         source=method.name)
-            payload = {"summary": summarize(rows[ratio], meta), "rows": rows[ratio]}
-            write_json_atomic(out / "configs" / f"{config_key(task, length, method.label, ratio)}.json", payload)
-    bar.close()
-    summaries = collect(out, cfg)
-    write_outputs(out, summaries, dict(asdict(cfg), base_model=base))
-    return summaries
+            key = keys[method.label, ratio]
+            write_json_atomic(out / "configs" / f"{key}.json",
+                              {"summary": summarize(rows[key], meta), "rows": rows[key]})
+    partial_path.unlink(missing_ok=True)
+
+
+def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, sample: dict[str, Any],
+                    index: int) -> dict[str, Any]:
+    """Score one memory on its sample's question (and time its decoding on the first samples)."""
+    clm = CompressedLM(method.compressor(ratio), method.tokenizer)
+    result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens)
+    ach, real = achieved(memory)
+    result.update(id=sample["id"], method=method.label, context_tokens=sample["context_tokens"],
+                  question=sample["question"],
+                  answer=sample["answer"] if sample["task"] != "autoencoding" else sample["answer"][:200],
+                  achieved_ratio=ach, real_slots=real, memory_bytes=memory.nbytes)
+    if index < cfg.timing_samples and sample["question"]:
+        result["prompt_s"], result["decode_s_per_token"] = time_decode(
+            clm, memory, sample["question"], cfg.decode_steps)
+    return result
 
 
 def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:

@@ -101,6 +101,29 @@ def test_shared_prefill_matches_separate_compression(tiny):
             assert torch.allclose(shared[1].tensors[key], alone.tensors[key]), (name, key)
 
 
+def test_one_prefill_serves_every_method_as_its_own_compression(tiny):
+    """The eval runner's shared prefill (widest window, token NLL) gives each method exactly the
+    memories it builds alone."""
+    from compressors.baselines.snapkv import prefill_context
+
+    model, tokenizer = tiny
+    ids, mask = context(tokenizer)
+    prefill = prefill_context(model, ids, window=40, token_nll=True)
+    assert len(prefill.token_nll) == ids.shape[1] and prefill.queries[0].shape[2] == 40
+    for name in [*SELECTION, "selective_context", "full_context"]:
+        method = build(name, model, ratio=3.0) if name != "full_context" else FullContext(FullContextConfig(), model)
+        shared = method.compress_from(prefill, [3.0])[0]
+        alone = method.compress(ids, mask)
+        assert shared.slots == alone.slots and shared.position_offset == alone.position_offset, name
+        for key in alone.tensors:
+            assert torch.allclose(shared.tensors[key], alone.tensors[key], atol=1e-5), (name, key)
+    narrow = prefill_context(model, ids, window=2)
+    with pytest.raises(ValueError, match="window"):
+        build("snapkv", model, ratio=3.0, window=8).compress_from(narrow, [3.0])
+    with pytest.raises(ValueError, match="token_nll"):
+        build("selective_context", model, ratio=3.0).compress_from(narrow, [3.0])
+
+
 def test_window_queries_match_the_models_attention(tiny):
     model, tokenizer = tiny
     ids, mask = context(tokenizer)

@@ -100,6 +100,21 @@ def test_budget_is_exact_and_memory_is_real(tiny_model, artifacts, name, ratio):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_shared_prefill_gives_the_same_memories(tiny_model, artifacts, name):
+    """What the eval runner does: score from ONE prefill made for every method (wider window)."""
+    from compressors.baselines.snapkv import prefill_context
+
+    model, tokenizer = tiny_model
+    ids, mask = context(tokenizer)
+    compressor = build(name, model, tokenizer, artifacts, ratio=4.0, window=6)
+    shared = compressor.compress_from(prefill_context(model, ids, window=20, token_nll=True), [4.0])[0]
+    alone = compressor.compress(ids, mask)
+    assert shared.slots == alone.slots and shared.position_offset == alone.position_offset
+    for key in alone.tensors:
+        assert torch.allclose(shared.tensors[key], alone.tensors[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_shared_scoring_matches_separate_compression_and_batches(tiny_model, artifacts, name):
     model, tokenizer = tiny_model
     ids, mask = context(tokenizer)

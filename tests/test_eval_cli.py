@@ -62,6 +62,34 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
     assert "snapkv" in capsys.readouterr().out and (tmp_path / "cmp" / "accuracy_vs_ratio.png").is_file()
 
 
+def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch):
+    import eval.runner as runner
+
+    out = tmp_path / "run"
+    args = ["--compressor", "streaming_llm", "--tasks", "passkey", "--ratios", "4", "--output-dir", str(out),
+            "--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "3", "--context-length", "96"]
+    original, calls = runner.score_one, []
+
+    def dies_on_the_second_sample(clm, memory, row, *a, **k):
+        if row["id"] == runner.build_task("passkey", clm.tokenizer, num_samples=3, context_tokens=96,
+                                          seed=0, split="test")[1]["id"]:
+            raise KeyboardInterrupt
+        calls.append(row["id"])
+        return original(clm, memory, row, *a, **k)
+
+    monkeypatch.setattr(runner, "score_one", dies_on_the_second_sample)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert (out / "partial" / "passkey__L96.json").is_file() and not (out / "configs").exists()
+    assert len(calls) == 3  # sample 0 of full_context, truncation and streaming_llm
+    monkeypatch.setattr(runner, "score_one", lambda *a, **k: calls.append(a[2]["id"]) or original(*a, **k))
+    assert main(args) == 0
+    assert len(calls) == 3 + 2 * 3  # only samples 1 and 2 were scored after the restart
+    assert not (out / "partial" / "passkey__L96.json").exists()
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and len({r["id"] for r in rows}) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compressor", "snapkv", "--tasks", "no_such_task"], "unknown task"),
     (["--compressor", "no_such_baseline"], "unknown compressor"),

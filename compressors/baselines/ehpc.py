@@ -39,7 +39,8 @@ probe task is close to this repository's passkey task (heads are found on other 
 and a different template, but the evaluation is favourable to EHPC on retrieval); the budget is
 an exact token count ``ceil(n / ratio)`` rather than a rate of the prompt; without a question
 the observation window is the end of the context (one memory serves many prompts; the eval
-runner passes no question), so EHPC is then question-agnostic; the pooling kernel is SnapKV's
+runner passes no question), so EHPC is then question-agnostic (and the runner scores it from its
+shared prefill, which holds the same evaluator-layer queries and keys; the memories are the same); the pooling kernel is SnapKV's
 default, not a value from the paper.
 """
 
@@ -192,9 +193,10 @@ class EHPC(Compressor):
 
     @torch.no_grad()
     def token_scores(self, ids: torch.Tensor, query_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Score of every context token ``[n]`` from the evaluator heads (window kept if no query)."""
+        """Score of every context token ``[n]`` from the evaluator heads (window kept if no query),
+        from a forward pass that stops after the evaluator layer."""
         cfg = self.compressor_config
-        layer, heads = self.evaluator
+        layer, _ = self.evaluator
         n = ids.shape[1]
         full = ids if query_ids is None else torch.cat([ids, query_ids.to(ids.device)], dim=1)
         w = min(cfg.window, n) if query_ids is None else query_ids.shape[1]
@@ -209,14 +211,49 @@ class EHPC(Compressor):
             pass
         finally:
             stop.remove()
-        queries = catcher.queries[layer][:, heads]
+        return self.scores_from(catcher.queries[layer], cache.layers[layer].keys, n, query_ids is None)
+
+    def scores_from(self, queries: torch.Tensor, keys: torch.Tensor, n: int, protect: bool) -> torch.Tensor:
+        """Token scores ``[n]`` from the evaluator layer's window queries ``[1, Hq, w, D]`` (all heads)
+        and keys ``[1, Hkv, n + w', D]``."""
+        cfg = self.compressor_config
+        _, heads = self.evaluator
         group = self.base_lm.config.num_attention_heads // self.base_lm.config.num_key_value_heads
-        keys = cache.layers[layer].keys[:, [h // group for h in heads]]
-        scores = head_attention(queries, keys).mean(1, keepdim=True)[..., :n]  # [1, 1, n]
+        keys = keys[:, [h // group for h in heads]]
+        scores = head_attention(queries[:, heads], keys).mean(1, keepdim=True)[..., :n]  # [1, 1, n]
         scores = pool(scores, cfg.kernel_size, cfg.pooling)
-        if query_ids is None:
-            scores = protect_window(scores, torch.ones(1, n, device=ids.device), w)
+        if protect:
+            scores = protect_window(scores, torch.ones(1, n, device=keys.device), queries.shape[2])
         return scores[0, 0]
+
+    # A shared prefill holds more than EHPC's own early-exit pass computes, so the time of a
+    # compression made from one is not EHPC's cost (the eval runner times EHPC alone instead).
+    prefill_is_own_cost = False
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        return self.compressor_config.window, False
+
+    @torch.no_grad()
+    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
+        """The memories ``compress_ratios`` makes without a question, scored from a shared
+        ``snapkv.ContextPrefill`` (the evaluator layer's queries and keys are in it) instead of an
+        early-exit pass; only the re-encoding of the kept tokens runs the model."""
+        n, window = prefill.length, min(self.compressor_config.window, prefill.length)
+        if prefill.window < window:
+            raise ValueError(f"ehpc needs a prefill with window >= {window}, got {prefill.window}")
+        layer, _ = self.evaluator
+        budgets = [budget_for(n, ratio) for ratio in ratios]
+        scores = None
+        if min(budgets) < n:
+            scores = self.scores_from(prefill.queries[layer][:, :, -window:], prefill.kv[f"key.{layer}"], n, True)
+        return [self.reencode(prefill.ids, scores, ratio, budget) for ratio, budget in zip(ratios, budgets)]
+
+    def reencode(self, ids: torch.Tensor, scores: torch.Tensor | None, ratio: float, budget: int) -> Memory:
+        """The KV of the ``budget`` best-scored tokens of ``ids`` ``[1, n]``, read as a plain context."""
+        n = ids.shape[1]
+        kept = ids if budget == n else ids[:, topk_sorted(scores[None], budget)[0]]
+        return self.new_memory(prefill_kv(self, kept, torch.ones_like(kept)), source_tokens=[n], slots=budget,
+                               position_offset=[budget], meta={"ratio_requested": ratio, "real_slots": [budget]})
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -240,13 +277,7 @@ class EHPC(Compressor):
             query = None if query_ids is None else query_ids[row:row + 1] if query_ids.shape[0] > 1 else query_ids
             budgets = [budget_for(n, ratio) for ratio in ratios]
             scores = self.token_scores(ids, query) if min(budgets) < n else None
-            memories = []
-            for ratio, budget in zip(ratios, budgets):
-                kept = ids if budget == n else ids[:, topk_sorted(scores[None], budget)[0]]
-                memories.append(self.new_memory(prefill_kv(self, kept, torch.ones_like(kept)), source_tokens=[n],
-                                                slots=budget, position_offset=[budget],
-                                                meta={"ratio_requested": ratio, "real_slots": [budget]}))
-            per_row.append(memories)
+            per_row.append([self.reencode(ids, scores, ratio, budget) for ratio, budget in zip(ratios, budgets)])
         return [stack_padded([r[i] for r in per_row]) for i in range(len(ratios))]
 
 

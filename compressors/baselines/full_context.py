@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,7 +19,8 @@ class FullContextConfig(CompressorConfig):
 def prefill_kv(compressor: Compressor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run the base LM over ``ids`` (positions from 0, left padding masked) and return its per-layer KV."""
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = compressor.base_lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    # the body only: the LM head over every position would be a fifth of the prefill's cost, for nothing
+    out = compressor.base_lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     tensors: dict[str, torch.Tensor] = {}
     for layer, item in enumerate(out.past_key_values.layers):
         tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
@@ -40,3 +42,12 @@ class FullContext(Compressor):
         lengths = mask.sum(-1).tolist()
         return self.new_memory(prefill_kv(self, context_ids, mask), source_tokens=lengths,
                                slots=context_ids.shape[1], position_offset=lengths)
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        return 0, False
+
+    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
+        """The full cache of a shared ``snapkv.ContextPrefill`` (every requested ratio is 1 here)."""
+        n = prefill.length
+        return [self.new_memory(dict(prefill.kv), source_tokens=[n], slots=n, position_offset=[n])
+                for _ in ratios]

@@ -23,7 +23,6 @@ which this also is at 135M). Ratio 1 keeps every token, i.e. exactly the full co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..memory import Memory
 from .full_context import prefill_kv
-from .snapkv import budget_for, stack_padded
+from .snapkv import ContextPrefill, budget_for, prefill_context, stack_padded
 
 
 @dataclass
@@ -89,9 +88,10 @@ class SelectiveContext(Compressor):
 
     @torch.no_grad()
     def self_information(self, ids: torch.Tensor) -> list[float]:
-        logits = self.base_lm(input_ids=ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-        return [math.inf] + nll.tolist()
+        return prefill_context(self.base_lm, ids, token_nll=True).token_nll
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        return 0, True
 
     @torch.no_grad()
     def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -99,21 +99,25 @@ class SelectiveContext(Compressor):
         if any(r < 1 for r in ratios):
             raise ValueError(f"ratio must be >= 1, got {ratios}")
         mask = self.check_context(context_ids, attention_mask)
-        tokenizer_pieces = self.tokenizer_pieces
         per_row = []
         for row in range(context_ids.shape[0]):
             ids = context_ids[row:row + 1, mask[row].bool()]
-            n = ids.shape[1]
-            info = self.self_information(ids)
-            pieces = tokenizer_pieces(ids[0].tolist()) if tokenizer_pieces else [" "] * n
-            units = word_units(pieces)
-            memories = []
-            for ratio in ratios:
-                budget = budget_for(n, ratio)
-                kept = select_units(info, units, budget)
-                sub = ids[:, kept]
-                memories.append(self.new_memory(prefill_kv(self, sub, torch.ones_like(sub)), source_tokens=[n],
-                                                slots=budget, position_offset=[budget],
-                                                meta={"ratio_requested": ratio, "real_slots": [budget]}))
-            per_row.append(memories)
+            per_row.append(self.compress_from(prefill_context(self.base_lm, ids, token_nll=True), ratios))
         return [stack_padded([r[i] for r in per_row]) for i in range(len(ratios))]
+
+    @torch.no_grad()
+    def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:
+        """Memories at ``ratios`` from a shared prefill that computed the token self-information."""
+        if prefill.token_nll is None:
+            raise ValueError("selective_context needs a prefill made with token_nll=True")
+        ids, n, info = prefill.ids, prefill.length, prefill.token_nll
+        pieces = self.tokenizer_pieces(ids[0].tolist()) if self.tokenizer_pieces else [" "] * n
+        units = word_units(pieces)
+        memories = []
+        for ratio in ratios:
+            budget = budget_for(n, ratio)
+            sub = ids[:, select_units(info, units, budget)]
+            memories.append(self.new_memory(prefill_kv(self, sub, torch.ones_like(sub)), source_tokens=[n],
+                                            slots=budget, position_offset=[budget],
+                                            meta={"ratio_requested": ratio, "real_slots": [budget]}))
+        return memories

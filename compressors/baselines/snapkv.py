@@ -4,7 +4,7 @@ Paper: "SnapKV: LLM Knows What You are Looking for Before Generation", Li et al.
 https://arxiv.org/abs/2404.14469 (SAGE-KV, https://arxiv.org/abs/2503.08879, is the same
 one-time top-k after a full prefill, so it is covered by this file with the same knobs).
 
-What it does here: one full prefill of the context (``prefill_kv``) while forward pre-hooks on
+What it does here: one full prefill of the context (``prefill_context``) while forward pre-hooks on
 every attention module catch the hidden states of the last ``window`` tokens; their queries are
 recomputed exactly (``q_proj`` + the rotary embedding the layer received), and softmax attention
 of those queries over all cached keys (causal inside the window) is computed in fp32. Scores are
@@ -23,13 +23,17 @@ many prompts; ``query_ids`` is ignored); selection runs after the prefill rather
 the attention kernel. Ratio 1 keeps every position in order, i.e. exactly the full KV cache.
 
 This module also holds the machinery shared by the other selection baselines (StreamingLLM,
-ChunkKV, PyramidKV): ``KVSelection`` does the prefill once and builds memories for several
-ratios from it (``compress_ratios``).
+ChunkKV, PyramidKV, Q-Filters): ``KVSelection`` does the prefill once and builds memories for
+several ratios from it (``compress_ratios``). ``prefill_context`` is that prefill as a value
+(``ContextPrefill``: the KV cache, the observation window's queries, optionally every token's
+self-information), so that the eval runner does ONE prefill per sample for every baseline that
+can start from it (``compress_from``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +42,6 @@ from torch.nn import functional as F
 
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..memory import Memory
-from .full_context import prefill_kv
 
 KEEP_SCORE = 1.0e4  # score given to always-kept positions (attention scores are <= 1)
 
@@ -94,6 +97,53 @@ class _QueryCatcher:
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+@dataclass
+class ContextPrefill:
+    """One full prefill of ONE context row (no padding), reusable by every selection method."""
+
+    ids: torch.Tensor  # [1, n]
+    kv: dict[str, torch.Tensor]  # key.{i} / value.{i}: [1, kv_heads, n, head_dim]
+    queries: dict[int, torch.Tensor]  # per layer: rotated queries of the last ``window`` positions
+    window: int
+    token_nll: list[float] | None  # -log p(x_t | x_<t) per token (the first is +inf); None if not asked
+    seconds: float  # wall time of the prefill
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
+@torch.no_grad()
+def prefill_context(model: Any, ids: torch.Tensor, window: int = 0, token_nll: bool = False,
+                    chunk: int = 512) -> ContextPrefill:
+    """Prefill ``ids`` ``[1, n]`` once: its KV cache (exactly what ``prefill_kv`` returns), the queries
+    of the last ``window`` positions per layer (0: none), and, if asked, each token's
+    self-information (the LM head is applied in chunks, so the ``[n, vocab]`` logits never exist)."""
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"prefill_context takes one non-empty row [1, n], got shape {tuple(ids.shape)}")
+    start = time.perf_counter()
+    position_ids = torch.arange(ids.shape[1], device=ids.device)[None]
+    catcher = _QueryCatcher(model, window) if window > 0 else None
+    try:
+        out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids,
+                          use_cache=True)
+    finally:
+        if catcher is not None:
+            catcher.__exit__()
+    kv: dict[str, torch.Tensor] = {}
+    for layer, item in enumerate(out.past_key_values.layers):
+        kv[f"key.{layer}"], kv[f"value.{layer}"] = item.keys, item.values
+    nll = None
+    if token_nll:
+        hidden, values = out.last_hidden_state[0, :-1], [math.inf]
+        for at in range(0, hidden.shape[0], chunk):
+            logits = model.lm_head(hidden[at:at + chunk]).float()
+            values += F.cross_entropy(logits, ids[0, at + 1:at + 1 + chunk], reduction="none").tolist()
+        nll = values
+    return ContextPrefill(ids=ids, kv=kv, queries=dict(catcher.queries) if catcher else {}, window=window,
+                          token_nll=nll, seconds=time.perf_counter() - start)
 
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,19 +255,28 @@ class KVSelection(Compressor):
         return [stack_padded([r[i] for r in rows]) for i in range(len(ratios))]
 
     def _compress_row(self, ids: torch.Tensor, ratios: list[float]) -> list[Memory]:
-        n = ids.shape[1]
-        mask = torch.ones_like(ids)
+        window, token_nll = self.prefill_needs()
+        return self.compress_from(prefill_context(self.base_lm, ids, window, token_nll), ratios)
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        """(observation window, whether token self-information is needed) of a shared prefill."""
+        return (self.compressor_config.window if self.needs_scores else 0), False
+
+    @torch.no_grad()
+    def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:
+        """Memories at ``ratios`` from a prefill made by ``prefill_context`` (with at least
+        ``prefill_needs()``): the selection only, no forward pass of the model."""
+        n, kv, scores = prefill.length, prefill.kv, None
         if self.needs_scores:
-            with _QueryCatcher(self.base_lm, self.compressor_config.window) as catcher:
-                kv = prefill_kv(self, ids, mask)
+            window = self.compressor_config.window
+            if prefill.window < min(window, n):
+                raise ValueError(f"{self.compressor_type} needs a prefill with window >= {window}, "
+                                 f"got {prefill.window}")
+            mask = torch.ones_like(prefill.ids)
             layers = self.base_lm.config.num_hidden_layers
-            scores = [self.score_layer(catcher.queries[i], kv[f"key.{i}"], mask) for i in range(layers)]
-        else:
-            kv, scores = prefill_kv(self, ids, mask), None
-        memories = []
-        for ratio in ratios:
-            memories.append(self.select(kv, scores, n, ratio))
-        return memories
+            scores = [self.score_layer(prefill.queries[i][:, :, -window:], kv[f"key.{i}"], mask)
+                      for i in range(layers)]
+        return [self.select(kv, scores, n, ratio) for ratio in ratios]
 
     def score_layer(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cfg = self.compressor_config
