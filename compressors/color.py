@@ -273,7 +273,10 @@ def generate_completions(model: Any, prompts: list[list[int]], tokenizer: PreTra
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
+        # synced_gpus=False: this generation is always process-local (unsharded weights, one rank);
+        # transformers would otherwise turn it on under a ZeRO-3 launch and wait for the other ranks.
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings,
+                             synced_gpus=False)
     finally:
         model.train(was_training)
     rows = []

@@ -49,7 +49,7 @@ from data.retrieval import (
 )
 from eval.retrieval import RetrievalResult, build_reader, evaluate_corpus, markdown_table
 from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
-from trainers.export import rebuild_trained, save_and_push, train_resumable
+from trainers.export import process_local_models, rebuild_trained, save_and_push, train_resumable
 
 WORDS_PROMPT = ("Rewrite the passage below in at most {words} words. Keep every name, number and fact in it.\n\n"
                 "Passage:\n{passage}")
@@ -112,7 +112,9 @@ class Writer:
     @property
     def compressor(self) -> ColorCompressor:
         if self._compressor is None:
-            model, _ = load_base(self.args.base_model, dtype=self.args.dtype, quantization=self.args.quantization)
+            with process_local_models():  # the writer runs on one rank (the data stages)
+                model, _ = load_base(self.args.base_model, dtype=self.args.dtype,
+                                     quantization=self.args.quantization)
             self._compressor = ColorCompressor(self.config, model).use_tokenizer(self.tokenizer).eval()
         return self._compressor
 
@@ -158,9 +160,11 @@ class Readers:
     def __getitem__(self, name: str) -> Any:
         if name not in self._made:
             model = None
-            if name == "lm":
-                model, _ = load_base(self.args.base_model, dtype=self.args.dtype, quantization=self.args.quantization)
-            self._made[name] = build_reader(name, model, self.tokenizer)
+            with process_local_models():  # readers run on one rank (data stages, final evaluation)
+                if name == "lm":
+                    model, _ = load_base(self.args.base_model, dtype=self.args.dtype,
+                                         quantization=self.args.quantization)
+                self._made[name] = build_reader(name, model, self.tokenizer)
         return self._made[name]
 
 

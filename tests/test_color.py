@@ -417,3 +417,29 @@ def test_trainer_dpo_step_starts_at_log2_and_trains_only_lora(tiny, one_thread, 
     assert changed and all("lora_" in n for n in changed)
     trained = trainer.trained_state_dict()
     assert trained and all("lora_" in k for k in trained)
+
+
+def test_cpu_only_machine_runs_the_trainer_on_cpu(tmp_path, monkeypatch) -> None:
+    """Under DeepSpeed on a CPU-only machine, accelerate counts one process per rank unless the
+    arguments say CPU; the config says so itself where no GPU exists."""
+    from trainers.color_dpo import ColorDPOConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ColorDPOConfig(output_dir=str(tmp_path)).use_cpu is True
+
+
+def test_process_local_models_switch_off_zero3_init_and_restore_it() -> None:
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from trainers.export import process_local_models
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        with process_local_models():
+            assert not hf_deepspeed.is_deepspeed_zero3_enabled()
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    del config

@@ -122,6 +122,10 @@ class ColorDPOConfig(DPOConfig):
             raise ValueError(f"color_loss must be one of {COLOR_LOSSES}, got {self.color_loss!r}")
         if self.length_penalty_coef < 0:
             raise ValueError("length_penalty_coef must be >= 0")
+        if not self.use_cpu and not torch.cuda.is_available():
+            # Without it, accelerate's DeepSpeed state on a CPU-only machine counts 1 process per rank
+            # and DeepSpeed's batch check fails under `--num_processes 2` (train_batch_size 4 != 4 * 1 * 2).
+            self.use_cpu = True
         super().__post_init__()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,21 @@ def train_resumable(trainer: Any) -> dict[str, torch.Tensor]:
     return trainer.trained_state_dict()
 
 
+@contextlib.contextmanager
+def process_local_models() -> Iterator[None]:
+    """Models loaded inside are plain, whole copies for this process alone, even under a ZeRO-3
+    launch: transformers would otherwise partition them at construction (``deepspeed.zero.Init``),
+    a collective that hangs when only one rank loads (data stages, the final export)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored on exit
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, base_model: str,
                     trained: dict[str, torch.Tensor], dtype: str = "float32") -> Compressor:
     """A plain (unsharded, unwrapped) compressor holding ``trained``; what gets evaluated and exported.
@@ -33,7 +50,8 @@ def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, 
     Rebuilding on a fresh base model works the same after DDP, ZeRO-2 and ZeRO-3 (where the
     training module's own parameters are partitioned across processes).
     """
-    model, _ = load_base(base_model, dtype=dtype)
+    with process_local_models():
+        model, _ = load_base(base_model, dtype=dtype)
     compressor = compressor_cls(config, model)
     expected = {n for n, p in compressor.named_parameters() if p.requires_grad}
     missing = expected - set(trained)
