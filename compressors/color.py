@@ -26,7 +26,7 @@ a few passages. The instruction wording is ours.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +173,22 @@ class ColorCompressor(Compressor):
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(context_ids, attention_mask)]
         compressed = self.generate(rows)
         return self.text_memory(compressed, [len(r) for r in rows])
+
+    @torch.no_grad()
+    def compress_passages(self, passages: list[str], layout: Callable[[list[str]], str]) -> Memory:
+        """A corpus compressed CoLoR's way: each passage rewritten on its own (batched), the
+        rewrites laid out as one corpus text by ``layout`` (e.g. ``data.tasks.layout_passages``);
+        a one-row ``text`` Memory whose source is the same layout of the original passages."""
+        tokenizer = self.get_tokenizer()
+        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in passages]
+        if not rows or any(not r for r in rows):
+            raise EmptyInputError("cannot compress an empty passage")
+        size = self.compressor_config.generation_batch_size
+        compressed = [c for start in range(0, len(rows), size) for c in self.generate(rows[start:start + size])]
+        texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in compressed]
+        corpus = tokenizer(layout(texts), add_special_tokens=False)["input_ids"]
+        source = len(tokenizer(layout(passages), add_special_tokens=False)["input_ids"])
+        return self.text_memory([corpus], [source])
 
     def text_memory(self, compressed: list[list[int]], source_tokens: list[int]) -> Memory:
         """Wrap compressions (token ids) as a ``text`` Memory."""

@@ -38,7 +38,7 @@ from .sources import Haystack, load_texts
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["FEATURES", "TASKS", "TaskSpec", "build_task", "register_task"]
+__all__ = ["FEATURES", "TASKS", "TaskSpec", "build_task", "layout_passages", "register_task"]
 
 FEATURES = datasets.Features(
     {
@@ -223,6 +223,42 @@ def fact_qa(rng: random.Random, spec: TaskSpec, *, num_facts: int = 4) -> Sample
     needle, question, answer, relation = facts[0]
     meta = {"num_facts": num_facts, "relation": relation, "subject": people[0]}
     return _sample(context, n, question, answer, depth, needle, meta)
+
+
+PASSAGE_LINE = "ID: {id} | CONTENT: {passage} | END ID: {id}"
+RETRIEVAL_QUESTION = "Query: {query}\nWhich passage answers the query? Reply with its ID only."
+
+
+def layout_passages(passages: Sequence[str]) -> str:
+    """The corpus as the retrieval task shows it: one ``ID: i | CONTENT: ... | END ID: i`` line
+    per passage (CoLoR's layout); a passage compressor is evaluated on the same layout of its
+    compressed passages."""
+    return "\n".join(PASSAGE_LINE.format(id=i, passage=p) for i, p in enumerate(passages))
+
+
+@register_task("passage_retrieval")
+def passage_retrieval(rng: random.Random, spec: TaskSpec, *, passage_tokens: int = 64) -> Sample:
+    """A corpus of real paragraphs, each holding one templated fact about a distinct person
+    (CoLoR-style retrieval); the question asks one fact and the answer is its passage's ID.
+    As many passages as fit in ``context_tokens``; the passages are in ``metadata['passages']``."""
+    per_passage = passage_tokens + spec.count(PASSAGE_LINE.format(id=99, passage="")) + 1
+    count = spec.context_tokens // per_passage
+    if count < 2:
+        raise spec.too_small(2 * per_passage)
+    people = rng.sample([f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES], count)
+    passage_spec = TaskSpec(spec.task, spec.haystack, passage_tokens, None)
+    passages, queries = [], []
+    for person in people:
+        template, question, values = FACT_RELATIONS[rng.choice(sorted(FACT_RELATIONS))]
+        fact = template.format(name=person, value=rng.choice(values))
+        passage, _ = _needles_in_filler(rng, passage_spec, [(rng.random(), fact)])
+        passages.append(passage)
+        queries.append((question.format(name=person), fact))
+    gold = rng.randrange(count)
+    context = layout_passages(passages)
+    meta = {"passages": passages, "gold": gold, "num_passages": count}
+    return _sample(context, spec.count(context), RETRIEVAL_QUESTION.format(query=queries[gold][0]), str(gold),
+                   gold / count, queries[gold][1], meta)
 
 
 KEY_ADJECTIVES = (

@@ -34,6 +34,7 @@ from compressors.baselines import BASELINES, FullContext, FullContextConfig
 from compressors.baselines.snapkv import ContextPrefill, prefill_context
 from compressors.errors import ContextTooLongError, UnknownCompressorError
 from data import TASKS, build_task
+from data.tasks import layout_passages
 
 from .metrics import text_metrics
 from .scoring import score_continuation, teacher_forced, time_decode
@@ -153,13 +154,17 @@ class Method:
         return self._needs
 
     def memories(self, ratios: list[float], context: str, prefill: ContextPrefill | None = None,
-                 time_alone: bool = False) -> tuple[list[Any], float | None]:
+                 time_alone: bool = False, passages: list[str] | None = None) -> tuple[list[Any], float | None]:
         """Memories of ``context`` for each ratio and the seconds one compression takes. From a
         shared ``prefill``, that is its time plus this method's own selection when the method's
         own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
         early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
         first = self.compressor(ratios[0])
         clm = CompressedLM(first, self.tokenizer)
+        if passages and hasattr(first, "compress_passages"):  # a passage compressor (CoLoR) on a corpus task
+            start = time.perf_counter()
+            mems = [first.compress_passages(passages, layout_passages) for _ in ratios]
+            return mems, (time.perf_counter() - start) / len(ratios)
         own_cost = getattr(first, "prefill_is_own_cost", True)
         if prefill is not None and self.prefill_needs() is not None and (own_cost or not time_alone):
             start = time.perf_counter()
@@ -316,7 +321,8 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
         prefill = shared_prefill([m for m, _ in todo], model, tokenizer, sample["context"])
         for method, ratios in todo:
             mems, compress_s = method.memories(ratios, sample["context"], prefill,
-                                               time_alone=index < cfg.timing_samples)
+                                               time_alone=index < cfg.timing_samples,
+                                               passages=json.loads(sample["metadata"]).get("passages"))
             for ratio, memory in zip(ratios, mems):
                 result = evaluate_sample(cfg, method, ratio, memory, sample, index)
                 result.update(task=task, ratio=ratio, context_length=length, compress_s=compress_s)

@@ -364,6 +364,26 @@ def test_text_memory_is_read_by_the_base_model_with_lora_off(tiny, one_thread, t
     assert again.compress(TOY[0]).texts == clm.compress(TOY[0]).texts  # the trained LoRA came back
 
 
+def test_eval_runs_a_saved_color_folder_on_the_passage_retrieval_task(tiny, one_thread, tmp_path) -> None:
+    """``python -m eval`` compresses each passage of the corpus on its own (CoLoR's unit), lays the
+    rewrites out like the task's corpus, and the base LM answers the passage ID from that text."""
+    from compressors import ColorCompressor, ColorConfig, CompressedLM
+    from eval.__main__ import main
+
+    model, tokenizer = tiny()
+    compressor = ColorCompressor(ColorConfig(max_new_tokens=6), model).use_tokenizer(tokenizer).eval()
+    CompressedLM(compressor, tokenizer).save_pretrained(tmp_path / "color")
+    out = tmp_path / "run"
+    assert main(["--compressor", str(tmp_path / "color"), "--tasks", "passage_retrieval", "--context-length", "300",
+                 "--num-samples", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    rows = {r["method"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert set(rows) == {"color", "full_context", "truncation"}
+    color = rows["color"]
+    # at most 6 tokens per rewritten passage + the ID layout, against the whole corpus
+    assert color["achieved_ratio"] > 1.5 and color["context_tokens"] > 200
+    assert color["answer"].isdigit() and "Reply with its ID only" in color["question"]
+
+
 # ----- the recipe ------------------------------------------------------------------------
 def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     out = tmp_path / "run"

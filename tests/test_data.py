@@ -20,7 +20,7 @@ from data import TASKS, Haystack, build_task, load_texts
 # Tasks whose context is filler text sized to the target.  The count is always measured,
 # and the budget corrected, but a needle or a cut can make a token merge differently at a
 # join, so the fit may stop a few tokens short; it never goes above the target.
-FILLER_TASKS = [t for t in TASKS if t != "kv_retrieval"]
+FILLER_TASKS = [t for t in TASKS if t not in ("kv_retrieval", "passage_retrieval")]  # these fill by whole records
 FILLER_TOLERANCE = 4
 NEEDLE_TASKS = ["passkey", "fact_qa", "niah_multikey", "kv_retrieval"]
 
@@ -257,3 +257,22 @@ def test_local_source_for_tasks(tmp_path, tok) -> None:
     assert "Plain words here." in row["context"] and row["answer"] in row["context"]
     with pytest.raises(FileNotFoundError):
         build(tok, "passkey", source=str(tmp_path / "none.txt"))
+
+
+def test_passage_retrieval_has_one_gold_passage_and_its_id_is_the_answer():
+    import json
+
+    from compressors.models import load_tokenizer
+    from data.tasks import layout_passages
+
+    tokenizer = load_tokenizer("tiny-random-llama")
+    rows = build_task("passage_retrieval", tokenizer, num_samples=3, context_tokens=600, seed=1)
+    for row in rows:
+        meta = json.loads(row["metadata"])
+        passages, gold = meta["passages"], meta["gold"]
+        assert row["context"] == layout_passages(passages) and row["answer"] == str(gold)
+        assert row["needle"] in passages[gold] and 600 - 90 <= row["context_tokens"] <= 600  # within one passage line
+        subject = row["question"].split("Query: ")[1].split("?")[0].split()[-2:]
+        assert sum(" ".join(subject) in p for p in passages) == 1  # the person is in one passage only
+    with pytest.raises(ValueError, match="too small"):
+        build_task("passage_retrieval", tokenizer, num_samples=1, context_tokens=100)
