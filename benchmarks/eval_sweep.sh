@@ -4,7 +4,8 @@
 # truncation floor, 50 samples each, teacher-forced log-likelihood scoring, bf16 weights (1.6x faster
 # than fp32 on a CPU with avx512_bf16; pass --dtype float32 to override). Each sample is prefilled
 # once for every method that can start from a prefill. Resumable: re-running skips finished
-# configurations, and an unfinished task resumes at the sample where it stopped. Q-Filters and EHPC calibrate once per base model (seconds; cached
+# configurations, and an unfinished task resumes at the sample where it stopped. Measured: 45 min on
+# the 2-core CPU (benchmarks/results/eval_sweep/NOTE.md). Q-Filters and EHPC calibrate once per base model (seconds; cached
 # under $CTXZIP_HOME/calibration). Outputs land in benchmarks/results/eval_sweep/.
 #   bash benchmarks/eval_sweep.sh [extra python -m eval flags]
 set -euo pipefail

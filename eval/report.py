@@ -21,6 +21,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _ratio_label(s: dict[str, Any]) -> str:
     return "native" if s["ratio"] == 0 else f"{s['ratio']:g}"
 
@@ -88,22 +92,29 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
     if not tasks:
         return written
     length = max(s["context_length"] for s in summaries)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = [s for s in summaries if s["task"] == task and s["context_length"] == length]
-        for method in sorted({s["method"] for s in rows}):
-            pts = sorted((s["achieved_ratio"], s["accuracy"]) for s in rows if s["method"] == method)
-            if method == "full_context":
-                ax.axhline(pts[0][1], color="black", linestyle="--", label="full context (ceiling)")
-                continue
-            style = dict(color="grey", linestyle=":", marker="x") if method == "truncation" else dict(marker="o")
-            label = "truncation (floor)" if method == "truncation" else method
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("achieved compression ratio")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{task} ({length} tokens)")
+    # loglik scoring also has the per-token accuracy: a second row, readable when every exact
+    # accuracy is 0 (a small model on long contexts)
+    metrics = [("accuracy", "accuracy")]
+    if any(not _nan(s.get("token_accuracy")) for s in summaries):
+        metrics.append(("token_accuracy", "answer-token accuracy"))
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.5 * len(tasks), 3.6 * len(metrics)),
+                             squeeze=False)
+    for (key, ylabel), row_axes in zip(metrics, axes):
+        for ax, task in zip(row_axes, tasks):
+            rows = [s for s in summaries if s["task"] == task and s["context_length"] == length]
+            for method in sorted({s["method"] for s in rows}):
+                pts = sorted((s["achieved_ratio"], s.get(key, float("nan"))) for s in rows if s["method"] == method)
+                if method == "full_context":
+                    ax.axhline(pts[0][1], color="black", linestyle="--", label="full context (ceiling)")
+                    continue
+                style = dict(color="grey", linestyle=":", marker="x") if method == "truncation" else dict(marker="o")
+                label = "truncation (floor)" if method == "truncation" else method
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("achieved compression ratio")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"{task} ({length} tokens)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     written.append(out / PLOTS[0])

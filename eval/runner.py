@@ -340,6 +340,8 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
             write_json_atomic(out / "configs" / f"{key}.json",
                               {"summary": summarize(rows[key], meta), "rows": rows[key]})
     partial_path.unlink(missing_ok=True)
+    if not any(partial_path.parent.iterdir()):
+        partial_path.parent.rmdir()
 
 
 def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, sample: dict[str, Any],
