@@ -1,13 +1,16 @@
 """The evaluation runner behind ``python -m eval``: methods x tasks x ratios, resumable.
 
-A *configuration* is one (task, context length, method, requested ratio). Its rows and summary
-are written to ``<output_dir>/configs/<key>.json`` atomically as soon as it is finished, so a
-restarted run skips it. Query-agnostic baselines with ``compress_ratios`` build the memories of
-all pending ratios of a sample from ONE prefill (``compress_ratios``).
+A *configuration* is one (task, context length, method, requested ratio). A task's pending
+configurations run sample by sample: each sample's context is prefilled ONCE (``shared_prefill``)
+for every method that can start from a prefill (``compress_from``: KV selection, the full context,
+Selective Context, EHPC), and the rows of every configuration are checkpointed after each sample
+(``<output_dir>/partial/``), so a killed run resumes at the sample where it stopped. A finished
+configuration's rows and summary go to ``<output_dir>/configs/<key>.json`` (atomic) and are never
+recomputed. A passage compressor (CoLoR) on a corpus task compresses each passage on its own.
 
 Measured per configuration: accuracy (``loglik`` or ``generate`` scoring), the achieved ratio
-(context tokens per real memory slot), the bytes the memory holds, compression time (for shared
-prefills: the shared call, i.e. what producing that memory alone costs), answer time (reading the
+(context tokens per real memory slot), the bytes the memory holds, compression time (what producing
+that memory alone costs: with a shared prefill, its time plus the method's own work), answer time (reading the
 question + answer after the memory), per-token decode time and prompt-read time (``time_decode``
 on the first ``timing_samples`` samples), and the time to answer ``n_prompts`` prompts from one
 memory (compress once + N answers) next to re-reading the full context for each prompt (N x full
