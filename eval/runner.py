@@ -163,7 +163,6 @@ class Method:
         own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
         early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
         first = self.compressor(ratios[0])
-        clm = CompressedLM(first, self.tokenizer)
         if passages and hasattr(first, "compress_passages"):  # a passage compressor (CoLoR) on a corpus task
             start = time.perf_counter()
             mems = [first.compress_passages(passages, layout_passages) for _ in ratios]
@@ -174,7 +173,7 @@ class Method:
             mems = [m.detach() for m in first.compress_from(prefill, ratios)]
             return mems, (prefill.seconds + time.perf_counter() - start) if own_cost else None
         if hasattr(first, "compress_ratios") and len(ratios) > 1:
-            ids, mask = clm.tokenize_context(context)
+            ids, mask = CompressedLM(first, self.tokenizer).tokenize_context(context)
             start = time.perf_counter()
             with torch.no_grad():
                 mems = [m.detach() for m in first.compress_ratios(ids, mask, ratios)]
@@ -322,10 +321,10 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
             continue
         bar.set_postfix_str(f"{task} L={length} sample {index}")
         prefill = shared_prefill([m for m, _ in todo], model, tokenizer, sample["context"])
+        passages = json.loads(sample["metadata"]).get("passages")
         for method, ratios in todo:
             mems, compress_s = method.memories(ratios, sample["context"], prefill,
-                                               time_alone=index < cfg.timing_samples,
-                                               passages=json.loads(sample["metadata"]).get("passages"))
+                                               time_alone=index < cfg.timing_samples, passages=passages)
             for ratio, memory in zip(ratios, mems):
                 result = evaluate_sample(cfg, method, ratio, memory, sample, index)
                 result.update(task=task, ratio=ratio, context_length=length, compress_s=compress_s)
