@@ -84,6 +84,31 @@ def _up_tile(up, h, OH: tl.constexpr, CH: tl.constexpr, cols, dims, RH, R, HEAD_
 
 
 @triton.jit
+def _group_queries(Q, b, h, s_qb, s_qh, sm_scale, GROUP, HALF, G_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """The query heads of KV head ``h`` (one GQA group) with their masks, and both rotary halves of
+    their queries, pre-scaled: what both split kernels start from."""
+    heads = h * GROUP + tl.arange(0, G_PAD)
+    g_ok = tl.arange(0, G_PAD) < GROUP
+    dims = tl.arange(0, HALF_PAD)
+    d_ok = dims < HALF
+    q_ptr = Q + b * s_qb + heads[:, None] * s_qh + dims[None, :]
+    q_ok = g_ok[:, None] & d_ok[None, :]
+    q1 = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+    q2 = tl.load(q_ptr + HALF, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+    return heads, g_ok, dims, d_ok, q1, q2
+
+
+@triton.jit
+def _empty_softmax_state(G_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Running max, denominator and both accumulator halves of an online softmax before any key."""
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc1 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
+    acc2 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
+    return m_i, l_i, acc1, acc2
+
+
+@triton.jit
 def _latent_split_kernel(
     Q, CK, CKS, CKZ, CV, CVS, CVZ, UK, BK, UV, BV, POS, INV_FREQ, MASK, LAT_LEN,
     P_ACC, P_M, P_L,
@@ -96,14 +121,7 @@ def _latent_split_kernel(
 ):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // KV_HEADS, pid_bh % KV_HEADS
-    heads = h * GROUP + tl.arange(0, G_PAD)
-    g_ok = tl.arange(0, G_PAD) < GROUP
-    dims = tl.arange(0, HALF_PAD)
-    d_ok = dims < HALF
-    q_ptr = Q + b * s_qb + heads[:, None] * s_qh + dims[None, :]
-    q_ok = g_ok[:, None] & d_ok[None, :]
-    q1 = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
-    q2 = tl.load(q_ptr + HALF, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+    heads, g_ok, dims, d_ok, q1, q2 = _group_queries(Q, b, h, s_qb, s_qh, sm_scale, GROUP, HALF, G_PAD, HALF_PAD)
     inv_freq = tl.load(INV_FREQ + dims, mask=d_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bk1 = tl.load(BK + h * HEAD_DIM + dims, mask=d_ok, other=0.0).to(tl.float32)
@@ -113,10 +131,7 @@ def _latent_split_kernel(
     ck_cols = tl.arange(0, RHK_PAD)
     cv_cols = tl.arange(0, RHV_PAD)
 
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc1 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
-    acc2 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
+    m_i, l_i, acc1, acc2 = _empty_softmax_state(G_PAD, HALF_PAD)
     length = tl.load(LAT_LEN + b)
     start = split * split_size
     end = tl.minimum(start + split_size, length)
@@ -173,19 +188,9 @@ def _window_split_kernel(
 ):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // KV_HEADS, pid_bh % KV_HEADS
-    heads = h * GROUP + tl.arange(0, G_PAD)
-    g_ok = tl.arange(0, G_PAD) < GROUP
-    dims = tl.arange(0, HALF_PAD)
-    d_ok = dims < HALF
-    q_ptr = Q + b * s_qb + heads[:, None] * s_qh + dims[None, :]
-    q_ok = g_ok[:, None] & d_ok[None, :]
-    q1 = tl.load(q_ptr, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
-    q2 = tl.load(q_ptr + HALF, mask=q_ok, other=0.0).to(tl.float32) * sm_scale
+    heads, g_ok, dims, d_ok, q1, q2 = _group_queries(Q, b, h, s_qb, s_qh, sm_scale, GROUP, HALF, G_PAD, HALF_PAD)
 
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc1 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
-    acc2 = tl.zeros([G_PAD, HALF_PAD], tl.float32)
+    m_i, l_i, acc1, acc2 = _empty_softmax_state(G_PAD, HALF_PAD)
     length = tl.load(WIN_LEN + b)
     start = split * split_size
     end = tl.minimum(start + split_size, length)
