@@ -35,6 +35,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compressors import CompressedLM, load_base, load_compressor  # noqa: E402
+from compressors.compat import with_cache  # noqa: E402
 from compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig  # noqa: E402
 from compressors.cskv.attention import use_kernel  # noqa: E402
 from compressors.cskv.quant import store  # noqa: E402
@@ -85,7 +86,7 @@ def time_decode(model: Any, cache: Any, length: int, steps: int, warmup: int = 2
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
+        model(input_ids=token, position_ids=position, use_cache=True, **with_cache(cache))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:

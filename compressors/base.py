@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .compat import cache_of, with_cache
 from .errors import ContextTooLongError, EmptyInputError, UnknownCompressorError
 from .memory import Memory
 from .models import base_model_id, model_signature
@@ -141,8 +142,8 @@ class Compressor(nn.Module):
         repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
         cache = memory.to_cache(repeat=repeat)
         out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=use_cache)
-        return DecoderStep(logits=out.logits, cache=out.past_key_values, attention_mask=full_mask,
+                           use_cache=use_cache, **with_cache(cache))
+        return DecoderStep(logits=out.logits, cache=cache_of(out), attention_mask=full_mask,
                            next_position=position_ids[:, -1] + 1)
 
     def forward(self, context_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -34,6 +34,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
+from .compat import cache_of
 from .errors import ContextTooLongError, CtxzipError, EmptyInputError
 from .memory import Memory
 from .models import load_tokenizer
@@ -238,7 +239,7 @@ class ColorCompressor(Compressor):
         full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.base_lm(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=use_cache)
-        return DecoderStep(logits=out.logits[:, prefix.shape[1]:], cache=out.past_key_values,
+        return DecoderStep(logits=out.logits[:, prefix.shape[1]:], cache=cache_of(out),
                            attention_mask=full_mask, next_position=position_ids[:, -1] + 1)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from .base import Compressor
+from .compat import cache_of, with_cache
 from .memory import Memory
 
 
@@ -76,8 +77,8 @@ def generate_from_memory(compressor: Compressor, memory: Memory, input_ids: torc
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                        past_key_values=cache, use_cache=True)
-            logits, cache, position = out.logits[:, -1], out.past_key_values, position + 1
+                        use_cache=True, **with_cache(cache))
+            logits, cache, position = out.logits[:, -1], cache_of(out), position + 1
     if not new_tokens:
         return input_ids.new_zeros(batch, 0)
     return torch.stack(new_tokens, dim=1)

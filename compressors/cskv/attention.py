@@ -1,38 +1,48 @@
-"""The CSKV attention path, installed on the base model's attention modules while it reads a cache.
+"""How the base model reads and writes a CSKV cache, through public transformers extension points only.
 
-For a forward over ``n`` new tokens with a ``CSKVCache``:
-- queries, keys and values of the new tokens are the base model's own (exact), keys rotated;
-- the past is read from the cache: latents are reconstructed by the up-projections (keys rotated
-  at their positions), window keys / values are read as they are;
-- one new token (decoding): the fused Triton kernel on a GPU, the PyTorch reference elsewhere;
-  several new tokens (prefill of a context or a prompt): reconstruct, then the model's own
-  attention function (SDPA / eager) with the model's mask;
-- the new tokens are appended to the cache (their latents made by the down-projections); tokens
-  pushed out of the window keep only their latents.
-With an empty cache (compressing a context) the attention is exactly the base model's.
-Any other cache (or none) goes through the module's original forward.
+While a CSKV compressor is ``installed()`` (``CompressedLM`` and ``compressor.reading`` do it):
+- forward hooks on every layer's ``k_proj`` / ``v_proj`` compute the new tokens' latents (the down
+  projections of the same input ``x``) and leave them in a ``LatentReader``;
+- the model's attention modules call ``CSKVCache.update`` (the ``Cache`` API) with the new tokens'
+  rotated keys and values; the cache takes the latents from the reader and appends the tokens;
+- several new tokens (prefill of a context or a prompt): the cache returns the past reconstructed
+  from latents (keys rotated at their positions), the window and the new tokens, and the model's
+  own attention function (SDPA / eager) attends over them with the model's own mask;
+- one new token (decoding): the cache leaves a ``DecodeRequest`` and the attention override
+  (``compressors.attention``: a function registered with ``AttentionInterface``) computes the step
+  from the latents directly, with the fused Triton kernel on a GPU and the PyTorch reference elsewhere.
+With an empty cache (compressing a context) the attention is exactly the base model's. Any other
+cache (or none) goes through the model's own attention unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .cache import CSKVCache, CSKVLayer
 from .factorization import LowRankKV
-from .reference import decode_attention_reference, latent_keys_values, rotate_half
+from .quant import LatentStore
+from .reference import decode_attention_reference, latent_keys_values
+
+NOT_READING = ("a CSKV cache stores latents, which plain attention cannot make: run the model inside "
+               "`with compressor.reading(memory):` (CompressedLM and the decode loop do this)")
 
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install
+    except Exception as error:  # ImportError, or a broken install
+        if torch.cuda.is_available():  # only there does the fallback cost speed
+            warnings.warn(f"triton cannot be imported ({error!r}): CSKV decodes with the PyTorch reference, "
+                          "not the fused kernel", RuntimeWarning, stacklevel=2)
         return False
     return True
 
@@ -54,7 +64,7 @@ def decode_attention(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor
 
 
 def key_mask_for_decode(attention_mask: Any, batch: int, kv_length: int) -> torch.Tensor | None:
-    """``[batch, kv_length]`` bool (True = attend) from the mask a decoder layer passes to attention."""
+    """``[batch, kv_length]`` bool (True = attend) from the mask the model passes to attention."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
@@ -65,73 +75,68 @@ def key_mask_for_decode(attention_mask: Any, batch: int, kv_length: int) -> torc
     return row[:, -kv_length:].expand(batch, -1)
 
 
-def _attention_function(attn: nn.Module) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
+@dataclass
+class DecodeRequest:
+    """One layer's decode step, left by the cache for the attention override."""
 
-    return ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-
-
-def cskv_attention_forward(attn: nn.Module, factors: LowRankKV, layer_index: int, cache: CSKVCache,
-                           rope: tuple[torch.Tensor, float], hidden_states: torch.Tensor,
-                           position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                           attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    batch, length, _ = hidden_states.shape
-    head_dim = attn.head_dim
-    q = attn.q_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-    v = attn.v_proj(hidden_states).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    latent_k, latent_v = factors.k.down(hidden_states), factors.v.down(hidden_states)
-
-    layer: CSKVLayer = cache.layer(layer_index)
-    if layer_index == 0:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            start = layer.get_seq_length()
-            position_ids = torch.arange(start, start + length, device=hidden_states.device)[None]
-        cache.add_positions(position_ids)
-    inv_freq, rope_scaling = rope
-    kv_heads = k.shape[1]
-    past = layer.get_seq_length()
-    if length == 1 and past > 0:
-        key_mask = key_mask_for_decode(attention_mask, batch, past + 1)
-        out = decode_attention(
-            q[:, :, 0], layer.latent_k, layer.latent_v, factors.k.up.weight, factors.k.up.bias,
-            factors.v.up.weight, factors.v.up.bias, cache.latent_positions(layer_index), inv_freq,
-            torch.cat([layer.window_k, k.to(layer.window_k.dtype)], dim=2),
-            torch.cat([layer.window_v, v.to(layer.window_v.dtype)], dim=2),
-            sm_scale=attn.scaling, rope_scaling=rope_scaling, key_mask=key_mask)
-        attn_output = out[:, None].to(hidden_states.dtype)  # [batch, 1, q_heads, head_dim]
-    else:
-        keys, values = [layer.window_k.to(k.dtype), k], [layer.window_v.to(v.dtype), v]
-        if layer.latent_len:
-            old_k, old_v = latent_keys_values(
-                layer.latent_k, layer.latent_v, factors.k.up.weight, factors.k.up.bias, factors.v.up.weight,
-                factors.v.up.bias, cache.latent_positions(layer_index), inv_freq, rope_scaling, kv_heads, head_dim)
-            keys, values = [old_k.to(k.dtype), *keys], [old_v.to(v.dtype), *values]
-        attn_output, _ = _attention_function(attn)(
-            attn, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attention_mask,
-            dropout=0.0, scaling=attn.scaling, **kwargs)
-    layer.append(k, v, latent_k, latent_v)
-    attn_output = attn_output.reshape(batch, length, -1).contiguous()
-    return attn.o_proj(attn_output), None
+    latent_k: LatentStore
+    latent_v: LatentStore
+    positions: torch.Tensor  # [batch, latent tokens]
+    window_k: torch.Tensor  # [batch, kv_heads, window + 1, head_dim], the new token last
+    window_v: torch.Tensor
 
 
-def make_forward(attn: nn.Module, factors: LowRankKV, layer_index: int,
-                 rope: Callable[[], tuple[torch.Tensor, float]]) -> Callable[..., Any]:
-    """A replacement ``forward`` for ``attn``: the CSKV path for a CSKVCache, the original otherwise."""
-    original = type(attn).forward
+@dataclass
+class LatentReader:
+    """What a CSKV cache needs from its compressor while the model runs."""
 
-    def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
-                past_key_values: Any = None, **kwargs: Any) -> Any:
-        if not isinstance(past_key_values, CSKVCache):
-            return original(attn, hidden_states, position_embeddings=position_embeddings,
-                            attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
-        return cskv_attention_forward(attn, factors, layer_index, past_key_values, rope(), hidden_states,
-                                      position_embeddings, attention_mask, **kwargs)
+    factors: nn.ModuleList
+    rope: Callable[[], tuple[torch.Tensor, float]]  # (inv_freq, attention scaling)
+    installed: bool = False
+    latents: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    requests: dict[int, DecodeRequest] = field(default_factory=dict)
 
-    return forward
+    def take_latents(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            latent_k, latent_v = self.latents.pop((layer, "k")), self.latents.pop((layer, "v"))
+        except KeyError:
+            raise RuntimeError(f"layer {layer}'s k_proj / v_proj did not run before its cache update: "
+                               "CSKV supports Llama-style attention") from None
+        if latent_k.shape[1] != tokens:
+            raise RuntimeError(f"layer {layer}: latents of {latent_k.shape[1]} tokens for {tokens} new keys")
+        return latent_k, latent_v
+
+    def reconstruct(self, layer: int, latent_k: LatentStore, latent_v: LatentStore, positions: torch.Tensor,
+                    kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` of latent tokens."""
+        factors: LowRankKV = self.factors[layer]
+        inv_freq, scaling = self.rope()
+        return latent_keys_values(latent_k, latent_v, factors.k.up.weight, factors.k.up.bias, factors.v.up.weight,
+                                  factors.v.up.bias, positions, inv_freq, scaling, kv_heads, head_dim)
+
+    # ----- hooks and the attention override (installed by CSKVCompressor.installed) -----------
+    def latent_hook(self, layer: int, branch: str) -> Callable[..., None]:
+        """A forward hook for ``k_proj`` (``branch="k"``) or ``v_proj``: the latents of its input."""
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            factors: LowRankKV = self.factors[layer]
+            self.latents[(layer, branch)] = getattr(factors, branch).down(args[0]).detach()
+        return hook
+
+    def attention_override(self, layer: int) -> Callable[..., Any]:
+        """Decode steps with a ``DecodeRequest`` read the latents directly; anything else is untouched."""
+        def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: Any, fallback: Callable[..., Any], **kwargs: Any) -> tuple[torch.Tensor, None]:
+            request = self.requests.pop(layer, None)
+            if request is None:
+                return fallback(module, query, key, value, attention_mask, **kwargs)
+            factors: LowRankKV = self.factors[layer]
+            inv_freq, scaling = self.rope()
+            batch = query.shape[0]
+            kv_length = request.latent_k.length + request.window_k.shape[2]
+            out = decode_attention(
+                query[:, :, 0], request.latent_k, request.latent_v, factors.k.up.weight, factors.k.up.bias,
+                factors.v.up.weight, factors.v.up.bias, request.positions, inv_freq, request.window_k,
+                request.window_v, sm_scale=kwargs.get("scaling") or module.head_dim ** -0.5,
+                rope_scaling=scaling, key_mask=key_mask_for_decode(attention_mask, batch, kv_length))
+            return out[:, None].to(query.dtype), None  # [batch, 1, q_heads, head_dim], as SDPA returns
+        return attend

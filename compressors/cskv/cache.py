@@ -6,9 +6,9 @@ full keys (rotated) and values, plus their float latents, which move to the late
 quantized) when the tokens leave the window. Token positions are held once for the whole cache
 (int32), because latent keys are rotated at their positions after reconstruction.
 
-Every byte reported by ``nbytes`` is a tensor this object holds; nothing is simulated. The cache
-is written by the CSKV attention path (installed by ``CSKVCompressor.reading``); the plain
-``update(key, value)`` of other caches cannot make latents and raises.
+Every byte reported by ``nbytes`` is a tensor this object holds; nothing is simulated. The model
+writes the cache through the ``Cache.update`` API while its compressor is installed (``attention.py``
+says how); outside, the cache cannot make latents and refuses the update.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import NOT_READING, DecodeRequest, LatentReader
 from .quant import LatentStore, num_groups, padded_channels, store
 
 
@@ -81,9 +82,7 @@ class CSKVLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError(
-            "a CSKV cache stores latents, which plain attention cannot make: run the model inside "
-            "`with compressor.reading(memory):` (CompressedLM and the decode loop do this)")
+        raise RuntimeError(NOT_READING)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -198,11 +197,53 @@ class CSKVLayer(CacheLayerMixin):
 class CSKVCache(Cache):
     """Bi-branch cache of a CSKV compressor: one ``CSKVLayer`` per decoder layer + token positions."""
 
-    def __init__(self, spec: CacheSpec, batch: int, device: torch.device | str) -> None:
+    def __init__(self, spec: CacheSpec, batch: int, device: torch.device | str,
+                 reader: LatentReader | None = None) -> None:
         layers = [CSKVLayer(layer, spec, batch, device) for layer in spec.layers]
         super().__init__(layers=layers)
         self.spec = spec
+        self.reader = reader  # set by the compressor that made the cache
         self.positions = torch.zeros(batch, 0, dtype=torch.int32, device=device)
+        self.staged_positions: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens of layer ``layer_idx`` (their rotated keys / values from the model, their
+        latents from the reader) and return what the layer attends over (see ``attention.py``)."""
+        if self.reader is None or not self.reader.installed:
+            raise RuntimeError(NOT_READING)
+        tokens = key_states.shape[2]
+        latent_k, latent_v = self.reader.take_latents(layer_idx, tokens)
+        if layer_idx == 0:
+            self._record_positions(tokens)
+        layer = self.layer(layer_idx)
+        keys = [layer.window_k.to(key_states.dtype), key_states]
+        values = [layer.window_v.to(value_states.dtype), value_states]
+        if tokens == 1 and layer.get_seq_length() > 0:  # a decode step: the attention override reads latents
+            self.reader.requests[layer_idx] = DecodeRequest(
+                layer.latent_k, layer.latent_v, self.latent_positions(layer_idx), torch.cat(keys, dim=2),
+                torch.cat(values, dim=2))
+        elif layer.latent_len:
+            old_k, old_v = self.reader.reconstruct(layer_idx, layer.latent_k, layer.latent_v,
+                                                   self.latent_positions(layer_idx), key_states.shape[1],
+                                                   key_states.shape[3])
+            keys, values = [old_k.to(key_states.dtype), *keys], [old_v.to(value_states.dtype), *values]
+        layer.append(key_states, value_states, latent_k, latent_v)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def stage_positions(self, position_ids: torch.Tensor) -> None:
+        """The positions of the tokens the next forward adds (by default each row continues by one)."""
+        self.staged_positions = position_ids
+
+    def _record_positions(self, tokens: int) -> None:
+        staged, self.staged_positions = self.staged_positions, None
+        if staged is None:
+            last = self.positions[:, -1:] if self.positions.shape[1] else self.positions.new_full(
+                (self.batch_size, 1), -1)
+            staged = last + torch.arange(1, tokens + 1, device=last.device, dtype=last.dtype)
+        elif staged.shape[-1] != tokens:
+            raise ValueError(f"staged positions for {staged.shape[-1]} tokens, the forward adds {tokens}")
+        self.add_positions(staged)
 
     @property
     def batch_size(self) -> int:
@@ -253,10 +294,11 @@ class CSKVCache(Cache):
         return sum(2 * self.batch_size * s.kv_heads * tokens * s.head_dim * size for s in self.spec.layers)
 
     @classmethod
-    def from_tensors(cls, spec: CacheSpec, tensors: dict[str, torch.Tensor], repeat: int = 1) -> CSKVCache:
+    def from_tensors(cls, spec: CacheSpec, tensors: dict[str, torch.Tensor], repeat: int = 1,
+                     reader: LatentReader | None = None) -> CSKVCache:
         """A fresh cache holding ``tensors`` (as made by ``tensors()``), rows repeated ``repeat`` times."""
         positions = tensors["positions"]
-        cache = cls(spec, positions.shape[0], positions.device)
+        cache = cls(spec, positions.shape[0], positions.device, reader)
         cache.positions = positions.to(torch.int32)
         for index, layer in enumerate(cache.layers):
             suffix = f".{index}"

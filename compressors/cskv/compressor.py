@@ -24,9 +24,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..attention import overriding_attention
 from ..base import Compressor, DecoderStep, memory_prefix, register_compressor
+from ..compat import with_cache
 from ..memory import Memory
-from .attention import make_forward
+from .attention import LatentReader
 from .cache import CacheSpec, CSKVCache, LayerSpec
 from .config import CSKVConfig, rank_for
 from .factorization import InputStatistics, LowRankKV, asvd_scale
@@ -98,6 +100,8 @@ class CSKVCompressor(Compressor):
             self.factors.append(factors)
         self._attention = tuple(attns)  # a tuple: not registered again as submodules
         self._installed_depth = 0
+        self._installed_stack: contextlib.ExitStack | None = None
+        self.reader = LatentReader(self.factors, self.rope)
         self.initialize_svd()
 
     # ----- factors ------------------------------------------------------------------------
@@ -164,23 +168,32 @@ class CSKVCompressor(Compressor):
         return CacheSpec(layers, cfg.window, cfg.quant_bits, cfg.quant_group_size, self.base_lm.dtype)
 
     def new_cache(self, batch: int) -> CSKVCache:
-        return CSKVCache(self.cache_spec(), batch, self.device)
+        return CSKVCache(self.cache_spec(), batch, self.device, self.reader)
 
     # ----- the attention path ---------------------------------------------------------------
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Attention modules take the CSKV path when given a CSKVCache (re-entrant)."""
+        """The model can read and write CSKV caches (re-entrant; ``attention.py`` says how)."""
         if self._installed_depth == 0:
-            for index, (attn, factors) in enumerate(zip(self._attention, self.factors)):
-                attn.forward = make_forward(attn, factors, index, self.rope)
+            stack = contextlib.ExitStack()
+            for index, attn in enumerate(self._attention):
+                for branch, projection in (("k", attn.k_proj), ("v", attn.v_proj)):
+                    stack.callback(projection.register_forward_hook(self.reader.latent_hook(index, branch)).remove)
+            stack.enter_context(overriding_attention(
+                self.base_lm, {attn: self.reader.attention_override(index) for index, attn in enumerate(self._attention)}))
+            self._installed_stack = stack
+            self.reader.installed = True
         self._installed_depth += 1
         try:
             yield
         finally:
             self._installed_depth -= 1
             if self._installed_depth == 0:
-                for attn in self._attention:
-                    del attn.forward  # back to the class's forward
+                self.reader.installed = False
+                self.reader.latents.clear()
+                self.reader.requests.clear()
+                stack, self._installed_stack = self._installed_stack, None
+                stack.close()
 
     @contextlib.contextmanager
     def reading(self, memory: Memory) -> Iterator[None]:
@@ -195,9 +208,10 @@ class CSKVCompressor(Compressor):
         attention_mask = self.check_context(context_ids, attention_mask)
         cache = self.new_cache(context_ids.shape[0])
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache.stage_positions(positions)
         with self.installed():
             self.decoder_model(input_ids=context_ids, attention_mask=attention_mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **with_cache(cache))
         return self.memory_from_cache(cache, attention_mask)
 
     def memory_from_cache(self, cache: CSKVCache, attention_mask: torch.Tensor) -> Memory:
@@ -227,7 +241,7 @@ class CSKVCompressor(Compressor):
             raise ValueError(f"this memory was made by a CSKV compressor with another format ({made}); this "
                              f"one has {self.memory_format()}")
         tensors = {k: v for k, v in memory.tensors.items() if k != "slot_mask"}
-        return CSKVCache.from_tensors(self.cache_spec(), tensors, repeat=repeat)
+        return CSKVCache.from_tensors(self.cache_spec(), tensors, repeat=repeat, reader=self.reader)
 
     # ----- decoder ------------------------------------------------------------------------
     def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -236,9 +250,10 @@ class CSKVCompressor(Compressor):
             return super().decoder_forward(memory, input_ids, attention_mask, use_cache)
         repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
         cache = self.memory_cache(memory, repeat)
+        cache.stage_positions(position_ids)
         with self.installed():
             out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **with_cache(cache))
         return DecoderStep(logits=out.logits, cache=cache, attention_mask=full_mask,
                            next_position=position_ids[:, -1] + 1)
 
