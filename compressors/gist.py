@@ -20,6 +20,8 @@ segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .base import Compressor, CompressorConfig, register_compressor
+from .hub import whole_parameters
 from .memory import Memory
 
 
@@ -72,9 +75,11 @@ class GistCompressor(Compressor):
             model.requires_grad_(False)
         super().__init__(config, model)
         embed = self.base_lm.get_input_embeddings()
-        # An nn.Embedding (not a bare Parameter) so that ZeRO-3 gathers it with its own module hook.
+        # An nn.Embedding (not a bare Parameter), always read by calling it: under ZeRO-3 only the
+        # module's own forward hook gathers its partitioned weight.
         self.gist_embeddings = nn.Embedding(config.num_gists, embed.embedding_dim)
-        self._init_gists(embed.weight)
+        with whole_parameters(embed.weight):  # partitioned at load when transformers builds the model under ZeRO-3
+            self._init_gists(embed.weight)
         self.gist_embeddings.to(device=embed.weight.device, dtype=embed.weight.dtype)
 
     @torch.no_grad()
@@ -117,7 +122,7 @@ class GistCompressor(Compressor):
         gist_mask = (gist_index >= 0).to(mask.dtype)
         token_pos = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
         gist_pos = (start + real)[:, None] + gist_index.clamp(min=0)
-        gists = self.gist_embeddings.weight[gist_index.clamp(min=0)]
+        gists = self.gist_embeddings(gist_index.clamp(min=0))  # the module call, not .weight[...]: ZeRO-3
         embeds = torch.cat([self.base_lm.get_input_embeddings()(ids), gists.to(self.base_lm.dtype)], dim=1)
         full_mask = torch.cat([mask, gist_mask], dim=1)
         cache = None
@@ -127,10 +132,11 @@ class GistCompressor(Compressor):
             if previous_mask is None:
                 previous_mask = mask.new_ones(batch, previous.slots)
             full_mask = torch.cat([previous_mask.to(mask.dtype), full_mask], dim=1)
+        cache_kwarg = {_cache_argument(type(self.base_lm)): cache}
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True,
-                         position_ids=torch.cat([token_pos, gist_pos], dim=1), past_key_values=cache)
+                         position_ids=torch.cat([token_pos, gist_pos], dim=1), **cache_kwarg)
         tensors = {}
-        for layer, (key, value) in enumerate(_cache_layers(out.past_key_values)):
+        for layer, (key, value) in enumerate(_cache_layers(_output_cache(out))):
             tensors[f"key.{layer}"] = key[:, :, -n_gists:]
             tensors[f"value.{layer}"] = value[:, :, -n_gists:]
         if not bool(gist_mask.all()):
@@ -155,6 +161,18 @@ def _add_lora(model: PreTrainedModel, config: GistConfig) -> PreTrainedModel:
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in transformers 5.24, ``past_key_values``
+    in 5.17 (the old name still works in 5.24 but warns)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either field name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

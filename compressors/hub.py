@@ -8,16 +8,19 @@ and a model card ``README.md``. Safetensors only, no pickles, no remote code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .base import Compressor, compressor_class
@@ -30,6 +33,57 @@ WEIGHTS_NAME = "compressor.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 CTXZIP_VERSION = "0.1.0"
+
+
+class StateMismatchError(CorruptArtifactError, ValueError):
+    """Saved or trained tensors do not fit the module they are loaded into (names or shapes)."""
+
+
+def load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], expected: Iterable[str], source: str) -> None:
+    """Load ``tensors`` into ``module``: exactly the names in ``expected``, each with its module shape.
+
+    ``module.load_state_dict(strict=False)`` alone would silently skip a tensor the module does not have
+    (a renamed or misspelled key, another compressor's weights) and keep the module's value for one that
+    is absent; here both are an error naming the keys, and so is a shape mismatch. ``expected`` is a
+    subset of ``module.state_dict()`` (a compressor's own or trained tensors, never the frozen base).
+    """
+    expected = set(expected)
+    current = module.state_dict()
+    unknown = sorted(expected - set(current))
+    if unknown:
+        raise ValueError(f"{type(module).__name__} has no tensors {_few(unknown)} to load")
+    params = dict(module.named_parameters())
+    if any(hasattr(params.get(k), "ds_id") for k in expected):
+        raise ValueError("cannot load into parameters partitioned by DeepSpeed ZeRO-3; load a process-local "
+                         "copy (trainers.export.process_local_models) or let DeepSpeed resume its checkpoint")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    shapes = sorted(f"{k}: {tuple(tensors[k].shape)} vs {tuple(current[k].shape)}" for k in expected & set(tensors)
+                    if tensors[k].shape != current[k].shape)
+    if missing or unexpected or shapes:
+        raise StateMismatchError(
+            f"{source} does not match the {type(module).__name__} it is loaded into: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}, wrong shapes (saved vs expected) {_few(shapes)}")
+    result = module.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # checked above; a state_dict hook would break it
+
+
+def _few(keys: list[str], limit: int = 8) -> str:
+    return "[]" if not keys else f"{keys[:limit]}" + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@contextlib.contextmanager
+def whole_parameters(*params: nn.Parameter) -> Iterator[None]:
+    """Inside, ``params`` hold their whole values even where DeepSpeed ZeRO-3 partitioned them (each
+    process then holds an empty shard outside its module's forward); read-only. Under ZeRO-3 it is a
+    collective (every process must enter); for ordinary parameters it does nothing."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed marks the parameters it manages
+    if not sharded:
+        yield
+        return
+    import deepspeed  # only reached under DeepSpeed, where it is installed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield
 
 
 def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
@@ -171,17 +225,8 @@ def _load_own_weights(compressor: Compressor, folder: Path) -> None:
     expected = compressor.own_state_dict()
     if not expected:
         return
-    weights = _read_safetensors(folder / WEIGHTS_NAME)
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
-    if missing or unexpected:
-        raise CorruptArtifactError(
-            f"{folder / WEIGHTS_NAME} does not match the compressor: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}")
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise CorruptArtifactError(f"{name}: saved shape {tuple(tensor.shape)}, "
-                                       f"expected {tuple(expected[name].shape)}")
-    compressor.load_state_dict(weights, strict=False)
+    path = folder / WEIGHTS_NAME
+    load_exact(compressor, _read_safetensors(path), expected, str(path))
 
 
 def _load_adapter(compressor: Compressor, folder: Path) -> None:
@@ -192,7 +237,7 @@ def _load_adapter(compressor: Compressor, folder: Path) -> None:
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing_lora = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
     if unexpected or missing_lora:
-        raise CorruptArtifactError(
+        raise StateMismatchError(
             f"{folder / ADAPTER_WEIGHTS} does not match the adapter: unexpected {unexpected[:5]}, "
             f"missing {missing_lora[:5]}")
 

@@ -11,18 +11,15 @@ queries -> candidate compressions written by the untrained policy under several 
 ``ColorDPOTrainer`` (length-penalised ORPO by default, or DPO; LoRA, optional 4-bit base) ->
 recall@1 and compression ratio on held-out queries before and after training, next to the
 uncompressed corpus -> the exported compressor (adapter, config, model card with that table).
-Training resumes from the last complete checkpoint in ``output_dir``. Any field can be set in the
-YAML or on the command line (``--num_train_passages 64``).
+Training resumes from the last complete checkpoint in ``output_dir`` (or ``--resume_from_checkpoint
+PATH``; ``false`` starts afresh). Any field can be set in the YAML or on the command line
+(``--num_train_passages 64``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +46,7 @@ from data.retrieval import (
 )
 from eval.retrieval import RetrievalResult, build_reader, evaluate_corpus, markdown_table
 from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
+from trainers.distributed import main_process_first
 from trainers.export import process_local_models, rebuild_trained, save_and_push, train_resumable
 
 WORDS_PROMPT = ("Rewrite the passage below in at most {words} words. Keep every name, number and fact in it.\n\n"
@@ -232,31 +230,6 @@ def compress_corpus(compressor: ColorCompressor, corpus: RetrievalCorpus, tokeni
     return out
 
 
-def launcher_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
-@contextlib.contextmanager
-def main_process_first(cache: Path, timeout_s: float = 6 * 3600) -> Iterator[None]:
-    """Rank 0 runs the block first; the other ranks wait for its marker, then run it (on the cache).
-
-    The marker names the launcher's process (the common parent of all ranks), so a marker left by an
-    earlier run is never taken for this one's.
-    """
-    marker = cache / f".ready-{os.getppid()}"
-    if launcher_rank() == 0 or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        yield
-        cache.mkdir(parents=True, exist_ok=True)
-        marker.write_text("ready")
-        return
-    deadline = time.monotonic() + timeout_s
-    while not marker.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not finish the CoLoR data stages in {timeout_s} s")
-        time.sleep(1)
-    yield
-
-
 # ----- main ------------------------------------------------------------------------------
 def main(script_args: ColorScriptArguments, color_config: ColorConfig,
          training_args: ColorDPOConfig) -> list[dict[str, Any]] | None:
@@ -275,8 +248,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig,
     readers = Readers(script_args, tokenizer)
 
     # Data: the main process builds (or reads) every cached stage first; the others then read them.
-    # (Ranks come from the launcher's environment: no collective is needed before the Trainer exists.)
-    with main_process_first(cache):
+    with main_process_first(training_args):
         train, held = build_corpora(script_args, tokenizer, cache, seed)
         check_passages(train, tokenizer, color_config, max_positions)
         check_passages(held, tokenizer, color_config, max_positions)
@@ -288,7 +260,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig,
             before = generate_candidates(held, greedy, writer, cache, writer.fingerprint(),
                                          color_config.generation_batch_size, name="eval-untrained")
             untrained = {c["passage_id"]: c["ids"] for c in before}
-    if launcher_rank() == 0:
+    if training_args.process_index == 0:
         summarize_data(candidates, labels, pairs)
     if len(pairs) == 0:
         raise CtxzipError(

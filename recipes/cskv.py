@@ -10,7 +10,8 @@ and values layer by layer (the base stays frozen); evaluate held-out perplexity 
 read from the compressed cache against the full cache (and the untrained factors); export (config,
 factor weights, model card) to ``output_dir``, check that the export reloads and generates
 identically, and optionally push. Any YAML field can be overridden on the command line; the run
-resumes from the last complete checkpoint in ``output_dir``.
+resumes from the last complete checkpoint in ``output_dir`` (or ``--resume_from_checkpoint PATH``;
+``false`` starts afresh).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from trl import TrlParser
 from compressors import CompressedLM, Compressor, load_base
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.cskv import CSKVCompressor, CSKVConfig
+from compressors.hub import load_exact
 from data import build_task
 from eval.scoring import score_continuation
 from trainers.cskv_trainer import CSKVTrainer, TokenChunkCollator, build_text_dataset, calibration_batches
-from trainers.export import rebuild_trained, save_and_push, train_resumable
+from trainers.export import process_local_models, rebuild_trained, save_and_push, train_resumable
 from trainers.script_args import prepare_training_args
 
 
@@ -133,8 +135,10 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
                                                 final)]
         if script_args.eval_baselines:
             if not script_args.skip_training:
-                untrained = CSKVCompressor(cskv_config, load_base(script_args.base_model, dtype=script_args.dtype)[0])
-                untrained.load_state_dict(initial, strict=False)
+                with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
+                    base = load_base(script_args.base_model, dtype=script_args.dtype)[0]
+                untrained = CSKVCompressor(cskv_config, base)
+                load_exact(untrained, initial, untrained.own_state_dict(), "the initial factors")
                 named.append((f"{cskv_config.init} init (untrained)", untrained))
             named.append(("full_cache", FullContext(FullContextConfig(), final.base_lm)))
         results = evaluate_perplexity(named, tokenizer, rows)

@@ -5,7 +5,8 @@
         --config recipes/configs/gist/quickstart.yaml --max_steps 4
 
 Any YAML field can be overridden on the command line (``--tokens_per_gist 8``). The run resumes
-from the last complete checkpoint in ``output_dir``; the exported compressor (config, gist
+from the last complete checkpoint in ``output_dir`` (or from ``--resume_from_checkpoint PATH``;
+``--resume_from_checkpoint false`` starts afresh); the exported compressor (config, gist
 weights, PEFT adapter, model card with the evaluation table) is written to ``output_dir``.
 """
 
@@ -17,7 +18,7 @@ from trl import TrlParser
 from compressors import GistCompressor, GistConfig, load_base
 from eval.compare import compare_with_baselines, print_table
 from trainers import MemoryCollator, MemoryCompressorTrainer
-from trainers.export import rebuild_trained, save_and_push, train_resumable
+from trainers.export import process_local_models, rebuild_trained, save_and_push, train_resumable
 from trainers.script_args import (
     CompressorScriptArguments,
     build_eval_dataset,
@@ -47,7 +48,8 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
     final = rebuild_trained(GistCompressor, gist_config, script_args.base_model, trained, script_args.dtype)
     rows = []
     if script_args.num_eval_samples > 0:
-        untrained = GistCompressor(gist_config, load_base(script_args.base_model, dtype=script_args.dtype)[0])
+        with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
+            untrained = GistCompressor(gist_config, load_base(script_args.base_model, dtype=script_args.dtype)[0])
         summaries = compare_with_baselines(
             final, tokenizer, build_eval_dataset(script_args, tokenizer, training_args.seed),
             script_args.eval_scoring, untrained=untrained, baselines=script_args.eval_baselines)

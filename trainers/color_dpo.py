@@ -35,6 +35,7 @@ fixed held-out prompts (the quantity the length penalty is meant to shrink).
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,10 @@ import torch.nn.functional as F
 from transformers.trainer_utils import SchedulerType
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
+
+from .compat import PretokenizedPreferences
+from .distributed import trainable_state
+from .guards import FiniteLossMixin
 
 COLOR_LOSSES = ("orpo", "dpo")
 
@@ -116,6 +121,9 @@ class ColorDPOConfig(DPOConfig):
     gradient_checkpointing: bool | None = None  # deprecated alias of activation_checkpointing
     bf16: bool = False
     seed: int = 0
+    # The data stages run on the main process while the others wait at a barrier bounded by this timeout
+    # (trainers.distributed.main_process_first); transformers' default of 30 min is short for real scale.
+    ddp_timeout: int = 6 * 3600
 
     def __post_init__(self) -> None:
         if self.color_loss not in COLOR_LOSSES:
@@ -129,7 +137,7 @@ class ColorDPOConfig(DPOConfig):
         super().__post_init__()
 
 
-class ColorDPOTrainer(DPOTrainer):
+class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
     """``DPOTrainer`` whose loss is CoLoR's length-penalised ORPO or DPO (see the module docstring).
 
     Train a LoRA adapter: pass the base model with ``peft_config`` (optionally 4-bit). Rows may be
@@ -138,9 +146,9 @@ class ColorDPOTrainer(DPOTrainer):
     ``length_probe`` is a list of prompt token-id lists for the compressed-length probe.
     """
 
-    _tag_names = ["trl", "dpo", "ctxzip", "color"]
-
     def __init__(self, *args: Any, length_probe: list[list[int]] | None = None, **kwargs: Any) -> None:
+        # CoLoR's metrics per mode, averaged into the logs (TRL keeps its own in a private attribute).
+        self.color_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
         self.color_loss = getattr(self.args, "color_loss", "orpo")
         self.length_coef = getattr(self.args, "length_penalty_coef", 0.1)
@@ -148,18 +156,18 @@ class ColorDPOTrainer(DPOTrainer):
         self._last_probe_step = -1
 
     # ----- data ---------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def prepare_pretokenized(self, dataset: Any, args: Any) -> Any:
         """Pre-tokenized rows are used as they are (their tokens are exactly what the policy wrote)."""
-        if "prompt_ids" in getattr(dataset, "column_names", []) and "chosen_ids" in dataset.column_names:
-            keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in dataset.column_names]
-            dataset = dataset.select_columns(keep)
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
-            return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        keep = [c for c in ("prompt_ids", "chosen_ids", "rejected_ids") if c in dataset.column_names]
+        dataset = dataset.select_columns(keep)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+        return dataset
 
     # ----- loss ---------------------------------------------------------------------------
-    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """CoLoR's loss in place of DPO's (the batch is TRL's: chosen rows, then rejected rows)."""
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
         shift_mask = completion_mask[:, 1:].to(torch.float32)
@@ -190,7 +198,7 @@ class ColorDPOTrainer(DPOTrainer):
             loss = losses.mean()
         scale = length_scale(chosen_tokens, rejected_tokens, self.length_coef)
         gather = self.accelerator.gather_for_metrics
-        log = self._metrics[mode]
+        log = self.color_metrics[mode]
         log["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         log["rewards/rejected"].append(gather(rejected_rewards).mean().item())
         log["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
@@ -225,6 +233,11 @@ class ColorDPOTrainer(DPOTrainer):
 
     # ----- logging ------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        logs.update({f"{prefix}{key}": sum(values) / len(values)
+                     for key, values in self.color_metrics[mode].items() if values})
+        self.color_metrics[mode].clear()
         steps = getattr(self.args, "length_probe_steps", 0)
         step = self.state.global_step
         due = self._last_probe_step < 0 or step - self._last_probe_step >= steps  # first log, then every N steps
@@ -249,10 +262,7 @@ class ColorDPOTrainer(DPOTrainer):
     # ----- export -------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained (LoRA) tensors, gathered from every process when sharded (ZeRO-3): a collective."""
-        model = self.accelerator.unwrap_model(self.model)
-        names = {name for name, p in model.named_parameters() if p.requires_grad}
-        state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
-        return {k: v for k, v in (state or {}).items() if k in names}
+        return trainable_state(self.accelerator.unwrap_model(self.model))
 
 
 @dataclass

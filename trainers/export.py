@@ -3,25 +3,55 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.integrations.deepspeed import deepspeed_config, unset_hf_deepspeed_config
 
 from compressors import Compressor, CompressorConfig, load_base, save_compressor
-from compressors.hub import push_folder
+from compressors.hub import load_exact, push_folder
+
+from .memory_trainer import last_complete_checkpoint
+
+
+def resolve_resume(output_dir: str | os.PathLike, value: str | bool | None) -> str | None:
+    """The checkpoint a run resumes from, given ``TrainingArguments.resume_from_checkpoint``.
+
+    - ``None`` (the default): the last complete checkpoint in ``output_dir``, if any (auto-resume);
+    - ``True`` / ``"true"``: the last complete checkpoint, and an error when there is none;
+    - ``False`` / ``"false"``: none, start afresh even where checkpoints exist;
+    - a path (or a ``checkpoint-N`` folder name inside ``output_dir``): that checkpoint, which must be complete.
+    """
+    if value is None:
+        return last_complete_checkpoint(output_dir)
+    text = str(value).strip()
+    if text.lower() in ("false", "no", "none", ""):
+        return None
+    if text.lower() in ("true", "yes", "last"):
+        last = last_complete_checkpoint(output_dir)
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
+        return last
+    path = Path(text)
+    if not path.is_dir() and (Path(output_dir) / text).is_dir():
+        path = Path(output_dir) / text
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {path} is not a complete checkpoint "
+                                "(a checkpoint-N folder with trainer_state.json)")
+    return str(path)
 
 
 def train_resumable(trainer: Any) -> dict[str, torch.Tensor]:
-    """Train from the last complete checkpoint in ``output_dir`` (if any); return the trained tensors.
+    """Train, resuming as ``trainer.args.resume_from_checkpoint`` says (see ``resolve_resume``); return
+    the trained tensors.
 
     Every process must call this: gathering the tensors is a collective under ZeRO-3.
     """
-    from .memory_trainer import last_complete_checkpoint
-
-    checkpoint = last_complete_checkpoint(trainer.args.output_dir)
+    checkpoint = resolve_resume(trainer.args.output_dir, trainer.args.resume_from_checkpoint)
     if checkpoint:
         print(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -33,14 +63,24 @@ def process_local_models() -> Iterator[None]:
     """Models loaded inside are plain, whole copies for this process alone, even under a ZeRO-3
     launch: transformers would otherwise partition them at construction (``deepspeed.zero.Init``),
     a collective that hangs when only one rank loads (data stages, the final export)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored on exit
-    hf_deepspeed.unset_hf_deepspeed_config()
+    config = deepspeed_config()  # the run's DeepSpeed config (a dict), or None outside DeepSpeed
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        if config is not None:
+            _restore_deepspeed_config(config)
+
+
+_restored: list[Any] = []  # keeps the restored config alive: transformers only holds a weak reference
+
+
+def _restore_deepspeed_config(config: dict[str, Any]) -> None:
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, set_hf_deepspeed_config
+
+    restored = HfDeepSpeedConfig(config)  # equal to the one the launch set; registers itself globally
+    set_hf_deepspeed_config(restored)
+    _restored[:] = [restored]
 
 
 def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, base_model: str,
@@ -48,16 +88,14 @@ def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, 
     """A plain (unsharded, unwrapped) compressor holding ``trained``; what gets evaluated and exported.
 
     Rebuilding on a fresh base model works the same after DDP, ZeRO-2 and ZeRO-3 (where the
-    training module's own parameters are partitioned across processes).
+    training module's own parameters are partitioned across processes). ``trained`` must hold exactly
+    the compressor's trainable tensors.
     """
     with process_local_models():
         model, _ = load_base(base_model, dtype=dtype)
     compressor = compressor_cls(config, model)
     expected = {n for n, p in compressor.named_parameters() if p.requires_grad}
-    missing = expected - set(trained)
-    if missing:
-        raise ValueError(f"trained state lacks {sorted(missing)[:5]} (of {len(missing)})")
-    compressor.load_state_dict(trained, strict=False)
+    load_exact(compressor, trained, expected, "the trained state")
     return compressor.eval()
 
 

@@ -2,7 +2,8 @@
 
 It reuses Trainer's loop, accelerate / DeepSpeed integration, logging and checkpointing, and only
 changes what is specific to compressors: the weighted multi-objective loss, logging the achieved
-compression ratio, and checkpoints that hold only the trained tensors (not the frozen base model).
+compression ratio, checkpoints that hold only the trained tensors (not the frozen base model), and a
+run that stops with an error when its loss is not finite (``FiniteLossMixin``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from compressors.hub import load_exact
+
+from .compat import TrainedTensorsResume
+from .distributed import trainable_state
+from .guards import FiniteLossMixin
 from .objectives import OBJECTIVES, validate_weights
 
 TRAINABLE_NAME = "trainable.safetensors"
 
 
-class MemoryCompressorTrainer(Trainer):
+class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
     def __init__(self, *args: Any, objective_weights: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # compute_loss reduces each batch itself and ignores num_items_in_batch; Trainer must then divide
+        # the loss by the gradient accumulation steps (it does not when the model's forward takes **kwargs).
+        self.model_accepts_loss_kwargs = False
         weights = validate_weights(objective_weights or {"sft": 1.0})
         self.objective_weights = torch.tensor([weights[name] for name in OBJECTIVES])
         self._ratios: list[float] = []
@@ -55,37 +64,33 @@ class MemoryCompressorTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return {name for name, p in model.named_parameters() if p.requires_grad}
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the trained tensors (gathered from every process under ZeRO-3: call it on all) and the
+        tokenizer; DeepSpeed's optimizer checkpoint is written beside it by Trainer itself."""
         output_dir = output_dir or self.args.output_dir
+        tensors = self.trained_state_dict()
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        names = self._trainable_names()
-        if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k in names}
         tmp = Path(output_dir) / f".{TRAINABLE_NAME}.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, Path(output_dir) / TRAINABLE_NAME)  # atomic: never half a weight file
+        os.replace(tmp, self.checkpoint_weights_file(output_dir))  # atomic: never half a weight file
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        path = Path(resume_from_checkpoint) / TRAINABLE_NAME
-        if not path.is_file():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = self.accelerator.unwrap_model(model or self.model)
-        tensors = load_file(str(path))
-        missing = self._trainable_names() - set(tensors)
-        if missing:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} lacks trained tensors {sorted(missing)[:5]}")
-        model.load_state_dict(tensors, strict=False)
+    def checkpoint_weights_file(self, folder: str | os.PathLike) -> Path:
+        return Path(folder) / TRAINABLE_NAME
+
+    def load_trained_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Load a checkpoint's trained tensors (a resumed run without DeepSpeed; DeepSpeed resumes from its
+        own checkpoint): exactly the trainable tensors, or an error naming what differs."""
+        path = self.checkpoint_weights_file(folder)
+        model = self.accelerator.unwrap_model(self.model)
+        load_exact(model, load_file(str(path)), self._trainable_names(), str(path))
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full-precision trained tensors, gathered from every process when sharded (ZeRO-3)."""
-        names = self._trainable_names()
-        state = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
-        return {k: v for k, v in (state or {}).items() if k in names}
+        """The trained tensors, gathered from every process when sharded (ZeRO-3): a collective."""
+        return trainable_state(self.accelerator.unwrap_model(self.model))
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

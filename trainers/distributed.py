@@ -1,0 +1,42 @@
+"""What recipes need from the process group: ordered data preparation and the trained tensors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from accelerate import PartialState
+from torch import nn
+from transformers import TrainingArguments
+
+from compressors.hub import whole_parameters
+
+
+@contextlib.contextmanager
+def main_process_first(args: TrainingArguments) -> Iterator[None]:
+    """Run the block on the global main process first, then on each node's local main, then on the rest.
+
+    For data stages cached on disk: when the cache is on a filesystem every node shares (the usual
+    ``output_dir``), only the global main writes it and every other process reads the finished stages;
+    when it is node-local, each node's local main builds its own copy before that node's other
+    processes read it. (``local_main_process_first`` alone would let the local mains of several nodes
+    write one shared cache at the same time.) Every process must enter: the waits are barriers, bounded
+    by ``args.ddp_timeout``, so a long data stage needs a ``ddp_timeout`` longer than it.
+    """
+    _ = args.device  # sets up the process group with the run's ddp_timeout before PartialState is shared
+    state = PartialState()
+    with state.main_process_first(), state.local_main_process_first():
+        yield
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the whole values of ``model``'s trainable parameters, by name.
+
+    Under DeepSpeed ZeRO-3 each process holds a shard of each parameter, so this gathers them: a
+    collective that every process must call. Only the trainable parameters are gathered (not the
+    frozen base model), which is what a compressor checkpoint or export needs.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with whole_parameters(*(p for _, p in named)):
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
