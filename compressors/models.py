@@ -76,7 +76,7 @@ def embedded_model_dir() -> Path:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the copy holds plain float weights
-    config._name_or_path = EMBEDDED_MODEL
+    config.name_or_path = EMBEDDED_MODEL
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -105,7 +105,7 @@ def tiny_llama(vocab_size: int | None = None, seed: int = 0, **overrides: Any) -
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
     params.update(overrides)
     config = LlamaConfig(**params)
-    config._name_or_path = TINY_MODEL
+    config.name_or_path = TINY_MODEL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -153,7 +153,7 @@ def load_base(
         kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if name_or_path == EMBEDDED_MODEL:
-        model.config._name_or_path = EMBEDDED_MODEL
+        model.config.name_or_path = EMBEDDED_MODEL
     model.eval()
     return model, tokenizer
 
