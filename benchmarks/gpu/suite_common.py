@@ -74,7 +74,7 @@ def install_wheels(wheel_dir: Path = WHEELS, site_dir: Path | None = None) -> di
             with zipfile.ZipFile(path) as wheel:
                 tops = _wheel_top_levels(wheel)
                 present = [t for t in tops if t.isidentifier() and _importable(t)]
-                if tops and len(present) == len(tops):
+                if _installed(path.name.split("-")[0]) or (tops and len(present) == len(tops)):
                     report[path.name] = "present"
                     continue
                 wheel.extractall(site_dir)
@@ -83,6 +83,17 @@ def install_wheels(wheel_dir: Path = WHEELS, site_dir: Path | None = None) -> di
             report[path.name] = f"error: {exc}"
     importlib.invalidate_caches()
     return report
+
+
+def _installed(distribution: str) -> bool:
+    """Whether a distribution of that (wheel-normalized) name is installed, in any version."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _importable(name: str) -> bool:

@@ -53,16 +53,42 @@ def convert(record: dict[str, Any]) -> None:
     record["converted"] = f"{folder} ({time.monotonic() - started:.1f} s)"
 
 
-def plan(step_s: float | None, minutes: float, batch: int, accumulation: int, tasks: int) -> dict[str, int]:
-    """Optimizer steps that fit ``minutes`` at ``step_s`` per micro-batch, and the rows they need."""
+def plan(step_s: float | None, minutes: float, batch: int, accumulation: int, tasks: int,
+         max_rows_per_task: int) -> dict[str, int]:
+    """Optimizer steps that fit ``minutes`` at ``step_s`` per micro-batch, and the rows they need.
+
+    Rows are capped: building 2k-token rows costs CPU time on the GPU machine (tens of seconds per
+    thousand rows), so past the cap the trainer goes round the data again (``max_steps`` wins over
+    epochs) rather than spend the budget building it.
+    """
     per_step = (step_s or 0.5) * accumulation * 1.15  # 15%: logging, the LR schedule, variable lengths
     steps = max(2, int(minutes * 60 / per_step))
-    rows = math.ceil(steps * batch * accumulation / tasks) + 1
+    rows = min(max_rows_per_task, math.ceil(steps * batch * accumulation / tasks) + 1)
     return {"max_steps": steps, "train_samples_per_task": rows, "warmup_steps": max(1, steps // 10)}
 
 
+def overrides(smoke: bool, planned: dict[str, int], out: str, eval_samples: int) -> dict[str, Any]:
+    """Command-line overrides of ``recipes/configs/gist/gpu.yaml`` for the timed real run."""
+    values: dict[str, Any] = {"output_dir": out, "report_to": "none", "save_steps": 10**6, "logging_steps": 5,
+                              "num_eval_samples": eval_samples, "dataloader_num_workers": 0, **planned}
+    if smoke:  # the tiny random model on the CPU: the plumbing, not a result
+        values.update(base_model="tiny-random-llama", context_tokens=96, max_target_tokens=64, segment_length=48,
+                      max_steps=2, train_samples_per_task=2, warmup_steps=0, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=1, bf16=False, use_cpu=True, num_eval_samples=2,
+                      lora_r=4, lora_alpha=8, logging_steps=1)
+    return values
+
+
+def recipe_argv(config_path: Any, values: dict[str, Any]) -> list[str]:
+    argv = ["--config", str(config_path)]
+    for key, value in values.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
 def section_real(record: dict[str, Any], results: Results, clock: Clock, device: str, smoke: bool,
-                 minutes: float, eval_samples: int, gist_step_s: float | None, min_seconds: float) -> None:
+                 minutes: float, eval_samples: int, gist_step_s: float | None, min_seconds: float,
+                 max_rows_per_task: int = 160) -> None:
     if not weights_present(record, clock):
         return
     if clock.remaining() < min_seconds:
@@ -82,18 +108,9 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     cfg = yaml.safe_load(config_path.read_text())
     batch, accumulation = int(cfg["per_device_train_batch_size"]), int(cfg["gradient_accumulation_steps"])
     tasks = len(cfg["train_tasks"])
-    planned = plan(gist_step_s, minutes, batch, accumulation, tasks)
+    planned = plan(gist_step_s, minutes, batch, accumulation, tasks, max_rows_per_task)
     out = tempfile.mkdtemp(prefix="ctxzip-gist-real-")
-    overrides = {"output_dir": out, "report_to": "none", "save_steps": 10**6, "logging_steps": 5,
-                 "num_eval_samples": eval_samples, "dataloader_num_workers": 0, **planned}
-    if smoke:  # the tiny random model on the CPU: the plumbing, not a result
-        overrides.update(base_model="tiny-random-llama", context_tokens=96, max_target_tokens=64, segment_length=48,
-                         max_steps=2, train_samples_per_task=2, warmup_steps=0, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=1, bf16=False, use_cpu=True, num_eval_samples=2,
-                         lora_r=4, lora_alpha=8, logging_steps=1)
-    argv = ["--config", str(config_path)]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
+    argv = recipe_argv(config_path, overrides(smoke, planned, out, eval_samples))
     record["command"] = "recipes/gist.py " + " ".join(argv)
     record["plan"] = {"minutes": minutes, "planned_from_step_s": gist_step_s, **planned}
     script_args, gist_config, training_args = recipe.make_parser().parse_args_and_config(args=argv)
@@ -124,15 +141,23 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
                 history.extend(self.state.log_history)
                 record["train_seconds"] = round(time.monotonic() - started, 1)
                 record["train_steps"] = self.state.global_step
+                record["train_epochs"] = round(float(self.state.epoch or 0.0), 2)
 
-    on_device = functools.partial(_load_base_on, recipe.load_base, device)
-    saved = (recipe.MemoryCompressorTrainer, recipe.load_base, export.load_base)
-    recipe.MemoryCompressorTrainer, recipe.load_base, export.load_base = TimedTrainer, on_device, on_device
+    # (module, attribute, replacement): only names that exist are patched (the recipe may change).
+    patches = [(recipe, "MemoryCompressorTrainer", TimedTrainer)]
+    for module in (recipe, export):
+        if hasattr(module, "load_base"):
+            patches.append((module, "load_base", functools.partial(_load_base_on, module.load_base, device)))
+    record["patched"] = [f"{m.__name__}.{name}" for m, name, _ in patches]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
     started = time.monotonic()
     try:
         rows = recipe.main(script_args, gist_config, training_args)
     finally:
-        recipe.MemoryCompressorTrainer, recipe.load_base, export.load_base = saved
+        for module, name, value in saved:
+            setattr(module, name, value)
     record["seconds_total"] = round(time.monotonic() - started, 1)
     losses = [h["loss"] for h in history if "loss" in h]
     record["train_loss_first_last"] = [losses[0], losses[-1]] if losses else None
