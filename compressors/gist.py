@@ -20,8 +20,6 @@ segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .base import Compressor, CompressorConfig, register_compressor
+from .compat import cache_of, with_cache
 from .hub import whole_parameters
 from .memory import Memory
 
@@ -132,11 +131,10 @@ class GistCompressor(Compressor):
             if previous_mask is None:
                 previous_mask = mask.new_ones(batch, previous.slots)
             full_mask = torch.cat([previous_mask.to(mask.dtype), full_mask], dim=1)
-        cache_kwarg = {_cache_argument(type(self.base_lm)): cache}
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True,
-                         position_ids=torch.cat([token_pos, gist_pos], dim=1), **cache_kwarg)
+                         position_ids=torch.cat([token_pos, gist_pos], dim=1), **with_cache(cache))
         tensors = {}
-        for layer, (key, value) in enumerate(_cache_layers(_output_cache(out))):
+        for layer, (key, value) in enumerate(_cache_layers(cache_of(out))):
             tensors[f"key.{layer}"] = key[:, :, -n_gists:]
             tensors[f"value.{layer}"] = value[:, :, -n_gists:]
         if not bool(gist_mask.all()):
@@ -161,18 +159,6 @@ def _add_lora(model: PreTrainedModel, config: GistConfig) -> PreTrainedModel:
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-@functools.cache
-def _cache_argument(model_class: type) -> str:
-    """The forward argument that takes a KV cache: ``cache`` in transformers 5.24, ``past_key_values``
-    in 5.17 (the old name still works in 5.24 but warns)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    """The KV cache a forward returned, under either field name."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""Every recipe YAML parses (unknown keys are errors), and the gist recipe runs, saves and resumes."""
+"""Every recipe YAML parses (unknown keys are errors), and the gist recipe runs, saves and resumes
+(automatically, or from ``--resume_from_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,27 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     resumed_logs = [e["step"] for e in state["log_history"] if "loss" in e]
     assert resumed_logs == sorted(resumed_logs)
     assert (out / "compressor_config.json").is_file()
+
+
+def test_resume_from_checkpoint_path_continues_that_run(tmp_path: Path) -> None:
+    """``--resume_from_checkpoint PATH`` resumes from PATH (here another run's checkpoint-2 while that
+    run also has checkpoint-3): its step-3 loss is the original run's, so weights, optimizer state and
+    data order all came back."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [*TINY_ARGS, "--max_steps", "3", "--save_steps", "1", "--lr_scheduler_type", "constant",
+              "--num_eval_samples", "0"]
+    original = run_recipe([*common, "--output_dir", str(first)])
+    assert original.returncode == 0, original.stderr[-3000:]
+    assert (first / "checkpoint-3").is_dir()
+    resumed = run_recipe([*common, "--output_dir", str(second), "--resume_from_checkpoint",
+                          str(first / "checkpoint-2")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {first / 'checkpoint-2'}" in resumed.stdout
+
+    def losses(folder: Path) -> dict[int, float]:
+        state = json.loads((folder / "checkpoint-3" / "trainer_state.json").read_text())
+        return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+    expected, got = losses(first), losses(second)
+    assert sorted(got) == [1, 2, 3]
+    assert got == pytest.approx(expected, abs=1e-4)

@@ -1,0 +1,221 @@
+"""Library pieces every recipe trains through: the finite-loss guard, exact state loading, resume
+resolution, process-local model loads and the ordered data barrier (single process; the multi-process
+behaviour is tests/test_distributed.py's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressors import GistCompressor, GistConfig
+from compressors.hub import StateMismatchError, load_exact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----- exact state loading ------------------------------------------------------------------
+def gist(tiny) -> GistCompressor:
+    return GistCompressor(GistConfig(segment_length=8, tokens_per_gist=4, lora_r=2), tiny()[0])
+
+
+def trainable(compressor: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() + 1 for n, p in compressor.named_parameters() if p.requires_grad}
+
+
+def test_load_exact_loads_every_expected_tensor(tiny) -> None:
+    compressor = gist(tiny)
+    tensors = trainable(compressor)
+    load_exact(compressor, tensors, tensors, "test")
+    for name, param in compressor.named_parameters():
+        if name in tensors:
+            assert torch.equal(param, tensors[name])
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
+def test_load_exact_names_missing_unexpected_and_misshapen_keys(tiny, change: str) -> None:
+    compressor = gist(tiny)
+    expected = trainable(compressor)
+    tensors = dict(expected)
+    if change == "missing":
+        del tensors["gist_embeddings.weight"]
+    elif change == "unexpected":
+        tensors["gist_embedings.weight"] = tensors["gist_embeddings.weight"]  # a misspelled key
+    else:
+        tensors["gist_embeddings.weight"] = torch.zeros(3, 3)
+    before = compressor.gist_embeddings.weight.detach().clone()
+    with pytest.raises(StateMismatchError, match=r"gist_embedd?ings\.weight") as raised:
+        load_exact(compressor, tensors, expected, "the checkpoint")
+    assert "the checkpoint does not match the GistCompressor" in str(raised.value)
+    assert torch.equal(compressor.gist_embeddings.weight, before), "nothing may load when the keys differ"
+
+
+def test_rebuild_trained_refuses_a_state_with_an_extra_tensor(tiny, monkeypatch) -> None:
+    import trainers.export as export
+
+    monkeypatch.setattr(export, "load_base", lambda name, dtype="float32": tiny())
+    config = GistConfig(segment_length=8, tokens_per_gist=4, lora_r=2)
+    trained = trainable(GistCompressor(config, tiny()[0]))
+    rebuilt = export.rebuild_trained(GistCompressor, config, "tiny", trained)
+    assert torch.equal(rebuilt.gist_embeddings.weight, trained["gist_embeddings.weight"])
+    trained["model.base_model.model.lm_head.weight"] = torch.zeros(1)
+    with pytest.raises(StateMismatchError, match="unexpected .*lm_head"):
+        export.rebuild_trained(GistCompressor, config, "tiny", trained)
+
+
+def test_a_saved_compressor_with_an_extra_tensor_is_refused(tiny, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from compressors import load_compressor, save_compressor
+    from compressors.hub import WEIGHTS_NAME
+
+    model, tokenizer = tiny()
+    folder = save_compressor(GistCompressor(GistConfig(segment_length=8, tokens_per_gist=4, lora_r=0), model),
+                             tmp_path / "artifact", tokenizer)
+    weights = load_file(str(folder / WEIGHTS_NAME))
+    save_file({**weights, "extra.weight": torch.zeros(2)}, str(folder / WEIGHTS_NAME))
+    with pytest.raises(StateMismatchError, match=r"unexpected \['extra.weight'\]"):
+        load_compressor(folder, model=tiny()[0], tokenizer=tokenizer)
+
+
+# ----- the finite-loss guard ----------------------------------------------------------------
+def memory_trainer(tiny, tmp_path: Path, **overrides):
+    import datasets
+    from transformers import TrainingArguments
+
+    from trainers import MemoryCollator, MemoryCompressorTrainer
+
+    model, tokenizer = tiny()
+    compressor = GistCompressor(GistConfig(segment_length=16, tokens_per_gist=4, lora_r=2), model)
+    rows = [{"context": f"The pass key is {n}{n}{n}. Filler text follows here.", "question": "What is the pass key?",
+             "answer": f"{n}{n}{n}", "objective": "sft"} for n in range(4)]
+    settings = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+                    save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
+                    label_names=["labels"], learning_rate=1e-3)
+    settings.update(overrides)
+    return MemoryCompressorTrainer(model=compressor, args=TrainingArguments(**settings), processing_class=tokenizer,
+                                   train_dataset=datasets.Dataset.from_list(rows),
+                                   data_collator=MemoryCollator(tokenizer, 64, 64))
+
+
+def test_a_nan_loss_stops_the_run_before_its_checkpoint(tiny, tmp_path: Path) -> None:
+    from trainers.guards import NonFiniteLossError
+
+    trainer = memory_trainer(tiny, tmp_path)
+    with torch.no_grad():  # what ZeRO-3 did to the gist table (an empty shard's mean is NaN)
+        trainer.model.gist_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="not finite .* at step 1"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_every_recipe_trainer_has_the_guard() -> None:
+    from trainers.color_dpo import ColorDPOTrainer
+    from trainers.cskv_trainer import CSKVTrainer
+    from trainers.guards import FiniteLossMixin
+    from trainers.memory_trainer import MemoryCompressorTrainer
+
+    for cls in (MemoryCompressorTrainer, CSKVTrainer, ColorDPOTrainer):
+        assert issubclass(cls, FiniteLossMixin), cls.__name__
+
+
+def test_a_finite_run_trains_checkpoints_and_resumes_its_tensors(tiny, tmp_path: Path) -> None:
+    trainer = memory_trainer(tiny, tmp_path)
+    trainer.train()
+    names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))
+    assert set(saved) == names  # only what trains: no frozen base tensor in a checkpoint
+    final = trainer.trained_state_dict()
+    resumed = memory_trainer(tiny, tmp_path)
+    resumed.load_trained_checkpoint(tmp_path / "checkpoint-2")
+    for name, param in resumed.model.named_parameters():
+        if name in names:
+            assert torch.equal(param, final[name]), name
+    save_file_with_typo(tmp_path / "checkpoint-2" / "trainable.safetensors", saved)
+    with pytest.raises(StateMismatchError, match="gist_embedingss"):
+        resumed.load_trained_checkpoint(tmp_path / "checkpoint-2")
+
+
+def save_file_with_typo(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = dict(tensors)
+    tensors["gist_embedingss.weight"] = tensors.pop("gist_embeddings.weight")
+    save_file(tensors, str(path))
+
+
+def test_gradient_accumulation_logs_the_mean_loss_not_the_sum(tiny, tmp_path: Path) -> None:
+    """Two micro-batches of one row log what one batch of both rows logs (the per-row mean)."""
+    whole = memory_trainer(tiny, tmp_path / "a", max_steps=1, save_strategy="no")
+    whole.train()
+    split = memory_trainer(tiny, tmp_path / "b", max_steps=1, save_strategy="no", per_device_train_batch_size=1,
+                           gradient_accumulation_steps=2)
+    split.train()
+    assert split.state.log_history[0]["loss"] == pytest.approx(whole.state.log_history[0]["loss"], abs=2e-3)
+
+
+# ----- resume -------------------------------------------------------------------------------
+def checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_resume_from_checkpoint_values(tmp_path: Path) -> None:
+    from trainers.export import resolve_resume
+
+    assert resolve_resume(tmp_path, None) is None and resolve_resume(tmp_path / "absent", None) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(tmp_path, "true")
+    second, _ = checkpoint(tmp_path, 2), checkpoint(tmp_path, 10, complete=False)  # a kill mid-save
+    assert resolve_resume(tmp_path, None) == str(second)  # the default: auto-resume
+    assert resolve_resume(tmp_path, True) == resolve_resume(tmp_path, "true") == str(second)
+    assert resolve_resume(tmp_path, "false") is None and resolve_resume(tmp_path, False) is None
+    other = checkpoint(tmp_path / "elsewhere", 7)
+    assert resolve_resume(tmp_path, str(other)) == str(other)
+    assert resolve_resume(tmp_path, "checkpoint-2") == str(second)  # a folder name inside output_dir
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-10"))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "nowhere"))
+
+
+# ----- DeepSpeed state and data barrier -------------------------------------------------------
+def test_process_local_models_restore_the_same_zero3_config() -> None:
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from trainers.export import process_local_models
+
+    settings = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    config = HfDeepSpeedConfig(settings)
+    try:
+        with process_local_models():
+            assert not hf_deepspeed.is_deepspeed_zero3_enabled() and hf_deepspeed.deepspeed_config() is None
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        assert hf_deepspeed.deepspeed_config()["zero_optimization"] == settings["zero_optimization"]
+        with process_local_models():  # outside DeepSpeed it changes nothing
+            pass
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    with process_local_models():
+        assert hf_deepspeed.deepspeed_config() is None
+    assert hf_deepspeed.deepspeed_config() is None
+    del config
+
+
+def test_main_process_first_runs_the_block_in_a_single_process(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    from trainers.distributed import main_process_first
+
+    ran = []
+    with main_process_first(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])):
+        ran.append(True)
+    assert ran == [True]
