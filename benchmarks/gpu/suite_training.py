@@ -61,15 +61,18 @@ class Shapes:
     cskv_batch: int
     warmup: int
     timed: int
+    fused_chunk: int | None = None  # Liger's chunk_mem_const (None: its default)
     notes: list[str] = field(default_factory=list)
 
 
 def shapes(smoke: bool) -> Shapes:
     if smoke:
-        return Shapes(batch=2, context=64, target=16,
-                      gist=dict(tokens_per_gist=4, segment_length=32, lora_r=4, lora_alpha=8),
+        return Shapes(batch=2, context=32, target=16,
+                      gist=dict(tokens_per_gist=4, segment_length=16, lora_r=4, lora_alpha=8),
                       lora=dict(r=4, alpha=8), cskv=dict(density=0.5, window=4, quant_bits=4, quant_group_size=8),
-                      cskv_tokens=64, cskv_batch=2, warmup=1, timed=2)
+                      cskv_tokens=48, cskv_batch=2, warmup=1, timed=2,
+                      # one chunk: the interpreter pays per kernel launch (tests/test_fused_loss.py covers chunking)
+                      fused_chunk=64)
     gist = yaml.safe_load((ROOT / "recipes/configs/gist/gpu.yaml").read_text())
     cskv = yaml.safe_load((ROOT / "recipes/configs/cskv/gpu.yaml").read_text())
     return Shapes(
@@ -138,9 +141,10 @@ class FusedCompressorLoss(nn.Module):
     """A compressor whose forward computes its LM loss fused (``trainers.fused_loss``): handed to the
     unchanged ``MemoryCompressorTrainer``, which weights its ``per_example_loss`` as usual."""
 
-    def __init__(self, compressor: nn.Module) -> None:
+    def __init__(self, compressor: nn.Module, chunk_mem_const: int | None = None) -> None:
         super().__init__()
         self.compressor = compressor
+        self.chunk_mem_const = chunk_mem_const
 
     @property
     def config(self) -> Any:
@@ -149,15 +153,16 @@ class FusedCompressorLoss(nn.Module):
     def forward(self, **batch: Any) -> dict[str, Any]:
         from trainers.fused_loss import compressor_lm_loss
 
-        return compressor_lm_loss(self.compressor, batch, fused=True)
+        return compressor_lm_loss(self.compressor, batch, fused=True, chunk_mem_const=self.chunk_mem_const)
 
 
 class CausalLMLoss(nn.Module):
     """A causal LM (PEFT-wrapped) whose forward returns the fused mean next-token loss."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, chunk_mem_const: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.chunk_mem_const = chunk_mem_const
 
     @property
     def config(self) -> Any:
@@ -166,7 +171,9 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         from trainers.fused_loss import causal_lm_loss
 
-        return {"loss": causal_lm_loss(self.model, input_ids, attention_mask, labels, fused=True)}
+        loss = causal_lm_loss(self.model, input_ids, attention_mask, labels, fused=True,
+                              chunk_mem_const=self.chunk_mem_const)
+        return {"loss": loss}
 
 
 # ----- timing ---------------------------------------------------------------------------------------
@@ -254,13 +261,13 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
             model = get_peft_model(base(), LoraConfig(r=sh.lora["r"], lora_alpha=sh.lora["alpha"], bias="none",
                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                       task_type="CAUSAL_LM"))
-            return (CausalLMLoss(model) if fused else model), Trainer, {}, "transformers.Trainer"
+            return (CausalLMLoss(model, sh.fused_chunk) if fused else model), Trainer, {}, "transformers.Trainer"
         return build
 
     def gist(fused: bool) -> Any:
         def build() -> tuple[Any, Any, dict[str, Any], str]:
             compressor = GistCompressor(GistConfig(**sh.gist), base())
-            model = FusedCompressorLoss(compressor) if fused else compressor
+            model = FusedCompressorLoss(compressor, sh.fused_chunk) if fused else compressor
             return model, MemoryCompressorTrainer, {"objective_weights": {"sft": 1.0}}, "MemoryCompressorTrainer"
         return build
 

@@ -1,0 +1,193 @@
+"""The GPU suite (benchmarks/gpu/) in its reduced CPU form, so that it cannot rot between GPU runs.
+
+``run_suite.py --smoke`` runs every section on the CPU (the CSKV kernel under ``TRITON_INTERPRET=1``,
+a tiny Llama for training throughput, the gist recipe on the tiny model for the real run) in a
+fresh interpreter (triton must be imported after ``TRITON_INTERPRET`` is set). The pieces that
+must work the first time on the GPU machine are tested directly: carried wheels unpacked without
+pip, the weights split / reassembled with their hashes checked, the real run's recipe arguments
+parsed by the recipe's own parser, the SmolLM2 shapes equal to the embedded model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu"
+if str(SUITE) not in sys.path:
+    sys.path.insert(0, str(SUITE))
+
+import suite_common  # noqa: E402
+import weights  # noqa: E402
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("gpu-suite")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(SUITE / "run_suite.py"), "--out", str(out), "--smoke",
+                             "--wheels", str(out / "no-wheels")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    return {"out": out, "data": data, "stdout": result.stdout}
+
+
+def test_every_section_runs_and_is_recorded(smoke: dict) -> None:
+    sections = smoke["data"]["sections"]
+    assert list(sections) == ["kernel_correctness", "kernel_speed", "training_throughput", "real_run"]
+    for name, record in sections.items():
+        assert record["status"] in ("ok", "skipped"), (name, record.get("error"), record.get("traceback"))
+    assert smoke["data"]["meta"]["finished"].startswith("yes")
+    markdown = (smoke["out"] / "results.md").read_text()
+    for title in suite_common.SECTION_TITLES.values():
+        assert title in markdown
+    log = (smoke["out"] / "log.txt").read_text()
+    assert "kernel_correctness: start" in log and "done:" in log
+
+
+def test_kernel_sections_measure(smoke: dict) -> None:
+    correctness = smoke["data"]["sections"]["kernel_correctness"]
+    assert correctness["failed"] == 0 and correctness["passed"] >= 4
+    assert {r["bits"] for r in correctness["rows"]} >= {"float", 8, 4}
+    speed = smoke["data"]["sections"]["kernel_speed"]
+    methods = {r["method"]: r for r in speed["rows"]}
+    assert methods["sdpa"]["ms"] > 0 and methods["cskv_kernel_4bit"]["ms"] > 0, speed["rows"]
+    assert methods["cskv_kernel_4bit"]["bytes_mb"] < methods["sdpa"]["bytes_mb"]  # the latent cache is smaller
+    assert speed["copy_bandwidth"]["gb_per_s"] > 0 and methods["sdpa"]["roofline"] > 0
+
+
+def test_training_section_measures_every_variant(smoke: dict) -> None:
+    from trainers.fused_loss import liger_available
+
+    rows = {r["variant"]: r for r in smoke["data"]["sections"]["training_throughput"]["rows"]}
+    expected = ["lora_sft", "gist", "cskv_reconstruction"]
+    if liger_available():
+        expected += ["lora_sft_fused_ce", "gist_fused_ce"]
+    for name in expected:
+        assert rows[name].get("tokens_per_s", 0) > 0 and rows[name]["loss_finite"], rows[name]
+    assert rows["cskv_reconstruction"]["trainer"] == "CSKVTrainer"
+
+
+def test_real_run_trains_and_evaluates_or_says_why_not(smoke: dict) -> None:
+    record = smoke["data"]["sections"]["real_run"]
+    if record["status"] == "skipped":
+        assert record["reason"].startswith("skipped: weights absent")
+        return
+    assert record["train_steps"] == 2 and record["train_loss_first_last"]
+    assert {r["method"] for r in record["rows"]} >= {"trained", "full_context"}
+
+
+def test_publish_copies_results_under_the_device_name(smoke: dict, tmp_path: Path, monkeypatch) -> None:
+    import run_suite
+
+    monkeypatch.setattr(suite_common, "ROOT", tmp_path)
+    target = run_suite.publish(smoke["out"])
+    assert target.parent == tmp_path / "benchmarks" / "results" / "gpu"
+    assert (target / "results.md").is_file() and (target / "results.json").is_file()
+
+
+# ----- the pieces the GPU machine depends on --------------------------------------------------------
+def _wheel(folder: Path, name: str, module: str, body: str) -> Path:
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{module}/__init__.py", body)
+        z.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{name}-1.0.dist-info/top_level.txt", module + "\n")
+    return path
+
+
+def test_carried_wheels_are_unpacked_only_when_missing(tmp_path: Path) -> None:
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    _wheel(wheels, "ctxzip_fake_pkg", "ctxzip_fake_pkg", "VALUE = 42\n")
+    _wheel(wheels, "json", "json", "raise RuntimeError('the machine has json: never shadow it')\n")
+    try:
+        report = suite_common.install_wheels(wheels, site)
+        assert report == {"ctxzip_fake_pkg-1.0-py3-none-any.whl": "installed", "json-1.0-py3-none-any.whl": "present"}
+        import ctxzip_fake_pkg
+
+        assert ctxzip_fake_pkg.VALUE == 42
+        from importlib import metadata
+
+        assert metadata.version("ctxzip_fake_pkg") == "1.0"
+        assert not (site / "json").exists()
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("ctxzip_fake_pkg", None)
+
+
+def test_weights_split_stage_and_reassemble(tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "model.gguf"
+    source.write_bytes(os.urandom(3000))
+    parts, stash = tmp_path / "parts", tmp_path / "stash"
+    monkeypatch.setattr(weights, "PARTS_DIR", parts)
+    monkeypatch.setattr(weights, "PACKAGE", "ctxzip_no_such_package")
+    monkeypatch.setenv("CTXZIP_GPU_STASH", str(stash))
+    assert weights.assemble()[0] is None and "absent" in weights.assemble()[1]
+    manifest = weights.split(source, parts, first=2000, expected_sha256=None)
+    assert [p["bytes"] for p in manifest["parts"]] == [2000, 1000]
+    # run 1 carries part 1 and stashes it; run 2 carries only part 2
+    (parts / "part-2").rename(tmp_path / "part-2")
+    assert weights.stage() == ["part-1"]
+    (parts / "part-1").unlink()
+    root, message = weights.assemble()
+    assert root is None and "part-2" in message
+    (tmp_path / "part-2").rename(parts / "part-2")
+    root, message = weights.assemble()
+    assert root is not None and "sha256 ok" in message, message
+    assert (root / "ctxzip_no_such_package" / "model.gguf").read_bytes() == source.read_bytes()
+    # a corrupt part is refused
+    (root / "ctxzip_no_such_package" / "model.gguf").unlink()
+    (parts / "part-2").write_bytes(b"x" * 1000)
+    root, message = weights.assemble()
+    assert root is None and "corrupt" in message
+
+
+def test_weights_parts_fit_the_carry_limit() -> None:
+    second = weights.GGUF_BYTES - weights.FIRST_PART
+    assert weights.FIRST_PART <= 56 * 2**20 and second <= 56 * 2**20
+
+
+def test_real_run_arguments_parse_with_the_recipes_parser() -> None:
+    pytest.importorskip("trl")
+    import suite_real
+
+    import recipes.gist as recipe
+
+    planned = suite_real.plan(0.4, 2.0, batch=8, accumulation=4, tasks=5, max_rows_per_task=160)
+    assert planned["max_steps"] == int(120 / (0.4 * 4 * 1.15)) and planned["train_samples_per_task"] == 160
+    values = suite_real.overrides(False, planned, "/tmp/x", eval_samples=50)
+    assert "bf16" not in values  # the GPU run keeps the config's bf16 ...
+    values.update(bf16=False, use_cpu=True)  # ... which TrainingArguments refuses on a machine without a GPU
+    argv = suite_real.recipe_argv(ROOT / "recipes/configs/gist/gpu.yaml", values)
+    script_args, gist_config, training_args = recipe.make_parser().parse_args_and_config(args=argv)
+    assert training_args.max_steps == planned["max_steps"] and script_args.num_eval_samples == 50
+    assert script_args.context_tokens == 2048 and gist_config.segment_length == 512
+
+
+def test_suite_shapes_are_the_embedded_models() -> None:
+    import suite_kernels
+    import suite_training
+
+    from compressors.cskv.config import rank_for
+    from compressors.models import EMBEDDED_MODEL, config_for, model_signature
+
+    try:
+        embedded = config_for(EMBEDDED_MODEL)
+    except Exception as exc:  # noqa: BLE001 - the embedded package is optional for this check
+        pytest.skip(f"embedded model not available: {exc}")
+    assert model_signature(suite_training.base_config(smoke=False)) == model_signature(embedded)
+    assert (suite_kernels.Q_HEADS, suite_kernels.KV_HEADS, suite_kernels.HEAD_DIM) == (
+        embedded.num_attention_heads, embedded.num_key_value_heads, embedded.head_dim)
+    shape = suite_kernels.cskv_gpu_shape()
+    assert shape.rank_k == rank_for(0.2, 192) == 38 and shape.bits == 4
