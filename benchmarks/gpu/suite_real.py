@@ -7,10 +7,11 @@ the time limit in any case); data only for those steps; a smaller held-out evalu
 possible where the embedded weights are on the machine (``weights.py``); otherwise "skipped:
 weights absent".
 
-Two things are patched for this run only, in the recipe's own module namespace: its trainer class
-gets the time limit (and keeps the log history), and ``load_base`` places models on the GPU,
-because the recipe's evaluation would otherwise score on the CPU (``rebuild_trained`` loads the
-base model without a device).
+Two names are patched for this run only, in the recipe's own module namespace: its trainer class
+gets the time limit (and keeps the log history), and ``compare_with_baselines`` first moves the
+compressors to the GPU, because the recipe evaluates what ``rebuild_trained`` / ``load_base`` built
+on the CPU (models cannot be loaded on the GPU instead: ``GistCompressor`` initializes its gist
+table on the CPU and fails next to a CUDA embedding).
 """
 
 from __future__ import annotations
@@ -102,7 +103,6 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     from transformers import TrainerCallback
 
     import recipes.gist as recipe
-    import trainers.export as export
 
     config_path = ROOT / "recipes/configs/gist/gpu.yaml"
     cfg = yaml.safe_load(config_path.read_text())
@@ -145,9 +145,9 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
 
     # (module, attribute, replacement): only names that exist are patched (the recipe may change).
     patches = [(recipe, "MemoryCompressorTrainer", TimedTrainer)]
-    for module in (recipe, export):
-        if hasattr(module, "load_base"):
-            patches.append((module, "load_base", functools.partial(_load_base_on, module.load_base, device)))
+    if hasattr(recipe, "compare_with_baselines"):
+        patches.append((recipe, "compare_with_baselines",
+                        functools.partial(_compare_on, recipe.compare_with_baselines, device)))
     record["patched"] = [f"{m.__name__}.{name}" for m, name, _ in patches]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     for module, name, value in patches:
@@ -175,7 +175,10 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _load_base_on(load_base: Any, device: str, *args: Any, **kwargs: Any) -> Any:
-    if device == "cuda" and kwargs.get("device_map") is None and not kwargs.get("quantization"):
-        kwargs["device_map"] = "cuda"
-    return load_base(*args, **kwargs)
+def _compare_on(compare: Any, device: str, compressor: Any, *args: Any, **kwargs: Any) -> Any:
+    """``compare_with_baselines`` with the trained and untrained compressors on ``device`` (the
+    baselines it builds read ``compressor.base_lm``, so they follow)."""
+    compressor.to(device)
+    if kwargs.get("untrained") is not None:
+        kwargs["untrained"].to(device)
+    return compare(compressor, *args, **kwargs)

@@ -253,8 +253,9 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
     per_step = sh.batch * (sh.context + sh.target)
 
     def base() -> LlamaForCausalLM:
-        with torch.device(device):
-            return LlamaForCausalLM(base_config(smoke))
+        # Built on the CPU, as the recipes load it; the Trainer moves it to the GPU. (GistCompressor cannot
+        # wrap a model already on the GPU: it draws its gist table's init noise on the CPU.)
+        return LlamaForCausalLM(base_config(smoke))
 
     def lora(fused: bool) -> Any:
         def build() -> tuple[Any, Any, dict[str, Any], str]:
