@@ -63,6 +63,7 @@ def test_kernel_sections_measure(smoke: dict) -> None:
     methods = {r["method"]: r for r in speed["rows"]}
     assert methods["sdpa"]["ms"] > 0 and methods["cskv_kernel_4bit"]["ms"] > 0, speed["rows"]
     assert methods["cskv_kernel_4bit"]["bytes_mb"] < methods["sdpa"]["bytes_mb"]  # the latent cache is smaller
+    assert methods["cskv_reference_4bit"]["ms"] > 0
     assert speed["copy_bandwidth"]["gb_per_s"] > 0 and methods["sdpa"]["roofline"] > 0
 
 

@@ -267,8 +267,8 @@ SECTION_TITLES = {
     "real_run": "4. Real gist run (embedded weights)",
 }
 SECTION_COLUMNS = {
-    "kernel_correctness": ["case", "dtype", "bits", "shape", "max_abs_err", "rel_err", "rel_l2", "atol", "rtol",
-                           "passed"],
+    "kernel_correctness": ["case", "dtype", "bits", "shape", "max_abs_err", "rel_err", "rel_l2", "tol", "allclose",
+                           "passed", "error"],
     "kernel_speed": ["batch", "tokens", "method", "ms", "bytes_mb", "gb_per_s", "roofline", "vs_sdpa", "note"],
     "training_throughput": ["variant", "batch", "tokens_per_step", "step_ms", "tokens_per_s", "peak_mem_gib",
                             "loss", "trainer", "note"],

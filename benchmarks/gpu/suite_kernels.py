@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,15 @@ from compressors.cskv.quant import LatentStore, store
 from compressors.cskv.reference import decode_attention_reference
 from compressors.cskv.testing import KERNEL_CASES, kernel_inputs
 
-# Per-dtype tolerances (elementwise |got - want| <= atol + rtol * |want|): fp16 as the CPU test
-# (tests/test_cskv_kernel.py); bf16 has 3 fewer mantissa bits than fp16 (8x its rounding error), and
-# the kernel rounds q, the reconstructed keys / values and the probabilities to it before each dot.
-TOLERANCES = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2), torch.float32: (2e-5, 2e-5)}
+# Pass: max |kernel - reference| <= TOLERANCE * max |reference|. The kernel rounds q, the reconstructed
+# keys / values and the probabilities to the dtype before each dot product (fp32 accumulation), so its
+# error scales with the output's magnitude and the dtype's unit roundoff u (fp16 2^-11, bf16 2^-8):
+# the bounds are ~20u (fp16) and ~8u (bf16). An emulation of those roundings in PyTorch on the
+# SmolLM2-shaped cases gives max errors up to ~1% of max |reference| in bf16.
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+# Also reported (not the criterion): elementwise allclose with the CPU test's fp16 tolerances, which
+# have no magnitude scaling (the test's cases have outputs of order 1; SmolLM2-shaped ones reach ~10).
+ALLCLOSE = {torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2), torch.float32: (2e-5, 2e-5)}
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # SmolLM2-135M attention (compressors/models.py's embedded model): 9 query heads, 3 KV heads, head_dim 64.
@@ -100,9 +106,10 @@ def section_correctness(record: dict[str, Any], results: Results, clock: Clock, 
 
     rows: list[dict[str, Any]] = []
     record["rows"] = rows
-    record["criterion"] = ("elementwise abs(kernel - reference) <= atol + rtol * abs(reference); the reference runs in "
-                           "fp32 on the same stored (fp16 / bf16 / quantized) inputs; rel_err = max error / max "
-                           "abs(reference); rel_l2 = norm(error) / norm(reference)")
+    record["criterion"] = ("rel_err = max abs(kernel - reference) / max abs(reference) <= tol (fp16 1e-2, bf16 3e-2); "
+                           "the reference runs in fp32 on the same stored (fp16 / bf16 / quantized) inputs; "
+                           "rel_l2 = norm(error) / norm(reference); allclose = elementwise abs(error) <= "
+                           "atol + rtol * abs(reference) with the CPU test's (atol, rtol), for information")
     for name, shape, dtype, split, block_n, group in correctness_cases(smoke):
         row: dict[str, Any] = {"case": name, "dtype": DTYPE_NAMES[dtype], "bits": shape[8] or "float",
                                "shape": "B{} kv{} g{} d{} T{} W{} r{}/{}".format(*shape[:8])}
@@ -112,13 +119,14 @@ def section_correctness(record: dict[str, Any], results: Results, clock: Clock, 
             got = decode_attention_triton(**args, **kwargs, split_size=split, block_n=block_n)
             if device == "cuda":
                 torch.cuda.synchronize()
-            atol, rtol = TOLERANCES[dtype]
+            atol, rtol = ALLCLOSE[dtype]
             err = (got.float() - want).abs()
             scale = want.abs().max().clamp(min=1e-6)
-            row.update(max_abs_err=float(err.max()), rel_err=float(err.max() / scale),
-                       rel_l2=float((got.float() - want).norm() / want.norm().clamp(min=1e-6)), atol=atol, rtol=rtol,
-                       passed=bool((err <= atol + rtol * want.abs()).all()) and got.dtype == dtype
-                       and bool(torch.isfinite(got).all()))
+            rel_err = float(err.max() / scale)
+            row.update(max_abs_err=float(err.max()), rel_err=rel_err,
+                       rel_l2=float((got.float() - want).norm() / want.norm().clamp(min=1e-6)), tol=TOLERANCE[dtype],
+                       allclose=bool((err <= atol + rtol * want.abs()).all()),
+                       passed=rel_err <= TOLERANCE[dtype] and got.dtype == dtype and bool(torch.isfinite(got).all()))
         except Exception as exc:  # noqa: BLE001 - one broken case is a result, not the end of the section
             row.update(passed=False, error=f"{type(exc).__name__}: {exc}"[:300])
         rows.append(row)
@@ -234,7 +242,7 @@ def section_speed(record: dict[str, Any], results: Results, clock: Clock, device
                 rows.append({"batch": batch, "tokens": tokens, "method": "all",
                              "note": "skipped: the section's time budget is spent"})
                 continue
-            with_reference = not smoke and batch * tokens <= 16 * 32768  # the reference is the slow oracle
+            with_reference = batch * tokens <= 16 * 32768  # the reference is the slow oracle: not at 128k x 16
             need = memory_needed(batch, tokens, cskv, with_reference)
             if free is not None and need > 0.8 * free:
                 rows.append({"batch": batch, "tokens": tokens, "method": "all",
@@ -256,11 +264,12 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
     cuda = device == "cuda"
     point: list[dict[str, Any]] = []
 
-    def add(method: str, fn: Any, nbytes: int, note: str = "") -> None:
+    def add(method: str, fn: Any, nbytes: int, note: str = "", context: Any = None) -> None:
         row: dict[str, Any] = {"batch": batch, "tokens": tokens, "method": method, "bytes_mb": nbytes / 1e6,
                                "note": note}
         try:
-            timing = bench(fn, cuda)
+            with context if context is not None else contextlib.nullcontext():  # entered once, not per call
+                timing = bench(fn, cuda)
             row.update(ms=timing["ms"], ms_p20=timing["ms_p20"], ms_p80=timing["ms_p80"])
             row["gb_per_s"] = nbytes / (timing["ms"] * 1e-3) / 1e9
             row["roofline"] = row["gb_per_s"] / roof
@@ -280,12 +289,7 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         q_grouped = q.view(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)  # a GQA group's heads as query rows
-
-        def flash() -> torch.Tensor:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                return sdpa(q_grouped, k, v)
-
-        add("sdpa_flash", flash, dense_bytes)
+        add("sdpa_flash", lambda: sdpa(q_grouped, k, v), dense_bytes, context=sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
     del_dense = (q, k, v)
 
     variants = [cskv.bits] + [b for b in (8, None) if b != cskv.bits]
