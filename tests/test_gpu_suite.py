@@ -192,3 +192,53 @@ def test_suite_shapes_are_the_embedded_models() -> None:
         embedded.num_attention_heads, embedded.num_key_value_heads, embedded.head_dim)
     shape = suite_kernels.cskv_gpu_shape()
     assert shape.rank_k == rank_for(0.2, 192) == 38 and shape.bits == 4
+
+
+def test_gpu_mode_kernel_cases_build_and_the_reference_runs_on_them() -> None:
+    """The cases only the GPU run checks: every one builds, and the fp32 oracle runs on it."""
+    import suite_kernels
+    import torch
+
+    from compressors.cskv.reference import decode_attention_reference
+    from compressors.cskv.testing import kernel_inputs
+
+    cases = suite_kernels.correctness_cases(smoke=False)
+    assert {c[2] for c in cases} == {torch.float16, torch.bfloat16}
+    assert {c[1][8] for c in cases} == {None, 8, 4}
+    for name, shape, _dtype, _split, _block_n, group in cases:
+        args, kwargs = kernel_inputs(*shape, seed=0, group_size=group)
+        out = decode_attention_reference(**{**args, "q": args["q"].float()}, **kwargs)
+        assert out.shape == args["q"].shape and bool(torch.isfinite(out).all()), name
+
+
+def test_gpu_mode_speed_inputs_and_byte_counts() -> None:
+    import suite_kernels
+    import torch
+
+    from compressors.cskv.reference import decode_attention_reference
+
+    shape = suite_kernels.cskv_gpu_shape()
+    for bits in (None, 8, 4):
+        args = suite_kernels.latent_cache(2, 100, shape, bits, torch.float16, "cpu")
+        assert args["latent_k"].length == 100 - shape.window and args["window_k"].shape[2] == shape.window
+        out = decode_attention_reference(**args, sm_scale=0.125)
+        assert out.shape == (2, 9, 64) and bool(torch.isfinite(out).all())
+    # 4-bit latents: 19 code bytes + 2 groups x (scale + zero) x 2 bytes per token, K and V; positions 4 bytes
+    args = suite_kernels.latent_cache(1, 1000, shape, 4, torch.bfloat16, "cpu")
+    per_token = 2 * (19 + 2 * 2 * 2) + 4
+    window = 2 * 3 * shape.window * 64 * 2
+    fixed = 2 * 192 * 38 * 2 + 2 * 9 * 64 * 2 + 32 * 4
+    assert suite_kernels.cskv_bytes(args) == 968 * per_token + window + fixed
+    assert suite_kernels.memory_needed(16, 131072, shape, with_reference=False) < 60 * 2**30
+
+
+def test_gpu_mode_training_shapes_build_the_recipes_configs() -> None:
+    import suite_training
+
+    from compressors.cskv import CSKVConfig
+    from compressors.gist import GistConfig
+
+    sh = suite_training.shapes(smoke=False)
+    assert (sh.batch, sh.context, sh.target) == (8, 2048, 512)
+    assert GistConfig(**sh.gist).num_gists == 128 and CSKVConfig(**sh.cskv).quant_bits == 4
+    assert sh.cskv_tokens == 2048 and sh.fused_chunk is None
