@@ -134,7 +134,7 @@ def test_weights_split_stage_and_reassemble(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr(weights, "PARTS_DIR", parts)
     monkeypatch.setattr(weights, "PACKAGE", "ctxzip_no_such_package")
     monkeypatch.setenv("CTXZIP_GPU_STASH", str(stash))
-    assert weights.assemble()[0] is None and "absent" in weights.assemble()[1]
+    assert weights.assemble()[0] is None and "no GGUF parts" in weights.assemble()[1]
     manifest = weights.split(source, parts, first=2000, expected_sha256=None)
     assert [p["bytes"] for p in manifest["parts"]] == [2000, 1000]
     # run 1 carries part 1 and stashes it; run 2 carries only part 2
@@ -242,3 +242,15 @@ def test_gpu_mode_training_shapes_build_the_recipes_configs() -> None:
     assert (sh.batch, sh.context, sh.target) == (8, 2048, 512)
     assert GistConfig(**sh.gist).num_gists == 128 and CSKVConfig(**sh.cskv).quant_bits == 4
     assert sh.cskv_tokens == 2048 and sh.fused_chunk is None
+
+
+def test_real_run_is_skipped_with_the_reason_when_weights_are_absent(tmp_path: Path, monkeypatch) -> None:
+    import suite_real
+
+    monkeypatch.setattr(weights, "PARTS_DIR", tmp_path / "parts")
+    monkeypatch.setattr(weights, "PACKAGE", "ctxzip_no_such_package")
+    monkeypatch.setenv("CTXZIP_GPU_STASH", str(tmp_path / "stash"))
+    record: dict = {}
+    clock = suite_common.Clock(100.0)
+    assert not suite_real.weights_present(record, clock)
+    assert record["status"] == "skipped" and record["reason"].startswith("skipped: weights absent (no GGUF parts")

@@ -118,7 +118,7 @@ def assemble() -> tuple[Path | None, str]:
             return None, f"{PACKAGE} is installed on this machine"
     manifest_path = _find_part("manifest.json")
     if manifest_path is None:
-        return None, "weights absent (no manifest: run benchmarks/gpu/weights.py split here, see README)"
+        return None, "no GGUF parts carried (benchmarks/gpu/weights.py split, then two runs: see benchmarks/gpu/README.md)"
     manifest = json.loads(manifest_path.read_text())
     root = stash_dir() / "site"
     target = root / PACKAGE / manifest["file"]
@@ -127,7 +127,7 @@ def assemble() -> tuple[Path | None, str]:
     paths = [_find_part(p["name"]) for p in manifest["parts"]]
     missing = [p["name"] for p, path in zip(manifest["parts"], paths) if path is None]
     if missing:
-        return None, f"weights absent: parts {missing} not on this machine (carry them in back-to-back runs, see README)"
+        return None, f"parts {missing} not on this machine (carry them in back-to-back runs: see benchmarks/gpu/README.md)"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     with open(tmp, "wb") as out:
@@ -138,7 +138,7 @@ def assemble() -> tuple[Path | None, str]:
     digest = sha256(tmp)
     if digest != manifest["sha256"]:
         tmp.unlink()
-        return None, f"weights corrupt: reassembled sha256 {digest} != {manifest['sha256']}"
+        return None, f"reassembled file corrupt: sha256 {digest} != {manifest['sha256']}"
     os.replace(tmp, target)
     return root, f"reassembled {target} ({manifest['bytes']} bytes, sha256 ok)"
 
