@@ -5,6 +5,9 @@ Every objective conditions the decoder on the Memory of ``context`` and puts lab
 - ``continuation``: predict the text that follows the context (plain LM, no chat template);
 - ``sft``: answer ``question`` about the context (chat template; labels on the answer only).
 A row's objective follows from its ``task`` column; objective weights scale per-example losses.
+The per-example LM loss itself comes from the compressor's forward: ``compressors.base.per_example_lm_loss``
+on the logits, or the same quantity fused with the LM head (Liger-Kernel, no logits materialized) by
+``trainers.fused_loss.per_example_lm_loss_from_hidden``.
 """
 
 from __future__ import annotations
