@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     def speed(record: dict) -> None:
         from suite_kernels import section_speed
 
-        # leave room for training (and, when the weights are here, the real run)
         # GPU: leave room for training (and the real run); smoke: never skip (the test checks every row)
         section_speed(record, results, clock, device, smoke, deadline_s=clock.elapsed() + (600 if smoke else 100))
 
@@ -132,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         reserve = 20 if smoke else 75  # conversion, data, the recipe's evaluation and export around training
         minutes = max(0.25, min(args.real_minutes, (clock.remaining() - reserve - 30) / 60))
         section_real(record, results, clock, device, smoke, minutes, args.real_eval_samples, gist_step_s[0],
-                     min_seconds=0 if smoke else MIN_SECONDS["real_run"], max_rows_per_task=args.real_max_rows)
+                     min_seconds=0 if smoke else MIN_SECONDS["real_run"], max_rows_per_task=args.real_max_rows,
+                     # training also stops early enough for the evaluation and export to end within the budget
+                     stop_training_at_s=None if smoke else args.budget_s - 45)
 
     sections = {"kernel_correctness": correctness, "kernel_speed": speed, "training_throughput": training,
                 "real_run": real}

@@ -89,7 +89,7 @@ def recipe_argv(config_path: Any, values: dict[str, Any]) -> list[str]:
 
 def section_real(record: dict[str, Any], results: Results, clock: Clock, device: str, smoke: bool,
                  minutes: float, eval_samples: int, gist_step_s: float | None, min_seconds: float,
-                 max_rows_per_task: int = 160) -> None:
+                 max_rows_per_task: int = 160, stop_training_at_s: float | None = None) -> None:
     if not weights_present(record, clock):
         return
     if clock.remaining() < min_seconds:
@@ -119,14 +119,17 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     history: list[dict[str, Any]] = []
 
     class TimeLimit(TrainerCallback):
-        """Stop training once the minutes are spent, whatever the step count reached."""
+        """Stop training once the minutes are spent (or the suite's clock reaches ``stop_training_at_s``),
+        whatever the step count reached."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if time.monotonic() - self.start > limit_s:
+            late = stop_training_at_s is not None and clock.elapsed() > stop_training_at_s
+            if time.monotonic() - self.start > limit_s or late:
                 control.should_training_stop = True
+                record["stopped_by"] = "suite budget" if late else "time limit"
 
     class TimedTrainer(recipe.MemoryCompressorTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
