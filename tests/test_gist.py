@@ -8,6 +8,7 @@ import torch
 from compressors import ContextTooLongError, EmptyInputError, GistCompressor, GistConfig, Memory
 from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
 from compressors.baselines.truncation import kept_indices
+from compressors.compat import cache_of, with_cache
 from compressors.generation import GenerationSettings, generate_from_memory
 from compressors.wrapper import left_pad
 
@@ -77,7 +78,7 @@ def test_gist_keys_values_are_those_of_one_pass_over_context_and_gists(tiny) -> 
         embeds = torch.cat([gist.base_lm.get_input_embeddings()(context),
                             gist.gist_embeddings.weight[None, :3]], dim=1)
         out = gist.model(inputs_embeds=embeds, use_cache=True)
-    for layer, item in enumerate(out.past_key_values.layers):
+    for layer, item in enumerate(cache_of(out).layers):
         assert torch.allclose(memory.tensors[f"key.{layer}"], item.keys[:, :, -3:], atol=1e-5)
         assert torch.allclose(memory.tensors[f"value.{layer}"], item.values[:, :, -3:], atol=1e-5)
 
@@ -91,9 +92,9 @@ def test_decoder_continues_at_the_position_offset(tiny) -> None:
         logits = decode(gist, memory, prompt)
         with gist.model.disable_adapter():
             positions = torch.arange(memory.position_offset[0], memory.position_offset[0] + 5)[None]
-            ref = gist.base_lm(input_ids=prompt, position_ids=positions, past_key_values=memory.to_cache()).logits
+            ref = gist.base_lm(input_ids=prompt, position_ids=positions, **with_cache(memory.to_cache())).logits
             shifted = gist.base_lm(input_ids=prompt, position_ids=positions + 1,
-                                   past_key_values=memory.to_cache()).logits
+                                   **with_cache(memory.to_cache())).logits
     assert torch.allclose(logits, ref, atol=1e-5)
     assert not torch.allclose(logits, shifted, atol=1e-4)  # positions matter, so the check is real
 
@@ -158,7 +159,7 @@ def test_decoder_is_frozen_base_unless_lora_in_decoder(tiny) -> None:
     with torch.no_grad():
         memory = plain.compress(context)
         with plain.model.disable_adapter():
-            ref = plain.base_lm(input_ids=prompt, past_key_values=memory.to_cache(),
+            ref = plain.base_lm(input_ids=prompt, **with_cache(memory.to_cache()),
                                 position_ids=torch.arange(memory.position_offset[0], memory.position_offset[0] + 4)[None]
                                 ).logits
     assert torch.allclose(decode(plain, memory, prompt), ref, atol=1e-5)
