@@ -116,6 +116,10 @@ class Writer:
             self._compressor = ColorCompressor(self.config, model).use_tokenizer(self.tokenizer).eval()
         return self._compressor
 
+    def release(self) -> None:
+        """Free the writer's model (before training)."""
+        self._compressor = None
+
     def fingerprint(self) -> dict[str, Any]:
         return {"base_model": self.args.base_model, "dtype": self.args.dtype, "quantization": self.args.quantization,
                 "prompt": self.config.prompt_template, "words_prompt": WORDS_PROMPT,
@@ -267,7 +271,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig,
             "no preference pairs: every passage's candidates were all failures (skipped by pairs_all_failed=skip) "
             "or identical. Try more candidate_variants, another label_reader, or --pairs_all_failed "
             "shortest_vs_longest")
-    writer._compressor = None  # free the writer's model before training
+    writer.release()
 
     probe = []
     head, tail = prompt_parts(tokenizer, color_config.prompt_template)

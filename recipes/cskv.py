@@ -27,7 +27,7 @@ from trl import TrlParser
 from compressors import CompressedLM, Compressor, load_base
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.cskv import CSKVCompressor, CSKVConfig
-from compressors.hub import load_exact
+from compressors.hub import load_exact, whole_parameters
 from data import build_task
 from eval.scoring import score_continuation
 from trainers.cskv_trainer import CSKVTrainer, TokenChunkCollator, build_text_dataset, calibration_batches
@@ -111,7 +111,12 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
                                training_args.seed, "train", script_args.data_source)
     if cskv_config.init == "asvd":
         calibration = train.select(range(min(len(train), script_args.calibration_samples)))
-        tokens = compressor.calibrate_asvd(calibration_batches(calibration, collator))
+        # The calibration passes run the base model before DeepSpeed wraps it: under ZeRO-3 its weights are
+        # still the shards transformers partitioned at load, so every process gathers them for these passes
+        # (the same batches on every process: the same ASVD scales everywhere).
+        with whole_parameters(*compressor.base_lm.parameters()):
+            means, tokens = compressor.activation_means(calibration_batches(calibration, collator))
+        compressor.calibrate_asvd([], means=means)  # gathers the projections it factors itself
         print(f"ASVD calibrated on {tokens} tokens")
     initial = {k: v.detach().clone() for k, v in compressor.own_state_dict().items()}
     if script_args.skip_training:

@@ -118,7 +118,7 @@ def test_gist_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path:
 
 def test_cskv_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
     args = ["--config", str(ROOT / "recipes/configs/cskv/quickstart.yaml"), "--base_model", str(tiny_folder),
-            "--train_samples", "4", "--train_tokens", "32", "--init", "svd", "--num_eval_samples", "0",
+            "--train_samples", "4", "--train_tokens", "32", "--calibration_samples", "2", "--num_eval_samples", "0",
             "--check_reload", "false"]
     outs = check_runs("cskv", args, tmp_path)
     initial = initial_own_tensors("cskv", args, tmp_path)
