@@ -47,53 +47,15 @@ def test_kernel_cases_in_a_fresh_interpreter() -> None:
 
 
 from compressors.cskv import attention  # noqa: E402
-from compressors.cskv.kernel import decode_attention_triton  # noqa: E402
-from compressors.cskv.quant import store  # noqa: E402
+from compressors.cskv.kernel import decode_attention_triton, plan_splits  # noqa: E402
 from compressors.cskv.reference import decode_attention_reference  # noqa: E402
-
-CASES = {
-    # name: batch, kv_heads, group, head_dim, latent T, window W, key rank, value rank, bits, dtype, bias,
-    #       key mask, ragged lengths, split size
-    "mha-float": (1, 2, 1, 16, 40, 4, 8, 8, None, torch.float32, False, False, False, 16),
-    "gqa3-odd-ranks": (2, 2, 3, 16, 37, 5, 7, 9, None, torch.float32, True, True, True, 16),
-    "gqa4-8bit-d24": (3, 1, 4, 24, 50, 3, 13, 6, 8, torch.float32, False, True, True, 32),
-    "gqa2-4bit-odd-rank": (2, 3, 2, 16, 29, 7, 11, 5, 4, torch.float32, True, True, True, 16),
-    "gqa7-4bit-fp16": (2, 1, 7, 32, 45, 2, 20, 17, 4, torch.float16, False, True, True, 16),
-    "fp16-float-latents": (2, 2, 2, 16, 33, 6, 10, 10, None, torch.float16, True, False, True, 16),
-    "no-window": (2, 2, 2, 16, 21, 0, 6, 6, 8, torch.float32, False, False, True, 16),
-    "window-only": (2, 2, 2, 16, 0, 9, 6, 6, None, torch.float32, True, True, False, 16),
-}
+from compressors.cskv.testing import KERNEL_CASES as CASES  # noqa: E402
+from compressors.cskv.testing import kernel_inputs  # noqa: E402
 
 
-def inputs(batch, kv_heads, group, head_dim, length, window, rank_k, rank_v, bits, dtype, bias, masked, ragged,
-           seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-    out = head_dim * kv_heads
-    # SVD-like latents: a few large channels, many small ones
-    spread_k = torch.linspace(2.0, 0.2, rank_k)
-    spread_v = torch.linspace(2.0, 0.2, rank_v)
-    args = dict(
-        q=randn(batch, kv_heads * group, head_dim),
-        latent_k=store(torch.randn(batch, length, rank_k, generator=g) * spread_k, bits, 4, dtype),
-        latent_v=store(torch.randn(batch, length, rank_v, generator=g) * spread_v, bits, 4, dtype),
-        up_k=randn(out, rank_k, scale=0.4), bias_k=randn(out, scale=0.1) if bias else None,
-        up_v=randn(out, rank_v, scale=0.4), bias_v=randn(out, scale=0.1) if bias else None,
-        positions=torch.randint(0, 4000, (batch, length), generator=g),
-        inv_freq=1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)),
-        window_k=randn(batch, kv_heads, window, head_dim), window_v=randn(batch, kv_heads, window, head_dim),
-    )
-    kwargs = dict(sm_scale=head_dim ** -0.5, rope_scaling=1.0)
-    if masked:
-        kwargs["key_mask"] = torch.rand(batch, length + window, generator=g) > 0.25
-    if ragged:
-        kwargs["latent_lens"] = torch.randint(0, length + 1, (batch,), generator=g)
-        kwargs["window_lens"] = torch.randint(0, window + 1, (batch,), generator=g)
-        kwargs["latent_lens"][0] = length  # one full row
-    return args, kwargs
+def inputs(*shape, seed=0):
+    """``(args, kwargs)`` of a case (``compressors/cskv/testing.py``, shared with the GPU suite)."""
+    return kernel_inputs(*shape, seed=seed)
 
 
 @in_process
@@ -134,6 +96,65 @@ def test_bad_kernel_arguments_are_errors() -> None:
         decode_attention_triton(**args, **kwargs, block_n=24)
     with pytest.raises(ValueError, match="multiple of block_n"):
         decode_attention_triton(**args, **kwargs, split_size=20, block_n=16)
+
+
+# name: case shape (as in CASES, without the split), then kernel tuning arguments
+TUNED = {
+    # one split per row: the main program normalizes and writes the output (no combine launch)
+    "one-split-direct": ((2, 3, 3, 16, 37, 5, 7, 9, 4, torch.float32, True, True, True),
+                         dict(split_size=64, block_n=16)),
+    "one-split-window-only": ((2, 2, 3, 16, 0, 9, 6, 6, 8, torch.float32, True, True, True), dict(block_n=32)),
+    # 3 KV heads in chunks of 2: the second chunk has a padding head
+    "head-chunks-with-padding": ((2, 3, 2, 16, 29, 7, 11, 5, 4, torch.float32, True, True, True),
+                                 dict(split_size=16, block_n=16, heads_per_program=2)),
+    "one-head-per-program-fp16": ((2, 3, 3, 16, 33, 6, 10, 10, None, torch.float16, True, True, True),
+                                  dict(split_size=32, block_n=16, heads_per_program=1)),
+    # more splits than the combine merges at once (32): it loops
+    "many-splits": ((1, 1, 3, 16, 600, 4, 6, 6, 4, torch.float32, False, True, False),
+                    dict(split_size=16, block_n=16)),
+    # default splits from the (CPU: 4) SM count, several tokens blocks per program, window of 1
+    "default-splits-block32": ((3, 1, 4, 24, 150, 1, 13, 6, 8, torch.float32, False, True, True),
+                               dict(block_n=32, programs_per_sm=2, min_blocks_per_split=1)),
+    "mha-gqa1-bias": ((2, 4, 1, 32, 45, 3, 12, 12, None, torch.float32, True, False, False),
+                      dict(block_n=16, split_size=16)),
+}
+
+
+@in_process
+@pytest.mark.parametrize("name", list(TUNED))
+def test_kernel_tuning_paths_match_reference(name) -> None:
+    shape, tuning = TUNED[name]
+    args, kwargs = inputs(*shape, seed=5)
+    want = decode_attention_reference(**args, **kwargs)
+    got = decode_attention_triton(**args, **kwargs, **tuning)
+    tol = 2e-5 if shape[9] == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@in_process
+def test_kernel_reads_masks_positions_and_lengths_in_their_own_dtypes() -> None:
+    """int32 positions, an int64 (0 / 1) key mask, int32 lengths and a non-contiguous query are read as
+    they are (no conversion copies), with the same result."""
+    args, kwargs = inputs(2, 3, 3, 16, 40, 6, 9, 9, 4, torch.float32, False, True, True, seed=7)
+    want = decode_attention_reference(**args, **kwargs)
+    args["positions"] = args["positions"].to(torch.int32)
+    kwargs["key_mask"] = kwargs["key_mask"].long()
+    kwargs["latent_lens"] = kwargs["latent_lens"].int()
+    kwargs["window_lens"] = kwargs["window_lens"].int()
+    q = args["q"]
+    args["q"] = torch.cat([q, q], dim=-1)[..., : q.shape[-1]]  # same values, row stride 2 * head_dim
+    got = decode_attention_triton(**args, **kwargs, split_size=16, block_n=16)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_default_splits_fill_the_device_without_a_tail_wave() -> None:
+    # SmolLM2 at 128k tokens, batch 16, one program per row (3 KV heads together), 132 SMs
+    size, n = plan_splits(131072 - 32, None, 64, 16, 132)
+    assert size % 64 == 0 and 16 * n <= 4 * 132 and 16 * (n + 1) > 4 * 132 - 16
+    # short contexts: at least 2 blocks per split; an empty latent branch still has a split (the window's)
+    assert plan_splits(256, None, 64, 1, 132) == (128, 2)
+    assert plan_splits(0, None, 64, 1, 132) == (64, 1)
+    assert plan_splits(5000, 128, 64, 1, 132) == (128, 40)
 
 
 @in_process
