@@ -47,7 +47,7 @@ def test_kernel_cases_in_a_fresh_interpreter() -> None:
 
 
 from compressors.cskv import attention  # noqa: E402
-from compressors.cskv.kernel import decode_attention_triton, plan_splits  # noqa: E402
+from compressors.cskv.kernel import _cos_sin, decode_attention_triton, plan_splits  # noqa: E402
 from compressors.cskv.reference import decode_attention_reference  # noqa: E402
 from compressors.cskv.testing import KERNEL_CASES as CASES  # noqa: E402
 from compressors.cskv.testing import kernel_inputs  # noqa: E402
@@ -117,6 +117,13 @@ TUNED = {
                                dict(block_n=32, programs_per_sm=2, min_blocks_per_split=1)),
     "mha-gqa1-bias": ((2, 4, 1, 32, 45, 3, 12, 12, None, torch.float32, True, False, False),
                       dict(block_n=16, split_size=16)),
+    # keys reconstructed transposed ([head dim, tokens]), every latent format, with bias and a padding head
+    "keys-transposed-4bit": ((2, 3, 2, 16, 29, 7, 11, 5, 4, torch.float32, True, True, True),
+                             dict(split_size=16, block_n=16, heads_per_program=2, keys_transposed=True)),
+    "keys-transposed-8bit-d24": ((3, 1, 4, 24, 50, 3, 13, 6, 8, torch.float32, False, True, True),
+                                 dict(block_n=16, keys_transposed=True)),
+    "keys-transposed-float-fp16": ((2, 2, 3, 16, 33, 6, 10, 10, None, torch.float16, True, True, True),
+                                   dict(split_size=32, block_n=16, keys_transposed=True)),
 }
 
 
@@ -197,3 +204,26 @@ def test_model_decoding_through_the_kernel_matches_the_reference_path(tiny, monk
     kernel = run()
     assert len(calls) == 2 * 2  # every decode step of both layers went through the kernel
     torch.testing.assert_close(kernel, reference, atol=1e-4, rtol=1e-4)
+
+
+@triton.jit
+def _cos_sin_probe(ANGLE, COS, SIN, n, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    c, s = _cos_sin(tl.load(ANGLE + offs, mask=ok, other=0.0), FAST)
+    tl.store(COS + offs, c, mask=ok)
+    tl.store(SIN + offs, s, mask=ok)
+
+
+@in_process
+def test_fast_rope_range_reduction_keeps_large_positions_exact() -> None:
+    """The GPU's fast RoPE reduces angles to [-pi, pi] before the hardware sin / cos; here the same
+    reduction feeds exact cos / sin (FAST=2), at RoPE angles of positions up to 1M."""
+    positions = torch.cat([torch.arange(0, 5000), torch.randint(0, 1_050_000, (3000,))]).float()
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    angle = (positions[:, None] * inv_freq).flatten().contiguous()
+    cos, sin = torch.empty_like(angle), torch.empty_like(angle)
+    _cos_sin_probe[(triton.cdiv(angle.numel(), 1024),)](angle, cos, sin, angle.numel(), FAST=2, BLOCK=1024)
+    exact = angle.double()
+    assert (cos.double() - exact.cos()).abs().max() < 1e-6
+    assert (sin.double() - exact.sin()).abs().max() < 1e-6

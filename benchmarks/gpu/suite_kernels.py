@@ -1,13 +1,18 @@
 """Sections 1 and 2 of the GPU suite: the CSKV decode kernel's correctness and its speed.
 
-1. ``decode_attention_triton`` against ``decode_attention_reference`` (computed in fp32 from the same
-   stored inputs) on the odd-shaped cases of ``compressors.cskv.testing`` in fp16 and bf16, plus
-   SmolLM2-shaped cases with float / 8-bit / 4-bit latents, ragged rows and masks.
+1. ``decode_attention_triton`` (``compressors/cskv/kernel.py``, version 2) against
+   ``decode_attention_reference`` (computed in fp32 from the same stored inputs) on the odd-shaped cases
+   of ``compressors.cskv.testing`` in fp16 and bf16, plus SmolLM2-shaped cases with float / 8-bit / 4-bit
+   latents, ragged rows and masks, called with the kernel's defaults (as the model calls it), with one
+   split per row (the single-launch path) and with one KV head per program.
 2. One decode step of one layer at SmolLM2-135M shapes (9 query / 3 KV heads, head_dim 64) and the
-   CSKV ranks of ``recipes/configs/cskv/gpu.yaml``: the fused kernel on the latent cache, the
-   PyTorch reference on the same cache, and dense SDPA over the full bf16 K/V cache, at 1k-128k
+   CSKV ranks of ``recipes/configs/cskv/gpu.yaml``: the fused kernel (version 2, every latent format),
+   the previous kernel (``cskv_kernel_v1.py``, kept here only as the baseline, at the config's format),
+   the PyTorch reference on the same cache, and dense SDPA over the full bf16 K/V cache, at 1k-128k
    tokens and batch 1 / 16. Bytes moved are counted from the tensors each method must read (and
-   write) once; the roofline is the device-to-device copy bandwidth measured in the same run.
+   write) once; the roofline is the device-to-device copy bandwidth measured in the same run. Then a
+   small sweep of version 2's knobs (block size, warps, stages, splits, heads per program) at three
+   points, while the section's time lasts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 # SmolLM2-135M attention (compressors/models.py's embedded model): 9 query heads, 3 KV heads, head_dim 64.
 Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
+# Correctness cases that check a path of the kernel other than its default, by case name: keyword
+# arguments added to the call (the case tuples keep their 6 fields).
+CASE_TUNING: dict[str, dict[str, Any]] = {
+    "smollm2-T1000-4-bit-one-split": dict(split_size=1 << 20),  # one split per row: no combine launch
+    "smollm2-T1000-4-bit-one-head": dict(heads_per_program=1),  # 3 programs per row, as version 1 had
+    "smollm2-T1000-4-bit-keys-t": dict(keys_transposed=True),  # keys reconstructed as [head dim, tokens]
+    "smollm2-T1000-4-bit-exact-rope": dict(fast_rope=False),  # libdevice sin / cos instead of the fast path
+}
+
 
 @dataclass
 class CSKVShape:
@@ -63,8 +77,8 @@ def cskv_gpu_shape(path: str = "recipes/configs/cskv/gpu.yaml") -> CSKVShape:
 
 
 # ----- 1. correctness -------------------------------------------------------------------------------
-def correctness_cases(smoke: bool) -> list[tuple[str, tuple[Any, ...], torch.dtype, int | None, int, int]]:
-    """``(name, shape, dtype, split_size, block_n, group_size)`` for every check.
+def correctness_cases(smoke: bool) -> list[tuple[str, tuple[Any, ...], torch.dtype, int | None, int | None, int]]:
+    """``(name, shape, dtype, split_size, block_n, group_size)`` for every check (None: the kernel's default).
 
     Smoke (CPU interpreter): fp16 only (the interpreter has no bf16), the small cases.
     """
@@ -83,13 +97,16 @@ def correctness_cases(smoke: bool) -> list[tuple[str, tuple[Any, ...], torch.dty
         for bits in (None, 8, 4):
             # SmolLM2 layer, ragged rows, masked keys, default splits and block (as the model calls it)
             cases.append(_smollm2_case(dtype, bits, 1000, cskv.window, None, cskv=cskv, batch=4))
-        cases.append(_smollm2_case(dtype, cskv.bits, 4099, cskv.window, None, cskv=cskv, batch=2, block_n=64))
+        cases.append(_smollm2_case(dtype, cskv.bits, 4099, cskv.window, None, cskv=cskv, batch=2))
+        for suffix in ("one-split", "one-head", "keys-t", "exact-rope"):
+            name, *rest = _smollm2_case(dtype, 4, 1000, cskv.window, None, cskv=cskv, batch=4)
+            cases.append((f"{name}-{suffix}", *rest))
     return cases
 
 
 def _smollm2_case(dtype: torch.dtype, bits: int | None, length: int, window: int, split: int | None,
-                  cskv: CSKVShape | None = None, batch: int = 2, block_n: int = 32, smoke: bool = False,
-                  ) -> tuple[str, tuple[Any, ...], torch.dtype, int | None, int, int]:
+                  cskv: CSKVShape | None = None, batch: int = 2, block_n: int | None = None, smoke: bool = False,
+                  ) -> tuple[str, tuple[Any, ...], torch.dtype, int | None, int | None, int]:
     rank_k, rank_v, group = (cskv.rank_k, cskv.rank_v, cskv.group_size) if cskv else (38, 38, 32)
     if smoke:  # a small head_dim keeps the interpreter fast; the GQA ratio and ranks stay SmolLM2's
         shape = (batch, KV_HEADS, Q_HEADS // KV_HEADS, 16, length, window, rank_k, rank_v, bits, dtype, False, True,
@@ -112,11 +129,13 @@ def section_correctness(record: dict[str, Any], results: Results, clock: Clock, 
                            "atol + rtol * abs(reference) with the CPU test's (atol, rtol), for information")
     for name, shape, dtype, split, block_n, group in correctness_cases(smoke):
         row: dict[str, Any] = {"case": name, "dtype": DTYPE_NAMES[dtype], "bits": shape[8] or "float",
+                               "kernel": "v2",
                                "shape": "B{} kv{} g{} d{} T{} W{} r{}/{}".format(*shape[:8])}
         try:
             args, kwargs = kernel_inputs(*shape, seed=len(rows), group_size=group, device=device)
             want = decode_attention_reference(**{**args, "q": args["q"].float()}, **kwargs)  # fp32 oracle
-            got = decode_attention_triton(**args, **kwargs, split_size=split, block_n=block_n)
+            tuning = {"split_size": split, "block_n": block_n, **CASE_TUNING.get(name, {})}
+            got = decode_attention_triton(**args, **kwargs, **{k: v for k, v in tuning.items() if v is not None})
             if device == "cuda":
                 torch.cuda.synchronize()
             atol, rtol = ALLCLOSE[dtype]
@@ -205,9 +224,38 @@ def memory_needed(batch: int, tokens: int, cskv: CSKVShape, with_reference: bool
     return need
 
 
+# Knob sweep of the version 2 kernel (after the main table, while the section's time lasts): the default
+# first, then one change at a time. Each distinct (block_n, num_warps, num_stages, heads_per_program) is a
+# separate Triton compile (a few seconds); programs_per_sm only changes the grid.
+SWEEP_POINTS = ((1, 32768), (16, 8192), (16, 131072))
+SWEEP_CONFIGS: tuple[dict[str, Any], ...] = (  # most informative first: the deadline may cut the tail
+    {},  # the defaults: block_n 64, 4 warps, 2 stages, 4 programs per SM, 3 KV heads per program, fast RoPE
+    dict(heads_per_program=1),  # no register spills, but each latent read and cos / sin computed 3 times
+    dict(block_n=128),
+    dict(block_n=32),
+    dict(num_warps=8),
+    dict(keys_transposed=True),
+    dict(fast_rope=False),  # libdevice sin / cos (what v1 used): the cost of exact RoPE
+    dict(num_stages=3),
+    dict(num_stages=1),
+    dict(programs_per_sm=2),
+    dict(programs_per_sm=8),
+    dict(block_n=128, num_warps=8),
+)
+
+
+def _config_name(config: dict[str, Any]) -> str:
+    short = {"block_n": "bn", "num_warps": "w", "num_stages": "st", "programs_per_sm": "pps",
+             "heads_per_program": "hpp", "keys_transposed": "kt", "fast_rope": "fast_rope"}
+    return "v2[" + (",".join(f"{short[k]}={v}" for k, v in config.items()) or "default") + "]"
+
+
 def section_speed(record: dict[str, Any], results: Results, clock: Clock, device: str, smoke: bool,
                   deadline_s: float) -> None:
-    """Time one decode step per (batch, tokens, method); stop starting new points past ``deadline_s``."""
+    """Time one decode step per (batch, tokens, method); stop starting new points past ``deadline_s``;
+    then sweep the kernel's knobs at ``SWEEP_POINTS`` until ``deadline_s``."""
+    from cskv_kernel_v1 import decode_attention_triton as kernel_v1
+
     from compressors.cskv.kernel import decode_attention_triton
 
     cuda = device == "cuda"
@@ -227,15 +275,23 @@ def section_speed(record: dict[str, Any], results: Results, clock: Clock, device
         "bytes = each input read once + the output written once: dense = bf16 K and V of every token; CSKV = "
         "packed latents with their fp16 scale / zero, int32 positions, the full-precision window and the "
         "up-projections. roofline = (bytes / time) / the device-to-device copy bandwidth measured in this run",
-        "the 3 KV heads of a layer share one latent: the kernel's programs of the 3 heads each read it (from "
-        "L2 after the first), so its DRAM traffic is between 1x and 3x the latent bytes; the count above is 1x",
+        "cskv_kernel_* = version 2 (compressors/cskv/kernel.py: one program per batch row and split for all 3 "
+        "KV heads, so each latent is read once; values accumulated in rank space; window in the last split); "
+        "cskv_kernel_v1_* = the previous kernel (benchmarks/gpu/cskv_kernel_v1.py: one program per KV head, "
+        "values reconstructed per token, separate window and combine launches), same inputs. Their notes "
+        "give the speedup of v2 over v1 and v2's max error relative to max |v1| (and to the reference)",
         "sdpa = torch SDPA (default backend choice, enable_gqa); sdpa_flash = the FlashAttention backend, "
         "GQA folded into 3 query rows per KV head; cskv_reference = the PyTorch path (reconstruct, rotate, "
         "attend) on the same latent cache",
+        "v2[...] rows: the knob sweep (bn = block_n, w = num_warps, st = num_stages, pps = programs_per_sm, "
+        "hpp = heads_per_program, kt = keys_transposed, fast_rope; default = bn 64, 4 warps, 2 stages, 4 "
+        "programs / SM, 3 KV heads per program, fast RoPE), the config's latent format",
     ]
     batches = (2,) if smoke else (1, 16)
     lengths = (64,) if smoke else (1024, 8192, 32768, 131072)
     free = torch.cuda.mem_get_info()[0] if cuda else None
+    speedups: dict[str, float] = {}
+    record["v2_over_v1"] = speedups
     for batch in batches:
         for tokens in lengths:
             if clock.elapsed() > deadline_s:
@@ -250,21 +306,75 @@ def section_speed(record: dict[str, Any], results: Results, clock: Clock, device
                 results.write()
                 continue
             _speed_point(rows, batch, tokens, cskv, dtype, device, roof, with_reference, smoke,
-                         decode_attention_triton)
+                         decode_attention_triton, kernel_v1, speedups)
             results.write()
             summary = ", ".join(f"{r['method']} {r['ms']:.3f} ms" for r in rows
                                 if r.get("batch") == batch and r.get("tokens") == tokens and "ms" in r)
             clock.log(f"  speed B={batch} T={tokens}: {summary}")
             if cuda:
                 torch.cuda.empty_cache()
+    _sweep(record, rows, results, clock, device, smoke, deadline_s, cskv, dtype, roof, decode_attention_triton)
+
+
+def _sweep(record: dict[str, Any], rows: list[dict[str, Any]], results: Results, clock: Clock, device: str,
+           smoke: bool, deadline_s: float, cskv: CSKVShape, dtype: torch.dtype, roof: float, kernel: Any) -> None:
+    """Time the knob configurations at the sweep points (configs outer: one compile each); rows go to the
+    speed table as ``v2[...]`` methods, the best config per point to ``record["sweep_best"]``."""
+    cuda = device == "cuda"
+    points = ((2, 64),) if smoke else SWEEP_POINTS
+    configs = SWEEP_CONFIGS[:2] if smoke else SWEEP_CONFIGS
+    sdpa = {(r["batch"], r["tokens"]): r["ms"] for r in rows if r.get("method") == "sdpa" and "ms" in r}
+    inputs = {}
+    for batch, tokens in points:
+        if clock.elapsed() > deadline_s:
+            break
+        inputs[(batch, tokens)] = latent_cache(batch, tokens, cskv, cskv.bits, dtype, device)
+    best: dict[str, str] = {}
+    record["sweep_best"] = best
+    default_ms: dict[tuple[int, int], float] = {}
+    kw = dict(sm_scale=HEAD_DIM ** -0.5)
+    for config in configs:
+        if clock.elapsed() > deadline_s or not inputs:
+            rows.append({"method": _config_name(config), "note": "sweep: skipped, the section's time budget is spent"})
+            continue
+        for (batch, tokens), args in inputs.items():
+            row: dict[str, Any] = {"batch": batch, "tokens": tokens, "method": _config_name(config),
+                                   "bytes_mb": cskv_bytes(args) / 1e6, "note": "sweep"}
+            try:
+                timing = bench(lambda a=args, c=config: kernel(**a, **kw, **c), cuda)
+                row.update(ms=timing["ms"], ms_p20=timing["ms_p20"], ms_p80=timing["ms_p80"])
+                row["gb_per_s"] = cskv_bytes(args) / (timing["ms"] * 1e-3) / 1e9
+                row["roofline"] = row["gb_per_s"] / roof
+                if (batch, tokens) in sdpa:
+                    row["vs_sdpa"] = sdpa[(batch, tokens)] / timing["ms"]
+                if not config:
+                    default_ms[(batch, tokens)] = timing["ms"]
+                elif (batch, tokens) in default_ms:
+                    row["note"] = f"sweep: x{default_ms[(batch, tokens)] / timing['ms']:.2f} vs default"
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (e.g. out of resources)
+                row["note"] = f"sweep: error: {type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+        results.write()
+        clock.log("  sweep " + _config_name(config) + ": " + ", ".join(
+            f"B={r['batch']} T={r['tokens']} {r['ms']:.3f} ms" for r in rows[-len(inputs):] if "ms" in r))
+    for batch, tokens in inputs:
+        timed = [r for r in rows if r.get("note", "").startswith("sweep") and r.get("batch") == batch
+                 and r.get("tokens") == tokens and "ms" in r]
+        if timed:
+            fastest = min(timed, key=lambda r: r["ms"])
+            best[f"B{batch}_T{tokens}"] = f"{fastest['method']} {fastest['ms']:.4g} ms"
+    del inputs
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKVShape, dtype: torch.dtype,
-                 device: str, roof: float, with_reference: bool, smoke: bool, kernel: Any) -> None:
+                 device: str, roof: float, with_reference: bool, smoke: bool, kernel: Any, kernel_v1: Any,
+                 speedups: dict[str, float]) -> None:
     cuda = device == "cuda"
     point: list[dict[str, Any]] = []
 
-    def add(method: str, fn: Any, nbytes: int, note: str = "", context: Any = None) -> None:
+    def add(method: str, fn: Any, nbytes: int, note: str = "", context: Any = None) -> dict[str, Any]:
         row: dict[str, Any] = {"batch": batch, "tokens": tokens, "method": method, "bytes_mb": nbytes / 1e6,
                                "note": note}
         try:
@@ -276,6 +386,7 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
         except Exception as exc:  # noqa: BLE001 - e.g. a backend that refuses the shape
             row["note"] = (note + " " if note else "") + f"error: {type(exc).__name__}: {exc}"[:200]
         point.append(row)
+        return row
 
     # dense: the full bf16 cache of one layer
     gen = torch.Generator(device=device).manual_seed(1)
@@ -290,22 +401,39 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
 
         q_grouped = q.view(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)  # a GQA group's heads as query rows
         add("sdpa_flash", lambda: sdpa(q_grouped, k, v), dense_bytes, context=sdpa_kernel([SDPBackend.FLASH_ATTENTION]))
-    del_dense = (q, k, v)
 
     variants = [cskv.bits] + [b for b in (8, None) if b != cskv.bits]
     kw = dict(sm_scale=HEAD_DIM ** -0.5)
     for bits in variants if not smoke else [cskv.bits]:
         args = latent_cache(batch, tokens, cskv, bits, dtype, device)
         nbytes = cskv_bytes(args)
-        label = f"cskv_kernel_{bits}bit" if bits else "cskv_kernel_float"
-        add(label, lambda a=args: kernel(**a, **kw), nbytes, "latents " + (f"{bits}-bit" if bits else DTYPE_NAMES[dtype]))
-        if with_reference and bits == cskv.bits:
-            add(f"cskv_reference_{bits}bit" if bits else "cskv_reference_float",
-                lambda a=args: decode_attention_reference(**a, **kw), nbytes, "PyTorch reference, same cache")
+        name = f"{bits}bit" if bits else "float"
+        fmt = "latents " + (f"{bits}-bit" if bits else DTYPE_NAMES[dtype])
+        new = add(f"cskv_kernel_{name}", lambda a=args: kernel(**a, **kw), nbytes, fmt)
+        if bits != cskv.bits:
+            del args
+            continue
+        old = add(f"cskv_kernel_v1_{name}", lambda a=args: kernel_v1(**a, **kw), nbytes, fmt + ", previous kernel")
+        checks = []
+        try:
+            got = kernel(**args, **kw).float()
+            base = kernel_v1(**args, **kw).float()
+            checks.append(f"rel_err vs v1 {float((got - base).abs().max() / base.abs().max().clamp(min=1e-6)):.1e}")
+            if with_reference:
+                ref = decode_attention_reference(**args, **kw).float()
+                checks.append(f"vs reference {float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)):.1e}")
+        except Exception as exc:  # noqa: BLE001 - a failed check is a result
+            checks.append(f"check error: {type(exc).__name__}: {exc}"[:160])
+        if "ms" in new and "ms" in old:
+            speedups[f"B{batch}_T{tokens}"] = round(old["ms"] / new["ms"], 3)
+            checks.insert(0, f"x{old['ms'] / new['ms']:.2f} vs v1")
+        new["note"] = "; ".join([fmt, *checks])
+        if with_reference:
+            add(f"cskv_reference_{name}", lambda a=args: decode_attention_reference(**a, **kw), nbytes,
+                "PyTorch reference, same cache")
         del args
     base = next((r["ms"] for r in point if r["method"] == "sdpa" and "ms" in r), None)
     for row in point:
         if base and "ms" in row:
             row["vs_sdpa"] = base / row["ms"]
     rows.extend(point)
-    del del_dense

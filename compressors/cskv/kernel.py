@@ -20,6 +20,18 @@ Channels are processed as two halves so that a 4-bit byte's two nibbles (channel
 ``j + R/2``, see ``quant.py``) feed two dot products without interleaving, and head dimensions as two
 halves so that ``rotate_half`` is a pair of multiplies.
 
+RoPE: on a GPU with fp16 / bf16 queries, ``cos / sin`` come from the hardware approximations after an
+exact range reduction (``_cos_sin``); libdevice's ``tl.cos / tl.sin`` inline a slow-path range
+reduction per element (the compile for sm_90 went from 21 s to 6 s without them). Keys can also be
+reconstructed transposed (``keys_transposed``: ``k^T = U z^T``, M = head_dim / 2 instead of BLOCK_N,
+so no transposes before the scores; an option for the GPU sweep, not the default).
+
+Register pressure (compiled for sm_90a here with triton 3.9 and ptxas, not measured on a GPU): with 3 KV
+heads per program and BLOCK_N 64 the main kernel uses 255 registers and spills ~60-250 bytes (the
+hoisted up-projection tiles, cos / sin and the per-head key tiles are live at once); one KV head per
+program (``heads_per_program=1``) needs ~210 and does not spill, at the price of reading each latent and
+computing cos / sin 3 times. Which wins is for the GPU sweep to say.
+
 Host side: no per-call ``torch.full`` / ``zeros`` / dtype conversions (lengths absent = a constexpr
 flag, masks / positions read in their own integer dtype through their strides); one ``torch.empty`` for
 the output and, with several splits, one for all partials. The split count comes from the device's SM
@@ -62,36 +74,85 @@ def _dot(a, b, LOW: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin(angle, FAST: tl.constexpr):
+    """``cos, sin`` of float32 ``angle`` (>= 0).
+
+    FAST=1 (GPU only: inline PTX): reduce to [-pi, pi] with a 3-part 2*pi (6.25 is exact in 5 bits, so
+    ``k * 6.25`` is exact for k < 2^19, angles < 3.3e6; fma keeps the other two products unrounded), then
+    the hardware ``cos / sin.approx.f32`` (abs error ~5e-7 on that range). In float64 emulation the
+    reduction stays within 2.2e-7 of the exact cosine of the same float32 angle for positions up to 1.1M.
+    FAST=2: the same reduction, then ``tl.cos / tl.sin`` (lets the CPU interpreter test the reduction).
+    FAST=0: ``tl.cos / tl.sin`` (libdevice: exact, but a range reduction with a slow path per element).
+    """
+    if FAST != 0:
+        turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+        r = tl.fma(-turns, 6.25, angle)
+        r = tl.fma(-turns, 0.03318530693650246, r)
+        r = tl.fma(-turns, 2.430837753308879e-10, r)
+        if FAST == 1:
+            c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+            s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            c = tl.cos(r)
+            s = tl.sin(r)
+    else:
+        c = tl.cos(angle)
+        s = tl.sin(angle)
+    return c, s
+
+
+@triton.jit
 def _latent_half(data_row, scale_row, zero_row, offs_n, n_ok, cols, HI: tl.constexpr, RH, R,
-                 stride_t, stride_st, group_size, BITS: tl.constexpr):
-    """Latent channels ``cols`` (+ RH for the high half) of tokens ``offs_n``: float32 [N, RH_PAD]."""
+                 stride_t, stride_st, group_size, BITS: tl.constexpr, LOW: tl.constexpr, TRANS: tl.constexpr = False):
+    """Latent channels ``cols`` (+ RH for the high half) of tokens ``offs_n``: [N, RH_PAD] ([RH_PAD, N]
+    with TRANS), already in the dtype the dot products read (fp16 / bf16 for LOW=1 / 2, else float32;
+    ``_dot`` would round to it anyway), so that no float32 copy stays live across the heads' dots."""
     chan = cols + RH * HI
+    if TRANS:
+        tok, tok_ok, col, ch = offs_n[None, :], n_ok[None, :], cols[:, None], chan[:, None]
+    else:
+        tok, tok_ok, col, ch = offs_n[:, None], n_ok[:, None], cols[None, :], chan[None, :]
     if BITS == 4:
-        ok = n_ok[:, None] & (cols[None, :] < RH)
-        byte = tl.load(data_row + offs_n[:, None] * stride_t + cols[None, :], mask=ok, other=0)
+        ok = tok_ok & (col < RH)
+        byte = tl.load(data_row + tok * stride_t + col, mask=ok, other=0)
         if HI:
             code = (byte >> 4) & 15
         else:
             code = byte & 15
     else:
-        ok = n_ok[:, None] & (cols[None, :] < RH) & (chan[None, :] < R)
-        code = tl.load(data_row + offs_n[:, None] * stride_t + chan[None, :], mask=ok, other=0)
+        ok = tok_ok & (col < RH) & (ch < R)
+        code = tl.load(data_row + tok * stride_t + ch, mask=ok, other=0)
     value = code.to(tl.float32)
     if BITS != 0:
-        grp = chan // group_size
-        sc = tl.load(scale_row + offs_n[:, None] * stride_st + grp[None, :], mask=ok, other=0.0).to(tl.float32)
-        zp = tl.load(zero_row + offs_n[:, None] * stride_st + grp[None, :], mask=ok, other=0.0).to(tl.float32)
+        grp = ch // group_size
+        sc = tl.load(scale_row + tok * stride_st + grp, mask=ok, other=0.0).to(tl.float32)
+        zp = tl.load(zero_row + tok * stride_st + grp, mask=ok, other=0.0).to(tl.float32)
         value = value * sc + zp
-    return tl.where(ok, value, 0.0)
+    value = tl.where(ok, value, 0.0)
+    if LOW == 1:
+        return value.to(tl.float16)
+    elif LOW == 2:
+        return value.to(tl.bfloat16)
+    else:
+        return value
 
 
 @triton.jit
-def _up_tile(up, row0, limit, CH: tl.constexpr, cols, dims, RH, R, HALF: tl.constexpr, s_u):
-    """Transposed slice of an up-projection: ``up[row0 + d, CH*RH + j]`` as float32 [RH_PAD, HALF_PAD];
-    zeros for rows at or past ``limit`` (a padding head of the last head chunk)."""
+def _up_tile(up, row0, limit, CH: tl.constexpr, cols, dims, RH, R, HALF: tl.constexpr, s_u, TRANS: tl.constexpr = True):
+    """Slice of an up-projection, ``up[row0 + d, CH*RH + j]``, as float32 [RH_PAD, HALF_PAD] (TRANS, the
+    B operand of ``latent @ tile``) or [HALF_PAD, RH_PAD] (the A operand of ``tile @ latent^T``); zeros for
+    rows at or past ``limit`` (a padding head of the last head chunk)."""
     chan = cols + RH * CH
-    ok = (cols[:, None] < RH) & (chan[:, None] < R) & ((dims < HALF) & (row0 + dims < limit))[None, :]
-    return tl.load(up + (row0 + dims)[None, :] * s_u + chan[:, None], mask=ok, other=0.0).to(tl.float32)
+    row_ok = (dims < HALF) & (row0 + dims < limit)
+    if TRANS:
+        ok = (cols[:, None] < RH) & (chan[:, None] < R) & row_ok[None, :]
+        ptr = up + (row0 + dims)[None, :] * s_u + chan[:, None]
+    else:
+        ok = (cols[None, :] < RH) & (chan[None, :] < R) & row_ok[:, None]
+        ptr = up + (row0 + dims)[:, None] * s_u + chan[None, :]
+    return tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["latent_len", "window_len", "split_size", "n_splits", "total_rows",
@@ -104,7 +165,8 @@ def _cskv_decode_kernel(
     s_wkb, s_wkh, s_wkt, s_wvb, s_wvh, s_wvt, s_mb, s_mt, s_ob, s_oh,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LAT_LENS: tl.constexpr,
-    HAS_WIN_LENS: tl.constexpr, LOW: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_WIN_LENS: tl.constexpr, LOW: tl.constexpr, DIRECT: tl.constexpr, FAST_ROPE: tl.constexpr,
+    KEYS_T: tl.constexpr,
     ROWS: tl.constexpr, HALF_PAD: tl.constexpr, RHK_PAD: tl.constexpr, RHV_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
@@ -113,6 +175,7 @@ def _cskv_decode_kernel(
     N_CHUNKS: tl.constexpr = (KV_HEADS + HEADS_PER_PROG - 1) // HEADS_PER_PROG
     pid, split = tl.program_id(0), tl.program_id(1)
     b, chunk = pid // N_CHUNKS, pid % N_CHUNKS
+    bl = b.to(tl.int64)  # 64-bit row offsets into the (possibly > 2 GiB) latent cache
     head0 = chunk * HEADS_PER_PROG
     # the query rows of this program's KV heads; row r belongs to KV head r // GROUP
     local = tl.arange(0, ROWS)
@@ -139,42 +202,63 @@ def _cskv_decode_kernel(
         length = latent_len
     start = split * split_size
     end = tl.minimum(start + split_size, length)
-    ck_row, cks_row, ckz_row = CK + b * s_ckb, CKS + b * s_cksb, CKZ + b * s_cksb
-    cv_row, cvs_row, cvz_row = CV + b * s_cvb, CVS + b * s_cvsb, CVZ + b * s_cvsb
+    ck_row, cks_row, ckz_row = CK + bl * s_ckb, CKS + bl * s_cksb, CKZ + bl * s_cksb
+    cv_row, cvs_row, cvz_row = CV + bl * s_cvb, CVS + bl * s_cvsb, CVZ + bl * s_cvsb
+    pos_row, mask_row = POS + bl * s_pb, MASK + bl * s_mb
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if HAS_MASK:
-            n_ok = n_ok & (tl.load(MASK + b * s_mb + offs_n * s_mt, mask=n_ok, other=0) != 0)
-        ka = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 0, RHK, RK, s_ckt, s_ckst, group_size,
-                          BITS)
-        kb = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 1, RHK, RK, s_ckt, s_ckst, group_size,
-                          BITS)
-        pos = tl.load(POS + b * s_pb + offs_n * s_pt, mask=n_ok, other=0).to(tl.float32)
-        angle = pos[:, None] * inv_freq[None, :]
-        cos = tl.cos(angle) * rope_scale  # once per token and frequency, shared by every head
-        sin = tl.sin(angle) * rope_scale
+            n_ok = n_ok & (tl.load(mask_row + offs_n * s_mt, mask=n_ok, other=0) != 0)
+        pos = tl.load(pos_row + offs_n * s_pt, mask=n_ok, other=0).to(tl.float32)
         s = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        if KEYS_T:  # keys as [head dim, tokens]: k^T = U z^T (M = head_dim / 2), scores = q @ k^T directly
+            ka = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 0, RHK, RK, s_ckt, s_ckst,
+                              group_size, BITS, LOW, True)
+            kb = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 1, RHK, RK, s_ckt, s_ckst,
+                              group_size, BITS, LOW, True)
+            cos, sin = _cos_sin(inv_freq[:, None] * pos[None, :], FAST_ROPE)  # [HALF_PAD, N], shared by heads
+        else:  # keys as [tokens, head dim]: k = z U^T (M = BLOCK_N), scores = q @ trans(k)
+            ka = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 0, RHK, RK, s_ckt, s_ckst,
+                              group_size, BITS, LOW)
+            kb = _latent_half(ck_row, cks_row, ckz_row, offs_n, n_ok, ck_cols, 1, RHK, RK, s_ckt, s_ckst,
+                              group_size, BITS, LOW)
+            cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :], FAST_ROPE)  # [N, HALF_PAD], shared by heads
+        cos *= rope_scale
+        sin *= rope_scale
         for hh in tl.static_range(HEADS_PER_PROG):
             h = head0 + hh
             r0 = h * HEAD_DIM
             h_ok = d_ok & (r0 + dims < LIMIT)  # [HALF_PAD]; all False for a padding head
-            k1 = _dot(ka, _up_tile(UK, r0, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk), LOW) + \
-                _dot(kb, _up_tile(UK, r0, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk), LOW)
-            k2 = _dot(ka, _up_tile(UK, r0 + HALF, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk), LOW) + \
-                _dot(kb, _up_tile(UK, r0 + HALF, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk), LOW)
-            if HAS_BIAS:
-                k1 += tl.load(BK + r0 + dims, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-                k2 += tl.load(BK + r0 + HALF + dims, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-            r1 = k1 * cos - k2 * sin
-            r2 = k2 * cos + k1 * sin
             sel = (row_head == h)[:, None]
-            s += _dot(tl.where(sel, q1, 0.0), tl.trans(r1), LOW) + _dot(tl.where(sel, q2, 0.0), tl.trans(r2), LOW)
+            if KEYS_T:
+                k1 = _dot(_up_tile(UK, r0, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk, False), ka, LOW) + \
+                    _dot(_up_tile(UK, r0, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk, False), kb, LOW)
+                k2 = _dot(_up_tile(UK, r0 + HALF, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk, False), ka, LOW) + \
+                    _dot(_up_tile(UK, r0 + HALF, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk, False), kb, LOW)
+                if HAS_BIAS:
+                    k1 += tl.load(BK + r0 + dims, mask=h_ok, other=0.0).to(tl.float32)[:, None]
+                    k2 += tl.load(BK + r0 + HALF + dims, mask=h_ok, other=0.0).to(tl.float32)[:, None]
+                r1 = k1 * cos - k2 * sin
+                r2 = k2 * cos + k1 * sin
+                s += _dot(tl.where(sel, q1, 0.0), r1, LOW) + _dot(tl.where(sel, q2, 0.0), r2, LOW)
+            else:
+                k1 = _dot(ka, _up_tile(UK, r0, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk), LOW) + \
+                    _dot(kb, _up_tile(UK, r0, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk), LOW)
+                k2 = _dot(ka, _up_tile(UK, r0 + HALF, LIMIT, 0, ck_cols, dims, RHK, RK, HALF, s_uk), LOW) + \
+                    _dot(kb, _up_tile(UK, r0 + HALF, LIMIT, 1, ck_cols, dims, RHK, RK, HALF, s_uk), LOW)
+                if HAS_BIAS:
+                    k1 += tl.load(BK + r0 + dims, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+                    k2 += tl.load(BK + r0 + HALF + dims, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+                r1 = k1 * cos - k2 * sin
+                r2 = k2 * cos + k1 * sin
+                s += _dot(tl.where(sel, q1, 0.0), tl.trans(r1), LOW) + \
+                    _dot(tl.where(sel, q2, 0.0), tl.trans(r2), LOW)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         va = _latent_half(cv_row, cvs_row, cvz_row, offs_n, n_ok, cv_cols, 0, RHV, RV, s_cvt, s_cvst, group_size,
-                          BITS)
+                          BITS, LOW)
         vb = _latent_half(cv_row, cvs_row, cvz_row, offs_n, n_ok, cv_cols, 1, RHV, RV, s_cvt, s_cvst, group_size,
-                          BITS)
+                          BITS, LOW)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -212,12 +296,12 @@ def _cskv_decode_kernel(
         offs_w = w0 + tl.arange(0, BLOCK_W)
         w_ok = offs_w < wend
         if HAS_MASK:
-            w_ok = w_ok & (tl.load(MASK + b * s_mb + (latent_len + offs_w) * s_mt, mask=w_ok, other=0) != 0)
+            w_ok = w_ok & (tl.load(mask_row + (latent_len + offs_w) * s_mt, mask=w_ok, other=0) != 0)
         ok = w_ok[:, None] & d_ok[None, :]
         s = tl.zeros([ROWS, BLOCK_W], tl.float32)
         for hh in tl.static_range(HEADS_PER_PROG):
             h = head0 + hh
-            k_ptr = WK + b * s_wkb + h * s_wkh + offs_w[:, None] * s_wkt + dims[None, :]
+            k_ptr = WK + bl * s_wkb + h * s_wkh + offs_w[:, None] * s_wkt + dims[None, :]
             k1 = tl.load(k_ptr, mask=ok & (h * HEAD_DIM + dims < LIMIT)[None, :], other=0.0).to(tl.float32)
             k2 = tl.load(k_ptr + HALF, mask=ok & (h * HEAD_DIM + dims < LIMIT)[None, :], other=0.0).to(tl.float32)
             sel = (row_head == h)[:, None]
@@ -232,7 +316,7 @@ def _cskv_decode_kernel(
         acc2 = acc2 * alpha[:, None]
         for hh in tl.static_range(HEADS_PER_PROG):
             h = head0 + hh
-            v_ptr = WV + b * s_wvb + h * s_wvh + offs_w[:, None] * s_wvt + dims[None, :]
+            v_ptr = WV + bl * s_wvb + h * s_wvh + offs_w[:, None] * s_wvt + dims[None, :]
             v1 = tl.load(v_ptr, mask=ok & (h * HEAD_DIM + dims < LIMIT)[None, :], other=0.0).to(tl.float32)
             v2 = tl.load(v_ptr + HALF, mask=ok & (h * HEAD_DIM + dims < LIMIT)[None, :], other=0.0).to(tl.float32)
             ph = tl.where((row_head == h)[:, None], p, 0.0)
@@ -331,12 +415,15 @@ def decode_attention_triton(
     rope_scaling: float = 1.0, key_mask: torch.Tensor | None = None, latent_lens: torch.Tensor | None = None,
     window_lens: torch.Tensor | None = None, split_size: int | None = None, block_n: int = 64,
     num_warps: int = 4, num_stages: int = 2, heads_per_program: int | None = None, programs_per_sm: int = 4,
-    min_blocks_per_split: int = 2,
+    min_blocks_per_split: int = 2, fast_rope: bool | None = None, keys_transposed: bool = False,
 ) -> torch.Tensor:
     """Fused decode attention; the arguments of ``reference.decode_attention_reference``, plus tuning:
     ``split_size`` (latent tokens per program; default from the SM count), ``block_n`` (tokens per
     block), ``num_warps`` / ``num_stages``, ``heads_per_program`` (KV heads per program; default: as
-    many as fill 16 query rows), ``programs_per_sm`` and ``min_blocks_per_split`` (the default split)."""
+    many as fill 16 query rows), ``programs_per_sm`` and ``min_blocks_per_split`` (the default split),
+    ``fast_rope`` (hardware sin / cos after an exact range reduction; default: on a GPU for fp16 / bf16
+    queries, where its ~1e-6 error is far below the dtype's rounding; never under the CPU interpreter,
+    which cannot run inline PTX), ``keys_transposed`` (reconstruct keys as [head dim, tokens])."""
     batch, q_heads, head_dim = q.shape
     kv_heads, window = window_k.shape[1], window_k.shape[2]
     if head_dim % 2 or q_heads % kv_heads:
@@ -352,6 +439,8 @@ def decode_attention_triton(
     group, device = q_heads // kv_heads, q.device
     latent_len = latent_k.length
     low = {torch.float16: 1, torch.bfloat16: 2}.get(q.dtype, 0)
+    if fast_rope is None:
+        fast_rope = device.type == "cuda" and low != 0
     hpp = heads_per_program or max(1, min(kv_heads, 16 // group))
     hpp = min(hpp, kv_heads)
     n_chunks = triton.cdiv(kv_heads, hpp)
@@ -401,7 +490,8 @@ def decode_attention_triton(
         window_v.stride(2), mask.stride(0), mask.stride(-1), out.stride(0), out.stride(1),
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, HEADS_PER_PROG=hpp,
         BITS=latent_k.bits or 0, HAS_BIAS=has_bias, HAS_MASK=has_mask, HAS_LAT_LENS=latent_lens is not None,
-        HAS_WIN_LENS=window_lens is not None, LOW=low, DIRECT=direct,
+        HAS_WIN_LENS=window_lens is not None, LOW=low, DIRECT=direct, FAST_ROPE=int(fast_rope),
+        KEYS_T=keys_transposed,
         ROWS=_pad(hpp * group), HALF_PAD=_pad(head_dim // 2), RHK_PAD=_pad(rhk), RHV_PAD=_pad(rhv),
         BLOCK_N=block_n, BLOCK_W=min(block_n, _pad(window)), num_warps=num_warps, num_stages=num_stages)
     if not direct:
