@@ -233,13 +233,13 @@ SWEEP_CONFIGS: tuple[dict[str, Any], ...] = (  # most informative first: the dea
     dict(heads_per_program=1),  # no register spills, but each latent read and cos / sin computed 3 times
     dict(block_n=128),
     dict(block_n=32),
+    dict(programs_per_sm=2),  # fewer, longer splits (no compile: only the grid changes)
+    dict(programs_per_sm=8),
     dict(num_warps=8),
     dict(keys_transposed=True),
     dict(fast_rope=False),  # libdevice sin / cos (what v1 used): the cost of exact RoPE
     dict(num_stages=3),
     dict(num_stages=1),
-    dict(programs_per_sm=2),
-    dict(programs_per_sm=8),
     dict(block_n=128, num_warps=8),
 )
 
