@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data import build_task
 
+from .distributed import means_over_processes
 from .memory_trainer import MemoryCompressorTrainer
 
 
@@ -75,9 +76,7 @@ class CSKVTrainer(MemoryCompressorTrainer):
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:
-            for name, values in self._mse.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 6)
+        if "loss" in logs:  # every process logs here: the means are over all of them, like the loss
+            logs.update({name: round(v, 6) for name, v in means_over_processes(self.accelerator, self._mse).items()})
             self._mse = {name: [] for name in self._mse}
         super().log(logs, *args, **kwargs)

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from torch import nn
 from transformers import TrainingArguments
 
@@ -40,3 +40,14 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with whole_parameters(*(p for _, p in named)):
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
+
+
+def means_over_processes(accelerator: Accelerator, values: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each list of logged values over every process (as Trainer logs ``loss``), by name;
+    names with no value on any process are left out. Sums and counts are reduced across processes: a
+    collective that every process must join (``Trainer.log`` runs on each one)."""
+    names = sorted(values)
+    totals = [x for name in names for x in (sum(values[name]), len(values[name]))]
+    reduced = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
+                                 reduction="sum").tolist()
+    return {name: reduced[2 * i] / reduced[2 * i + 1] for i, name in enumerate(names) if reduced[2 * i + 1]}

@@ -19,7 +19,7 @@ from transformers import Trainer
 from compressors.hub import load_exact
 
 from .compat import TrainedTensorsResume
-from .distributed import trainable_state
+from .distributed import means_over_processes, trainable_state
 from .guards import FiniteLossMixin
 from .objectives import OBJECTIVES, validate_weights
 
@@ -50,14 +50,18 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._ratios:
-            logs["compression_ratio"] = round(sum(self._ratios) / len(self._ratios), 3)
-            for name, values in self._objective_losses.items():
-                if values:
-                    logs[f"loss_{name}"] = round(sum(values) / len(values), 4)
-            self._ratios.clear()
-            self._objective_losses = {name: [] for name in OBJECTIVES}
+        if "loss" in logs:  # every process logs here (Trainer gathers the loss just before)
+            logs.update(self._window_metrics())
         super().log(logs, *args, **kwargs)
+
+    def _window_metrics(self) -> dict[str, float]:
+        """Mean compression ratio and per-objective losses since the last log, over every process."""
+        window = {"compression_ratio": self._ratios,
+                  **{f"loss_{name}": values for name, values in self._objective_losses.items()}}
+        means = means_over_processes(self.accelerator, window)
+        self._ratios = []
+        self._objective_losses = {name: [] for name in OBJECTIVES}
+        return {name: round(value, 3 if name == "compression_ratio" else 4) for name, value in means.items()}
 
     # ----- checkpoints: only what trains ----------------------------------------------------
     def _trainable_names(self) -> set[str]:
