@@ -351,6 +351,7 @@ def _sweep(record: dict[str, Any], rows: list[dict[str, Any]], results: Results,
                     default_ms[(batch, tokens)] = timing["ms"]
                 elif (batch, tokens) in default_ms:
                     row["note"] = f"sweep: x{default_ms[(batch, tokens)] / timing['ms']:.2f} vs default"
+                row["note"] += _compiled_info()
             except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (e.g. out of resources)
                 row["note"] = f"sweep: error: {type(exc).__name__}: {exc}"[:200]
             rows.append(row)
@@ -366,6 +367,21 @@ def _sweep(record: dict[str, Any], rows: list[dict[str, Any]], results: Results,
     del inputs
     if cuda:
         torch.cuda.empty_cache()
+
+
+def _compiled_info() -> str:
+    """Registers, spills and shared memory of the main kernel's latest compile ('' when unknown)."""
+    from compressors.cskv import kernel
+
+    compiled = kernel.LAST_COMPILED.get("main")
+    try:
+        regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+        shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    except Exception:  # noqa: BLE001 - triton versions differ; this is only a note
+        return ""
+    if regs is None and spills is None:
+        return ""
+    return f"; regs {regs}, spills {spills}, smem {shared}"
 
 
 def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKVShape, dtype: torch.dtype,
@@ -410,6 +426,8 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
         name = f"{bits}bit" if bits else "float"
         fmt = "latents " + (f"{bits}-bit" if bits else DTYPE_NAMES[dtype])
         new = add(f"cskv_kernel_{name}", lambda a=args: kernel(**a, **kw), nbytes, fmt)
+        compiled = _compiled_info()
+        new["note"] += compiled
         if bits != cskv.bits:
             del args
             continue
@@ -427,7 +445,7 @@ def _speed_point(rows: list[dict[str, Any]], batch: int, tokens: int, cskv: CSKV
         if "ms" in new and "ms" in old:
             speedups[f"B{batch}_T{tokens}"] = round(old["ms"] / new["ms"], 3)
             checks.insert(0, f"x{old['ms'] / new['ms']:.2f} vs v1")
-        new["note"] = "; ".join([fmt, *checks])
+        new["note"] = "; ".join([fmt, *checks]) + compiled
         if with_reference:
             add(f"cskv_reference_{name}", lambda a=args: decode_attention_reference(**a, **kw), nbytes,
                 "PyTorch reference, same cache")

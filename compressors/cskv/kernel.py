@@ -367,6 +367,11 @@ def _combine_kernel(P, OUT, n_splits, total_rows, s_ob, s_oh, Q_HEADS: tl.conste
     tl.store(OUT + b * s_ob + hq * s_oh + dims, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
+# The compiled main kernel of the latest call (what a Triton launch returns; None under the interpreter):
+# the GPU suite reads its registers / spills / shared memory for the sweep's notes.
+LAST_COMPILED: dict[str, object] = {}
+
+
 def _pad(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(max(1, n)))
 
@@ -479,7 +484,7 @@ def decode_attention_triton(
     cv, cvs, cvz, s_cvsb, s_cvst = _latent_args(latent_v, out)
     rk, rv = latent_k.rank, latent_v.rank
     rhk, rhv = (rk + 1) // 2, (rv + 1) // 2
-    _cskv_decode_kernel[(batch * n_chunks, n_splits)](
+    LAST_COMPILED["main"] = _cskv_decode_kernel[(batch * n_chunks, n_splits)](
         q, ck, cks, ckz, cv, cvs, cvz, up_k, bias_k, up_v, bias_v, positions, inv_freq, window_k, window_v, mask,
         lat_lens, win_lens, out, part,
         float(sm_scale), float(rope_scaling), latent_len, window, split, n_splits, total_rows,
