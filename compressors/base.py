@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,16 +148,20 @@ class Compressor(nn.Module):
 
     def forward(self, context_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, context_mask: torch.Tensor | None = None,
-                query_ids: torch.Tensor | None = None, **_: Any) -> dict[str, Any]:
+                query_ids: torch.Tensor | None = None, lm_loss: HiddenStateLoss | None = None,
+                **_: Any) -> dict[str, Any]:
         """Compress the context, decode the target reading the memory, return the LM loss.
 
         Returns ``loss`` (mean over examples), ``per_example_loss`` (so that a trainer can weight
-        objectives per example) and the achieved ``ratio``.
+        objectives per example) and the achieved ``ratio``. With ``lm_loss(hidden, head, labels)``
+        (e.g. a fused linear cross-entropy) the decoder's logits are never made: the LM head passes
+        its input through and ``lm_loss`` computes the per-example loss from the hidden states.
         """
         memory = self.compress(context_ids, context_mask, query_ids=query_ids)
-        with self.reading(memory):
+        hidden_only = hidden_states_as_logits(self.base_lm) if lm_loss else contextlib.nullcontext()
+        with self.reading(memory), hidden_only as head:
             step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False)
-        losses = per_example_lm_loss(step.logits, labels)
+        losses = lm_loss(step.logits, head, labels) if lm_loss else per_example_lm_loss(step.logits, labels)
         return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio}
 
 
@@ -190,6 +194,41 @@ def memory_prefix(memory: Memory, input_ids: torch.Tensor, attention_mask: torch
     offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
     position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return repeat, torch.cat([slots_mask, attention_mask], dim=1), position_ids
+
+
+HiddenStateLoss = Callable[[torch.Tensor, nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The LM head of a transformers model (through a PEFT wrapper), checked to be a plain Linear."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        # A LoRA-wrapped or quantized head has no single weight matrix to fuse with.
+        raise ValueError(f"a loss from hidden states needs a plain nn.Linear LM head, got {type(head).__name__}")
+    return head
+
+
+@contextlib.contextmanager
+def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear]:
+    """While active, ``model``'s LM head is the identity: its forwards return hidden states as "logits".
+
+    Re-entrant; the head's class forward comes back on exit (an instance attribute shadows it, as for
+    any ``nn.Module``). Yields the head, whose weight a fused loss multiplies with.
+    """
+    head = output_head(model)
+    if "forward" in vars(head):  # already swapped by an outer context
+        yield head
+        return
+    head.forward = _identity  # type: ignore[method-assign]
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

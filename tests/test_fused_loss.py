@@ -20,13 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.base import per_example_lm_loss
+from compressors.base import hidden_states_as_logits, per_example_lm_loss
 from compressors.gist import GistCompressor, GistConfig
 from compressors.models import tiny_llama
 from trainers.fused_loss import (
     causal_lm_loss,
     compressor_lm_loss,
-    hidden_states_as_logits,
     liger_available,
     per_example_lm_loss_from_hidden,
 )
@@ -129,7 +128,7 @@ def test_causal_lm_loss_fused_path_matches_transformers_loss() -> None:
 _INTERPRETED_CHECK = r"""
 import json, torch
 from torch import nn
-from compressors.base import per_example_lm_loss
+from compressors.base import hidden_states_as_logits, per_example_lm_loss
 from compressors.gist import GistCompressor, GistConfig
 from compressors.models import tiny_llama
 from trainers.fused_loss import compressor_lm_loss, per_example_lm_loss_from_hidden

@@ -7,15 +7,14 @@ cross-entropy computes the loss from the final hidden states and the LM head's w
 chunk, so the full logits never exist.
 
 The pieces:
-- ``hidden_states_as_logits(model)``: while active, the LM head returns its input, so a forward
-  that would return logits returns the final (normalized) hidden states instead; every decoder
-  path of every compressor (``decoder_forward`` overrides included) works unchanged under it;
+- ``hidden_states_as_logits(model)`` (``compressors.base``): while active, the LM head returns its
+  input, so a forward that would return logits returns the final (normalized) hidden states instead;
+  every decoder path of every compressor (``decoder_forward`` overrides included) works unchanged;
 - ``per_example_lm_loss_from_hidden(hidden, head, labels, backend)``: the per-example mean
   next-token loss of ``compressors.base.per_example_lm_loss``, computed from hidden states, fused
   (``backend="liger"``) or by the plain head + cross-entropy (``backend="torch"``, the oracle);
 - ``compressor_lm_loss(compressor, batch, fused=...)``: a compressor's training outputs (``loss``,
-  ``per_example_loss``, ``ratio``) with the fused loss: through ``Compressor.forward(lm_loss=...)``
-  when the library's forward takes that argument, else by the same steps as ``Compressor.forward``.
+  ``per_example_loss``, ``ratio``) with the fused loss, through ``Compressor.forward(lm_loss=...)``.
 
 Per-example losses (not one mean) are what ``MemoryCompressorTrainer`` weights by objective, so
 Liger runs with ``reduction="none"``: its backward then recomputes each chunk's logits (one more
@@ -24,14 +23,14 @@ Liger runs with ``reduction="none"``: its backward then recomputes each chunk's 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+from compressors.base import hidden_states_as_logits
 
 BACKENDS = ("liger", "torch")
 
@@ -39,38 +38,6 @@ BACKENDS = ("liger", "torch")
 def liger_available() -> bool:
     """Whether ``liger_kernel`` can be imported (found without importing it)."""
     return importlib.util.find_spec("liger_kernel") is not None
-
-
-def output_head(model: nn.Module) -> nn.Linear:
-    """The LM head of a transformers model (through a PEFT wrapper), checked to be a plain Linear."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        # A LoRA-wrapped or quantized head has no single weight matrix to fuse with.
-        raise ValueError(f"the fused LM loss needs a plain nn.Linear LM head, got {type(head).__name__}")
-    return head
-
-
-@contextlib.contextmanager
-def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear]:
-    """While active, ``model``'s LM head is the identity: its forwards return hidden states as "logits".
-
-    Re-entrant; the head's class forward comes back on exit (an instance attribute shadows it, as
-    for any ``nn.Module``). Yields the head, whose weight the fused loss multiplies with.
-    """
-    head = output_head(model)
-    if "forward" in vars(head):  # already swapped by an outer context
-        yield head
-        return
-    head.forward = _identity  # type: ignore[method-assign]
-    try:
-        yield head
-    finally:
-        del head.forward
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _head_weight(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -142,18 +109,13 @@ def _liger_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return loss
 
 
-def _forward_takes_lm_loss(compressor: nn.Module) -> bool:
-    return "lm_loss" in inspect.signature(type(compressor).forward).parameters
-
-
 def compressor_lm_loss(compressor: nn.Module, batch: dict[str, Any], fused: bool = True,
                        backend: str = "liger", chunk_mem_const: int | None = None) -> dict[str, Any]:
     """A memory compressor's training outputs (``loss``, ``per_example_loss``, ``ratio``) for ``batch``
     (the keys of ``MemoryCollator`` without ``objective``), with the LM loss fused when ``fused``.
 
-    ``fused=False`` is exactly ``compressor(**batch)``. With ``fused``, a ``Compressor.forward`` that
-    takes ``lm_loss`` is called with the fused loss; otherwise the steps of ``Compressor.forward``
-    (compress, read the memory, decode, loss) run here with the head as identity.
+    ``fused=False`` is exactly ``compressor(**batch)``; with ``fused``, ``Compressor.forward`` is called
+    with the fused loss as its ``lm_loss``.
     """
     if not fused:
         return compressor(**batch)
@@ -161,13 +123,7 @@ def compressor_lm_loss(compressor: nn.Module, batch: dict[str, Any], fused: bool
     def lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
         return per_example_lm_loss_from_hidden(hidden, head, labels, backend, chunk_mem_const)
 
-    if _forward_takes_lm_loss(compressor):
-        return compressor(**batch, lm_loss=lm_loss)
-    memory = compressor.compress(batch["context_ids"], batch.get("context_mask"), query_ids=batch.get("query_ids"))
-    with compressor.reading(memory), hidden_states_as_logits(compressor.base_lm) as head:
-        step = compressor.decoder_forward(memory, batch["input_ids"], batch["attention_mask"], use_cache=False)
-    losses = lm_loss(step.logits, head, batch["labels"])
-    return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio}
+    return compressor(**batch, lm_loss=lm_loss)
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
