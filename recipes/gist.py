@@ -41,7 +41,7 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
         model=GistCompressor(gist_config, model), args=training_args, processing_class=tokenizer,
         train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
         data_collator=MemoryCollator(tokenizer, gist_config.max_context_tokens, script_args.max_target_tokens),
-        objective_weights=script_args.objective_weights)
+        objective_weights=script_args.objective_weights, fused_lm_loss=script_args.fused_lm_loss)
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None

@@ -176,3 +176,44 @@ def test_liger_kernel_matches_plain_loss_under_the_triton_interpreter() -> None:
     assert diffs["raw_loss"] < 1e-5 and diffs["gist_loss"] < 1e-5, diffs
     assert diffs["raw_grad"] < 1e-5 * max(1.0, diffs["raw_grad_scale"]), diffs
     assert diffs["gist_grads"] > 0 and diffs["gist_grad"] < 1e-5, diffs
+
+
+def _trainer(tiny, tmp_path: Path, **kwargs):
+    import datasets
+    from transformers import TrainingArguments
+
+    from trainers import MemoryCollator, MemoryCompressorTrainer
+
+    model, tokenizer = tiny()
+    compressor = GistCompressor(GistConfig(segment_length=16, tokens_per_gist=4, lora_r=2), model)
+    rows = [{"context": f"The pass key is {n}{n}{n}. Filler text follows.", "question": "What is the pass key?",
+             "answer": f"{n}{n}{n}", "objective": "sft"} for n in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False,
+                             label_names=["labels"])
+    trainer = MemoryCompressorTrainer(model=compressor, args=args, processing_class=tokenizer,
+                                      train_dataset=datasets.Dataset.from_list(rows),
+                                      data_collator=MemoryCollator(tokenizer, 64, 64), **kwargs)
+    return trainer, trainer.data_collator(rows)
+
+
+@pytest.mark.skipif(not liger_available(), reason="liger-kernel is not installed (pip install liger-kernel)")
+def test_trainer_flag_routes_the_loss_through_hidden_states(tiny, tmp_path) -> None:
+    """``fused_lm_loss=True`` hands the compressor a loss from hidden states; with that loss's torch
+    backend (no Triton needed here) the trainer's loss is the plain one."""
+    from functools import partial
+
+    plain, batch = _trainer(tiny, tmp_path / "plain")
+    fused, _ = _trainer(tiny, tmp_path / "fused", fused_lm_loss=True)
+    assert fused.lm_loss is not None and fused.lm_loss.keywords == {"backend": "liger"}
+    fused.lm_loss = partial(per_example_lm_loss_from_hidden, backend="torch")
+    want = plain.compute_loss(plain.model, dict(batch))
+    got = fused.compute_loss(fused.model, dict(batch))
+    torch.testing.assert_close(got, want)
+
+
+def test_trainer_flag_without_liger_is_a_clear_error(tiny, tmp_path, monkeypatch) -> None:
+    import trainers.memory_trainer as memory_trainer
+
+    monkeypatch.setattr(memory_trainer, "liger_available", lambda: False)
+    with pytest.raises(ImportError, match="fused_lm_loss needs Liger-Kernel"):
+        _trainer(tiny, tmp_path, fused_lm_loss=True)

@@ -9,6 +9,7 @@ run that stops with an error when its loss is not finite (``FiniteLossMixin``).
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from compressors.hub import load_exact
 
 from .compat import TrainedTensorsResume
 from .distributed import means_over_processes, trainable_state
+from .fused_loss import liger_available, per_example_lm_loss_from_hidden
 from .guards import FiniteLossMixin
 from .objectives import OBJECTIVES, validate_weights
 
@@ -27,8 +29,13 @@ TRAINABLE_NAME = "trainable.safetensors"
 
 
 class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
-    def __init__(self, *args: Any, objective_weights: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective_weights: dict[str, float] | None = None,
+                 fused_lm_loss: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Liger's fused linear cross-entropy: the decoder's [batch, tokens, vocab] logits never exist.
+        self.lm_loss = partial(per_example_lm_loss_from_hidden, backend="liger") if fused_lm_loss else None
+        if fused_lm_loss and not liger_available():
+            raise ImportError("fused_lm_loss needs Liger-Kernel (pip install liger-kernel; it is in the lock)")
         # compute_loss reduces each batch itself and ignores num_items_in_batch; Trainer must then divide
         # the loss by the gradient accumulation steps (it does not when the model's forward takes **kwargs).
         self.model_accepts_loss_kwargs = False
@@ -40,7 +47,7 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         objective = inputs.pop("objective")
-        outputs = model(**inputs)
+        outputs = model(**inputs, lm_loss=self.lm_loss) if self.lm_loss else model(**inputs)
         per_example = outputs["per_example_loss"]
         weights = self.objective_weights.to(per_example.device)[objective.to(per_example.device)]
         loss = (weights * per_example).sum() / weights.sum().clamp(min=1e-8)

@@ -29,6 +29,9 @@ class CompressorScriptArguments:
     num_eval_samples: int = 50
     eval_scoring: str = field(default="loglik", metadata={"help": "loglik (fast) or generate"})
     eval_baselines: bool = field(default=True, metadata={"help": "compare with untrained, truncation, full"})
+    fused_lm_loss: bool = field(default=False, metadata={
+        "help": "compute the decoder's LM loss with Liger-Kernel's fused linear cross-entropy (Triton: a GPU, "
+                "or the CPU under TRITON_INTERPRET=1); the vocabulary's logits are never materialized"})
 
     @property
     def objective_weights(self) -> dict[str, float]:
