@@ -31,8 +31,8 @@ from transformers import PreTrainedModel
 
 from .base import Compressor, CompressorConfig, register_compressor
 from .compat import cache_of, with_cache
-from .hub import whole_parameters
 from .memory import Memory
+from .models import whole_parameters
 
 
 @dataclass
@@ -87,7 +87,7 @@ class GistCompressor(Compressor):
             # Start from the mean word embedding plus small noise: on-distribution for the LM.
             mean, std = vocab.float().mean(0), vocab.float().std(0)
             noise = torch.randn(self.gist_embeddings.weight.shape, generator=torch.Generator().manual_seed(0))
-            self.gist_embeddings.weight.copy_(mean + 0.1 * std * noise)
+            self.gist_embeddings.weight.copy_(mean + 0.1 * std * noise.to(vocab.device))
         else:
             nn.init.normal_(self.gist_embeddings.weight, std=float(vocab.float().std()))
 
@@ -131,7 +131,8 @@ class GistCompressor(Compressor):
             if previous_mask is None:
                 previous_mask = mask.new_ones(batch, previous.slots)
             full_mask = torch.cat([previous_mask.to(mask.dtype), full_mask], dim=1)
-        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True,
+        # Only the cache is used: logits_to_keep=1 spares the [batch, tokens, vocab] logits of every position.
+        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True, logits_to_keep=1,
                          position_ids=torch.cat([token_pos, gist_pos], dim=1), **with_cache(cache))
         tensors = {}
         for layer, (key, value) in enumerate(_cache_layers(cache_of(out))):

@@ -8,12 +8,11 @@ and a model card ``README.md``. Safetensors only, no pickles, no remote code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,21 +68,6 @@ def load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], expected: It
 
 def _few(keys: list[str], limit: int = 8) -> str:
     return "[]" if not keys else f"{keys[:limit]}" + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-@contextlib.contextmanager
-def whole_parameters(*params: nn.Parameter) -> Iterator[None]:
-    """Inside, ``params`` hold their whole values even where DeepSpeed ZeRO-3 partitioned them (each
-    process then holds an empty shard outside its module's forward); read-only. Under ZeRO-3 it is a
-    collective (every process must enter); for ordinary parameters it does nothing."""
-    sharded = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed marks the parameters it manages
-    if not sharded:
-        yield
-        return
-    import deepspeed  # only reached under DeepSpeed, where it is installed
-
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
-        yield
 
 
 def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:

@@ -9,16 +9,19 @@ built from its config and saves that once under ``$CTXZIP_HOME/models`` (default
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -203,3 +206,18 @@ def config_for(name_or_path: str) -> Any:
         return tiny_llama(vocab_size=49152).config
     path = str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path
     return AutoConfig.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def whole_parameters(*params: nn.Parameter) -> Iterator[None]:
+    """Inside, ``params`` hold their whole values even where DeepSpeed ZeRO-3 partitioned them (each
+    process then holds an empty shard outside its module's forward); read-only. Under ZeRO-3 it is a
+    collective (every process must enter); for ordinary parameters it does nothing."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed marks the parameters it manages
+    if not sharded:
+        yield
+        return
+    import deepspeed  # only reached under DeepSpeed, where it is installed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield

@@ -27,7 +27,8 @@ from trl import TrlParser
 from compressors import CompressedLM, Compressor, load_base
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.cskv import CSKVCompressor, CSKVConfig
-from compressors.hub import load_exact, whole_parameters
+from compressors.hub import load_exact
+from compressors.models import whole_parameters
 from data import build_task
 from eval.scoring import score_continuation
 from trainers.cskv_trainer import CSKVTrainer, TokenChunkCollator, build_text_dataset, calibration_batches

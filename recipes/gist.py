@@ -48,14 +48,16 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig,
     final = rebuild_trained(GistCompressor, gist_config, script_args.base_model, trained, script_args.dtype)
     rows = []
     if script_args.num_eval_samples > 0:
+        final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
         with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
             untrained = GistCompressor(gist_config, load_base(script_args.base_model, dtype=script_args.dtype)[0])
+        untrained.to(training_args.device)
         summaries = compare_with_baselines(
             final, tokenizer, build_eval_dataset(script_args, tokenizer, training_args.seed),
             script_args.eval_scoring, untrained=untrained, baselines=script_args.eval_baselines)
         print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
         rows = [s.as_row() for s in summaries]
-    save_and_push(final, tokenizer, training_args.output_dir, rows or None, push, training_args.hub_model_id)
+    save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push, training_args.hub_model_id)
     return rows
 
 

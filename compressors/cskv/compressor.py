@@ -28,6 +28,7 @@ from ..attention import overriding_attention
 from ..base import Compressor, DecoderStep, memory_prefix, register_compressor
 from ..compat import with_cache
 from ..memory import Memory
+from ..models import whole_parameters
 from .attention import LatentReader
 from .cache import CacheSpec, CSKVCache, LayerSpec
 from .config import CSKVConfig, rank_for
@@ -67,15 +68,6 @@ def rope_type(model: PreTrainedModel) -> str:
     return str(params.get("rope_type", getattr(model.model.rotary_emb, "rope_type", "default")))
 
 
-def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
-    """Full (read-only) views of parameters that DeepSpeed ZeRO-3 partitioned at load time."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 @register_compressor
 class CSKVCompressor(Compressor):
     compressor_type = "cskv"
@@ -110,7 +102,7 @@ class CSKVCompressor(Compressor):
         """(Re)set every factor pair from the base projections: SVD, or ASVD with ``input_scales``."""
         for index, (attn, factors) in enumerate(zip(self._attention, self.factors)):
             scale = None if input_scales is None else input_scales[index]
-            with _gathered([*attn.k_proj.parameters(), *attn.v_proj.parameters()]):
+            with whole_parameters(*attn.k_proj.parameters(), *attn.v_proj.parameters()):
                 factors.k.initialize(attn.k_proj.weight, attn.k_proj.bias, scale)
                 factors.v.initialize(attn.v_proj.weight, attn.v_proj.bias, scale)
 
