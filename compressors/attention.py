@@ -115,7 +115,10 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"expected a decoder with model.layers (Llama-style); got {type(model).__name__}")
-    return [layer.self_attn for layer in layers]
+    modules = [getattr(layer, "self_attn", None) for layer in layers]
+    if any(module is None for module in modules):
+        raise ValueError(f"expected every decoder layer to have self_attn (Llama-style); got {type(model).__name__}")
+    return modules
 
 
 class QueryCapture:

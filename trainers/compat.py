@@ -1,7 +1,7 @@
 """The only place where ctxzip overrides private (underscore) methods of transformers or TRL.
 
 Each override exists because the library has no public extension point for it; each is listed in
-``PRIVATE_HOOKS`` with the signature it was written against, and ``tests/test_compat.py`` fails
+``PRIVATE_HOOKS`` with the signature it was written against, and ``tests/test_trainer_compat.py`` fails
 with a message naming the library version when an installed version changes one of them.
 
 - ``Trainer._load_from_checkpoint``: the only place where a resumed run (without DeepSpeed, which
@@ -21,7 +21,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-# Versions these overrides were written for and checked with (tests/test_compat.py).
+# Versions these overrides were written for and checked with (tests/test_trainer_compat.py).
 WRITTEN_FOR = {"transformers": ("5.17.0", "5.24.0"), "trl": ("1.16.0",)}
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..attention import overriding_attention
+from ..attention import attention_modules, overriding_attention
 from ..base import Compressor, DecoderStep, memory_prefix, register_compressor
 from ..compat import with_cache
 from ..memory import Memory
@@ -39,15 +39,10 @@ from .quant import fake_quantize
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+def llama_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     """The self-attention module of every decoder layer, checked to be Llama-style."""
-    decoder = getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"CSKV needs a decoder with model.layers (Llama-style); got {type(model).__name__}")
-    modules = []
-    for index, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
+    modules = attention_modules(model)
+    for index, attn in enumerate(modules):
         missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
                    if not hasattr(attn, n)]
         if missing:
@@ -59,7 +54,6 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
             if weight is None or not weight.is_floating_point() or hasattr(weight, "quant_state"):
                 raise ValueError(f"layer {index} {name} is not a plain float linear layer (a quantized base "
                                  "model cannot be factored; load it in float)")
-        modules.append(attn)
     return modules
 
 
@@ -77,7 +71,7 @@ class CSKVCompressor(Compressor):
     def __init__(self, config: CSKVConfig, model: PreTrainedModel) -> None:
         model.requires_grad_(False)  # only the factors train
         super().__init__(config, model)
-        attns = attention_modules(self.base_lm)
+        attns = llama_attention_modules(self.base_lm)
         kind = rope_type(self.base_lm)
         if kind not in _ROPE_TYPES:
             raise ValueError(f"CSKV rotates reconstructed keys with RoPE of type {list(_ROPE_TYPES)}; this "
