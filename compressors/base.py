@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .compat import cache_of, with_cache
+from .conversation import ConversationLayout
 from .errors import ContextTooLongError, EmptyInputError, UnknownCompressorError
 from .memory import Memory
 from .models import base_model_id, model_signature
@@ -56,17 +57,42 @@ class CompressorConfig:
 
 
 class Compressor(nn.Module):
-    """A context compressor bound to a base causal LM.
+    """A context compressor bound to a base causal LM: the one contract every method implements.
 
-    Encoder side: ``compress(context_ids, attention_mask, query_ids) -> Memory`` (differentiable
-    when training). Decoder side: ``decoder_forward(memory, input_ids, attention_mask)`` runs the
-    base LM reading the memory, and ``reading(memory)`` is the context in which the LM reads it
-    (hooks, adapters disabled, ...). Training-free baselines have no parameters.
+    **Encoder.** ``compress(context_ids, attention_mask, query_ids) -> Memory`` (differentiable when
+    training). ``context_ids`` is the beginning of a conversation as ``ConversationLayout.context_ids``
+    lays it out (the chat template's prefix, then the context), left-padded; what stays uncompressed
+    (e.g. the template tokens) is each method's choice and its docstring says which.
+    ``compresses_template = False`` declares a method that receives the bare context instead and
+    whose decoder puts the template's prefix before what the memory holds (a text rewriter).
+
+    **Decoder.** ``decoder_forward(memory, input_ids, attention_mask, prompt_lengths=...)`` runs the
+    decoder LM on prompt rows after the memory and reports what it read (``DecoderStep``);
+    ``reading(memory)`` is the context in which the LM reads a memory (hooks, adapters disabled, ...)
+    and ``reading(None)`` the one in which it is the plain decoder, so that generation without a memory
+    works for every compressor. ``model`` outside ``reading`` is the decoder LM too: a method whose
+    encoder has its own adapter enables it only inside ``encoding()`` once ``as_decoder()`` was called
+    (CompressedLM does).
+
+    **Optional capabilities**, declared (never discovered by ``hasattr``): ``uses_query`` (``compress``
+    reads ``query_ids``), ``needs_preparation`` (``prepare()`` computes a calibration artifact once),
+    ``multi_ratio`` (``compress_ratios``: several ratios from one pass), ``shares_prefill``
+    (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
+    ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
+    by passage). Every compressor gets the tokenizer through ``use_tokenizer`` (CompressedLM and the
+    eval runner call it).
     """
 
     compressor_type: ClassVar[str] = ""
     config_class: ClassVar[type[CompressorConfig]] = CompressorConfig
     memory_kind: ClassVar[str] = "kv"
+    compresses_template: ClassVar[bool] = True
+    uses_query: ClassVar[bool] = False
+    needs_preparation: ClassVar[bool] = False
+    multi_ratio: ClassVar[bool] = False
+    shares_prefill: ClassVar[bool] = False
+    prefill_is_own_cost: ClassVar[bool] = True  # shares_prefill: the shared prefill is what it would run alone
+    compresses_passages: ClassVar[bool] = False
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:
         super().__init__()
@@ -74,6 +100,8 @@ class Compressor(nn.Module):
         self.compressor_config = config
         self.model = model
         self.base_name = base_model_id(self.base_lm)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.layout: ConversationLayout | None = None
 
     # ----- facts about the base model ------------------------------------------------------
     @property
@@ -98,6 +126,40 @@ class Compressor(nn.Module):
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors saved in ``compressor.safetensors``: the compressor's own, never the base model's."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = True) -> Compressor:
+        """Bind the tokenizer and the conversation layout the memory will sit in."""
+        self.tokenizer = tokenizer
+        self.layout = ConversationLayout(tokenizer, use_chat_template=use_chat_template)
+        return self
+
+    @property
+    def template_tokens(self) -> int:
+        """How many leading context tokens are the chat template's prefix (0 before ``use_tokenizer``)."""
+        if self.layout is None or not self.compresses_template:
+            return 0
+        return len(self.layout.prefix_ids)
+
+    # ----- optional capabilities (declared by the class attributes above) -----------------------
+    def prepare(self) -> None:
+        """Compute or load a calibration artifact once (``needs_preparation``); a no-op otherwise."""
+
+    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        ratios: list[float]) -> list[Memory]:
+        """Memories at several ratios from one pass (``multi_ratio``)."""
+        raise NotImplementedError(f"{self.compressor_type} does not declare multi_ratio")
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        """(observation window, whether token self-information is needed) of a shared prefill."""
+        raise NotImplementedError(f"{self.compressor_type} does not declare shares_prefill")
+
+    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
+        """Memories at ``ratios`` from a shared ``baselines.selection.ContextPrefill`` (``shares_prefill``)."""
+        raise NotImplementedError(f"{self.compressor_type} does not declare shares_prefill")
+
+    def compress_passages(self, passages: list[str], layout: Callable[[list[str]], str]) -> Memory:
+        """A corpus compressed passage by passage, laid out by ``layout`` (``compresses_passages``)."""
+        raise NotImplementedError(f"{self.compressor_type} does not declare compresses_passages")
 
     # ----- encoder ------------------------------------------------------------------------
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -129,27 +191,56 @@ class Compressor(nn.Module):
                       position_offset=position_offset, compressor_type=self.compressor_type,
                       base_signature=self.base_signature, **extra)
 
-    # ----- decoder ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def reading(self, memory: Memory) -> Iterator[None]:
-        """Context in which the base LM reads ``memory`` (default: nothing to set up)."""
+    def encoding(self) -> Iterator[None]:
+        """Context in which ``model`` is the encoder (default: the same model as the decoder)."""
         yield
 
-    def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        use_cache: bool = True) -> DecoderStep:
-        """Run the LM on ``input_ids`` after the memory; the default reads a ``kv`` memory as a prefix."""
+    def as_decoder(self) -> Compressor:
+        """Make ``model`` the decoder LM outside ``encoding()`` from now on (inference: CompressedLM does
+        it). A method whose encoder has its own adapter disables it here; training keeps it enabled
+        (PEFT's switch also flips ``requires_grad``, which an optimizer must see on)."""
+        return self
+
+    @contextlib.contextmanager
+    def plain_base(self) -> Iterator[None]:
+        """Context in which ``base_lm`` has none of this compressor's adapters (what a training-free
+        baseline sharing its weights must read); the adapters' state comes back on exit."""
+        yield
+
+    # ----- decoder ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, memory: Memory | None) -> Iterator[None]:
+        """Context in which the base LM reads ``memory`` (``None``: plain generation); default: nothing."""
+        yield
+
+    def check_memory(self, memory: Memory) -> None:
+        """Raise a clear error when this decoder cannot read ``memory``."""
         memory.check_base(self.base_signature)
-        repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
-        cache = memory.to_cache(repeat=repeat)
+        if memory.kind != self.memory_kind:
+            raise ValueError(f"a {self.compressor_type} compressor reads {self.memory_kind!r} memories, "
+                             f"got a {memory.kind!r} memory made by {memory.compressor_type!r}")
+
+    def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        use_cache: bool = True, prompt_lengths: torch.Tensor | None = None) -> DecoderStep:
+        """Run the decoder on ``input_ids`` (left- or right-padded rows) after the memory.
+
+        ``prompt_lengths[i]`` says where row ``i``'s prompt ends and what follows it (a reply being
+        trained or scored) begins, so that a read-time selector never looks past the prompt; ``None``
+        means every input token is prompt. The default reads a ``kv`` memory as a cache prefix.
+        """
+        self.check_memory(memory)
+        memory = memory.expand(input_ids.shape[0])
+        full_mask, position_ids = memory_prefix(memory, attention_mask)
         out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                           use_cache=use_cache, **with_cache(cache))
+                           use_cache=use_cache, **with_cache(memory.to_cache()))
         return DecoderStep(logits=out.logits, cache=cache_of(out), attention_mask=full_mask,
-                           next_position=position_ids[:, -1] + 1)
+                           next_position=position_ids[:, -1] + 1, memory_tokens=memory.real_slots)
 
     def forward(self, context_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, context_mask: torch.Tensor | None = None,
                 query_ids: torch.Tensor | None = None, lm_loss: HiddenStateLoss | None = None,
-                **_: Any) -> dict[str, Any]:
+                prompt_lengths: torch.Tensor | None = None, **_: Any) -> dict[str, Any]:
         """Compress the context, decode the target reading the memory, return the LM loss.
 
         Returns ``loss`` (mean over examples), ``per_example_loss`` (so that a trainer can weight
@@ -157,43 +248,95 @@ class Compressor(nn.Module):
         (e.g. a fused linear cross-entropy) the decoder's logits are never made: the LM head passes
         its input through and ``lm_loss`` computes the per-example loss from the hidden states.
         """
-        memory = self.compress(context_ids, context_mask, query_ids=query_ids)
+        with self.encoding():
+            memory = self.compress(context_ids, context_mask, query_ids=query_ids)
         hidden_only = hidden_states_as_logits(self.base_lm) if lm_loss else contextlib.nullcontext()
         with self.reading(memory), hidden_only as head:
-            step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False)
+            step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False,
+                                        prompt_lengths=prompt_lengths)
         losses = lm_loss(step.logits, head, labels) if lm_loss else per_example_lm_loss(step.logits, labels)
         return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio}
 
 
+class EncoderAdapter:
+    """Mixin for a compressor whose encoder is ``model`` with a PEFT adapter the decoder must not use.
+
+    Training leaves the adapter on (an optimizer must see its parameters require grad) and ``reading``
+    turns it off; after ``as_decoder()`` it is off except inside ``encoding()``, so ``model`` is the
+    plain base model a user expects. Subclasses say whether the adapter is the encoder's alone
+    (``separate_encoder``).
+    """
+
+    model: Any
+    _decoder_state: bool = False
+
+    @property
+    def separate_encoder(self) -> bool:
+        return True
+
+    def as_decoder(self) -> Any:
+        if self.separate_encoder and not self._decoder_state:
+            self.model.base_model.disable_adapter_layers()  # PEFT's public switch (LoraModel)
+            self._decoder_state = True
+        return self
+
+    @contextlib.contextmanager
+    def encoding(self) -> Iterator[None]:
+        if not self._decoder_state:
+            yield
+            return
+        self.model.base_model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.model.base_model.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def plain_base(self) -> Iterator[None]:
+        from peft import PeftModel
+
+        if self._decoder_state or not isinstance(self.model, PeftModel):  # off already, or no adapter at all
+            yield
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    @contextlib.contextmanager
+    def reading(self, memory: Memory | None) -> Iterator[None]:
+        """The decoder is the base model without the encoder's adapter."""
+        if self.separate_encoder and not self._decoder_state:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
 @dataclass
 class DecoderStep:
-    """What the decode loop needs after the LM has read the memory and a prompt."""
+    """What the decoder did after reading the memory and the input rows.
+
+    ``logits`` cover the input positions only; ``cache`` holds the memory and the input (for decoding
+    on); ``next_position`` is each row's next position; ``memory_tokens`` what each row actually read
+    of the memory (its real positions: slots, text tokens incl. any template prefix the decoder added).
+    """
 
     logits: torch.Tensor
     cache: Any
     attention_mask: torch.Tensor
     next_position: torch.Tensor
+    memory_tokens: list[float] = dataclasses.field(default_factory=list)
 
 
-def memory_prefix(memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """How prompts continue after a memory: ``(repeat, full attention mask, position ids)``.
+def memory_prefix(memory: Memory, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How input rows continue after a memory of as many rows: ``(full attention mask, position ids)``.
 
-    A one-row memory is repeated for every prompt row; slots are attended unless ``slot_mask``
-    hides them; prompt positions continue from each row's ``position_offset``.
+    Slots are attended unless ``slot_mask`` hides them; input positions continue from each row's
+    ``position_offset`` (padding inside the rows is skipped).
     """
-    batch = input_ids.shape[0]
-    if memory.batch_size not in (1, batch):
-        raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
-    repeat = batch if memory.batch_size == 1 else 1
-    slots_mask = memory.tensors.get("slot_mask")
-    if slots_mask is None:
-        slots_mask = attention_mask.new_ones(batch, memory.slots)
-    else:
-        slots_mask = slots_mask.to(attention_mask.dtype).repeat_interleave(repeat, 0)
-    offsets = torch.tensor(memory.position_offset * repeat, device=input_ids.device)
+    slots_mask = memory.slot_mask().to(device=attention_mask.device, dtype=attention_mask.dtype)
+    offsets = torch.tensor(memory.position_offset, device=attention_mask.device)
     position_ids = offsets[:, None] + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return repeat, torch.cat([slots_mask, attention_mask], dim=1), position_ids
+    return torch.cat([slots_mask, attention_mask], dim=1), position_ids
 
 
 HiddenStateLoss = Callable[[torch.Tensor, nn.Linear, torch.Tensor], torch.Tensor]

@@ -8,8 +8,10 @@ wraps each passage in the compression prompt (chat template), generates a shorte
 greedy by default) and returns a Memory of kind ``text``: the rewrite's text in ``texts`` and its
 token ids in ``tensors["input_ids"]`` (left-padded, ``slot_mask`` on ragged rows), with
 ``slots`` = compressed token count and ``source_tokens`` = passage token count, so ``ratio`` is
-original / compressed tokens. The decoder reads the memory by prepending those tokens to the prompt,
-with the LoRA adapter disabled: the reader is the unchanged base model. Training is
+original / compressed tokens. The decoder reads the memory where the context would sit in the
+conversation (``compressors.conversation``): the chat template's prefix, then the rewrite, then the prompt,
+with the LoRA adapter disabled: the reader is the unchanged base model. The writer receives the bare
+context (``compresses_template = False``): the template is the reader's, not something to rewrite. Training is
 ``trainers.color_dpo.ColorDPOTrainer`` driven by ``recipes/color_dpo.py``.
 
 Faithful: a decoder-only LM writes the compression from a fixed instruction; preference pairs are
@@ -25,16 +27,16 @@ a few passages. The instruction wording is ours.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
+from .base import Compressor, CompressorConfig, DecoderStep, EncoderAdapter, register_compressor
 from .compat import cache_of
+from .conversation import stop_token_ids
 from .errors import ContextTooLongError, CtxzipError, EmptyInputError
 from .memory import Memory
 from .models import load_tokenizer
@@ -51,14 +53,15 @@ class ColorConfig(CompressorConfig):
     prompt_template: str = field(default=DEFAULT_PROMPT,
                                  metadata={"help": "compression instruction; must contain {passage}"})
     max_new_tokens: int = field(default=48, metadata={"help": "longest compression, in tokens"})
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_batch_size: int = 8
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    do_sample: bool = field(default=False, metadata={"help": "sample the compression (False: greedy)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with do_sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with do_sample)"})
+    generation_batch_size: int = field(default=8, metadata={"help": "passages compressed per generate call"})
+    lora_r: int = field(default=8, metadata={"help": "rank of the writer's LoRA adapter, saved with the compressor"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           metadata={"help": "modules of the base model that get LoRA layers"})
 
     def __post_init__(self) -> None:
         if "{passage}" not in self.prompt_template:
@@ -79,13 +82,14 @@ class ColorConfig(CompressorConfig):
 
 
 @register_compressor
-class ColorCompressor(Compressor):
+class ColorCompressor(EncoderAdapter, Compressor):
     """A passage → shorter text compressor (see the module docstring)."""
 
     compressor_type = "color"
     config_class = ColorConfig
     memory_kind = "text"
-    tokenizer: PreTrainedTokenizerBase | None = None  # ``use_tokenizer``; else loaded for the base model's name
+    compresses_template = False
+    compresses_passages = True
 
     def __init__(self, config: ColorConfig, model: PreTrainedModel) -> None:
         if not hasattr(model, "peft_config"):
@@ -96,18 +100,19 @@ class ColorCompressor(Compressor):
         self._prompt_parts: tuple[list[int], list[int]] | None = None
 
     # ----- tokenizer and prompt ----------------------------------------------------------
-    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> ColorCompressor:
-        self.tokenizer = tokenizer
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = True) -> ColorCompressor:
+        super().use_tokenizer(tokenizer, use_chat_template)
         self._prompt_parts = None
         return self
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             try:
-                self.tokenizer = load_tokenizer(self.base_name)
+                self.use_tokenizer(load_tokenizer(self.base_name))
             except Exception as exc:  # noqa: BLE001 - any loader failure means the same to the user
                 raise CtxzipError(f"the color compressor needs the tokenizer of {self.base_name!r} to write "
                                   f"text ({exc}); call .use_tokenizer(tokenizer) first") from exc
+        assert self.tokenizer is not None
         return self.tokenizer
 
     def prompt_parts(self, template: str | None = None) -> tuple[list[int], list[int]]:
@@ -159,12 +164,13 @@ class ColorCompressor(Compressor):
         prompts = [self.prompt_ids(ids, t) for ids, t in zip(passages, templates)]
         tokenizer = self.get_tokenizer()
         out: list[list[int]] = []
-        for start in range(0, len(prompts), cfg.generation_batch_size):
-            out += generate_completions(
-                self.model, prompts[start:start + cfg.generation_batch_size], tokenizer, max_new_tokens=max_new,
-                do_sample=cfg.do_sample if do_sample is None else do_sample,
-                temperature=cfg.temperature if temperature is None else temperature,
-                top_p=cfg.top_p if top_p is None else top_p)
+        with self.encoding():  # the writer is the base model with its LoRA adapter
+            for start in range(0, len(prompts), cfg.generation_batch_size):
+                out += generate_completions(
+                    self.model, prompts[start:start + cfg.generation_batch_size], tokenizer, max_new_tokens=max_new,
+                    do_sample=cfg.do_sample if do_sample is None else do_sample,
+                    temperature=cfg.temperature if temperature is None else temperature,
+                    top_p=cfg.top_p if top_p is None else top_p)
         return out
 
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -212,35 +218,24 @@ class ColorCompressor(Compressor):
                       base_signature=self.base_signature, texts=texts, meta={"real_slots": lengths})
 
     # ----- decoder ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def reading(self, memory: Memory) -> Iterator[None]:
-        """The reader is the base model: the writer's LoRA adapter is disabled."""
-        with self.model.disable_adapter():
-            yield
-
     def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        use_cache: bool = True) -> DecoderStep:
-        """Read the compressed text as a token prefix of the prompt; logits cover the prompt positions only."""
-        memory.check_base(self.base_signature)
-        if memory.kind != "text" or "input_ids" not in memory.tensors:
-            raise ValueError(f"the color compressor reads text memories, got a {memory.kind!r} memory")
-        batch = input_ids.shape[0]
-        if memory.batch_size not in (1, batch):
-            raise ValueError(f"memory has {memory.batch_size} rows but the prompts have {batch}")
-        repeat = batch if memory.batch_size == 1 else 1
-        prefix = memory.tensors["input_ids"].to(input_ids.device).repeat_interleave(repeat, 0)
-        prefix_mask = memory.tensors.get("slot_mask")
-        if prefix_mask is None:
-            prefix_mask = attention_mask.new_ones(prefix.shape)
-        else:
-            prefix_mask = prefix_mask.to(device=input_ids.device, dtype=attention_mask.dtype).repeat_interleave(
-                repeat, 0)
-        ids = torch.cat([prefix, input_ids], dim=1)
-        full_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+                        use_cache: bool = True, prompt_lengths: torch.Tensor | None = None) -> DecoderStep:
+        """Read the template's prefix and the compressed text, then the input rows; logits cover the inputs only."""
+        self.check_memory(memory)
+        if "input_ids" not in memory.tensors:
+            raise ValueError("a text memory needs its token ids (tensors['input_ids'])")
+        self.get_tokenizer()
+        memory = memory.to(input_ids.device).expand(input_ids.shape[0])
+        template = torch.tensor(self.layout.prefix_ids if self.layout else [], dtype=torch.long,
+                                device=input_ids.device).expand(input_ids.shape[0], -1)
+        text_mask = memory.slot_mask().to(attention_mask.dtype)
+        ids = torch.cat([template, memory.tensors["input_ids"], input_ids], dim=1)
+        full_mask = torch.cat([torch.ones_like(template, dtype=attention_mask.dtype), text_mask, attention_mask], dim=1)
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.base_lm(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, use_cache=use_cache)
-        return DecoderStep(logits=out.logits[:, prefix.shape[1]:], cache=cache_of(out),
-                           attention_mask=full_mask, next_position=position_ids[:, -1] + 1)
+        read = [template.shape[1] + n for n in memory.real_slots]
+        return DecoderStep(logits=out.logits[:, ids.shape[1] - input_ids.shape[1]:], cache=cache_of(out),
+                           attention_mask=full_mask, next_position=position_ids[:, -1] + 1, memory_tokens=read)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise NotImplementedError("the color compressor is trained on preference pairs by "
@@ -262,14 +257,6 @@ def prompt_parts(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[lis
     return list(encode(head)), list(encode(tail))
 
 
-def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """End-of-sequence ids: the tokenizer's eos and the chat template's end of turn."""
-    ids = {tokenizer.eos_token_id}
-    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    ids.add(end_turn)
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def generate_completions(model: Any, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase,
                          max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
@@ -283,7 +270,7 @@ def generate_completions(model: Any, prompts: list[list[int]], tokenizer: PreTra
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    ends = end_token_ids(tokenizer)
+    ends = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=ends,
                                 pad_token_id=pad, **({"temperature": temperature, "top_p": top_p, "top_k": 0}
                                                      if do_sample else {}))

@@ -1,93 +1,87 @@
-"""A decode loop that starts from a Memory: one prefill of the prompt reading the memory, then tokens."""
+"""Generation that starts from a Memory, through transformers' own ``generate``.
+
+The decoder reads the memory and every prompt token but the last (``Compressor.decoder_forward``: the
+one place that knows how a method's memory is read), which leaves a cache of the memory and the prompt;
+``model.generate`` then continues from that prefilled cache with the right attention mask (the memory's
+slots, then the prompt) and positions (the prompt continues at the memory's ``position_offset``). So every
+argument of ``generate`` works as usual (``GenerationConfig``, sampling, ``max_new_tokens``, stop strings,
+repetition penalty, a streamer, logits processors). The input handed to ``generate`` starts with one
+placeholder token (the pad id) per memory slot: a streamer should be built with ``skip_prompt=True``.
+
+Why the last prompt token is left to ``generate``: it must run at least one forward itself, and the
+first forward is the only one that sees the whole prompt, which a method's ``decoder_forward`` reads
+its own way (text memories put their text first, CSKV stages positions, ...).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from typing import Any
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig
 
 from .base import Compressor
-from .compat import cache_of, with_cache
+from .compat import with_cache
 from .memory import Memory
 
 
-@dataclass
-class GenerationSettings:
-    """The subset of ``transformers.GenerationConfig`` that the memory decode loop honours."""
+def generation_config_for(stop_ids: list[int], pad_id: int | None, config: GenerationConfig | None = None,
+                          **kwargs: Any) -> tuple[GenerationConfig, dict[str, Any]]:
+    """Split ``kwargs`` into a ``GenerationConfig`` (``config`` or greedy decoding, updated with every
+    kwarg that is one of its fields) and the other ``generate`` arguments (streamer, stopping criteria, ...).
 
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: object) -> GenerationSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unsupported generation arguments {unknown}; supported: {sorted(known)}")
-        return cls(**kwargs)  # type: ignore[arg-type]
-
-    def warpers(self) -> LogitsProcessorList:
-        warpers = LogitsProcessorList()
-        if self.do_sample:
-            if self.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k:
-                warpers.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(self.top_p))
-        return warpers
+    The reply stops at ``stop_ids`` (the end of the assistant's turn) unless ``config`` names its own eos.
+    """
+    settings = copy.deepcopy(config) if config is not None else GenerationConfig(do_sample=False, max_new_tokens=64)
+    rest = settings.update(**kwargs)
+    if config is None or settings.eos_token_id is None:
+        settings.eos_token_id = list(stop_ids)
+    if settings.pad_token_id is None:
+        settings.pad_token_id = pad_id if pad_id is not None else stop_ids[0]
+    return settings, rest
 
 
 @torch.no_grad()
-def generate_from_memory(compressor: Compressor, memory: Memory, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, eos_token_ids: list[int],
-                         settings: GenerationSettings) -> torch.Tensor:
-    """Generate up to ``max_new_tokens`` for each (left-padded) prompt row; returns the new tokens.
+def generate_from_memory(compressor: Compressor, memory: Memory | None, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, generation_config: GenerationConfig,
+                         **generate_kwargs: Any) -> torch.Tensor:
+    """New tokens ``[batch, new]`` for left-padded prompt rows after ``memory`` (``None``: plain generation).
 
-    Rows that produced an end-of-sequence token are padded with its id afterwards.
+    Rows that stopped early are padded with the pad id, as ``model.generate`` does.
     """
-    generator = torch.Generator(device=input_ids.device)
-    if settings.seed is not None:
-        generator.manual_seed(settings.seed)
-    warpers = settings.warpers()
     model = compressor.base_lm
+    was_training = model.training
+    model.eval()
+    try:
+        with compressor.reading(memory):
+            if memory is None:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=generation_config, **generate_kwargs)
+                return out[:, input_ids.shape[1]:]
+            ids, mask, positions, cache = prefill_memory_and_prompt(compressor, memory, input_ids, attention_mask,
+                                                                    generation_config.pad_token_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 generation_config=generation_config, **with_cache(cache), **generate_kwargs)
+            return out[:, ids.shape[1]:]
+    finally:
+        model.train(was_training)
+
+
+def prefill_memory_and_prompt(compressor: Compressor, memory: Memory, input_ids: torch.Tensor,
+                              attention_mask: torch.Tensor, pad_id: int | None,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Read ``memory`` and all but the last prompt token; return what ``generate`` continues from:
+    ``(input ids with one placeholder per cached position, full attention mask, position ids, cache)``.
+    Call it inside ``compressor.reading(memory)``."""
+    if input_ids.shape[1] < 2:
+        raise ValueError("a prompt after a memory needs at least two tokens (ConversationLayout.prompt_ids "
+                         "always gives them)")
+    memory = memory.to(input_ids.device).expand(input_ids.shape[0])
+    step = compressor.decoder_forward(memory, input_ids[:, :-1], attention_mask[:, :-1], use_cache=True)
+    cached = step.attention_mask.shape[1] - (input_ids.shape[1] - 1)
     batch = input_ids.shape[0]
-    eos = torch.tensor(eos_token_ids, device=input_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    new_tokens: list[torch.Tensor] = []
-    with compressor.reading(memory):
-        step = compressor.decoder_forward(memory, input_ids, attention_mask)
-        logits, cache, mask, position = step.logits[:, -1], step.cache, step.attention_mask, step.next_position
-        for _ in range(settings.max_new_tokens):
-            token = _pick(logits.float(), settings, warpers, generator, input_ids)
-            token = torch.where(finished, eos[0], token)
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                        use_cache=True, **with_cache(cache))
-            logits, cache, position = out.logits[:, -1], cache_of(out), position + 1
-    if not new_tokens:
-        return input_ids.new_zeros(batch, 0)
-    return torch.stack(new_tokens, dim=1)
-
-
-def _pick(logits: torch.Tensor, settings: GenerationSettings, warpers: LogitsProcessorList,
-          generator: torch.Generator, input_ids: torch.Tensor) -> torch.Tensor:
-    if not settings.do_sample:
-        return logits.argmax(-1)
-    scores = warpers(input_ids, logits)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    ids = torch.cat([input_ids.new_full((batch, cached), pad_id or 0), input_ids], dim=1)
+    mask = torch.cat([step.attention_mask, attention_mask[:, -1:]], dim=1)
+    positions = torch.cat([input_ids.new_zeros(batch, mask.shape[1] - 1), step.next_position[:, None]], dim=1)
+    return ids, mask, positions, step.cache

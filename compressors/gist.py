@@ -10,6 +10,9 @@ LoRA adapter when ``lora_r > 0``), while attending to the memory of the previous
 per-layer keys/values at the gist positions are the ``kv`` Memory; the decoder reads them as a
 ``past_key_values`` prefix and continues from the position after the last gist.
 
+In a conversation (``compressors.conversation``) the encoder reads the chat template's prefix and the
+context together and compresses both: the decoder sees gists, then the rest of the user turn.
+
 Faithful: KV-at-gist-positions memory (500xCompressor / the KV form of gisting), frozen decoder
 with a LoRA encoder (ICAE, 500xCompressor), autoencoding + continuation + task SFT objectives.
 Not faithful: gisting trains in one pass with a gist attention mask; here the encoder and the
@@ -19,9 +22,7 @@ segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import Compressor, CompressorConfig, register_compressor
+from .base import Compressor, CompressorConfig, EncoderAdapter, register_compressor
 from .compat import cache_of, with_cache
 from .memory import Memory
 from .models import whole_parameters
@@ -39,14 +40,22 @@ from .models import whole_parameters
 class GistConfig(CompressorConfig):
     """Hyper-parameters of the gist compressor."""
 
-    tokens_per_gist: int = 4  # sets the ratio: context tokens summarised by one gist
-    segment_length: int = 256  # contexts are compressed segment by segment
-    lora_r: int = 8  # 0 = train only the gist embeddings
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lora_in_decoder: bool = False  # ICAE / 500xCompressor keep the decoder frozen
-    init: str = "vocab_mean"  # or "random"
+    tokens_per_gist: int = field(default=4, metadata={
+        "help": "context tokens summarised by one gist token: sets the compression ratio"})
+    segment_length: int = field(default=256, metadata={
+        "help": "contexts are compressed segment by segment, this many tokens each"})
+    lora_r: int = field(default=8, metadata={
+        "help": "rank of the encoder's LoRA adapter, saved with the compressor (0 = train only the gist "
+                "embeddings)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           metadata={"help": "modules of the base model that get LoRA layers"})
+    lora_in_decoder: bool = field(default=False, metadata={
+        "help": "keep the LoRA on while the decoder reads the memory (ICAE / 500xCompressor keep the decoder "
+                "frozen: False)"})
+    init: str = field(default="vocab_mean", metadata={
+        "help": "gist embedding initialization: vocab_mean (mean word embedding plus noise) or random"})
 
     def __post_init__(self) -> None:
         if self.tokens_per_gist < 1:
@@ -62,7 +71,7 @@ class GistConfig(CompressorConfig):
 
 
 @register_compressor
-class GistCompressor(Compressor):
+class GistCompressor(EncoderAdapter, Compressor):
     compressor_type = "gist"
     config_class = GistConfig
     memory_kind = "kv"
@@ -143,15 +152,11 @@ class GistCompressor(Compressor):
         return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists,
                                position_offset=(start + real + row_gists).tolist())
 
-    # ----- decoder ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def reading(self, memory: Memory) -> Iterator[None]:
-        """The decoder is the frozen base model unless ``lora_in_decoder``."""
-        if self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder:
-            with self.model.disable_adapter():
-                yield
-        else:
-            yield
+    # ----- which model ``model`` is ------------------------------------------------------------
+    @property
+    def separate_encoder(self) -> bool:
+        """Whether the encoder has a LoRA adapter that the decoder must not use."""
+        return self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder
 
 
 def _add_lora(model: PreTrainedModel, config: GistConfig) -> PreTrainedModel:

@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BaseModelMismatchError, CorruptArtifactError
 
-MEMORY_KINDS = ("embeds", "kv", "layer_states", "latents", "pool", "text", "latent_kv")
 _FORMAT = "ctxzip.memory/1"
 
 
@@ -46,15 +45,24 @@ class Memory:
         if len(self.source_tokens) != len(self.position_offset):
             raise ValueError("source_tokens and position_offset must have one entry per row")
 
-    # ----- facts ---------------------------------------------------------------------------
+    # ----- facts (the kind's rules say how its payload counts) -------------------------------
+    @property
+    def rules(self) -> KindRules:
+        return KIND_RULES[self.kind]
+
     @property
     def batch_size(self) -> int:
         return len(self.source_tokens)
 
     @property
+    def real_slots(self) -> list[float]:
+        """Memory positions each row really holds (padding excluded; mean over layers when they differ)."""
+        return self.rules.real_slots(self)
+
+    @property
     def ratio(self) -> float:
-        """Achieved compression ratio: context tokens per memory slot (mean over rows)."""
-        return sum(self.source_tokens) / max(1, self.slots * self.batch_size)
+        """Achieved compression ratio of the whole batch, by the kind's rule (``KindRules.ratio``)."""
+        return self.rules.ratio(self)
 
     @property
     def nbytes(self) -> int:
@@ -72,17 +80,7 @@ class Memory:
 
     def to_cache(self, repeat: int = 1) -> Any:
         """A fresh ``DynamicCache`` holding this ``kv`` memory (decoding mutates caches: never share one)."""
-        from transformers import DynamicCache
-
-        if self.kind != "kv":
-            raise ValueError(f"only kv memories become a KV cache, this one is {self.kind!r}")
-        cache = DynamicCache()
-        for layer in range(self.num_layers):
-            key, value = self.layer_kv(layer)
-            if repeat > 1:
-                key, value = key.repeat_interleave(repeat, 0), value.repeat_interleave(repeat, 0)
-            cache.update(key, value, layer)
-        return cache
+        return self.rules.to_cache(self, repeat)
 
     # ----- transforms ----------------------------------------------------------------------
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Memory:
@@ -99,7 +97,29 @@ class Memory:
         return self._replace(
             tensors={k: v[row : row + 1] for k, v in self.tensors.items()},
             source_tokens=[self.source_tokens[row]], position_offset=[self.position_offset[row]],
-            texts=[self.texts[row]] if self.texts is not None else None)
+            texts=[self.texts[row]] if self.texts is not None else None,
+            meta=_select_meta(self.meta, row))
+
+    def expand(self, rows: int) -> Memory:
+        """This memory for a batch of ``rows`` prompts: one row is repeated for every prompt (one memory,
+        many prompts); a memory with ``rows`` rows is returned as it is; any other count is an error."""
+        if self.batch_size == rows:
+            return self
+        if self.batch_size != 1:
+            raise ValueError(f"memory has {self.batch_size} rows but the prompts have {rows}")
+        return self._replace(
+            tensors={k: v.repeat(rows, *[1] * (v.dim() - 1)) for k, v in self.tensors.items()},  # copies: caches grow in place
+            source_tokens=self.source_tokens * rows, position_offset=self.position_offset * rows,
+            texts=self.texts * rows if self.texts is not None else None,
+            meta=_repeat_meta(self.meta, rows))
+
+    def slot_mask(self) -> torch.Tensor:
+        """``[batch, slots]`` (int8): 1 for the memory positions a decoder reads, 0 for padding."""
+        mask = self.tensors.get("slot_mask")
+        if mask is not None:
+            return mask.to(torch.int8)
+        device = next(iter(self.tensors.values())).device if self.tensors else None
+        return torch.ones(self.batch_size, self.slots, dtype=torch.int8, device=device)
 
     def cat(self, other: Memory) -> Memory:
         """Append ``other`` along the slot axis (recurrent methods: segment by segment)."""
@@ -107,8 +127,7 @@ class Memory:
         self._check_compatible(other)
         if self.batch_size != other.batch_size:
             raise ValueError("cannot concatenate memories with different batch sizes")
-        tensors = {k: torch.cat([v, other.tensors[k]], dim=2 if v.dim() == 4 else 1)
-                   for k, v in self.tensors.items()}
+        tensors = {k: self.rules.cat(k, v, other.tensors[k]) for k, v in self.tensors.items()}
         texts = None
         if self.texts is not None and other.texts is not None:
             texts = [a + "\n" + b for a, b in zip(self.texts, other.texts)]
@@ -211,3 +230,121 @@ def _with_common_slot_mask(memories: list[Memory]) -> list[Memory]:
             m = m._replace(tensors={**m.tensors, "slot_mask": ones})
         out.append(m)
     return out
+
+
+def _select_meta(meta: dict[str, Any], row: int) -> dict[str, Any]:
+    """Per-row meta lists (``layer_slots``, ``real_slots``) cut to one row; the rest is shared."""
+    return {k: ([v[row]] if k in _PER_ROW_META and isinstance(v, list) else v) for k, v in meta.items()}
+
+
+def _repeat_meta(meta: dict[str, Any], rows: int) -> dict[str, Any]:
+    return {k: (v * rows if k in _PER_ROW_META and isinstance(v, list) else v) for k, v in meta.items()}
+
+
+_PER_ROW_META = ("layer_slots", "real_slots")
+
+
+# ----- per-kind payload rules -------------------------------------------------------------
+class KindRules:
+    """How a memory kind's payload concatenates, becomes a cache, and counts toward its ratio.
+
+    The default ratio is *context tokens per memory position*: ``sum(source_tokens) / sum(real_slots)``,
+    real slots excluding padding (``slot_mask``) and averaged over layers when a method keeps a different
+    number per layer (``meta['layer_slots']``, PyramidKV).
+    """
+
+    kind: ClassVar[str] = ""
+    slot_axis: ClassVar[int] = 1  # of a payload tensor shaped [batch, slots, ...]
+
+    def cat(self, name: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.cat([first, second], dim=self.slot_axis if name != "slot_mask" else 1)
+
+    def real_slots(self, memory: Memory) -> list[float]:
+        layer_slots = memory.meta.get("layer_slots")
+        if layer_slots:
+            return [sum(row) / len(row) for row in layer_slots]
+        mask = memory.tensors.get("slot_mask")
+        if mask is not None:
+            return [float(v) for v in mask.long().sum(-1).tolist()]
+        return [float(memory.slots)] * memory.batch_size
+
+    def ratio(self, memory: Memory) -> float:
+        return sum(memory.source_tokens) / max(1e-9, sum(self.real_slots(memory)))
+
+    def to_cache(self, memory: Memory, repeat: int = 1) -> Any:
+        raise ValueError(f"a {memory.kind!r} memory is not a KV cache; its compressor's decoder reads it")
+
+
+class KVRules(KindRules):
+    """``key.{layer}`` / ``value.{layer}``: ``[batch, kv_heads, slots, head_dim]``, rotated at their positions."""
+
+    kind = "kv"
+
+    def cat(self, name: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.cat([first, second], dim=2 if first.dim() == 4 else 1)
+
+    def to_cache(self, memory: Memory, repeat: int = 1) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer in range(memory.num_layers):
+            key, value = memory.layer_kv(layer)
+            if repeat > 1:
+                key, value = key.repeat_interleave(repeat, 0), value.repeat_interleave(repeat, 0)
+            cache.update(key, value, layer)
+        return cache
+
+
+class TextRules(KindRules):
+    """``input_ids`` ``[batch, tokens]`` of a shorter text (``texts`` holds it decoded); ratio in tokens."""
+
+    kind = "text"
+
+
+class EmbedsRules(KindRules):
+    """``embeds`` ``[batch, slots, hidden]``: vectors read as input embeddings."""
+
+    kind = "embeds"
+
+
+class LayerStatesRules(KindRules):
+    """``state.{layer}`` ``[batch, slots, hidden]``: per-layer states injected into the residual stream."""
+
+    kind = "layer_states"
+
+
+class LatentsRules(KindRules):
+    """``latents`` ``[batch, slots, width]``: read through cross-attention."""
+
+    kind = "latents"
+
+
+class PoolRules(KindRules):
+    """An unordered set of per-item KV entries; concatenation is a union, so order never matters."""
+
+    kind = "pool"
+
+
+class LatentKVRules(KindRules):
+    """A low-rank (optionally quantized) K/V cache of every context token (CSKV).
+
+    No token is dropped, so the ratio is that of bytes: what a plain K/V cache of the same tokens holds
+    (``meta['full_kv_nbytes']``) over what this memory holds.
+    """
+
+    kind = "latent_kv"
+
+    def cat(self, name: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        raise ValueError("latent_kv memories cannot be concatenated: compress the whole context at once")
+
+    def real_slots(self, memory: Memory) -> list[float]:
+        return [float(n) for n in memory.source_tokens]
+
+    def ratio(self, memory: Memory) -> float:
+        full = memory.meta.get("full_kv_nbytes")
+        return float(full) / max(1, memory.nbytes) if full else 1.0
+
+
+KIND_RULES: dict[str, KindRules] = {rules.kind: rules for rules in (
+    KVRules(), TextRules(), EmbedsRules(), LayerStatesRules(), LatentsRules(), PoolRules(), LatentKVRules())}
+MEMORY_KINDS = tuple(KIND_RULES)

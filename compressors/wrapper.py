@@ -8,32 +8,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .base import Compressor, compressor_class
+from .conversation import ConversationLayout, Prompt, is_single_prompt, stop_token_ids
 from .errors import EmptyInputError
-from .generation import GenerationSettings, generate_from_memory
+from .generation import generate_from_memory, generation_config_for
 from .hub import load_compressor, push_folder, save_compressor
 from .memory import Memory
 from .models import load_base
 
-Prompt = str | list[dict[str, str]]
-
 
 class CompressedLM:
-    """The shared inference wrapper.
+    """The shared inference wrapper: compress a context once, answer many prompts from it.
 
-    ``compress(text) -> Memory``; ``generate(prompt, memory=...)``; ``answer_many(memory, prompts)``.
-    Prompts are plain strings (wrapped as one user turn in the chat template) or chat message
-    lists. Without a memory, ``generate`` is plain generation from the prompt.
+    A memory stands for the beginning of a conversation (``compressors.conversation``): with a chat
+    template, the template's prefix and the context inside the first user turn. ``generate(prompt,
+    memory=m)`` continues that turn with the prompt (a string, or chat messages whose earlier turns follow
+    the memory), and the assistant answers; without a memory it is plain chat generation. Generation runs
+    through ``model.generate``, so every ``GenerationConfig`` field and ``generate`` argument works.
+
+    ``model`` is the decoder LM: the base model as it reads memories and answers (a compressor whose
+    encoder has its own adapter enables it only while compressing), so ``clm.model.generate`` is plain
+    generation with the decoder.
     """
 
     def __init__(self, compressor: Compressor, tokenizer: PreTrainedTokenizerBase,
                  use_chat_template: bool = True) -> None:
         self.compressor = compressor
         self.tokenizer = tokenizer
-        self.use_chat_template = use_chat_template and bool(tokenizer.chat_template)
+        compressor.use_tokenizer(tokenizer, use_chat_template=use_chat_template).as_decoder()
+        self.layout: ConversationLayout = compressor.layout  # type: ignore[assignment]
         self.eval_results: list[dict[str, Any]] | None = None
+
+    @property
+    def use_chat_template(self) -> bool:
+        return self.layout.use_chat_template
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -57,6 +67,7 @@ class CompressedLM:
 
     @property
     def model(self) -> Any:
+        """The decoder LM (see the class docstring)."""
         return self.compressor.base_lm
 
     @property
@@ -65,11 +76,18 @@ class CompressedLM:
 
     # ----- compression --------------------------------------------------------------------
     def tokenize_context(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(ids, mask)`` of contexts as the compressor receives them: laid out as the
+        beginning of a conversation, or the bare context for a method with ``compresses_template = False``."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or any(not t or not t.strip() for t in texts):
+        if not texts:
             raise EmptyInputError("cannot compress an empty context")
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return left_pad(encoded, self.tokenizer.pad_token_id, self.device)
+        encode = self.layout.context_ids if self.compressor.compresses_template else self._bare_context
+        return left_pad([encode(t) for t in texts], self.tokenizer.pad_token_id, self.device)
+
+    def _bare_context(self, text: str) -> list[int]:
+        if not text or not text.strip():
+            raise EmptyInputError("cannot compress an empty context")
+        return self.layout.encode(text)
 
     @torch.no_grad()
     def compress(self, texts: str | list[str], query: str | None = None) -> Memory:
@@ -77,64 +95,55 @@ class CompressedLM:
         ids, mask = self.tokenize_context(texts)
         query_ids = None
         if query is not None:
-            query_ids = torch.tensor([self.tokenizer(query, add_special_tokens=False)["input_ids"]],
-                                     device=self.device)
-        return self.compressor.compress(ids, mask, query_ids=query_ids).detach()
+            query_ids = torch.tensor([self.layout.encode(query)], device=self.device)
+        with self.compressor.encoding():
+            return self.compressor.compress(ids, mask, query_ids=query_ids).detach()
 
     # ----- prompts ------------------------------------------------------------------------
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str) and not prompt.strip():
-            raise EmptyInputError("the prompt is empty")
-        if not self.use_chat_template:
-            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    def prompt_ids(self, prompt: Prompt, memory: bool = True) -> list[int]:
+        """Token ids of ``prompt`` after a memory (``memory=False``: a conversation with no context)."""
+        return self.layout.prompt_ids(prompt) if memory else self.layout.plain_prompt_ids(prompt)
 
-    def eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        end_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_turn, int) and end_turn != self.tokenizer.unk_token_id:
-            ids.add(end_turn)
-        return [i for i in ids if i is not None]
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a reply (the end of the assistant's turn, the tokenizer's and the model's eos)."""
+        return stop_token_ids(self.tokenizer, self.model.generation_config)
 
     # ----- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt | list[Prompt], memory: Memory | None = None,
-                 **generation: Any) -> str | list[str]:
-        """Answer a prompt (or a list of prompts, batched) reading ``memory``."""
-        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
-        prompts = [prompt] if single else list(prompt)
-        answers = self._generate_batch(prompts, memory, GenerationSettings.from_kwargs(**generation))
+                 generation_config: GenerationConfig | None = None, **generation: Any) -> str | list[str]:
+        """Answer a prompt (or a list of prompts, batched) reading ``memory`` (``None``: plain chat).
+
+        ``generation`` takes any ``GenerationConfig`` field (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``repetition_penalty``, ``stop_strings``, ...) and any other ``generate``
+        argument (``streamer``, ``logits_processor``, ...). Greedy, 64 new tokens, by default.
+        """
+        single = is_single_prompt(prompt)
+        prompts = [prompt] if single else list(prompt)  # type: ignore[list-item]
+        answers = self._generate_batch(prompts, memory, generation_config, generation)
         return answers[0] if single else answers
 
     def answer_many(self, memory: Memory, prompts: list[Prompt], batch_size: int = 8,
-                    **generation: Any) -> list[str]:
-        """Many prompts from one compressed context: the context is never re-read."""
+                    generation_config: GenerationConfig | None = None, **generation: Any) -> list[str]:
+        """Many prompts from one compressed context, each as the first question about it (the context
+        is never re-read): batches of ``batch_size`` prompt rows share the one memory row."""
         if memory.batch_size != 1:
             raise ValueError("answer_many expects a single-row memory (use memory.select(i))")
-        settings = GenerationSettings.from_kwargs(**generation)
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            answers += self._generate_batch(prompts[start:start + batch_size], memory, settings)
+            answers += self._generate_batch(prompts[start:start + batch_size], memory, generation_config, generation)
         return answers
 
     def _generate_batch(self, prompts: list[Prompt], memory: Memory | None,
-                        settings: GenerationSettings) -> list[str]:
-        ids, mask = left_pad([self.prompt_ids(p) for p in prompts], self.tokenizer.pad_token_id, self.device)
-        memory = self.empty_memory() if memory is None else memory.to(self.device)
-        tokens = generate_from_memory(self.compressor, memory, ids, mask, self.eos_token_ids(), settings)
+                        config: GenerationConfig | None, generation: dict[str, Any]) -> list[str]:
+        rows = [self.prompt_ids(p, memory=memory is not None) for p in prompts]
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id, self.device)
+        settings, extra = generation_config_for(self.stop_token_ids(), self.tokenizer.pad_token_id, config,
+                                                **generation)
+        if settings.stop_strings is not None:
+            extra.setdefault("tokenizer", self.tokenizer)
+        memory = memory.to(self.device) if memory is not None else None
+        tokens = generate_from_memory(self.compressor, memory, ids, mask, settings, **extra)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
-
-    def empty_memory(self) -> Memory:
-        """A zero-slot kv memory: generation then reads only the prompt."""
-        layers = self.model.config.num_hidden_layers
-        kv_heads = self.compressor.base_signature["num_key_value_heads"]
-        head_dim = self.compressor.base_signature["head_dim"]
-        empty = torch.zeros(1, kv_heads, 0, head_dim, dtype=self.model.dtype, device=self.device)
-        tensors = {f"{part}.{i}": empty for i in range(layers) for part in ("key", "value")}
-        return Memory(kind="kv", tensors=tensors, source_tokens=[0], slots=0, position_offset=[0],
-                      compressor_type="none", base_signature=self.compressor.base_signature)
 
     # ----- artifacts ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:

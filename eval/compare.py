@@ -24,28 +24,12 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
     if untrained is not None:
         summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, "untrained", scoring)[0])
     base = compressor.base_lm
-    with _adapters_off(compressor):
+    with compressor.plain_base():
         truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.ratio)), base)
         summaries.append(score_rows(CompressedLM(truncation, tokenizer), rows, "truncation", scoring)[0])
         full = FullContext(FullContextConfig(), base)
         summaries.append(score_rows(CompressedLM(full, tokenizer), rows, "full_context", scoring)[0])
     return summaries
-
-
-class _adapters_off:
-    """Baselines read the plain base model even when the compressor wraps it with LoRA."""
-
-    def __init__(self, compressor: Compressor) -> None:
-        self.model = compressor.model
-        self.ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def print_table(summaries: list[Summary], title: str = "") -> str:

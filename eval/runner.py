@@ -34,7 +34,8 @@ import torch
 
 from compressors import COMPRESSORS, CompressedLM, Compressor, load_base, load_compressor
 from compressors.baselines import BASELINES, FullContext, FullContextConfig
-from compressors.baselines.snapkv import ContextPrefill, prefill_context
+from compressors.baselines.selection import ContextPrefill, prefill_context
+from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, UnknownCompressorError
 from data import TASKS, build_task
 from data.tasks import layout_passages
@@ -129,7 +130,7 @@ class Method:
             # calibrated baselines (Q-Filters, EHPC) compute or load their artifact here, once,
             # so that it is not counted in the first sample's compression time
             made = self.compressor(1.0)
-            if hasattr(made, "prepare"):
+            if made.needs_preparation:
                 made.prepare()
 
     @property
@@ -144,16 +145,14 @@ class Method:
             return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
         cls = COMPRESSORS[self.name]
         made = cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
-        if hasattr(made, "use_tokenizer"):
-            made.use_tokenizer(self.tokenizer)
-        return made
+        return made.use_tokenizer(self.tokenizer)
 
     def prefill_needs(self) -> tuple[int, bool] | None:
         """What a shared prefill must hold for this method (window, token NLL), or None when the
         method cannot start from one (it re-encodes, or it is learned)."""
         if not hasattr(self, "_needs"):
             made = None if self.learned is not None else self.compressor(2.0)
-            self._needs = made.prefill_needs() if hasattr(made, "compress_from") else None
+            self._needs = made.prefill_needs() if made is not None and made.shares_prefill else None
         return self._needs
 
     def memories(self, ratios: list[float], context: str, prefill: ContextPrefill | None = None,
@@ -163,16 +162,16 @@ class Method:
         own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
         early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
         first = self.compressor(ratios[0])
-        if passages and hasattr(first, "compress_passages"):  # a passage compressor (CoLoR) on a corpus task
+        if passages and first.compresses_passages:  # a passage compressor (CoLoR) on a corpus task
             start = time.perf_counter()
             mems = [first.compress_passages(passages, layout_passages) for _ in ratios]
             return mems, (time.perf_counter() - start) / len(ratios)
-        own_cost = getattr(first, "prefill_is_own_cost", True)
+        own_cost = first.prefill_is_own_cost
         if prefill is not None and self.prefill_needs() is not None and (own_cost or not time_alone):
             start = time.perf_counter()
             mems = [m.detach() for m in first.compress_from(prefill, ratios)]
             return mems, (prefill.seconds + time.perf_counter() - start) if own_cost else None
-        if hasattr(first, "compress_ratios") and len(ratios) > 1:
+        if first.multi_ratio and len(ratios) > 1:
             ids, mask = CompressedLM(first, self.tokenizer).tokenize_context(context)
             start = time.perf_counter()
             with torch.no_grad():
@@ -192,15 +191,15 @@ def shared_prefill(methods: list[Method], model: Any, tokenizer: Any, context: s
     needs = [n for n in (m.prefill_needs() for m in methods) if n is not None]
     if not needs:
         return None
-    ids = tokenizer(context, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    # what CompressedLM gives a compressor: the beginning of the conversation (template prefix + context)
+    ids = torch.tensor([ConversationLayout(tokenizer).context_ids(context)], device=model.device)
     return prefill_context(model, ids, window=max(w for w, _ in needs), token_nll=any(t for _, t in needs))
 
 
 def achieved(memory: Any) -> tuple[float, float]:
-    """(achieved ratio over real slots, real slots per row)."""
-    real = memory.meta.get("real_slots")
-    slots = sum(real) / len(real) if real else memory.slots
-    return sum(memory.source_tokens) / max(1e-9, slots * memory.batch_size), slots
+    """(achieved ratio by the memory kind's rule, mean real slots per row)."""
+    real = memory.real_slots
+    return memory.ratio, sum(real) / len(real)
 
 
 def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,

@@ -8,13 +8,14 @@ exact / substring match against the answer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformers.generation import BaseStreamer
 
 from compressors import CompressedLM, Memory
-from compressors.compat import cache_of, with_cache
 
 from .metrics import normalize
 
@@ -45,8 +46,8 @@ class Summary:
 
 
 def reply_ids(clm: CompressedLM, answer: str) -> list[int]:
-    ids = clm.tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return ids + clm.eos_token_ids()[-1:]
+    """The reply a user's generation is matched against: the answer, then the end of the assistant's turn."""
+    return clm.layout.reply_ids(answer)
 
 
 def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) -> tuple[bool, float, str]:
@@ -60,7 +61,8 @@ def teacher_forced(clm: CompressedLM, memory: Memory, question: str, answer: str
     prompt, reply = clm.prompt_ids(question), reply_ids(clm, answer)
     ids = torch.tensor([prompt + reply], device=clm.device)
     with clm.compressor.reading(memory):
-        step = clm.compressor.decoder_forward(memory.to(clm.device), ids, torch.ones_like(ids), use_cache=False)
+        step = clm.compressor.decoder_forward(memory.to(clm.device), ids, torch.ones_like(ids), use_cache=False,
+                                              prompt_lengths=torch.tensor([len(prompt)], device=clm.device))
     logits = step.logits[0, len(prompt) - 1 : -1].float()
     target = torch.tensor(reply, device=logits.device)
     logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
@@ -110,27 +112,31 @@ def markdown_table(summaries: list[Summary]) -> str:
 
 @torch.no_grad()
 def time_decode(clm: CompressedLM, memory: Memory, question: str, steps: int = 8) -> tuple[float, float]:
-    """Seconds to read the prompt after ``memory`` and seconds per generated token (greedy, never
-    stopping at end-of-sequence, so every run decodes exactly ``steps`` tokens)."""
-    import time
+    """Seconds to read the prompt after ``memory`` and seconds per generated token, timed on the path a
+    user takes (``CompressedLM.generate``: greedy, ``steps`` tokens, never stopping early).
 
-    ids = torch.tensor([clm.prompt_ids(question)], device=clm.device)
-    memory = memory.to(clm.device)
-    model = clm.compressor.base_lm
-    with clm.compressor.reading(memory):
-        start = time.perf_counter()
-        step = clm.compressor.decoder_forward(memory, ids, torch.ones_like(ids))
-        prompt_s = time.perf_counter() - start
-        logits, cache, mask, position = step.logits[:, -1], step.cache, step.attention_mask, step.next_position
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = logits.argmax(-1)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                        use_cache=True, **with_cache(cache))
-            logits, cache, position = out.logits[:, -1], cache_of(out), position + 1
-        per_token = (time.perf_counter() - start) / max(1, steps)
-    return prompt_s, per_token
+    The prompt time is that of the first new token (reading the prompt after the memory); the per-token
+    time is the mean interval between the following tokens, stamped by a streamer.
+    """
+    stamps = _TokenClock()
+    start = time.perf_counter()
+    clm.generate(question, memory=memory, max_new_tokens=steps + 1, min_new_tokens=steps + 1, streamer=stamps)
+    times = stamps.times  # [generate's start (the prompt is put), first token, second token, ...]
+    per_token = (times[-1] - times[1]) / max(1, len(times) - 2) if len(times) > 2 else float("nan")
+    return times[1] - start, per_token
+
+
+class _TokenClock(BaseStreamer):
+    """A streamer that only stamps the time of each ``put`` (the prompt first, then every token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 @torch.no_grad()

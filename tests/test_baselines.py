@@ -11,7 +11,7 @@ from compressors import CompressedLM, compressor_class, load_base
 from compressors.attention import QueryCapture
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.baselines.pyramidkv import pyramid_budgets
-from compressors.baselines.snapkv import window_scores
+from compressors.baselines.selection import window_scores
 from compressors.baselines.streaming_llm import sink_and_recent
 from compressors.compat import cache_of
 from compressors.generation import GenerationSettings, generate_from_memory
@@ -106,7 +106,7 @@ def test_shared_prefill_matches_separate_compression(tiny):
 def test_one_prefill_serves_every_method_as_its_own_compression(tiny):
     """The eval runner's shared prefill (widest window, token NLL) gives each method exactly the
     memories it builds alone."""
-    from compressors.baselines.snapkv import prefill_context
+    from compressors.baselines.selection import prefill_context
 
     model, tokenizer = tiny
     ids, mask = context(tokenizer)

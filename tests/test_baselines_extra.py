@@ -19,7 +19,7 @@ from compressors.attention import QueryCapture
 from compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters, calibration
 from compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
 from compressors.baselines.qfilters import compute_qfilters
-from compressors.baselines.snapkv import pool, protect_window
+from compressors.baselines.selection import pool, protect_window
 from compressors.generation import GenerationSettings, generate_from_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,7 +103,7 @@ def test_budget_is_exact_and_memory_is_real(tiny_model, artifacts, name, ratio):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_shared_prefill_gives_the_same_memories(tiny_model, artifacts, name):
     """What the eval runner does: score from ONE prefill made for every method (wider window)."""
-    from compressors.baselines.snapkv import prefill_context
+    from compressors.baselines.selection import prefill_context
 
     model, tokenizer = tiny_model
     ids, mask = context(tokenizer)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from compressors.conversation import ConversationLayout
+from compressors.wrapper import left_pad
 
 from .objectives import OBJECTIVES, build_target, objective_of
 
@@ -15,25 +18,34 @@ from .objectives import OBJECTIVES, build_target, objective_of
 class MemoryCollator:
     """Tokenize rows with ``context`` / ``question`` / ``answer`` into a compressor training batch.
 
-    Contexts are left-padded (the compressor's segments are cut from the right, so padding stays in
-    the first one); decoder targets are right-padded with labels -100 on padding.
+    The composition is ``CompressedLM``'s (``ConversationLayout``): a context is the beginning of a
+    conversation (the chat template's prefix, then the context: its last tokens when it is longer than
+    ``max_context_tokens``), left-padded (segments are cut from the right, so padding stays in the first);
+    decoder targets (prompt + reply) are right-padded with labels -100 on padding, and ``prompt_lengths``
+    marks where each row's prompt ends.
     """
 
     tokenizer: PreTrainedTokenizerBase
     max_context_tokens: int = 4096
     max_target_tokens: int = 512
+    use_chat_template: bool = True
+    layout: ConversationLayout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = ConversationLayout(self.tokenizer, use_chat_template=self.use_chat_template)
+
+    def context_ids(self, context: str) -> list[int]:
+        prefix = self.layout.prefix_ids
+        room = self.max_context_tokens - len(prefix)
+        if room < 1:
+            raise ValueError(f"max_context_tokens={self.max_context_tokens} leaves no room after the "
+                             f"{len(prefix)} tokens of the chat template's prefix")
+        return prefix + self.layout.encode(context)[-room:]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
-        contexts = [self.tokenizer(r["context"], add_special_tokens=False)["input_ids"][-self.max_context_tokens:]
-                    for r in rows]
-        targets = [build_target(self.tokenizer, r, self.max_target_tokens) for r in rows]
-        width = max(len(c) for c in contexts)
-        context_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        context_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(contexts):
-            context_ids[i, width - len(ids):] = torch.tensor(ids)
-            context_mask[i, width - len(ids):] = 1
+        context_ids, context_mask = left_pad([self.context_ids(r["context"]) for r in rows], pad)
+        targets = [build_target(self.layout, r, self.max_target_tokens) for r in rows]
         length = max(len(t.input_ids) for t in targets)
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -44,4 +56,5 @@ class MemoryCollator:
             labels[i, : len(t.labels)] = torch.tensor(t.labels)
         objective = torch.tensor([OBJECTIVES.index(objective_of(r)) for r in rows])
         return {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
-                "attention_mask": attention_mask, "labels": labels, "objective": objective}
+                "attention_mask": attention_mask, "labels": labels, "objective": objective,
+                "prompt_lengths": torch.tensor([t.prompt_length for t in targets])}

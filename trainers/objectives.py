@@ -2,8 +2,10 @@
 
 Every objective conditions the decoder on the Memory of ``context`` and puts labels on a target:
 - ``autoencoding``: reconstruct the context (ICAE / 500xCompressor pretraining);
-- ``continuation``: predict the text that follows the context (plain LM, no chat template);
-- ``sft``: answer ``question`` about the context (chat template; labels on the answer only).
+- ``continuation``: predict the text that follows the context (right after the memory, no prompt);
+- ``sft``: answer ``question`` about the context (labels on the answer and the end of the turn only).
+The memory is the beginning of a conversation and the target continues it, through the same
+``compressors.conversation.ConversationLayout`` that ``CompressedLM`` uses at inference.
 A row's objective follows from its ``task`` column; objective weights scale per-example losses.
 The per-example LM loss itself comes from the compressor's forward: ``compressors.base.per_example_lm_loss``
 on the logits, or the same quantity fused with the LM head (Liger-Kernel, no logits materialized) by
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from compressors.conversation import ConversationLayout
 
 OBJECTIVES = ("autoencoding", "continuation", "sft")
 AUTOENCODING_PROMPT = "Repeat the text."
@@ -32,31 +34,26 @@ def objective_of(row: dict[str, Any]) -> str:
 
 @dataclass
 class DecoderTarget:
-    """Token ids the decoder reads after the memory, and which of them carry a loss."""
+    """Token ids the decoder reads after the memory, which of them carry a loss, and where the prompt ends."""
 
     input_ids: list[int]
     labels: list[int]
+    prompt_length: int
 
 
-def chat_target(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> DecoderTarget:
-    """User turn with ``question``, then the assistant's ``answer`` (and end of turn) as labels."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                           add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    reply = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [
-        tokenizer.eos_token_id]
-    return DecoderTarget(prompt + reply + end, [-100] * len(prompt) + reply + end)
-
-
-def build_target(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], max_target_tokens: int) -> DecoderTarget:
+def build_target(layout: ConversationLayout, row: dict[str, Any], max_target_tokens: int) -> DecoderTarget:
+    """What follows the memory for ``row``, composed exactly as ``CompressedLM`` composes it at inference:
+    the prompt (``layout.prompt_ids``: the rest of the user turn) then the reply (``layout.reply_ids``:
+    the answer and the end of the turn) with labels on the reply only; a continuation follows the
+    memory directly, every token labelled."""
     objective = objective_of(row)
     if objective == "continuation":
-        ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"][:max_target_tokens]
-        return DecoderTarget(ids, list(ids))
+        ids = layout.encode(row["answer"])[:max_target_tokens]
+        return DecoderTarget(ids, list(ids), 0)
     question = AUTOENCODING_PROMPT if objective == "autoencoding" else row["question"]
-    target = chat_target(tokenizer, question, row["answer"])
-    return DecoderTarget(target.input_ids[:max_target_tokens], target.labels[:max_target_tokens])
+    prompt, reply = layout.prompt_ids(question), layout.reply_ids(row["answer"])
+    ids, labels = prompt + reply, [-100] * len(prompt) + reply
+    return DecoderTarget(ids[:max_target_tokens], labels[:max_target_tokens], min(len(prompt), max_target_tokens))
 
 
 def validate_weights(weights: dict[str, float]) -> dict[str, float]:

@@ -5,8 +5,9 @@ from .ehpc import EHPC, EHPCConfig
 from .full_context import FullContext, FullContextConfig
 from .pyramidkv import PyramidKV, PyramidKVConfig
 from .qfilters import QFilters, QFiltersConfig
+from .selection import KVSelection, KVSelectionConfig
 from .selective_context import SelectiveContext, SelectiveContextConfig
-from .snapkv import KVSelection, KVSelectionConfig, SnapKV
+from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM, StreamingLLMConfig
 from .truncation import Truncation, TruncationConfig
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import register_compressor
-from .snapkv import KVSelection, KVSelectionConfig
+from .selection import KVSelection, KVSelectionConfig
 
 
 @dataclass

@@ -59,7 +59,7 @@ from ..compat import cache_of, with_cache
 from ..memory import Memory
 from .calibration import calibration_text, get_tokenizer, load_or_compute
 from .full_context import prefill_kv
-from .snapkv import budget_for, pool, protect_window, stack_padded, topk_sorted, window_scores
+from .selection import budget_for, pool, protect_window, stack_padded, topk_sorted, window_scores
 
 KIND = "ehpc"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -160,12 +160,10 @@ class EHPC(Compressor):
     compressor_type = "ehpc"
     config_class = EHPCConfig
     memory_kind = "kv"
-    tokenizer = None  # set by ``use_tokenizer``; else loaded for the base model's name when needed
-
-    def use_tokenizer(self, tokenizer: Any) -> EHPC:
-        """The tokenizer that builds the probe (the eval runner passes its own)."""
-        self.tokenizer = tokenizer
-        return self
+    multi_ratio = True
+    shares_prefill = True
+    needs_preparation = True
+    # ``tokenizer`` (from ``use_tokenizer``) builds the probe; without it, the base model's name's is loaded
 
     def prepare(self) -> torch.Tensor:
         """Load the head scores for this base model (probing and saving them on first use)."""

@@ -35,6 +35,7 @@ class FullContext(Compressor):
     compressor_type = "full_context"
     config_class = FullContextConfig
     memory_kind = "kv"
+    shares_prefill = True
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -14,9 +14,8 @@ Memory layout (documented padding): one Memory has a single slot axis, so every 
 with ``S = max`` layer budget slots, its real slots right-aligned and left-padded with zeros.
 ``meta['layer_slots']`` (per row, per layer) records the real counts. ``reading(memory)``
 overrides each layer's attention (``compressors.attention``) to mask that layer's padding (a
-per-layer mask; the decoder builds one mask for all layers), so padded slots are never read. ``meta['real_slots']`` is the mean real slots per layer, from which the achieved
-ratio is ``n / real_slots`` (exactly ``n / B`` up to rounding): use it, not ``Memory.ratio`` (which
-divides by the padded ``S``). ``Memory.nbytes`` counts the padded tensors: it is what this
+per-layer mask; the decoder builds one mask for all layers), so padded slots are never read. ``meta['layer_slots']`` is what ``Memory.ratio`` counts (``memory.KindRules``: context tokens per
+real slot, averaged over layers, so exactly ``n / B`` up to rounding, not ``n / S``). ``Memory.nbytes`` counts the padded tensors: it is what this
 Memory really holds in RAM; ``meta['real_bytes']`` is the KV that a ragged per-layer cache would hold.
 
 Faithful: pyramid budget schedule with ``beta``, per-layer SnapKV selection.
@@ -37,7 +36,7 @@ from torch.nn import functional as F
 from ..attention import Override, attention_modules, block_keys, overriding_attention
 from ..base import register_compressor
 from ..memory import Memory
-from .snapkv import KVSelection, KVSelectionConfig, budget_for, gather_positions, topk_sorted
+from .selection import KVSelection, KVSelectionConfig, budget_for, gather_positions, topk_sorted
 
 
 @dataclass

@@ -51,7 +51,7 @@ from ..attention import QueryCapture
 from ..base import CompressorConfig, register_compressor
 from ..compat import cache_of
 from .calibration import calibration_text, get_tokenizer, load_or_compute
-from .snapkv import KVSelection, protect_window, topk_sorted
+from .selection import KVSelection, protect_window, topk_sorted
 
 KIND = "qfilters"
 
@@ -122,12 +122,8 @@ class QFilters(KVSelection):
     compressor_type = "qfilters"
     config_class = QFiltersConfig
     needs_scores = False
-    tokenizer = None  # set by ``use_tokenizer``; else loaded for the base model's name when needed
-
-    def use_tokenizer(self, tokenizer: Any) -> QFilters:
-        """The tokenizer that reads the calibration text (the eval runner passes its own)."""
-        self.tokenizer = tokenizer
-        return self
+    needs_preparation = True
+    # ``tokenizer`` (from ``use_tokenizer``) reads the calibration text; without it, the base model's name's
 
     def prepare(self) -> torch.Tensor:
         """Load the filters for this base model (computing and saving them on first use)."""

@@ -24,13 +24,14 @@ which this also is at 135M). Ratio 1 keeps every token, i.e. exactly the full co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..memory import Memory
 from .full_context import prefill_kv
-from .snapkv import ContextPrefill, budget_for, prefill_context, stack_padded
+from .selection import ContextPrefill, budget_for, prefill_context, stack_padded
 
 
 @dataclass
@@ -79,10 +80,13 @@ class SelectiveContext(Compressor):
                  query_ids: torch.Tensor | None = None) -> Memory:
         return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
 
+    multi_ratio = True
+    shares_prefill = True
     tokenizer_pieces = None  # set by ``use_tokenizer``; without it every token is its own unit
 
-    def use_tokenizer(self, tokenizer) -> SelectiveContext:  # noqa: ANN001
-        """Give the compressor the token texts it needs to form word units (the eval runner does)."""
+    def use_tokenizer(self, tokenizer: Any, use_chat_template: bool = True) -> SelectiveContext:
+        """Give the compressor the token texts it needs to form word units (CompressedLM and the eval runner do)."""
+        super().use_tokenizer(tokenizer, use_chat_template)
         self.tokenizer_pieces = lambda ids: [tokenizer.decode([i]) for i in ids]
         return self
 

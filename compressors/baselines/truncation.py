@@ -3,6 +3,8 @@
 The floor of every comparison at a memory budget. ``keep="recent"`` keeps the last
 ``ceil(n / ratio)`` tokens; ``keep="first_last"`` keeps half the budget from each end. The kept
 tokens are re-encoded on their own at positions ``0..budget-1`` (true truncation, not KV eviction).
+The chat template's prefix at the start of the context (``Compressor.template_tokens``) is always kept
+and counts toward the budget: a truncated conversation is still a conversation.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ class TruncationConfig(CompressorConfig):
             raise ValueError(f"keep must be 'recent' or 'first_last', got {self.keep!r}")
 
 
-def kept_indices(length: int, budget: int, keep: str) -> list[int]:
-    """Indices of the tokens kept out of ``length`` under ``budget``."""
-    budget = min(budget, length)
+def kept_indices(length: int, budget: int, keep: str, protected: int = 0) -> list[int]:
+    """Indices of the tokens kept out of ``length`` under ``budget``; the first ``protected`` always."""
+    budget = min(max(budget, protected), length)
+    protected = min(protected, budget)
+    body, room = length - protected, budget - protected
     if keep == "recent":
-        return list(range(length - budget, length))
-    head = budget // 2
-    return list(range(head)) + list(range(length - (budget - head), length))
+        picked = list(range(body - room, body))
+    else:
+        head = room // 2
+        picked = list(range(head)) + list(range(body - (room - head), body))
+    return list(range(protected)) + [protected + i for i in picked]
 
 
 @register_compressor
@@ -54,7 +60,8 @@ class Truncation(Compressor):
         rows, lengths = [], mask.sum(-1).tolist()
         for row, length in enumerate(lengths):
             real = context_ids[row][mask[row].bool()]
-            rows.append(real[kept_indices(length, self.budget(length), self.compressor_config.keep)])
+            kept = kept_indices(length, self.budget(length), self.compressor_config.keep, self.template_tokens)
+            rows.append(real[kept])
         slots = max(len(r) for r in rows)
         pad = self.base_lm.config.pad_token_id or 0
         ids = torch.full((len(rows), slots), pad, dtype=context_ids.dtype, device=context_ids.device)

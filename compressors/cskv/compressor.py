@@ -231,17 +231,17 @@ class CSKVCompressor(Compressor):
 
     # ----- decoder ------------------------------------------------------------------------
     def decoder_forward(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        use_cache: bool = True) -> DecoderStep:
-        if memory.kind == "kv":  # e.g. CompressedLM's empty memory for plain generation
-            return super().decoder_forward(memory, input_ids, attention_mask, use_cache)
-        repeat, full_mask, position_ids = memory_prefix(memory, input_ids, attention_mask)
-        cache = self.memory_cache(memory, repeat)
+                        use_cache: bool = True, prompt_lengths: torch.Tensor | None = None) -> DecoderStep:
+        self.check_memory(memory)
+        memory = memory.expand(input_ids.shape[0])
+        full_mask, position_ids = memory_prefix(memory, attention_mask)
+        cache = self.memory_cache(memory)
         cache.stage_positions(position_ids)
         with self.installed():
             out = self.base_lm(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                                use_cache=True, **with_cache(cache))
         return DecoderStep(logits=out.logits, cache=cache, attention_mask=full_mask,
-                           next_position=position_ids[:, -1] + 1)
+                           next_position=position_ids[:, -1] + 1, memory_tokens=memory.real_slots)
 
     # ----- training: layer-wise K/V reconstruction ------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

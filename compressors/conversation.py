@@ -1,0 +1,155 @@
+"""Where a memory sits in a conversation: the one composition shared by training and inference.
+
+A memory is the compressed form of the *beginning of a conversation*. For a tokenizer with a chat
+template that is the template's prefix (system prompt, start of the first user turn) followed by the
+context, inside the first user turn; the prompt then continues that turn (``separator`` + question),
+closes it, and opens the assistant's turn. Follow-up turns continue the same conversation after the
+memory. kvpress's pipeline lays a context out the same way (``preprocess``: template prefix + context,
+then the question and the rest of the template).
+
+Each part is tokenized on its own (``context_ids``, ``prompt_ids``, ``reply_ids``), so the tokens of a
+conversation are exactly ``context_ids(context) + prompt_ids(prompt)``: the full-context memory (ratio
+1) followed by the prompt is, token for token, what plain ``model.generate`` reads for that
+conversation. What a compressor keeps uncompressed (e.g. the template tokens) is its own choice and
+documented with it: every compressor receives ``context_ids`` whole.
+
+A tokenizer without a chat template gets a plain text layout: the context, then ``separator`` +
+question + newline; earlier turns are joined as ``role: content`` lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import EmptyInputError
+
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+SEPARATOR = "\n\n"
+# Unlikely in any text and kept intact by chat templates: splits a rendered template into its parts.
+_MARK = "\x00ctxzip-context\x00"
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    """A prompt as chat messages: a string is one user turn; a message list must end with a user turn."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise EmptyInputError("the prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    messages = [dict(m) for m in prompt]
+    if not messages:
+        raise EmptyInputError("the prompt has no messages")
+    for message in messages:
+        if set(message) < {"role", "content"} or not isinstance(message.get("content"), str):
+            raise ValueError(f"a chat message needs 'role' and 'content' strings, got {message!r}")
+    if messages[0]["role"] != "user" or messages[-1]["role"] != "user":
+        raise ValueError("a prompt's messages must start and end with a user turn (the memory opens the first "
+                         f"user turn; the assistant answers the last), got roles {[m['role'] for m in messages]}")
+    return messages
+
+
+def is_single_prompt(prompt: Any) -> bool:
+    """Whether ``prompt`` is one prompt (a string or a message list) rather than a batch of prompts."""
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict))
+
+
+@dataclass
+class ConversationLayout:
+    """Token ids of the parts of a conversation that starts with a (compressed) context."""
+
+    tokenizer: PreTrainedTokenizerBase
+    use_chat_template: bool = True
+    separator: str = SEPARATOR
+
+    def __post_init__(self) -> None:
+        self.use_chat_template = self.use_chat_template and bool(self.tokenizer.chat_template)
+
+    # ----- the parts ----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    @cached_property
+    def prefix_ids(self) -> list[int]:
+        """What comes before the context: the chat template up to the first user turn's content."""
+        if not self.use_chat_template:
+            return []
+        prefix, _ = self._render([{"role": "user", "content": _MARK}])
+        return self.encode(prefix)
+
+    def context_ids(self, context: str) -> list[int]:
+        """The beginning of the conversation that a memory stands for: template prefix + context."""
+        if not context or not context.strip():
+            raise EmptyInputError("cannot compress an empty context")
+        return self.prefix_ids + self.encode(context)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """What follows the memory: the rest of the first user turn, later turns, the assistant's opening."""
+        messages = as_messages(prompt)
+        first = self.separator + messages[0]["content"]
+        if not self.use_chat_template:
+            return self.encode(self._plain([{**messages[0], "content": first}, *messages[1:]]))
+        _, rest = self._render([{**messages[0], "content": _MARK + first}, *messages[1:]])
+        return self.encode(rest)
+
+    def plain_prompt_ids(self, prompt: Prompt) -> list[int]:
+        """A conversation with no context at all (generation without a memory)."""
+        messages = as_messages(prompt)
+        if not self.use_chat_template:
+            return self.encode(self._plain(messages))
+        prefix, rest = self._render([{**messages[0], "content": _MARK + messages[0]["content"]}, *messages[1:]])
+        return self.encode(prefix) + self.encode(rest)
+
+    def conversation_ids(self, prompt: Prompt, context: str | None = None) -> list[int]:
+        """The whole conversation as plain generation reads it (no compression): the reference of ratio 1."""
+        if context is None:
+            return self.plain_prompt_ids(prompt)
+        return self.context_ids(context) + self.prompt_ids(prompt)
+
+    def reply_ids(self, answer: str) -> list[int]:
+        """The assistant's reply as a training / scoring target: the answer and the end of its turn."""
+        return self.encode(answer) + self.end_of_turn_ids
+
+    @cached_property
+    def end_of_turn_ids(self) -> list[int]:
+        """Tokens that close an assistant turn: what the template writes after a reply, else the eos token."""
+        if self.use_chat_template:
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}], tokenize=False)
+            ids = self.encode(rendered.split(_MARK, 1)[1].rstrip())
+            if ids:
+                return ids[:1] if ids[0] in self.tokenizer.all_special_ids else ids
+        eos = self.tokenizer.eos_token_id
+        return [eos] if eos is not None else []
+
+    # ----- rendering ----------------------------------------------------------------------
+    def _render(self, messages: list[Message]) -> tuple[str, str]:
+        """The chat template of ``messages`` (closed by the generation prompt), split at the marker."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(_MARK) != 1:
+            raise ValueError("this tokenizer's chat template does not keep the first user message verbatim, so a "
+                             "context cannot be placed inside it; pass use_chat_template=False")
+        before, after = text.split(_MARK)
+        return before, after
+
+    @staticmethod
+    def _plain(messages: list[Message]) -> str:
+        if len(messages) == 1:
+            return messages[0]["content"] + "\n"
+        lines = [messages[0]["content"]] + [f"{m['role']}: {m['content']}" for m in messages[1:]]
+        return "\n".join(lines) + "\nassistant:"
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """Token ids that end a reply: the end of an assistant turn, the tokenizer's eos and the model's
+    ``generation_config.eos_token_id`` (never a hard-coded token name)."""
+    ids = list(ConversationLayout(tokenizer).end_of_turn_ids)
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for value in [tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
