@@ -119,7 +119,8 @@ class CompressedLM:
         """
         single = is_single_prompt(prompt)
         prompts = [prompt] if single else list(prompt)  # type: ignore[list-item]
-        answers = self._generate_batch(prompts, memory, generation_config, generation)
+        rows = self.generate_ids(prompts, memory, generation_config, **generation)
+        answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
         return answers[0] if single else answers
 
     def answer_many(self, memory: Memory, prompts: list[Prompt], batch_size: int = 8,
@@ -130,20 +131,22 @@ class CompressedLM:
             raise ValueError("answer_many expects a single-row memory (use memory.select(i))")
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            answers += self._generate_batch(prompts[start:start + batch_size], memory, generation_config, generation)
+            answers += self.generate(prompts[start:start + batch_size], memory, generation_config, **generation)
         return answers
 
-    def _generate_batch(self, prompts: list[Prompt], memory: Memory | None,
-                        config: GenerationConfig | None, generation: dict[str, Any]) -> list[str]:
+    def generate_ids(self, prompts: list[Prompt], memory: Memory | None = None,
+                     generation_config: GenerationConfig | None = None, **generation: Any) -> list[list[int]]:
+        """The new token ids of each prompt (batched), up to and without the token that stopped it."""
         rows = [self.prompt_ids(p, memory=memory is not None) for p in prompts]
         ids, mask = left_pad(rows, self.tokenizer.pad_token_id, self.device)
-        settings, extra = generation_config_for(self.stop_token_ids(), self.tokenizer.pad_token_id, config,
+        settings, extra = generation_config_for(self.stop_token_ids(), self.tokenizer.pad_token_id, generation_config,
                                                 **generation)
         if settings.stop_strings is not None:
             extra.setdefault("tokenizer", self.tokenizer)
         memory = memory.to(self.device) if memory is not None else None
-        tokens = generate_from_memory(self.compressor, memory, ids, mask, settings, **extra)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+        tokens = generate_from_memory(self.compressor, memory, ids, mask, settings, **extra).tolist()
+        stops = settings.eos_token_id if isinstance(settings.eos_token_id, list) else [settings.eos_token_id]
+        return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in tokens]
 
     # ----- artifacts ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:

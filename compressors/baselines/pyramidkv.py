@@ -109,9 +109,9 @@ class PyramidKV(KVSelection):
                                      "real_slots": [sum(counts) / layers], "real_bytes": real_bytes})
 
     @contextlib.contextmanager
-    def reading(self, memory: Memory) -> Iterator[None]:
+    def reading(self, memory: Memory | None) -> Iterator[None]:
         """Mask each layer's padded slots (they differ per layer) while the LM reads ``memory``."""
-        counts = memory.meta.get("layer_slots")
+        counts = memory.meta.get("layer_slots") if memory is not None else None
         if not counts or all(c == memory.slots for row in counts for c in row):
             yield
             return

@@ -182,7 +182,7 @@ class CSKVCompressor(Compressor):
                 stack.close()
 
     @contextlib.contextmanager
-    def reading(self, memory: Memory) -> Iterator[None]:
+    def reading(self, memory: Memory | None) -> Iterator[None]:
         with self.installed():
             yield
 

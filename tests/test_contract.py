@@ -1,0 +1,173 @@
+"""The Compressor contract, checked for every registered compressor on the tiny model.
+
+Each compressor: its memory survives a save/load round trip; a batch of contexts gives each row what the
+context alone gives; ``CompressedLM`` generates with and without a memory (without one it is plain chat
+generation, whatever the compressor); one memory row answers many prompts as each would be answered
+alone; declared capabilities do what they declare; and, where the method has a ratio 1, the memory
+through ``CompressedLM`` generates exactly what plain ``model.generate`` generates for the conversation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressors import COMPRESSORS, CompressedLM, Memory, compressor_class, load_base
+from compressors.baselines.selection import prefill_context
+from compressors.conversation import ConversationLayout
+from compressors.models import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONTEXTS = ["The pass key is 48213. Remember it. " + "Grass is green and the sky is blue. " * 6,
+            "Alice keeps a red kite in the garden shed. " * 3]
+PROMPTS = ["What is the pass key?", "Which colour is the grass? Answer in one word."]
+NEW_TOKENS = 5
+
+
+def settings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Small, fast settings of each compressor on the tiny model (calibration artifacts in a temp dir)."""
+    folder = tmp_path_factory.getbasetemp()
+    return {
+        "gist": dict(tokens_per_gist=4, segment_length=32, lora_r=2),
+        "color": dict(max_new_tokens=6, lora_r=2),
+        "cskv": dict(density=0.5, window=4),
+        "qfilters": dict(ratio=2.0, calibration_tokens=256, calibration_seq_len=128,
+                         filters_path=str(folder / "qf.safetensors")),
+        "ehpc": dict(ratio=2.0, probe_samples=2, probe_tokens=128, heads_path=str(folder / "ehpc.safetensors")),
+        "full_context": {},
+    }.get(name, dict(ratio=2.0, **({"window": 4} if name in ("snapkv", "chunkkv", "pyramidkv") else {})))
+
+
+RATIO_ONE = {"full_context": {}, "truncation": {"ratio": 1.0}, "snapkv": {"ratio": 1.0, "window": 4},
+             "streaming_llm": {"ratio": 1.0}, "chunkkv": {"ratio": 1.0, "window": 4},
+             "pyramidkv": {"ratio": 1.0, "window": 4}, "selective_context": {"ratio": 1.0}}
+
+
+def sensitive_tiny(tokenizer):
+    """The tiny Llama with a larger init: its greedy tokens depend on the context (with the default init
+    it repeats the last prompt token whatever it read, and parity would hold vacuously)."""
+    return tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2).eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    from compressors import TINY_MODEL
+
+    _, tokenizer = load_base(TINY_MODEL)
+    return sensitive_tiny(tokenizer), tokenizer
+
+
+def build(name: str, config: dict, base) -> CompressedLM:
+    model, tokenizer = base
+    cls = compressor_class(name)
+    compressor = cls(cls.config_class.from_dict(config), model).eval()
+    clm = CompressedLM(compressor, tokenizer)
+    if compressor.needs_preparation:
+        compressor.prepare()
+    return clm
+
+
+@pytest.fixture
+def clm(request, base, tmp_path_factory):
+    model, tokenizer = base
+    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv") else model
+    # learned methods wrap or hook their own copy of the base; the training-free ones share one
+    return build(request.param, settings(request.param, tmp_path_factory), (fresh, tokenizer))
+
+
+def plain_generate(model, ids: list[int], tokens: int = NEW_TOKENS) -> list[int]:
+    """Plain transformers greedy generation of exactly ``tokens`` new tokens."""
+    tensor = torch.tensor([ids])
+    out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=tokens,
+                         min_new_tokens=tokens, do_sample=False, pad_token_id=2)
+    return out[0, tensor.shape[1]:].tolist()
+
+
+def gen(clm: CompressedLM, prompts: list, memory: Memory | None = None, tokens: int = NEW_TOKENS) -> list[list[int]]:
+    """Exactly ``tokens`` greedy new token ids per prompt through CompressedLM."""
+    return clm.generate_ids(prompts, memory, max_new_tokens=tokens, min_new_tokens=tokens)
+
+
+ALL = sorted(COMPRESSORS)
+
+
+def test_every_registered_compressor_is_covered() -> None:
+    assert set(ALL) >= {"gist", "color", "cskv", "full_context", "truncation", "snapkv"}
+
+
+@pytest.mark.parametrize("clm", ALL, indirect=True)
+def test_generation_without_a_memory_is_plain_chat_generation(clm: CompressedLM) -> None:
+    assert isinstance(clm.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS), str)
+    with clm.compressor.plain_base():
+        expected = [plain_generate(clm.model, clm.layout.plain_prompt_ids(p)) for p in PROMPTS]
+    assert gen(clm, PROMPTS) == expected
+
+
+@pytest.mark.parametrize("clm", ALL, indirect=True)
+def test_memory_round_trip_batch_rows_and_many_prompts(clm: CompressedLM, tmp_path) -> None:
+    batch = clm.compress(CONTEXTS)
+    assert batch.batch_size == 2 and batch.kind == clm.compressor.memory_kind
+    assert batch.ratio > 0 and batch.nbytes > 0 and len(batch.real_slots) == 2
+    single = clm.compress(CONTEXTS[0])
+    alone = [gen(clm, [p], single)[0] for p in PROMPTS]
+    assert alone != [gen(clm, [p])[0] for p in PROMPTS]  # the memory changes what is generated
+    # a batch row reads as the context alone
+    assert gen(clm, PROMPTS[:1], batch.select(0)) == alone[:1]
+    # save / load round trip
+    loaded = Memory.load(single.save(tmp_path / "memory.safetensors"))
+    assert loaded.kind == single.kind and loaded.ratio == pytest.approx(single.ratio)
+    assert [gen(clm, [p], loaded)[0] for p in PROMPTS] == alone
+    # one memory row, many prompts (batched, padded), each answered as alone; and a batch of rows
+    assert gen(clm, PROMPTS, single) == alone
+    assert clm.answer_many(single, PROMPTS, max_new_tokens=NEW_TOKENS) == \
+        [clm.generate(p, memory=single, max_new_tokens=NEW_TOKENS) for p in PROMPTS]
+    rows = gen(clm, PROMPTS, batch)
+    assert rows == [alone[0], gen(clm, PROMPTS[1:], batch.select(1))[0]]
+
+
+@pytest.mark.parametrize("clm", ALL, indirect=True)
+def test_decoder_reports_what_it_read_and_declared_capabilities_hold(clm: CompressedLM) -> None:
+    compressor = clm.compressor
+    memory = clm.compress(CONTEXTS[0])
+    prompt = torch.tensor([clm.prompt_ids(PROMPTS[0])])
+    with torch.no_grad(), compressor.reading(memory):
+        step = compressor.decoder_forward(memory, prompt, torch.ones_like(prompt),
+                                          prompt_lengths=torch.tensor([prompt.shape[1]]))
+    assert step.logits.shape[:2] == prompt.shape
+    assert len(step.memory_tokens) == 1 and step.memory_tokens[0] > 0
+    ids, mask = clm.tokenize_context(CONTEXTS[0])
+    if compressor.multi_ratio:
+        (again,) = compressor.compress_ratios(ids, mask, [compressor.compressor_config.ratio])
+        assert again.slots == memory.slots and again.ratio == pytest.approx(memory.ratio)
+    if compressor.shares_prefill:
+        window, nll = compressor.prefill_needs()
+        prefill = prefill_context(compressor.base_lm, ids, window, nll)
+        ratio = getattr(compressor.compressor_config, "ratio", 1.0)
+        (shared,) = compressor.compress_from(prefill, [ratio])
+        for name, tensor in memory.tensors.items():
+            torch.testing.assert_close(shared.tensors[name], tensor)
+    if not compressor.compresses_template:
+        assert memory.source_tokens[0] == len(clm.layout.encode(CONTEXTS[0]))
+    else:
+        assert memory.source_tokens[0] == len(clm.layout.context_ids(CONTEXTS[0]))
+
+
+@pytest.mark.parametrize("name", sorted(RATIO_ONE))
+def test_ratio_one_generates_exactly_what_plain_generation_does(name: str, base) -> None:
+    clm = build(name, RATIO_ONE[name], base)
+    memory = clm.compress(CONTEXTS[0])
+    assert memory.ratio == pytest.approx(1.0)
+    layout = ConversationLayout(clm.tokenizer)
+    expected = [plain_generate(clm.model, layout.conversation_ids(p, CONTEXTS[0]), 8) for p in PROMPTS]
+    assert [gen(clm, [p], memory, 8)[0] for p in PROMPTS] == expected  # single
+    assert gen(clm, PROMPTS, memory, 8) == expected  # batched, padded
+
+
+def test_cskv_at_full_rank_with_a_window_over_the_context_is_plain_generation(base) -> None:
+    _, tokenizer = base
+    fresh = sensitive_tiny(tokenizer)
+    clm = build("cskv", dict(density=1.0, window=4096), (fresh, tokenizer))
+    memory = clm.compress(CONTEXTS[0])
+    expected = [plain_generate(fresh, clm.layout.conversation_ids(p, CONTEXTS[0]), 8) for p in PROMPTS]
+    assert gen(clm, PROMPTS, memory, 8) == expected
