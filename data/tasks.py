@@ -154,7 +154,10 @@ def passkey(rng: random.Random, spec: TaskSpec, *, num_digits: int = 5) -> Sampl
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     depth = spec.draw_depth(rng)
     context, n = _needles_in_filler(rng, spec, [(depth, needle)])
-    return _sample(context, n, "What is the pass key?", key, depth, needle, {"num_digits": num_digits})
+    # the answer-format instruction makes an instruct model reply with the key itself (without it SmolLM2
+    # replies "The pass key is ..." or explains what a pass key is), so generation and exact match agree
+    return _sample(context, n, "What is the pass key? Answer with the number only.", key, depth, needle,
+                   {"num_digits": num_digits})
 
 
 FIRST_NAMES = (

@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 
-from .runner import read_predictions, write_json_atomic
+from compressors.io import write_json_atomic
+
+from .runner import read_predictions
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
 
@@ -145,7 +147,7 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def write_outputs(out: Path, summaries: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    write_json_atomic(out / "metrics.json", {"config": config, "results": summaries})
+    write_json_atomic(out / "metrics.json", {"config": config, "results": summaries}, indent=1, default=float)
     with open(out / "predictions.jsonl.tmp", "w") as f:
         for row in read_predictions(out):
             f.write(json.dumps(row, default=float) + "\n")
@@ -175,7 +177,8 @@ def compare(dirs: list[str], output_dir: str | None = None) -> str:
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "metrics.json", {"config": {"compare": dirs}, "results": merged})
+        write_json_atomic(out / "metrics.json", {"config": {"compare": dirs}, "results": merged}, indent=1,
+                          default=float)
         (out / "report.md").write_text(text)
         plot(merged, out)
     return text

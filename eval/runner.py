@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from compressors.baselines import BASELINES, FullContext, FullContextConfig
 from compressors.baselines.selection import ContextPrefill, prefill_context
 from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, UnknownCompressorError
+from compressors.io import write_json_atomic
 from data import TASKS, build_task
 from data.tasks import layout_passages
 
@@ -104,14 +103,6 @@ def label_for(name: str) -> str:
 def config_key(task: str, length: int, method: str, ratio: float) -> str:
     safe = re.sub(r"[^\w.-]+", "_", method)
     return f"{task}__L{length}__{safe}__r{ratio:g}"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 class Method:
@@ -330,7 +321,7 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
                 rows[keys[method.label, ratio]].append(result)
                 bar.update(1)
         del prefill
-        write_json_atomic(partial_path, rows)
+        write_json_atomic(partial_path, rows, indent=1, default=float)
     for method, ratios in pending:
         for ratio in ratios:
             meta = dict(task=task, context_length=length, method=method.label, ratio=ratio,
@@ -339,7 +330,7 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
                         source=method.name)
             key = keys[method.label, ratio]
             write_json_atomic(out / "configs" / f"{key}.json",
-                              {"summary": summarize(rows[key], meta), "rows": rows[key]})
+                              {"summary": summarize(rows[key], meta), "rows": rows[key]}, indent=1, default=float)
     partial_path.unlink(missing_ok=True)
     if not any(partial_path.parent.iterdir()):
         partial_path.parent.rmdir()

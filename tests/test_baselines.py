@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from compressors import CompressedLM, compressor_class, load_base
 from compressors.attention import QueryCapture
@@ -14,7 +15,7 @@ from compressors.baselines.pyramidkv import pyramid_budgets
 from compressors.baselines.selection import window_scores
 from compressors.baselines.streaming_llm import sink_and_recent
 from compressors.compat import cache_of
-from compressors.generation import GenerationSettings, generate_from_memory
+from compressors.generation import generate_from_memory
 
 SELECTION = ("streaming_llm", "snapkv", "chunkkv", "pyramidkv")
 TEXT = "The pass key is 48213. Remember it. " + "Grass is green and the sky is blue. " * 12
@@ -39,8 +40,8 @@ def context(tokenizer, text=TEXT):
 def greedy(compressor, tokenizer, memory, steps=8):
     clm = CompressedLM(compressor, tokenizer)
     prompt = torch.tensor([clm.prompt_ids("What is the pass key?")])
-    return generate_from_memory(compressor, memory, prompt, torch.ones_like(prompt), [-1],
-                                GenerationSettings(max_new_tokens=steps))
+    return generate_from_memory(compressor, memory, prompt, torch.ones_like(prompt), GenerationConfig(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=2))
 
 
 @pytest.mark.parametrize("name", SELECTION)

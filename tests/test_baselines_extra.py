@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from compressors import (
     BaseModelMismatchError,
@@ -20,7 +21,7 @@ from compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters
 from compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
 from compressors.baselines.qfilters import compute_qfilters
 from compressors.baselines.selection import pool, protect_window
-from compressors.generation import GenerationSettings, generate_from_memory
+from compressors.generation import generate_from_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,8 +62,8 @@ def context(tokenizer, text=TEXT):
 def greedy(compressor, tokenizer, memory, steps=6):
     clm = CompressedLM(compressor, tokenizer)
     prompt = torch.tensor([clm.prompt_ids("What is the pass key?")])
-    return generate_from_memory(compressor, memory, prompt, torch.ones_like(prompt), [-1],
-                                GenerationSettings(max_new_tokens=steps))
+    return generate_from_memory(compressor, memory, prompt, torch.ones_like(prompt), GenerationConfig(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=2))
 
 
 # ----- the shared contract: ratio 1 is the full context, the budget is exact --------------------

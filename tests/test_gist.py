@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from compressors import ContextTooLongError, EmptyInputError, GistCompressor, GistConfig, Memory
 from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
 from compressors.baselines.truncation import kept_indices
 from compressors.compat import cache_of, with_cache
-from compressors.generation import GenerationSettings, generate_from_memory
+from compressors.generation import generate_from_memory
 from compressors.wrapper import left_pad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -274,8 +275,8 @@ def test_decode_loop_from_full_context_equals_hf_greedy_generate(tiny) -> None:
     context, prompt = ids(10, seed=7), ids(4, seed=8)
     with torch.no_grad():
         memory = full.compress(context)
-        ours = generate_from_memory(full, memory, prompt, torch.ones_like(prompt), eos_token_ids=[2],
-                                    settings=GenerationSettings(max_new_tokens=6))
+        ours = generate_from_memory(full, memory, prompt, torch.ones_like(prompt), GenerationConfig(
+            max_new_tokens=6, do_sample=False, eos_token_id=[2], pad_token_id=2))
         whole = torch.cat([context, prompt], dim=1)
         ref = model.generate(whole, attention_mask=torch.ones_like(whole), max_new_tokens=6, do_sample=False,
                              eos_token_id=[2], pad_token_id=2)[:, whole.shape[1]:]

@@ -7,7 +7,6 @@ import torch
 
 from compressors import CompressedLM
 from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
-from compressors.generation import GenerationSettings, generate_from_memory
 from eval.scoring import Summary, markdown_table, normalize, reply_ids, score_loglik, score_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,9 +25,7 @@ def clm(tiny) -> CompressedLM:
 def greedy_answer(clm: CompressedLM, context: str, question: str, n: int = 3) -> str:
     """The text the model itself emits first under greedy decoding (checked to re-tokenize the same)."""
     memory = clm.compress(context)
-    ids = torch.tensor([clm.prompt_ids(question)])
-    tokens = generate_from_memory(clm.compressor, memory, ids, torch.ones_like(ids), clm.eos_token_ids(),
-                                  GenerationSettings(max_new_tokens=n))[0].tolist()
+    tokens = clm.generate_ids([question], memory, max_new_tokens=n)[0]
     answer = clm.tokenizer.decode(tokens)
     assert clm.tokenizer(answer, add_special_tokens=False)["input_ids"] == tokens  # precondition of the test
     return answer
@@ -48,7 +45,7 @@ def reference_logprobs(clm: CompressedLM, context: str, question: str, answer: s
 def test_reply_ids_end_with_end_of_turn(clm: CompressedLM) -> None:
     ids = reply_ids(clm, " blue")
     assert ids[:-1] == clm.tokenizer(" blue", add_special_tokens=False)["input_ids"]
-    assert ids[-1] in clm.eos_token_ids()
+    assert ids[-1] in clm.stop_token_ids()
 
 
 def test_loglik_of_the_models_own_greedy_answer_is_correct(clm: CompressedLM) -> None:
