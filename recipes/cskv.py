@@ -11,101 +11,62 @@ read from the compressed cache against the full cache (and the untrained factors
 factor weights, model card) to ``output_dir``, check that the export reloads and generates
 identically, and optionally push. Any YAML field can be overridden on the command line; the run
 resumes from the last complete checkpoint in ``output_dir`` (or ``--resume_from_checkpoint PATH``;
-``false`` starts afresh).
+``false`` starts afresh); ``--help`` explains every field.
+
+The base model is a ``trl.ModelConfig`` (``model_name_or_path``, ``dtype``, ``model_revision``,
+``attn_implementation``). CSKV factors the base's own K/V projections, so ``load_in_4bit`` /
+``load_in_8bit`` are an error here, and so are ModelConfig's PEFT fields (CSKV trains no LoRA).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from trl import TrlParser
 
-from compressors import CompressedLM, Compressor, load_base
+from compressors import Compressor
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.cskv import CSKVCompressor, CSKVConfig
 from compressors.hub import load_exact
 from compressors.models import whole_parameters
 from data import build_task
-from eval.scoring import score_continuation
-from trainers.cskv_trainer import CSKVTrainer, TokenChunkCollator, build_text_dataset, calibration_batches
-from trainers.export import process_local_models, rebuild_trained, save_and_push, train_resumable
-from trainers.script_args import prepare_training_args
-
-
-@dataclass
-class CSKVScriptArguments:
-    """Base model, data and evaluation settings of the CSKV recipe."""
-
-    base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Hub id, folder, or embedded name"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto"})
-    data_source: str = field(default="pydoc", metadata={"help": "text source: pydoc, a file, or a Hub dataset"})
-    train_samples: int = field(default=512, metadata={"help": "training texts"})
-    train_tokens: int = field(default=256, metadata={"help": "tokens per training text"})
-    calibration_samples: int = field(default=32, metadata={"help": "training texts used for ASVD calibration"})
-    skip_training: bool = field(default=False, metadata={"help": "export the SVD / ASVD init without training"})
-    num_eval_samples: int = field(default=16, metadata={"help": "held-out continuations (0 = no evaluation)"})
-    eval_context_tokens: int = 512
-    eval_answer_tokens: int = 64
-    eval_baselines: bool = field(default=True, metadata={"help": "also evaluate the full cache and the untrained init"})
-    check_reload: bool = field(default=True, metadata={"help": "reload the export and compare generations"})
+from eval.cskv_report import evaluate_perplexity, print_results
+from trainers.cskv_trainer import (
+    CSKVScriptArguments,
+    CSKVTrainer,
+    TokenChunkCollator,
+    build_text_dataset,
+    calibration_batches,
+)
+from trainers.export import (
+    check_export_reloads,
+    process_local_models,
+    rebuild_trained,
+    save_and_push,
+    train_resumable,
+)
+from trainers.script_args import (
+    CompressorModelConfig,
+    base_model_kwargs,
+    base_model_name,
+    check_model_args,
+    load_base_model,
+    prepare_training_args,
+)
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((CSKVScriptArguments, CSKVConfig, TrainingArguments))
+    return TrlParser((CSKVScriptArguments, CSKVConfig, TrainingArguments, CompressorModelConfig))
 
 
-@torch.no_grad()
-def evaluate_perplexity(named: list[tuple[str, Compressor]], tokenizer: PreTrainedTokenizerBase,
-                        rows: Any) -> list[dict[str, Any]]:
-    """Held-out perplexity of each row's continuation read from the compressed context, with the KV
-    bytes each method really holds and their reduction against the full cache (when evaluated)."""
-    results = []
-    for name, compressor in named:
-        clm = CompressedLM(compressor.eval(), tokenizer)
-        nlls, sizes = [], []
-        for row in rows:
-            memory = clm.compress(row["context"])
-            nlls.append(score_continuation(clm, memory, row["answer"]))
-            sizes.append(memory.nbytes)
-        results.append({"method": name, "perplexity": math.exp(sum(nlls) / len(nlls)),
-                        "kv_bytes": round(sum(sizes) / len(sizes))})
-    full = next((r["kv_bytes"] for r in results if r["method"] == "full_cache"), None)
-    for r in results:
-        if full:
-            r["kv_reduction"] = round(1.0 - r["kv_bytes"] / full, 4)
-    return results
-
-
-def print_results(results: list[dict[str, Any]], title: str) -> None:
-    print(f"\n{title}\n| method | perplexity | KV bytes | reduction vs full cache |\n|---|---|---|---|")
-    for r in results:
-        reduction = f"{100 * r['kv_reduction']:.1f}%" if "kv_reduction" in r else "-"
-        print(f"| {r['method']} | {r['perplexity']:.3f} | {r['kv_bytes']} | {reduction} |")
-    print()
-
-
-def check_reload(final: CSKVCompressor, tokenizer: PreTrainedTokenizerBase, folder: str, context: str,
-                 dtype: str) -> None:
-    """The exported folder must reload and generate exactly what the trained compressor generates."""
-    prompt, settings = "Summarise the text in one sentence.", {"max_new_tokens": 12}
-    before = CompressedLM(final, tokenizer)
-    expected = before.generate(prompt, memory=before.compress(context), **settings)
-    after = CompressedLM.from_pretrained(folder, dtype=dtype)
-    got = after.generate(prompt, memory=after.compress(context), **settings)
-    if got != expected:
-        raise RuntimeError(f"the export at {folder} generates {got!r}, the trained compressor {expected!r}")
-    print(f"reload check: {folder} reloads and generates identically ({got!r})")
-
-
-def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
-         training_args: TrainingArguments) -> list[dict[str, Any]] | None:
+def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_args: TrainingArguments,
+         model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
+    check_model_args(model_args, quantization=False, what="the CSKV recipe")
     push = prepare_training_args(training_args)
     set_seed(training_args.seed)
-    model, tokenizer = load_base(script_args.base_model, dtype=script_args.dtype)
+    base_name, plain = base_model_name(model_args), base_model_kwargs(model_args, quantized=False)
+    model, tokenizer = load_base_model(model_args, quantized=False)
     compressor = CSKVCompressor(cskv_config, model)
     collator = TokenChunkCollator(tokenizer, script_args.train_tokens)
     train = build_text_dataset(tokenizer, script_args.train_samples, script_args.train_tokens,
@@ -130,7 +91,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
         is_main = trainer.is_world_process_zero()
     if not is_main:
         return None
-    final = rebuild_trained(CSKVCompressor, cskv_config, script_args.base_model, trained, script_args.dtype)
+    final = rebuild_trained(CSKVCompressor, cskv_config, base_name, trained, **plain)
     results: list[dict[str, Any]] = []
     if script_args.num_eval_samples > 0:
         rows = build_task("continuation", tokenizer, num_samples=script_args.num_eval_samples,
@@ -142,7 +103,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
         if script_args.eval_baselines:
             if not script_args.skip_training:
                 with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
-                    base = load_base(script_args.base_model, dtype=script_args.dtype)[0]
+                    base = load_base_model(model_args, quantized=False)[0]
                 untrained = CSKVCompressor(cskv_config, base)
                 load_exact(untrained, initial, untrained.own_state_dict(), "the initial factors")
                 named.append((f"{cskv_config.init} init (untrained)", untrained))
@@ -156,7 +117,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig,
         context = build_task("continuation", tokenizer, num_samples=1, context_tokens=min(
             256, script_args.eval_context_tokens), seed=training_args.seed + 2, split="test",
             source=script_args.data_source)[0]["context"]
-        check_reload(final, tokenizer, str(folder), context, script_args.dtype)
+        check_export_reloads(final, tokenizer, folder, context, plain["dtype"])
     return results
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,13 +13,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("recipe_color_dpo", ROOT / "recipes" / "color_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----- losses on hand-computed examples ---------------------------------------------------
@@ -322,6 +314,7 @@ def test_passage_longer_than_the_context_is_refused(tiny, one_thread) -> None:
     from compressors import ColorCompressor, ColorConfig
     from compressors.errors import ContextTooLongError
     from data.retrieval import _windowed
+    from trainers.color_pipeline import check_passages
 
     model, tokenizer = tiny(max_position_embeddings=96)
     compressor = ColorCompressor(ColorConfig(max_new_tokens=8), model).use_tokenizer(tokenizer)
@@ -330,7 +323,7 @@ def test_passage_longer_than_the_context_is_refused(tiny, one_thread) -> None:
         compressor.generate([long_ids])
     corpus = _windowed([{"passage_id": "long-1", "passage": " ".join(TOY * 4)}], [], 1, "x")
     with pytest.raises(ContextTooLongError, match="long-1"):
-        load_recipe().check_passages(corpus, tokenizer, ColorConfig(max_new_tokens=8), 96)
+        check_passages(corpus, tokenizer, ColorConfig(max_new_tokens=8), 96)
 
 
 # ----- the compressor --------------------------------------------------------------------
@@ -387,7 +380,7 @@ def test_eval_runs_a_saved_color_folder_on_the_passage_retrieval_task(tiny, one_
 # ----- the recipe ------------------------------------------------------------------------
 def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     out = tmp_path / "run"
-    args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--base_model", "tiny-random-llama",
+    args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
             "--num_train_passages", "4", "--num_eval_passages", "2", "--passage_tokens", "24", "--corpus_size", "2",
             "--candidate_variants", "sample:1.0", "sample:1.5", "--label_reader", "lm", "--eval_readers", "lm",
             "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--max_steps", "1",

@@ -257,7 +257,7 @@ def test_cache_object_is_a_transformers_cache(tiny) -> None:
 
 # ----- the recipe -----------------------------------------------------------------------------
 RECIPE_ARGS = [
-    "--config", str(ROOT / "recipes/configs/cskv/quickstart.yaml"), "--base_model", "tiny-random-llama",
+    "--config", str(ROOT / "recipes/configs/cskv/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
     "--train_samples", "16", "--train_tokens", "32", "--calibration_samples", "4", "--density", "0.5",
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_steps", "2", "--warmup_steps", "0",
     "--num_eval_samples", "0", "--eval_context_tokens", "48", "--max_steps", "12", "--quant_bits", "4",

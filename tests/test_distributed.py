@@ -103,14 +103,14 @@ def initial_own_tensors(recipe: str, args: list[str], tmp_path: Path) -> dict[st
 
     from compressors import compressor_class, load_base
 
-    script_args, config, _ = load_recipe(recipe).make_parser().parse_args_and_config(
+    _, config, _, model_args = load_recipe(recipe).make_parser().parse_args_and_config(
         [*args, "--output_dir", str(tmp_path / "parsed")])
     cls = next(compressor_class(name) for name in ("gist", "cskv") if isinstance(config, compressor_class(name).config_class))
-    return cls(config, load_base(script_args.base_model)[0]).own_state_dict()
+    return cls(config, load_base(model_args.model_name_or_path)[0]).own_state_dict()
 
 
 def test_gist_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
-    args = ["--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--base_model", str(tiny_folder),
+    args = ["--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
             "--train_samples_per_task", "4", "--context_tokens", "40", "--segment_length", "32", "--lora_r", "4",
             "--num_eval_samples", "0"]
     outs = check_runs("gist", args, tmp_path)
@@ -123,7 +123,7 @@ def test_gist_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path:
 
 
 def test_cskv_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
-    args = ["--config", str(ROOT / "recipes/configs/cskv/quickstart.yaml"), "--base_model", str(tiny_folder),
+    args = ["--config", str(ROOT / "recipes/configs/cskv/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
             "--train_samples", "4", "--train_tokens", "32", "--calibration_samples", "2", "--num_eval_samples", "0",
             "--check_reload", "false"]
     outs = check_runs("cskv", args, tmp_path)
@@ -135,7 +135,7 @@ def test_cskv_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path:
 def test_color_dpo_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
     """The ZeRO-2 run builds its data stages itself (its main process first, behind a barrier, then the
     other reads them); the ZeRO-3 run reads the one-process run's. Both give the same pairs."""
-    args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--base_model", str(tiny_folder),
+    args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
             "--num_train_passages", "2", "--num_eval_passages", "1", "--passage_tokens", "16", "--corpus_size", "1",
             "--candidate_variants", "sample:1.0", "sample:1.5", "--label_reader", "lm", "--eval_readers", "lm",
             "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--length_probe_steps", "0"]

@@ -60,8 +60,100 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
     assert parsed[1].tokens_per_gist == 8
 
 
+RECIPES = ["gist", "color_dpo", "cskv"]
+# Fields declared outside the files these recipes own (compressors/base.py's CompressorConfig); see the xfail below.
+HELP_ELSEWHERE = {"max_context_tokens"}
+
+
+def field_helps(recipe: str) -> dict[tuple[str, str], str]:
+    """``(dataclass, field) -> help`` of every argument of ``recipe``'s parser (what ``--help`` prints)."""
+    import dataclasses
+
+    parser = load_recipe(recipe).make_parser()
+    actions = {action.dest: action for action in parser._actions}
+    return {(dtype.__name__, f.name): (actions[f.name].help or "").strip()
+            for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_field_has_a_help(recipe: str) -> None:
+    missing = [key for key, text in field_helps(recipe).items() if not text and key[1] not in HELP_ELSEWHERE]
+    assert not missing, f"fields without metadata help in recipes/{recipe}.py --help: {missing}"
+
+
+@pytest.mark.xfail(strict=True, reason="CompressorConfig.max_context_tokens (compressors/base.py) has no help yet; "
+                                       "when it gets one, drop this xfail and HELP_ELSEWHERE")
+def test_compressor_config_base_field_has_a_help() -> None:
+    assert field_helps("gist")[("GistConfig", "max_context_tokens")]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_model_config_is_trl_model_config_defaulting_to_the_embedded_model(recipe: str, tmp_path: Path) -> None:
+    from trl import ModelConfig
+
+    from compressors.models import EMBEDDED_MODEL
+    from trainers.script_args import base_model_kwargs
+
+    yaml_file = tmp_path / "no_model.yaml"
+    yaml_file.write_text("dtype: float32\n")  # the YAML does not name the base model
+    parsed = load_recipe(recipe).make_parser().parse_args_and_config(
+        ["--config", str(yaml_file), "--output_dir", str(tmp_path)])
+    model_args = parsed[-1]
+    assert isinstance(model_args, ModelConfig) and model_args.model_name_or_path == EMBEDDED_MODEL
+    assert base_model_kwargs(model_args) == {"dtype": "float32", "quantization": None, "revision": None,
+                                             "attn_implementation": None}
+
+
+def test_load_in_4bit_and_8bit_go_through_trl_quantization_config(tmp_path: Path) -> None:
+    from trainers.script_args import base_model_kwargs, quantization_name
+
+    parser = load_recipe("gist").make_parser()
+    config = str(ROOT / "recipes/configs/gist/quickstart.yaml")
+    *_, four = parser.parse_args_and_config(["--config", config, "--output_dir", str(tmp_path), "--load_in_4bit",
+                                            "true", "--dtype", "bfloat16"])
+    quant = base_model_kwargs(four)["quantization"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert base_model_kwargs(four, quantized=False)["quantization"] is None  # the export's plain base
+    assert quantization_name(four) == "4bit-nf4"
+    *_, eight = parser.parse_args_and_config(["--config", config, "--output_dir", str(tmp_path), "--load_in_8bit",
+                                             "true"])
+    assert base_model_kwargs(eight)["quantization"].load_in_8bit and quantization_name(eight) == "8bit"
+    with pytest.raises(ValueError, match="8 bit and 4 bit"):
+        parser.parse_args_and_config(["--config", config, "--load_in_8bit", "true", "--load_in_4bit", "true"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("key", ["use_peft: true", "lora_task_type: SEQ_CLS", "use_dora: true", "base_model: x",
+                                 "quantization: 4bit"])
+def test_model_config_peft_fields_and_the_old_keys_are_errors(recipe: str, key: str, tmp_path: Path) -> None:
+    """ModelConfig's PEFT fields are not arguments (the compressor config's lora_* define the adapter), and
+    the keys the recipes had before trl.ModelConfig are unknown: never silently ignored."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / f"recipes/configs/{recipe}/quickstart.yaml").read_text() + f"\n{key}\n")
+    with pytest.raises(ValueError, match=key.split(":")[0]):
+        load_recipe(recipe).make_parser().parse_args_and_config(["--config", str(bad), "--output_dir", str(tmp_path)])
+
+
+def test_lora_flags_set_the_compressor_config_and_a_plain_model_config_with_peft_is_refused(tmp_path: Path) -> None:
+    from trl import ModelConfig
+
+    from trainers.script_args import CompressorModelConfig, base_model_kwargs, check_model_args
+
+    parsed = load_recipe("gist").make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--output_dir", str(tmp_path),
+         "--lora_r", "4", "--lora_alpha", "8"])
+    assert (parsed[1].lora_r, parsed[1].lora_alpha) == (4, 8)  # GistConfig's: what the artifact records
+    with pytest.raises(TypeError):
+        CompressorModelConfig(lora_r=4)
+    for peft in [{"use_peft": True}, {"lora_r": 4}, {"use_rslora": True}]:
+        with pytest.raises(ValueError, match="lora_r / lora_alpha"):
+            base_model_kwargs(ModelConfig(**peft))
+    with pytest.raises(ValueError, match="4-bit or 8-bit"):
+        check_model_args(CompressorModelConfig(load_in_4bit=True), quantization=False, what="the CSKV recipe")
+
+
 TINY_ARGS = [
-    "--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--base_model", "tiny-random-llama",
+    "--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
     "--train_samples_per_task", "8", "--context_tokens", "48", "--segment_length", "32",
     "--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_steps", "2",
     "--num_eval_samples", "2", "--warmup_steps", "0",

@@ -90,6 +90,12 @@ def length_penalized_orpo_loss(mean_chosen: torch.Tensor, mean_rejected: torch.T
     return -F.logsigmoid(scaled), scaled
 
 
+def _default(name: str, value: Any) -> Any:
+    """DPOConfig's field ``name`` with another default and its own help (so ``--help`` still explains it)."""
+    parent = DPOConfig.__dataclass_fields__[name]
+    return field(default=value, metadata=dict(parent.metadata))
+
+
 @dataclass
 class ColorDPOConfig(DPOConfig):
     """``DPOConfig`` + CoLoR's loss settings, with defaults for a CPU quickstart of ``recipes/color_dpo.py``.
@@ -102,28 +108,30 @@ class ColorDPOConfig(DPOConfig):
     length_penalty_coef: float = field(default=0.1, metadata={"help": "c in max(c * (|y_l| - |y_w|), 1)"})
     length_probe_steps: int = field(default=10, metadata={"help": "log the policy's compressed length every N "
                                                                    "steps (0 = never)"})
-    length_probe_max_new_tokens: int = 48
-    # quickstart defaults (a YAML or the command line overrides any of them)
-    output_dir: str | None = field(default="out/color-smollm2")
-    beta: float = 2.5
-    learning_rate: float = 5.0e-4
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 4.0
-    lr_scheduler_type: SchedulerType | str = "cosine"
-    warmup_steps: float = 2
-    logging_steps: float = 2
-    save_steps: float = 10
-    save_total_limit: int | None = 2
-    report_to: None | str | list[str] = "none"
-    max_length: int | None = 512
-    activation_checkpointing: bool | None = False  # TRL turns it on by default; tiny CPU runs need no memory saving
-    gradient_checkpointing: bool | None = None  # deprecated alias of activation_checkpointing
-    bf16: bool = False
-    seed: int = 0
+    length_probe_max_new_tokens: int = field(default=48, metadata={
+        "help": "longest greedy compression the length probe generates, in tokens"})
+    # quickstart defaults (a YAML or the command line overrides any of them); each keeps DPOConfig's help
+    output_dir: str | None = _default("output_dir", "out/color-smollm2")
+    beta: float = _default("beta", 2.5)
+    learning_rate: float = _default("learning_rate", 5.0e-4)
+    per_device_train_batch_size: int = _default("per_device_train_batch_size", 4)
+    gradient_accumulation_steps: int = _default("gradient_accumulation_steps", 1)
+    num_train_epochs: float = _default("num_train_epochs", 4.0)
+    lr_scheduler_type: SchedulerType | str = _default("lr_scheduler_type", "cosine")
+    warmup_steps: float = _default("warmup_steps", 2)
+    logging_steps: float = _default("logging_steps", 2)
+    save_steps: float = _default("save_steps", 10)
+    save_total_limit: int | None = _default("save_total_limit", 2)
+    report_to: None | str | list[str] = _default("report_to", "none")
+    max_length: int | None = _default("max_length", 512)
+    # TRL turns it on by default; tiny CPU runs need no memory saving
+    activation_checkpointing: bool | None = _default("activation_checkpointing", False)
+    gradient_checkpointing: bool | None = _default("gradient_checkpointing", None)  # deprecated alias
+    bf16: bool = _default("bf16", False)
+    seed: int = _default("seed", 0)
     # The data stages run on the main process while the others wait at a barrier bounded by this timeout
     # (trainers.distributed.main_process_first); transformers' default of 30 min is short for real scale.
-    ddp_timeout: int = 6 * 3600
+    ddp_timeout: int = _default("ddp_timeout", 6 * 3600)
 
     def __post_init__(self) -> None:
         if self.color_loss not in COLOR_LOSSES:
@@ -267,26 +275,26 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
 
 @dataclass
 class ColorScriptArguments:
-    """Base model, data, readers and evaluation of the CoLoR recipe (defaults: the CPU quickstart)."""
+    """Data, readers and evaluation of the CoLoR recipe (defaults: the CPU quickstart; the base model:
+    ``trainers.script_args.CompressorModelConfig``)."""
 
-    base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Hub id, folder, or embedded name"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto"})
-    quantization: str | None = field(default=None, metadata={"help": "None, 4bit or 8bit (bitsandbytes)"})
     corpus_dataset: str | None = field(default=None, metadata={
         "help": "passages (passage_id, passage): a Hub id or a .jsonl/.json/.csv/.parquet file; None = offline"})
     queries_dataset: str | None = field(default=None, metadata={
         "help": "queries (query, gold_id); default: corpus_dataset"})
-    train_split: str = "train"
-    eval_split: str = "test"
+    train_split: str = field(default="train", metadata={"help": "split of corpus_dataset the policy trains on"})
+    eval_split: str = field(default="test", metadata={
+        "help": "split of the held-out passages (the same as train_split: the passages after the training ones)"})
     data_source: str = field(default="pydoc", metadata={"help": "offline corpus: text the facts are embedded in"})
-    num_train_passages: int = 32
-    num_eval_passages: int = 16
+    num_train_passages: int = field(default=32, metadata={"help": "passages the preference pairs are built from"})
+    num_eval_passages: int = field(default=16, metadata={"help": "held-out passages of the final evaluation"})
     passage_tokens: int = field(default=64, metadata={"help": "offline corpus: tokens per passage"})
     corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
     candidate_variants: list[str] = field(default_factory=lambda: ["greedy", "words:0.25", "sample:0.8"],
                                           metadata={"help": "greedy | words:F | sample:T"})
     label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
-    eval_readers: list[str] = field(default_factory=lambda: ["dense", "lm"])
+    eval_readers: list[str] = field(default_factory=lambda: ["dense", "lm"], metadata={
+        "help": "readers of the final held-out table: dense and/or lm (none: no evaluation)"})
     pairs_all_success: str = field(default="shortest_vs_longest", metadata={"help": "shortest_vs_longest or skip"})
     pairs_all_failed: str = field(default="skip", metadata={"help": "skip or shortest_vs_longest"})
     length_probe_size: int = field(default=4, metadata={"help": "held-out prompts for the compressed-length probe"})

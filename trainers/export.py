@@ -84,15 +84,16 @@ def _restore_deepspeed_config(config: dict[str, Any]) -> None:
 
 
 def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, base_model: str,
-                    trained: dict[str, torch.Tensor], dtype: str = "float32") -> Compressor:
+                    trained: dict[str, torch.Tensor], dtype: str = "float32", **load_kwargs: Any) -> Compressor:
     """A plain (unsharded, unwrapped) compressor holding ``trained``; what gets evaluated and exported.
 
     Rebuilding on a fresh base model works the same after DDP, ZeRO-2 and ZeRO-3 (where the
     training module's own parameters are partitioned across processes). ``trained`` must hold exactly
-    the compressor's trainable tensors.
+    the compressor's trainable tensors. ``load_kwargs`` go to ``load_base`` (``revision``,
+    ``attn_implementation``; see ``trainers.script_args.base_model_kwargs(model_args, quantized=False)``).
     """
     with process_local_models():
-        model, _ = load_base(base_model, dtype=dtype)
+        model, _ = load_base(base_model, dtype=dtype, **load_kwargs)
     compressor = compressor_cls(config, model)
     expected = {n for n, p in compressor.named_parameters() if p.requires_grad}
     load_exact(compressor, trained, expected, "the trained state")
@@ -107,3 +108,20 @@ def save_and_push(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, ou
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/gist-smollm2)")
         print(f"pushed to {push_folder(folder, hub_model_id)}")
     return folder
+
+
+def check_export_reloads(final: Compressor, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike,
+                         context: str, dtype: str = "float32",
+                         prompt: str = "Summarise the text in one sentence.", max_new_tokens: int = 12) -> str:
+    """The exported ``folder`` must reload and generate exactly what the trained compressor generates
+    (greedy, from a memory of ``context``); returns that generation, raises ``RuntimeError`` otherwise."""
+    from compressors import CompressedLM
+
+    before = CompressedLM(final, tokenizer)
+    expected = before.generate(prompt, memory=before.compress(context), max_new_tokens=max_new_tokens)
+    after = CompressedLM.from_pretrained(folder, dtype=dtype)
+    got = after.generate(prompt, memory=after.compress(context), max_new_tokens=max_new_tokens)
+    if got != expected:
+        raise RuntimeError(f"the export at {folder} generates {got!r}, the trained compressor {expected!r}")
+    print(f"reload check: {folder} reloads and generates identically ({got!r})")
+    return got

@@ -1,32 +1,146 @@
-"""Script arguments shared by the recipes (TrlParser dataclasses: YAML defaults, CLI overrides)."""
+"""Script arguments shared by the recipes (TrlParser dataclasses: YAML defaults, CLI overrides).
+
+The base model is described by ``trl.ModelConfig`` (``CompressorModelConfig``: ``model_name_or_path``,
+``dtype``, ``model_revision``, ``attn_implementation``, ``load_in_4bit`` / ``load_in_8bit`` and the
+bitsandbytes settings), turned into ``compressors.load_base`` arguments by ``base_model_kwargs`` (with TRL's
+``get_quantization_config``). ModelConfig's PEFT fields (``use_peft``, ``lora_r``, ...) are not recipe
+arguments: the compressor config's own LoRA fields (``GistConfig.lora_r``, ``ColorConfig.lora_r``, ...)
+define the adapter, because they are what the exported artifact records and reloads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments
+from trl import ModelConfig, get_quantization_config
 
+from compressors.models import EMBEDDED_MODEL, load_base, local_model_name
 from data import build_task
+
+# ModelConfig's LoRA settings: in the recipes the compressor config's LoRA fields are used instead.
+PEFT_FIELDS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+               "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
+_NOT_AN_ARGUMENT = ("not a recipe argument: the compressor config's lora_* fields define the adapter the "
+                    "artifact records")
+
+
+def _peft_field(name: str) -> Any:
+    """ModelConfig's field ``name`` kept (same default) but out of ``__init__``: no YAML key or flag sets it."""
+    base = ModelConfig.__dataclass_fields__[name]
+    kwargs: dict[str, Any] = {"init": False, "metadata": {"help": _NOT_AN_ARGUMENT}}
+    if base.default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = base.default_factory
+    else:
+        kwargs["default"] = base.default
+    return field(**kwargs)
+
+
+@dataclass
+class CompressorModelConfig(ModelConfig):
+    """``trl.ModelConfig`` of a compressor recipe: the base model, its dtype, revision, attention and
+    bitsandbytes quantization. ``model_name_or_path`` defaults to the embedded SmolLM2-135M-Instruct.
+
+    Its PEFT fields (``use_peft``, ``lora_r``, ``lora_alpha``, ...) are not arguments here (``init=False``):
+    a YAML key or flag naming one is an unknown-argument error. The LoRA of a compressor is set by the
+    compressor config (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` of
+    ``GistConfig`` / ``ColorConfig``), which the exported artifact records.
+    """
+
+    model_name_or_path: str | None = field(default=EMBEDDED_MODEL, metadata={
+        "help": "base model: a Hub id, a local folder, or an embedded name (smollm2-135m-instruct, also "
+                "reachable as HuggingFaceTB/SmolLM2-135M-Instruct; tiny-random-llama for tests)"})
+    use_peft: bool = _peft_field("use_peft")
+    lora_r: int = _peft_field("lora_r")
+    lora_alpha: int = _peft_field("lora_alpha")
+    lora_dropout: float = _peft_field("lora_dropout")
+    lora_target_modules: list[str] | None = _peft_field("lora_target_modules")
+    lora_target_parameters: list[str] | None = _peft_field("lora_target_parameters")
+    lora_modules_to_save: list[str] | None = _peft_field("lora_modules_to_save")
+    lora_task_type: str = _peft_field("lora_task_type")
+    use_rslora: bool = _peft_field("use_rslora")
+    use_dora: bool = _peft_field("use_dora")
+
+
+def base_model_name(model_args: ModelConfig) -> str:
+    """``model_name_or_path``, or the embedded model when a plain ``trl.ModelConfig`` leaves it None."""
+    return model_args.model_name_or_path or EMBEDDED_MODEL
+
+
+def check_model_args(model_args: ModelConfig, quantization: bool = True, what: str = "this recipe") -> None:
+    """Refuse settings a recipe would otherwise ignore: ModelConfig's PEFT fields set away from their
+    defaults (the compressor config's lora_* fields define the adapter), and 4/8-bit loading where the
+    recipe cannot train on a quantized base (``quantization=False``)."""
+    defaults = ModelConfig()
+    changed = [name for name in PEFT_FIELDS if getattr(model_args, name) != getattr(defaults, name)]
+    if changed:
+        raise ValueError(f"ModelConfig's PEFT fields {changed} are not used by {what}: the compressor config's "
+                         "lora_r / lora_alpha / lora_dropout / lora_target_modules define the adapter; set those")
+    if not quantization and (model_args.load_in_4bit or model_args.load_in_8bit):
+        raise ValueError(f"{what} cannot use a 4-bit or 8-bit base model (load_in_4bit / load_in_8bit)")
+
+
+def base_model_kwargs(model_args: ModelConfig, quantized: bool = True) -> dict[str, Any]:
+    """``compressors.load_base`` keyword arguments (all but the name) for ``model_args``.
+
+    ``quantized=False`` leaves quantization out (the plain base a trained compressor is rebuilt on and
+    exported with); otherwise it is TRL's ``get_quantization_config`` (NF4 by default, compute in ``dtype``).
+    """
+    check_model_args(model_args)
+    kwargs: dict[str, Any] = {"dtype": model_args.dtype or "float32", "quantization": None,
+                              "revision": None if model_args.model_revision in (None, "", "main")
+                              else model_args.model_revision,
+                              "attn_implementation": model_args.attn_implementation}
+    if quantized:
+        # bitsandbytes computes in a real dtype: "auto" (load as saved) computes in float32.
+        compute = model_args if model_args.dtype not in (None, "auto") else dataclasses.replace(model_args,
+                                                                                                dtype="float32")
+        kwargs["quantization"] = get_quantization_config(compute)
+    return kwargs
+
+
+def quantization_name(model_args: ModelConfig) -> str | None:
+    """``"4bit-nf4"`` / ``"8bit"`` / None: the quantization in words (data-stage fingerprints, logs)."""
+    if model_args.load_in_4bit:
+        nested = "-nested" if model_args.use_bnb_nested_quant else ""
+        storage = f"-{model_args.bnb_4bit_quant_storage}" if model_args.bnb_4bit_quant_storage else ""
+        return f"4bit-{model_args.bnb_4bit_quant_type}{nested}{storage}"
+    return "8bit" if model_args.load_in_8bit else None
+
+
+def load_base_model(model_args: ModelConfig, quantized: bool = True) -> tuple[Any, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of ``model_args`` through ``compressors.load_base``."""
+    return load_base(base_model_name(model_args), **base_model_kwargs(model_args, quantized))
+
+
+def base_fingerprint(model_args: ModelConfig) -> dict[str, Any]:
+    """What identifies the base a data stage was written with (the alias and the public id are one model)."""
+    return {"base_model": local_model_name(base_model_name(model_args)), "dtype": model_args.dtype,
+            "quantization": quantization_name(model_args), "revision": model_args.model_revision}
 
 
 @dataclass
 class CompressorScriptArguments:
-    """Base model, data and evaluation settings of a compressor recipe."""
+    """Data and evaluation settings of a memory-compressor recipe (the base model: ``CompressorModelConfig``)."""
 
-    base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Hub id, folder, or embedded name"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto"})
-    quantization: str | None = field(default=None, metadata={"help": "None, 4bit or 8bit (bitsandbytes)"})
     data_source: str = field(default="pydoc", metadata={"help": "haystack text: pydoc, a file, or a Hub dataset"})
-    train_tasks: list[str] = field(default_factory=lambda: ["passkey"])
-    train_samples_per_task: int = 256
-    context_tokens: int = 128
-    max_target_tokens: int = 256
-    sft_weight: float = 1.0
-    autoencoding_weight: float = 1.0
-    continuation_weight: float = 1.0
-    eval_task: str = "passkey"
-    num_eval_samples: int = 50
+    train_tasks: list[str] = field(default_factory=lambda: ["passkey"], metadata={
+        "help": "synthetic long-context tasks the training rows are drawn from (data.TASKS: passkey, ...)"})
+    train_samples_per_task: int = field(default=256, metadata={"help": "training rows built for each train task"})
+    context_tokens: int = field(default=128, metadata={"help": "tokens of context (haystack) in every row"})
+    max_target_tokens: int = field(default=256, metadata={
+        "help": "longest decoder target (prompt + answer) in tokens; longer targets are truncated"})
+    sft_weight: float = field(default=1.0, metadata={
+        "help": "weight of the instruction objective (answer the row's question from the memory)"})
+    autoencoding_weight: float = field(default=1.0, metadata={
+        "help": "weight of the autoencoding objective (rebuild the context from the memory)"})
+    continuation_weight: float = field(default=1.0, metadata={
+        "help": "weight of the LM-continuation objective (continue the text after the context)"})
+    eval_task: str = field(default="passkey", metadata={"help": "held-out task of the final evaluation table"})
+    num_eval_samples: int = field(default=50, metadata={"help": "held-out rows evaluated after training (0 = none)"})
     eval_scoring: str = field(default="loglik", metadata={"help": "loglik (fast) or generate"})
     eval_baselines: bool = field(default=True, metadata={"help": "compare with untrained, truncation, full"})
     fused_lm_loss: bool = field(default=False, metadata={

@@ -73,7 +73,7 @@ def overrides(smoke: bool, planned: dict[str, int], out: str, eval_samples: int)
     values: dict[str, Any] = {"output_dir": out, "report_to": "none", "save_steps": 10**6, "logging_steps": 5,
                               "num_eval_samples": eval_samples, "dataloader_num_workers": 0, **planned}
     if smoke:  # the tiny random model on the CPU: the plumbing, not a result
-        values.update(base_model="tiny-random-llama", context_tokens=96, max_target_tokens=64, segment_length=48,
+        values.update(model_name_or_path="tiny-random-llama", context_tokens=96, max_target_tokens=64, segment_length=48,
                       max_steps=2, train_samples_per_task=2, warmup_steps=0, per_device_train_batch_size=2,
                       gradient_accumulation_steps=1, bf16=False, use_cpu=True, num_eval_samples=2,
                       lora_r=4, lora_alpha=8, logging_steps=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..base import CompressorConfig
 
@@ -26,14 +26,20 @@ class CSKVConfig(CompressorConfig):
     bits (asymmetric, per token and per group of ``quant_group_size`` channels).
     """
 
-    density: float = 0.5  # fraction of K (and V) channels kept in the latent, every layer
-    value_density: float | None = None  # V's own density (default: same as ``density``)
-    layer_densities: list[float] | None = None  # per-layer densities for K and V (overrides ``density``)
-    window: int = 32  # recent tokens kept as full-precision K/V (the local branch)
-    quant_bits: int | None = None  # None (latents in the model dtype), 8 or 4 (packed, two per byte)
-    quant_group_size: int = 32  # channels sharing one scale / zero point
-    init: str = "svd"  # "svd" or "asvd" (activation-aware: needs calibrate_asvd())
-    asvd_alpha: float = 0.5  # ASVD scaling exponent on the mean |activation| per input channel
+    density: float = field(default=0.5, metadata={
+        "help": "fraction of K (and V) channels kept in the latent, every layer, in (0, 1]"})
+    value_density: float | None = field(default=None, metadata={
+        "help": "V's own density (default: the same as density)"})
+    layer_densities: list[float] | None = field(default=None, metadata={
+        "help": "per-layer densities for K and V, one per layer (overrides density)"})
+    window: int = field(default=32, metadata={"help": "recent tokens kept as full-precision K/V (the local branch)"})
+    quant_bits: int | None = field(default=None, metadata={
+        "help": "None (latents in the model dtype), 8 or 4 (packed, two per byte)"})
+    quant_group_size: int = field(default=32, metadata={"help": "latent channels sharing one scale / zero point"})
+    init: str = field(default="svd", metadata={
+        "help": "factor initialization: svd, or asvd (activation-aware, calibrated on training texts)"})
+    asvd_alpha: float = field(default=0.5, metadata={
+        "help": "ASVD scaling exponent on the mean |activation| of each input channel, in [0, 2]"})
 
     def __post_init__(self) -> None:
         _check_density(self.density, "density")
