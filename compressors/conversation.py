@@ -35,8 +35,13 @@ SEPARATOR = "\n\n"
 _MARK = "\x00ctxzip-context\x00"
 
 
-def as_messages(prompt: Prompt) -> list[Message]:
-    """A prompt as chat messages: a string is one user turn; a message list must end with a user turn."""
+def as_messages(prompt: Prompt, after_memory: bool = True) -> list[Message]:
+    """A prompt as chat messages: a string is one user turn; a message list ends with a user turn.
+
+    After a memory the messages start with the user turn the memory opened (a system message belongs to
+    the beginning of the conversation, which the memory holds); without one they may start with a system
+    message.
+    """
     if isinstance(prompt, str):
         if not prompt.strip():
             raise EmptyInputError("the prompt is empty")
@@ -45,11 +50,16 @@ def as_messages(prompt: Prompt) -> list[Message]:
     if not messages:
         raise EmptyInputError("the prompt has no messages")
     for message in messages:
-        if set(message) < {"role", "content"} or not isinstance(message.get("content"), str):
+        if not {"role", "content"} <= set(message) or not isinstance(message.get("content"), str):
             raise ValueError(f"a chat message needs 'role' and 'content' strings, got {message!r}")
-    if messages[0]["role"] != "user" or messages[-1]["role"] != "user":
-        raise ValueError("a prompt's messages must start and end with a user turn (the memory opens the first "
-                         f"user turn; the assistant answers the last), got roles {[m['role'] for m in messages]}")
+    roles = [m["role"] for m in messages]
+    if after_memory and roles[0] == "system":
+        raise ValueError("a system message comes before the context, so it cannot follow a memory (the memory "
+                         "holds the beginning of the conversation); ask without a system message")
+    first_user = 1 if roles[0] == "system" else 0
+    if len(roles) <= first_user or roles[first_user] != "user" or roles[-1] != "user":
+        raise ValueError("a prompt's messages must open with a user turn (after an optional system message when "
+                         f"there is no memory) and end with one (the assistant answers it), got roles {roles}")
     return messages
 
 
@@ -97,11 +107,14 @@ class ConversationLayout:
         return self.encode(rest)
 
     def plain_prompt_ids(self, prompt: Prompt) -> list[int]:
-        """A conversation with no context at all (generation without a memory)."""
-        messages = as_messages(prompt)
+        """A conversation with no context at all (generation without a memory); it may set a system message."""
+        messages = as_messages(prompt, after_memory=False)
         if not self.use_chat_template:
             return self.encode(self._plain(messages))
-        prefix, rest = self._render([{**messages[0], "content": _MARK + messages[0]["content"]}, *messages[1:]])
+        first = 1 if messages[0]["role"] == "system" else 0
+        marked = [*messages[:first], {**messages[first], "content": _MARK + messages[first]["content"]},
+                  *messages[first + 1:]]
+        prefix, rest = self._render(marked)
         return self.encode(prefix) + self.encode(rest)
 
     def conversation_ids(self, prompt: Prompt, context: str | None = None) -> list[int]:

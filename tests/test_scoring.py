@@ -17,8 +17,9 @@ QUESTION = "What colour is the sky? It is blue"
 
 @pytest.fixture
 def clm(tiny) -> CompressedLM:
-    """Full context on the tiny model, plain prompts (no chat template): reference logits are one forward."""
-    model, tokenizer = tiny()
+    """Full context on the tiny model, plain prompts (no chat template): reference logits are one forward.
+    The larger init makes its greedy reply depend on what it read (the default one repeats the last token)."""
+    model, tokenizer = tiny(initializer_range=0.2)
     return CompressedLM(FullContext(FullContextConfig(), model).eval(), tokenizer, use_chat_template=False)
 
 
@@ -33,7 +34,7 @@ def greedy_answer(clm: CompressedLM, context: str, question: str, n: int = 3) ->
 
 def reference_logprobs(clm: CompressedLM, context: str, question: str, answer: str) -> torch.Tensor:
     """Log-probabilities of the answer tokens from one plain forward over context + prompt + reply."""
-    context_ids = clm.tokenizer(context, add_special_tokens=False)["input_ids"]
+    context_ids = clm.layout.context_ids(context)  # the template's prefix (if any) and the context
     prompt, reply = clm.prompt_ids(question), reply_ids(clm, answer)
     with torch.no_grad():
         logits = clm.model(input_ids=torch.tensor([context_ids + prompt + reply])).logits[0].float()

@@ -86,7 +86,7 @@ def broken(saved, tmp_path) -> Path:
 # ----- CompressedLM -----------------------------------------------------------------------------
 def test_compress_strings_and_batches(clm: CompressedLM) -> None:
     memory = clm.compress(CONTEXT)
-    n_tokens = len(clm.tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
+    n_tokens = len(clm.layout.context_ids(CONTEXT))  # the chat template's prefix and the context
     assert memory.batch_size == 1 and memory.source_tokens == [n_tokens]
     assert memory.slots == -(-n_tokens // 4) and not memory.tensors["key.0"].requires_grad
     batch = clm.compress([CONTEXT, "A much shorter context."])
@@ -101,17 +101,22 @@ def test_generate_with_strings_chat_messages_and_batches(clm: CompressedLM) -> N
     memory = clm.compress(CONTEXT)
     answer = clm.generate(PROMPTS[0], memory=memory, max_new_tokens=5)
     assert isinstance(answer, str) and answer
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
-    chat_answer = clm.generate(chat, memory=memory, max_new_tokens=5)
+    chat = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": PROMPTS[1]}]
+    chat_answer = clm.generate(chat, memory=memory, max_new_tokens=5)  # a follow-up turn after the memory
     assert isinstance(chat_answer, str)
+    with pytest.raises(ValueError, match="system message"):  # it would come before the context
+        clm.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], memory=memory)
+    assert isinstance(clm.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                   max_new_tokens=3), str)  # without a memory it is a plain chat
     # A one-user-turn chat is the same prompt as the plain string.
     assert clm.generate([{"role": "user", "content": PROMPTS[0]}], memory=memory, max_new_tokens=5) == answer
     both = clm.generate([PROMPTS[0], chat], memory=memory, max_new_tokens=5)
     assert both == [answer, chat_answer]
     with pytest.raises(EmptyInputError):
         clm.generate("  ", memory=memory)
-    with pytest.raises(TypeError, match="unsupported generation arguments"):
-        clm.generate(PROMPTS[0], memory=memory, num_beams=2)
+    with pytest.raises(ValueError, match="not_an_argument"):  # transformers' generate names what it cannot use
+        clm.generate(PROMPTS[0], memory=memory, not_an_argument=2)
 
 
 def test_answer_many_equals_single_greedy_generate_calls(clm: CompressedLM) -> None:
@@ -126,8 +131,11 @@ def test_answer_many_equals_single_greedy_generate_calls(clm: CompressedLM) -> N
 
 def test_sampling_is_reproducible_with_a_seed(clm: CompressedLM) -> None:
     memory = clm.compress(CONTEXT)
-    settings = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=7, max_new_tokens=6)
-    assert clm.generate(PROMPTS[0], memory=memory, **settings) == clm.generate(PROMPTS[0], memory=memory, **settings)
+    settings = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=6)
+    torch.manual_seed(7)
+    first = clm.generate(PROMPTS[0], memory=memory, **settings)
+    torch.manual_seed(7)
+    assert clm.generate(PROMPTS[0], memory=memory, **settings) == first
 
 
 def test_generate_without_memory_is_plain_generation(tiny) -> None:
@@ -135,7 +143,7 @@ def test_generate_without_memory_is_plain_generation(tiny) -> None:
     ids = torch.tensor([clm.prompt_ids(PROMPTS[1])])
     with torch.no_grad(), clm.compressor.model.disable_adapter():
         ref = clm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                                 eos_token_id=clm.eos_token_ids(), pad_token_id=clm.tokenizer.pad_token_id)
+                                 eos_token_id=clm.stop_token_ids(), pad_token_id=clm.tokenizer.pad_token_id)
     expected = clm.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
     assert clm.generate(PROMPTS[1], max_new_tokens=5) == expected
 
