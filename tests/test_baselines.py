@@ -182,7 +182,7 @@ def test_batched_rows_of_different_lengths(tiny):
     lengths = mask.sum(-1).tolist()
     assert memory.meta["real_slots"] == [math.ceil(n / 4) for n in lengths]
     assert memory.tensors["slot_mask"].sum(-1).tolist() == memory.meta["real_slots"]
-    single = clm.compressor.compress(*context(tokenizer, TEXT[:120]))
+    single = clm.compressor.compress(*clm.tokenize_context(TEXT[:120]))  # the same row alone
     assert torch.allclose(memory.tensors["key.0"][1, :, -single.slots:], single.tensors["key.0"][0], atol=1e-5)
 
 

@@ -126,7 +126,7 @@ def test_shared_scoring_matches_separate_compression_and_batches(tiny_model, art
         assert torch.allclose(shared[1].tensors[key], alone.tensors[key], atol=1e-6), key
     clm = CompressedLM(build(name, model, tokenizer, artifacts, ratio=4.0), tokenizer)
     batch = clm.compressor.compress(*clm.tokenize_context([TEXT, TEXT[:120]]))
-    lengths = [context(tokenizer, t)[0].shape[1] for t in (TEXT, TEXT[:120])]
+    lengths = [len(clm.layout.context_ids(t)) for t in (TEXT, TEXT[:120])]  # template prefix + context
     assert batch.meta["real_slots"] == [math.ceil(n / 4) for n in lengths]
     assert batch.tensors["slot_mask"].sum(-1).tolist() == batch.meta["real_slots"]
 
@@ -293,8 +293,9 @@ def test_ehpc_with_a_question_scores_from_the_question(tiny_model, artifacts):
         attn = model(input_ids=torch.cat([ids, question], 1), output_attentions=True).attentions[layer]
     expected = attn[0, heads, -question.shape[1]:, :n].mean(dim=(0, 1))
     assert torch.allclose(scores, expected, atol=1e-5)
-    memory = CompressedLM(compressor, tokenizer).compress(TEXT, query="What is the pass key?")
-    assert memory.slots == math.ceil(n / 5)
+    clm = CompressedLM(compressor, tokenizer)
+    memory = clm.compress(TEXT, query="What is the pass key?")
+    assert memory.slots == math.ceil(len(clm.layout.context_ids(TEXT)) / 5)  # template prefix + context
 
 
 def test_ehpc_heads_artifact_is_reused_and_checked(tiny_model, tiny, tmp_path, monkeypatch):

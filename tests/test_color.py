@@ -346,9 +346,11 @@ def test_text_memory_is_read_by_the_base_model_with_lora_off(tiny, one_thread, t
     with compressor.reading(row), torch.no_grad():
         step = compressor.decoder_forward(row, prompt, torch.ones_like(prompt), use_cache=False)
     plain, _ = tiny()
+    template = torch.tensor([clm.layout.prefix_ids])  # the text sits where the context would
     with torch.no_grad():
-        expected = plain(torch.cat([row.tensors["input_ids"], prompt], dim=1)).logits[:, row.slots:]
+        expected = plain(torch.cat([template, row.tensors["input_ids"], prompt], dim=1)).logits[:, -prompt.shape[1]:]
     assert torch.allclose(step.logits, expected, atol=1e-5)  # base model, LoRA disabled, prompt positions only
+    assert step.memory_tokens == [template.shape[1] + row.slots]
     assert isinstance(clm.generate("Who?", memory=row, max_new_tokens=3), str)
     memory.save(tmp_path / "m.mem")
     assert Memory.load(tmp_path / "m.mem").texts == memory.texts

@@ -163,7 +163,7 @@ def test_needle_and_answer_in_context(tok, name) -> None:
 
 def test_passkey_digits_and_question(tok) -> None:
     row = build(tok, "passkey", num_digits=8)[0]
-    assert row["question"] == "What is the pass key?"
+    assert row["question"] == "What is the pass key? Answer with the number only."
     assert len(row["answer"]) == 8 and row["answer"].isdigit()
 
 
