@@ -21,8 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu"
-if str(SUITE) not in sys.path:
-    sys.path.insert(0, str(SUITE))
+for folder in (SUITE, ROOT):  # the suite's modules, and the recipes they import (as run_suite.py has them)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import suite_common  # noqa: E402
 import weights  # noqa: E402
@@ -171,7 +172,7 @@ def test_real_run_arguments_parse_with_the_recipes_parser() -> None:
     assert "bf16" not in values  # the GPU run keeps the config's bf16 ...
     values.update(bf16=False, use_cpu=True)  # ... which TrainingArguments refuses on a machine without a GPU
     argv = suite_real.recipe_argv(ROOT / "recipes/configs/gist/gpu.yaml", values)
-    script_args, gist_config, training_args = recipe.make_parser().parse_args_and_config(args=argv)
+    script_args, gist_config, training_args, _ = recipe.make_parser().parse_args_and_config(args=argv)
     assert training_args.max_steps == planned["max_steps"] and script_args.num_eval_samples == 50
     assert script_args.context_tokens == 2048 and gist_config.segment_length == 512
 

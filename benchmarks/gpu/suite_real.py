@@ -113,7 +113,7 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     argv = recipe_argv(config_path, overrides(smoke, planned, out, eval_samples))
     record["command"] = "recipes/gist.py " + " ".join(argv)
     record["plan"] = {"minutes": minutes, "planned_from_step_s": gist_step_s, **planned}
-    script_args, gist_config, training_args = recipe.make_parser().parse_args_and_config(args=argv)
+    script_args, gist_config, training_args, model_args = recipe.make_parser().parse_args_and_config(args=argv)
 
     limit_s = minutes * 60
     history: list[dict[str, Any]] = []
@@ -157,7 +157,7 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
         setattr(module, name, value)
     started = time.monotonic()
     try:
-        rows = recipe.main(script_args, gist_config, training_args)
+        rows = recipe.main(script_args, gist_config, training_args, model_args)
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
