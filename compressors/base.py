@@ -41,7 +41,8 @@ def compressor_class(compressor_type: str) -> type[Compressor]:
 class CompressorConfig:
     """Hyper-parameters shared by every compressor; subclasses add their own fields."""
 
-    max_context_tokens: int = 8192
+    max_context_tokens: int = dataclasses.field(default=8192, metadata={
+        "help": "longest context (template prefix included) a compress() call accepts, in tokens"})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressorConfig:

@@ -61,8 +61,6 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
 
 
 RECIPES = ["gist", "color_dpo", "cskv"]
-# Fields declared outside the files these recipes own (compressors/base.py's CompressorConfig); see the xfail below.
-HELP_ELSEWHERE = {"max_context_tokens"}
 
 
 def field_helps(recipe: str) -> dict[tuple[str, str], str]:
@@ -77,14 +75,8 @@ def field_helps(recipe: str) -> dict[tuple[str, str], str]:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_field_has_a_help(recipe: str) -> None:
-    missing = [key for key, text in field_helps(recipe).items() if not text and key[1] not in HELP_ELSEWHERE]
+    missing = [key for key, text in field_helps(recipe).items() if not text]
     assert not missing, f"fields without metadata help in recipes/{recipe}.py --help: {missing}"
-
-
-@pytest.mark.xfail(strict=True, reason="CompressorConfig.max_context_tokens (compressors/base.py) has no help yet; "
-                                       "when it gets one, drop this xfail and HELP_ELSEWHERE")
-def test_compressor_config_base_field_has_a_help() -> None:
-    assert field_helps("gist")[("GistConfig", "max_context_tokens")]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
