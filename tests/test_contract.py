@@ -171,3 +171,25 @@ def test_cskv_at_full_rank_with_a_window_over_the_context_is_plain_generation(ba
     memory = clm.compress(CONTEXTS[0])
     expected = [plain_generate(fresh, clm.layout.conversation_ids(p, CONTEXTS[0]), 8) for p in PROMPTS]
     assert gen(clm, PROMPTS, memory, 8) == expected
+
+
+@pytest.mark.parametrize("name", ["gist", "color"])
+def test_clm_model_is_the_decoder_and_the_encoders_adapter_is_on_only_while_compressing(
+        name: str, base, tmp_path_factory) -> None:
+    _, tokenizer = base
+    reference = sensitive_tiny(tokenizer)
+    clm = build(name, settings(name, tmp_path_factory), (sensitive_tiny(tokenizer), tokenizer))
+    with torch.no_grad():
+        for parameter_name, parameter in clm.compressor.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(std=0.5)  # the encoder's adapter now changes what the model computes
+    ids = torch.tensor([clm.layout.plain_prompt_ids(PROMPTS[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(clm.model(ids).logits, reference(ids).logits)  # clm.model: the plain decoder
+    memory = clm.compress(CONTEXTS[0])
+    untouched = build(name, settings(name, tmp_path_factory), (sensitive_tiny(tokenizer), tokenizer))
+    without = untouched.compress(CONTEXTS[0])  # a zero LoRA B: the encoder is the base model
+    assert memory.slots != without.slots or any(not torch.equal(memory.tensors[k], without.tensors[k])
+                                                for k in memory.tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(clm.model(ids).logits, reference(ids).logits)  # and still after compressing
