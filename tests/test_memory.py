@@ -51,6 +51,30 @@ def test_ratio_is_context_tokens_per_slot() -> None:
     assert kv_memory(batch=1, slots=3, source=[13]).ratio == pytest.approx(13 / 3)
 
 
+def test_ratio_follows_the_kind_rules() -> None:
+    masked = kv_memory(batch=2, slots=3, source=[12, 8], slot_mask=True)  # row 0 holds 2 real slots
+    assert masked.real_slots == [2.0, 3.0] and masked.ratio == pytest.approx(20 / 5)
+    pyramid = kv_memory(batch=1, slots=4, source=[16])
+    pyramid.meta["layer_slots"] = [[4, 2]]  # per layer: a padded layer counts its real slots only
+    assert pyramid.real_slots == [3.0] and pyramid.ratio == pytest.approx(16 / 3)
+    latent = Memory(kind="latent_kv", tensors={"positions": torch.zeros(1, 10, dtype=torch.int32)},
+                    source_tokens=[10], slots=10, position_offset=[10], compressor_type="cskv",
+                    meta={"full_kv_nbytes": 400})
+    assert latent.ratio == pytest.approx(400 / 40)  # bytes of the plain K/V cache over bytes held
+    with pytest.raises(ValueError, match="cannot be concatenated"):
+        latent.cat(latent)
+
+
+def test_expand_repeats_one_row_for_many_prompts() -> None:
+    one = kv_memory(batch=1, slots=3, source=[9])
+    three = one.expand(3)
+    assert three.batch_size == 3 and three.tensors["key.0"].shape[0] == 3 and three.ratio == one.ratio
+    assert torch.equal(three.tensors["key.1"][2], one.tensors["key.1"][0])
+    assert kv_memory(batch=2).expand(2).batch_size == 2
+    with pytest.raises(ValueError, match="2 rows but the prompts have 3"):
+        kv_memory(batch=2).expand(3)
+
+
 def test_nbytes_counts_the_real_tensor_bytes() -> None:
     memory = kv_memory(batch=2, slots=3)
     expected = 2 * LAYERS * 2 * KV_HEADS * 3 * HEAD_DIM * 4  # key+value, layers, fp32
