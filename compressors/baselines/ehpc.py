@@ -163,6 +163,7 @@ class EHPC(Compressor):
     multi_ratio = True
     shares_prefill = True
     needs_preparation = True
+    uses_query = True  # with query_ids, the evaluator heads score the context from the question
     # ``tokenizer`` (from ``use_tokenizer``) builds the probe; without it, the base model's name's is loaded
 
     def prepare(self) -> torch.Tensor:
