@@ -147,6 +147,9 @@ def test_decoder_reports_what_it_read_and_declared_capabilities_hold(clm: Compre
         (shared,) = compressor.compress_from(prefill, [ratio])
         for name, tensor in memory.tensors.items():
             torch.testing.assert_close(shared.tensors[name], tensor)
+    with_query = clm.compress(CONTEXTS[0], query=PROMPTS[0])
+    same = with_query.slots == memory.slots and all(torch.equal(with_query.tensors[k], v) for k, v in memory.tensors.items())
+    assert same != compressor.uses_query  # a query changes the memory exactly when the method declares it reads one
     if not compressor.compresses_template:
         assert memory.source_tokens[0] == len(clm.layout.encode(CONTEXTS[0]))
     else:
