@@ -16,7 +16,8 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
                            scoring: str = "loglik", untrained: Compressor | None = None,
                            baselines: bool = True) -> list[Summary]:
     """Score ``compressor`` on ``rows``; with ``baselines``, also the untrained compressor, truncation
-    to the compressor's achieved ratio (the same memory budget in tokens), and the full context."""
+    to the compressor's achieved ratio (the same memory budget in tokens), the full context (the ceiling)
+    and the question alone (no context: the floor)."""
     trained, _ = score_rows(CompressedLM(compressor, tokenizer), rows, "trained", scoring)
     summaries = [trained]
     if not baselines:
@@ -27,8 +28,9 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
     with compressor.plain_base():
         truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.ratio)), base)
         summaries.append(score_rows(CompressedLM(truncation, tokenizer), rows, "truncation", scoring)[0])
-        full = FullContext(FullContextConfig(), base)
-        summaries.append(score_rows(CompressedLM(full, tokenizer), rows, "full_context", scoring)[0])
+        full = CompressedLM(FullContext(FullContextConfig(), base), tokenizer)
+        summaries.append(score_rows(full, rows, "full_context", scoring)[0])
+        summaries.append(score_rows(full, rows, "no_context", scoring, with_context=False)[0])
     return summaries
 
 

@@ -57,13 +57,18 @@ def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) 
 
 
 @torch.no_grad()
-def teacher_forced(clm: CompressedLM, memory: Memory, question: str, answer: str) -> TeacherForced:
-    prompt, reply = clm.prompt_ids(question), reply_ids(clm, answer)
+def teacher_forced(clm: CompressedLM, memory: Memory | None, question: str, answer: str) -> TeacherForced:
+    """The reply teacher-forced after the memory and the question (``memory=None``: the question alone)."""
+    prompt, reply = clm.prompt_ids(question, memory=memory is not None), reply_ids(clm, answer)
     ids = torch.tensor([prompt + reply], device=clm.device)
     with clm.compressor.reading(memory):
-        step = clm.compressor.decoder_forward(memory.to(clm.device), ids, torch.ones_like(ids), use_cache=False,
-                                              prompt_lengths=torch.tensor([len(prompt)], device=clm.device))
-    logits = step.logits[0, len(prompt) - 1 : -1].float()
+        if memory is None:
+            all_logits = clm.model(input_ids=ids).logits
+        else:
+            all_logits = clm.compressor.decoder_forward(
+                memory.to(clm.device), ids, torch.ones_like(ids), use_cache=False,
+                prompt_lengths=torch.tensor([len(prompt)], device=clm.device)).logits
+    logits = all_logits[0, len(prompt) - 1 : -1].float()
     target = torch.tensor(reply, device=logits.device)
     logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
     predicted = logits.argmax(-1)
@@ -73,13 +78,14 @@ def teacher_forced(clm: CompressedLM, memory: Memory, question: str, answer: str
 
 
 def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",
-               max_new_tokens: int = 16) -> tuple[Summary, list[dict[str, Any]]]:
-    """Compress each row's context, answer its question, and summarise."""
+               max_new_tokens: int = 16, with_context: bool = True) -> tuple[Summary, list[dict[str, Any]]]:
+    """Compress each row's context, answer its question, and summarise (``with_context=False``: the
+    question alone, no memory: the floor every method is read against)."""
     if scoring not in ("loglik", "generate"):
         raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
     predictions: list[dict[str, Any]] = []
     for row in rows:
-        memory = clm.compress(row["context"])
+        memory = clm.compress(row["context"]) if with_context else None
         token_accuracy = float("nan")
         if scoring == "loglik":
             scored = teacher_forced(clm, memory, row["question"], row["answer"])
@@ -91,7 +97,8 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
         predictions.append({"method": method, "question": row["question"], "answer": row["answer"],
                             "prediction": prediction, "correct": correct, "answer_logprob": logprob,
                             "token_accuracy": token_accuracy,
-                            "ratio": memory.ratio, "memory_bytes": memory.nbytes})
+                            "ratio": memory.ratio if memory is not None else float("nan"),
+                            "memory_bytes": memory.nbytes if memory is not None else 0})
     n = max(1, len(predictions))
     summary = Summary(method=method, accuracy=sum(p["correct"] for p in predictions) / n,
                       mean_logprob=sum(p["answer_logprob"] for p in predictions) / n,

@@ -154,3 +154,17 @@ def test_markdown_table() -> None:
         "| full_context | 1.000 | nan | -0.500 | 1.00 | 10.5 | 8 |",
     ]
     assert markdown_table([]).count("\n") == 1  # the header alone
+
+
+def test_score_rows_without_context_reads_the_question_alone(clm: CompressedLM) -> None:
+    rows = [{"context": CONTEXT, "question": QUESTION, "answer": " blue"}]
+    summary, predictions = score_rows(clm, rows, method="no_context", with_context=False)
+    prompt, reply = clm.prompt_ids(QUESTION, memory=False), reply_ids(clm, " blue")
+    with torch.no_grad():
+        logits = clm.model(input_ids=torch.tensor([prompt + reply])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(reply)[:, None])[:-1]
+    assert predictions[0]["answer_logprob"] == pytest.approx(float(logprobs.mean()), abs=1e-4)
+    assert summary.memory_bytes == 0 and math.isnan(summary.ratio)
+    _, generated = score_rows(clm, rows, method="no_context", scoring="generate", max_new_tokens=3,
+                              with_context=False)
+    assert generated[0]["prediction"] == clm.generate(QUESTION, max_new_tokens=3)
