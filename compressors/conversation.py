@@ -97,35 +97,38 @@ class ConversationLayout:
             raise EmptyInputError("cannot compress an empty context")
         return self.prefix_ids + self.encode(context)
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """What follows the memory: the rest of the first user turn, later turns, the assistant's opening."""
+    def prompt_ids(self, prompt: Prompt, reply_prefix: str = "") -> list[int]:
+        """What follows the memory: the rest of the first user turn, later turns, the assistant's opening
+        (and ``reply_prefix``, the start of the assistant's reply written for it: an answer prefix)."""
         messages = as_messages(prompt)
         first = self.separator + messages[0]["content"]
         if not self.use_chat_template:
-            return self.encode(self._plain([{**messages[0], "content": first}, *messages[1:]]))
+            return self.encode(self._plain([{**messages[0], "content": first}, *messages[1:]])) + \
+                self.encode(reply_prefix)
         _, rest = self._render([{**messages[0], "content": _MARK + first}, *messages[1:]])
-        return self.encode(rest)
+        return self.encode(rest) + self.encode(reply_prefix)
 
-    def plain_prompt_ids(self, prompt: Prompt) -> list[int]:
+    def plain_prompt_ids(self, prompt: Prompt, reply_prefix: str = "") -> list[int]:
         """A conversation with no context at all (generation without a memory); it may set a system message."""
         messages = as_messages(prompt, after_memory=False)
         if not self.use_chat_template:
-            return self.encode(self._plain(messages))
+            return self.encode(self._plain(messages)) + self.encode(reply_prefix)
         first = 1 if messages[0]["role"] == "system" else 0
         marked = [*messages[:first], {**messages[first], "content": _MARK + messages[first]["content"]},
                   *messages[first + 1:]]
         prefix, rest = self._render(marked)
-        return self.encode(prefix) + self.encode(rest)
+        return self.encode(prefix) + self.encode(rest) + self.encode(reply_prefix)
 
-    def conversation_ids(self, prompt: Prompt, context: str | None = None) -> list[int]:
+    def conversation_ids(self, prompt: Prompt, context: str | None = None, reply_prefix: str = "") -> list[int]:
         """The whole conversation as plain generation reads it (no compression): the reference of ratio 1."""
         if context is None:
-            return self.plain_prompt_ids(prompt)
-        return self.context_ids(context) + self.prompt_ids(prompt)
+            return self.plain_prompt_ids(prompt, reply_prefix)
+        return self.context_ids(context) + self.prompt_ids(prompt, reply_prefix)
 
-    def reply_ids(self, answer: str) -> list[int]:
-        """The assistant's reply as a training / scoring target: the answer and the end of its turn."""
-        return self.encode(answer) + self.end_of_turn_ids
+    def reply_ids(self, answer: str, reply_prefix: str = "") -> list[int]:
+        """The assistant's reply as a training / scoring target: the answer and the end of its turn. After a
+        ``reply_prefix`` ("The pass key is") the answer continues it after a space, as the model writes it."""
+        return self.encode(continuation_text(answer, reply_prefix)) + self.end_of_turn_ids
 
     @cached_property
     def end_of_turn_ids(self) -> list[int]:
@@ -155,6 +158,13 @@ class ConversationLayout:
             return messages[0]["content"] + "\n"
         lines = [messages[0]["content"]] + [f"{m['role']}: {m['content']}" for m in messages[1:]]
         return "\n".join(lines) + "\nassistant:"
+
+
+def continuation_text(answer: str, reply_prefix: str) -> str:
+    """``answer`` as it follows ``reply_prefix`` in a reply: after a space unless the prefix ends with one."""
+    if reply_prefix and not reply_prefix[-1].isspace() and answer and not answer[0].isspace():
+        return " " + answer
+    return answer
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:

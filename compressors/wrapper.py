@@ -100,9 +100,12 @@ class CompressedLM:
             return self.compressor.compress(ids, mask, query_ids=query_ids).detach()
 
     # ----- prompts ------------------------------------------------------------------------
-    def prompt_ids(self, prompt: Prompt, memory: bool = True) -> list[int]:
-        """Token ids of ``prompt`` after a memory (``memory=False``: a conversation with no context)."""
-        return self.layout.prompt_ids(prompt) if memory else self.layout.plain_prompt_ids(prompt)
+    def prompt_ids(self, prompt: Prompt, memory: bool = True, reply_prefix: str = "") -> list[int]:
+        """Token ids of ``prompt`` after a memory (``memory=False``: a conversation with no context), ending
+        with ``reply_prefix`` (the start of the assistant's reply written for it, e.g. an answer prefix)."""
+        if memory:
+            return self.layout.prompt_ids(prompt, reply_prefix)
+        return self.layout.plain_prompt_ids(prompt, reply_prefix)
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a reply (the end of the assistant's turn, the tokenizer's and the model's eos)."""
@@ -110,34 +113,40 @@ class CompressedLM:
 
     # ----- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt | list[Prompt], memory: Memory | None = None,
-                 generation_config: GenerationConfig | None = None, **generation: Any) -> str | list[str]:
+                 generation_config: GenerationConfig | None = None, reply_prefix: str = "",
+                 **generation: Any) -> str | list[str]:
         """Answer a prompt (or a list of prompts, batched) reading ``memory`` (``None``: plain chat).
 
         ``generation`` takes any ``GenerationConfig`` field (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``repetition_penalty``, ``stop_strings``, ...) and any other ``generate``
         argument (``streamer``, ``logits_processor``, ...). Greedy, 64 new tokens, by default.
+        ``reply_prefix`` starts the assistant's reply ("The pass key is"); the answer continues it and
+        only the continuation is returned.
         """
         single = is_single_prompt(prompt)
         prompts = [prompt] if single else list(prompt)  # type: ignore[list-item]
-        rows = self.generate_ids(prompts, memory, generation_config, **generation)
+        rows = self.generate_ids(prompts, memory, generation_config, reply_prefix=reply_prefix, **generation)
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
         return answers[0] if single else answers
 
     def answer_many(self, memory: Memory, prompts: list[Prompt], batch_size: int = 8,
-                    generation_config: GenerationConfig | None = None, **generation: Any) -> list[str]:
+                    generation_config: GenerationConfig | None = None, reply_prefix: str = "",
+                    **generation: Any) -> list[str]:
         """Many prompts from one compressed context, each as the first question about it (the context
         is never re-read): batches of ``batch_size`` prompt rows share the one memory row."""
         if memory.batch_size != 1:
             raise ValueError("answer_many expects a single-row memory (use memory.select(i))")
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            answers += self.generate(prompts[start:start + batch_size], memory, generation_config, **generation)
+            answers += self.generate(prompts[start:start + batch_size], memory, generation_config,
+                                     reply_prefix=reply_prefix, **generation)
         return answers
 
     def generate_ids(self, prompts: list[Prompt], memory: Memory | None = None,
-                     generation_config: GenerationConfig | None = None, **generation: Any) -> list[list[int]]:
+                     generation_config: GenerationConfig | None = None, reply_prefix: str = "",
+                     **generation: Any) -> list[list[int]]:
         """The new token ids of each prompt (batched), up to and without the token that stopped it."""
-        rows = [self.prompt_ids(p, memory=memory is not None) for p in prompts]
+        rows = [self.prompt_ids(p, memory=memory is not None, reply_prefix=reply_prefix) for p in prompts]
         ids, mask = left_pad(rows, self.tokenizer.pad_token_id, self.device)
         settings, extra = generation_config_for(self.stop_token_ids(), self.tokenizer.pad_token_id, generation_config,
                                                 **generation)

@@ -6,6 +6,9 @@ different tasks can be concatenated.  Columns:
 - ``id``: ``"<task>-<split>-s<seed>-<index>"``;
 - ``task``; ``context`` (the long text); ``question`` (what the user asks, without the
   context; ``""`` for plain continuation); ``answer`` (the exact expected reply);
+- ``answer_prefix``: how the expected reply starts, before the answer (RULER's answer prefix, e.g. "The
+  pass key is"; ``""`` when none): generation continues it and teacher forcing scores the answer after
+  it, so both see the same reply;
 - ``context_tokens``: real token count of ``context`` for the tokenizer given;
 - ``depth``: where the asked needle sits, as the fraction of the filler's characters before
   it (the requested depth, or the one drawn uniformly per sample), ``-1.0`` when the task
@@ -47,6 +50,7 @@ FEATURES = datasets.Features(
         "context": datasets.Value("string"),
         "question": datasets.Value("string"),
         "answer": datasets.Value("string"),
+        "answer_prefix": datasets.Value("string"),
         "context_tokens": datasets.Value("int64"),
         "depth": datasets.Value("float64"),
         "needle": datasets.Value("string"),
@@ -154,10 +158,10 @@ def passkey(rng: random.Random, spec: TaskSpec, *, num_digits: int = 5) -> Sampl
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     depth = spec.draw_depth(rng)
     context, n = _needles_in_filler(rng, spec, [(depth, needle)])
-    # the answer-format instruction makes an instruct model reply with the key itself (without it SmolLM2
-    # replies "The pass key is ..." or explains what a pass key is), so generation and exact match agree
+    # the answer-format instruction and the answer prefix (RULER's) make an instruct model reply with the key
+    # itself (without them SmolLM2 replies "The pass key is ..." or explains what a pass key is)
     return _sample(context, n, "What is the pass key? Answer with the number only.", key, depth, needle,
-                   {"num_digits": num_digits})
+                   {"num_digits": num_digits}, answer_prefix="The pass key is")
 
 
 FIRST_NAMES = (
@@ -203,6 +207,9 @@ FACT_RELATIONS: dict[str, tuple[str, str, Sequence[str]]] = {
     "year": ("{name} was born in the year {value}.", "In which year was {name} born?",
              tuple(str(y) for y in range(1931, 2006))),
 }  # fmt: skip
+# relation -> the reply's start, before the one-word answer (the fact template up to its value)
+FACT_PREFIXES = {relation: template.split("{value}")[0].rstrip()
+                 for relation, (template, _, _) in FACT_RELATIONS.items()}
 
 
 @register_task("fact_qa")
@@ -225,7 +232,8 @@ def fact_qa(rng: random.Random, spec: TaskSpec, *, num_facts: int = 4) -> Sample
     context, n = _needles_in_filler(rng, spec, placed)
     needle, question, answer, relation = facts[0]
     meta = {"num_facts": num_facts, "relation": relation, "subject": people[0]}
-    return _sample(context, n, question, answer, depth, needle, meta)
+    return _sample(context, n, question + " Answer with one word.", answer, depth, needle, meta,
+                   answer_prefix=FACT_PREFIXES[relation].format(name=people[0]))
 
 
 PASSAGE_LINE = "ID: {id} | CONTENT: {passage} | END ID: {id}"
@@ -291,7 +299,8 @@ def niah_multikey(rng: random.Random, spec: TaskSpec, *, num_needles: int = 4, n
     context, n = _needles_in_filler(rng, spec, placed)
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     meta = {"num_needles": num_needles, "key": keys[0]}
-    return _sample(context, n, question, values[0], depth, needles[0], meta)
+    return _sample(context, n, question, values[0], depth, needles[0], meta,
+                   answer_prefix=f"The special magic number for {keys[0]} mentioned in the provided text is")
 
 
 @register_task("kv_retrieval")
@@ -315,7 +324,8 @@ def kv_retrieval(rng: random.Random, spec: TaskSpec) -> Sample:
     question = f'What is the value associated with the key "{key}" in the JSON data?'
     needle = f"{json.dumps(key)}: {json.dumps(value)}"
     meta = {"num_pairs": count, "key": key, "key_index": index}
-    return _sample(context, n, question, value, depth, needle, meta)
+    return _sample(context, n, question, value, depth, needle, meta,
+                   answer_prefix=f'The value associated with the key "{key}" is')
 
 
 @register_task("variable_tracking")
@@ -344,7 +354,8 @@ def variable_tracking(
         "Answer with their names separated by spaces."
     )
     meta = {"num_chains": num_chains, "num_hops": num_hops, "value": values[0], "variables": chains[0]}
-    return _sample(context, n, question, " ".join(chains[0]), -1.0, placed[0][1], meta)
+    return _sample(context, n, question, " ".join(chains[0]), -1.0, placed[0][1], meta,
+                   answer_prefix=f"The variables assigned the value {values[0]} are:")
 
 
 @register_task("autoencoding")
@@ -383,12 +394,14 @@ def continuation(rng: random.Random, spec: TaskSpec, *, answer_tokens: int = 32)
 
 
 def _sample(
-    context: str, n: int, question: str, answer: str, depth: float, needle: str, metadata: dict[str, Any]
+    context: str, n: int, question: str, answer: str, depth: float, needle: str, metadata: dict[str, Any],
+    answer_prefix: str = "",
 ) -> Sample:
     return {
         "context": context,
         "question": question,
         "answer": answer,
+        "answer_prefix": answer_prefix,
         "context_tokens": n,
         "depth": float(depth),
         "needle": needle,

@@ -7,6 +7,7 @@ collapsed white space, trailing full stop removed); BLEU and ROUGE-L work on whi
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 
@@ -19,8 +20,10 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def substring_match(prediction: str, reference: str) -> float:
-    """1.0 when the (normalized) reference occurs inside the (normalized) prediction."""
-    return float(normalize(reference) in normalize(prediction))
+    """1.0 when the (normalized) reference occurs inside the (normalized) prediction as whole words: "58213"
+    is found in "the pass key is 58213, remember it" but not in "582130" (a wrong, longer number)."""
+    ref = normalize(reference)
+    return float(bool(ref) and re.search(rf"(?<!\w){re.escape(ref)}(?!\w)", normalize(prediction)) is not None)
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:

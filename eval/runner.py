@@ -203,12 +203,13 @@ def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
         out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
     elif task in GENERATION_TASKS or scoring == "generate":
         budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
-        prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget))
+        prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget,
+                                      reply_prefix=row.get("answer_prefix") or ""))
         metrics = text_metrics(prediction, row["answer"])
         out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
                    correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
     else:
-        scored = teacher_forced(clm, memory, row["question"], row["answer"])
+        scored = teacher_forced(clm, memory, row["question"], row["answer"], row.get("answer_prefix") or "")
         out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
                    token_accuracy=scored.token_accuracy, prediction=scored.prediction)
     out["answer_s"] = time.perf_counter() - start

@@ -17,7 +17,7 @@ from transformers.generation import BaseStreamer
 
 from compressors import CompressedLM, Memory
 
-from .metrics import normalize
+from .metrics import substring_match
 
 
 @dataclass
@@ -45,21 +45,26 @@ class Summary:
         return asdict(self)
 
 
-def reply_ids(clm: CompressedLM, answer: str) -> list[int]:
-    """The reply a user's generation is matched against: the answer, then the end of the assistant's turn."""
-    return clm.layout.reply_ids(answer)
+def reply_ids(clm: CompressedLM, answer: str, reply_prefix: str = "") -> list[int]:
+    """The reply a user's generation is matched against: the answer (continuing ``reply_prefix``), then the
+    end of the assistant's turn."""
+    return clm.layout.reply_ids(answer, reply_prefix)
 
 
-def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str) -> tuple[bool, float, str]:
+def score_loglik(clm: CompressedLM, memory: Memory, question: str, answer: str,
+                 reply_prefix: str = "") -> tuple[bool, float, str]:
     """``(correct, mean answer log-prob, argmax prediction)`` of one row."""
-    scored = teacher_forced(clm, memory, question, answer)
+    scored = teacher_forced(clm, memory, question, answer, reply_prefix)
     return scored.correct, scored.answer_logprob, scored.prediction
 
 
 @torch.no_grad()
-def teacher_forced(clm: CompressedLM, memory: Memory | None, question: str, answer: str) -> TeacherForced:
-    """The reply teacher-forced after the memory and the question (``memory=None``: the question alone)."""
-    prompt, reply = clm.prompt_ids(question, memory=memory is not None), reply_ids(clm, answer)
+def teacher_forced(clm: CompressedLM, memory: Memory | None, question: str, answer: str,
+                   reply_prefix: str = "") -> TeacherForced:
+    """The reply teacher-forced after the memory, the question and ``reply_prefix`` (``memory=None``: the
+    question alone): the reply greedy generation is matched against."""
+    prompt = clm.prompt_ids(question, memory=memory is not None, reply_prefix=reply_prefix)
+    reply = reply_ids(clm, answer, reply_prefix)
     ids = torch.tensor([prompt + reply], device=clm.device)
     with clm.compressor.reading(memory):
         if memory is None:
@@ -87,13 +92,15 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
     for row in rows:
         memory = clm.compress(row["context"]) if with_context else None
         token_accuracy = float("nan")
+        prefix = row.get("answer_prefix") or ""
         if scoring == "loglik":
-            scored = teacher_forced(clm, memory, row["question"], row["answer"])
+            scored = teacher_forced(clm, memory, row["question"], row["answer"], prefix)
             correct, logprob, prediction = scored.correct, scored.answer_logprob, scored.prediction
             token_accuracy = scored.token_accuracy
         else:
-            prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=max_new_tokens))
-            correct, logprob = normalize(row["answer"]) in normalize(prediction), float("nan")
+            prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=max_new_tokens,
+                                          reply_prefix=prefix))
+            correct, logprob = bool(substring_match(prediction, row["answer"])), float("nan")
         predictions.append({"method": method, "question": row["question"], "answer": row["answer"],
                             "prediction": prediction, "correct": correct, "answer_logprob": logprob,
                             "token_accuracy": token_accuracy,

@@ -161,6 +161,17 @@ def test_needle_and_answer_in_context(tok, name) -> None:
         assert row["answer"] in row["needle"]
 
 
+@pytest.mark.parametrize("name", NEEDLE_TASKS)
+def test_question_tasks_carry_an_answer_prefix_the_needle_continues(tok, name) -> None:
+    """RULER's style: the reply starts with the prefix and the answer follows it (for the one-fact tasks,
+    the needle itself reads "<prefix> <answer>")."""
+    for row in build(tok, name, num_samples=4, context_tokens=400):
+        prefix = row["answer_prefix"]
+        assert prefix and not prefix.endswith(" ") and row["question"].strip()
+        if name in ("passkey", "fact_qa"):
+            assert f"{prefix} {row['answer']}".lower() in row["needle"].lower() + " " + row["context"].lower()
+
+
 def test_passkey_digits_and_question(tok) -> None:
     row = build(tok, "passkey", num_digits=8)[0]
     assert row["question"] == "What is the pass key? Answer with the number only."

@@ -7,7 +7,8 @@ import torch
 
 from compressors import CompressedLM
 from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
-from eval.scoring import Summary, markdown_table, normalize, reply_ids, score_loglik, score_rows
+from eval.metrics import normalize
+from eval.scoring import Summary, markdown_table, reply_ids, score_loglik, score_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +169,33 @@ def test_score_rows_without_context_reads_the_question_alone(clm: CompressedLM) 
     _, generated = score_rows(clm, rows, method="no_context", scoring="generate", max_new_tokens=3,
                               with_context=False)
     assert generated[0]["prediction"] == clm.generate(QUESTION, max_new_tokens=3)
+
+
+@pytest.mark.parametrize(("reply", "answer", "expected"), [
+    ("58213", "58213", True),  # the bare answer
+    (" 58213.", "58213", True),  # after an answer prefix ("The pass key is")
+    ("The pass key is 58213, remember it.", "58213", True),  # inside a sentence
+    ("The pass key is 582130.", "58213", False),  # a wrong (longer) number
+    ("The pass key is 48213.", "58213", False),  # a wrong number
+    ("Tarsen", "tarsen", True),
+])
+def test_contains_match_on_known_replies(reply: str, answer: str, expected: bool) -> None:
+    from eval.metrics import substring_match
+
+    assert bool(substring_match(reply, answer)) is expected
+
+
+def test_loglik_and_generate_agree_after_an_answer_prefix(clm: CompressedLM) -> None:
+    prefix = "The answer is"
+    memory = clm.compress(CONTEXT)
+    tokens = clm.generate_ids([QUESTION], memory, max_new_tokens=2, reply_prefix=prefix)[0]
+    answer = clm.tokenizer.decode(tokens).strip()
+    assert clm.layout.reply_ids(answer, prefix)[:-1] == tokens  # precondition: the reply re-tokenizes the same
+    row = {"context": CONTEXT, "question": QUESTION, "answer": answer, "answer_prefix": prefix}
+    (loglik, _), (generate, _) = (score_rows(clm, [row], "m", scoring=s, max_new_tokens=2) for s in ("loglik", "generate"))
+    assert loglik.accuracy == generate.accuracy == 1.0
+    # the prompt ends with the prefix, which generation continues and teacher forcing scores after
+    prompt = clm.prompt_ids(QUESTION, reply_prefix=prefix)
+    assert prompt[-len(clm.layout.encode(prefix)):] == clm.layout.encode(prefix)
+    wrong = score_rows(clm, [{**row, "answer": answer + "x"}], "m", scoring="loglik")[0]
+    assert wrong.accuracy == 0.0

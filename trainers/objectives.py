@@ -44,14 +44,15 @@ class DecoderTarget:
 def build_target(layout: ConversationLayout, row: dict[str, Any], max_target_tokens: int) -> DecoderTarget:
     """What follows the memory for ``row``, composed exactly as ``CompressedLM`` composes it at inference:
     the prompt (``layout.prompt_ids``: the rest of the user turn) then the reply (``layout.reply_ids``:
-    the answer and the end of the turn) with labels on the reply only; a continuation follows the
-    memory directly, every token labelled."""
+    the answer and the end of the turn) with labels on the reply only (a row's ``answer_prefix`` ends the
+    prompt, as generation is given it); a continuation follows the memory directly, every token labelled."""
     objective = objective_of(row)
     if objective == "continuation":
         ids = layout.encode(row["answer"])[:max_target_tokens]
         return DecoderTarget(ids, list(ids), 0)
     question = AUTOENCODING_PROMPT if objective == "autoencoding" else row["question"]
-    prompt, reply = layout.prompt_ids(question), layout.reply_ids(row["answer"])
+    prefix = (row.get("answer_prefix") or "") if objective == "sft" else ""
+    prompt, reply = layout.prompt_ids(question, prefix), layout.reply_ids(row["answer"], prefix)
     ids, labels = prompt + reply, [-100] * len(prompt) + reply
     return DecoderTarget(ids[:max_target_tokens], labels[:max_target_tokens], min(len(prompt), max_target_tokens))
 
