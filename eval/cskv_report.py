@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from compressors import CompressedLM, Compressor
 
 from .scoring import score_continuation
+from .tables import Column, markdown_table
 
 
 @torch.no_grad()
@@ -43,11 +44,10 @@ def evaluate_perplexity(named: list[tuple[str, Compressor]], tokenizer: PreTrain
 
 def results_table(results: list[dict[str, Any]]) -> str:
     """The markdown table of ``evaluate_perplexity``'s results."""
-    lines = ["| method | perplexity | KV bytes | reduction vs full cache |", "|---|---|---|---|"]
-    for r in results:
-        reduction = f"{100 * r['kv_reduction']:.1f}%" if "kv_reduction" in r else "-"
-        lines.append(f"| {r['method']} | {r['perplexity']:.3f} | {r['kv_bytes']} | {reduction} |")
-    return "\n".join(lines)
+    return markdown_table(results, (
+        Column("method", "method"), Column("perplexity", "perplexity"), Column("KV bytes", "kv_bytes"),
+        Column("reduction vs full cache",
+               cell=lambda r: f"{100 * r['kv_reduction']:.1f}%" if "kv_reduction" in r else "-")))
 
 
 def print_results(results: list[dict[str, Any]], title: str) -> None:

@@ -12,15 +12,9 @@ import yaml
 
 from compressors.io import write_json_atomic
 
-from .runner import read_predictions
+from .tables import Column, fmt, markdown_table
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _nan(value: Any) -> bool:
@@ -31,6 +25,20 @@ def _ratio_label(s: dict[str, Any]) -> str:
     return "native" if s["ratio"] == 0 else f"{s['ratio']:g}"
 
 
+MAIN_COLUMNS = (
+    Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
+    Column("achieved ratio", "achieved_ratio", digits=2), Column("accuracy", "accuracy"),
+    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"),
+    Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1), Column("compress s", "compress_s"),
+    Column("answer s", "answer_s"),
+    Column("decode ms/token", cell=lambda s: None if s.get("decode_s_per_token") is None
+           else s["decode_s_per_token"] * 1000, digits=1),
+    Column("N prompts s (memory / full)",
+           cell=lambda s: f"{fmt(s.get('n_prompts_s'), 2)} / {fmt(s.get('n_prompts_full_s'), 2)}"))
+TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)),
+                Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
+
+
 def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config: dict[str, Any] | None = None) -> str:
     lines = [f"# {title}", ""]
     if config:
@@ -39,7 +47,7 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                   f"split `{config.get('split')}`",
                   f"- scoring: **{config.get('scoring')}** "
                   + ("(teacher-forced: correct when every answer token is the model's argmax)"
-                     if config.get("scoring") == "loglik" else "(greedy generation, substring match)"),
+                     if config.get("scoring") == "loglik" else "(greedy generation, whole-word contains match)"),
                   f"- dtype: `{config.get('dtype')}`", ""]
     for task in sorted({s["task"] for s in summaries}):
         for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
@@ -48,23 +56,12 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
             full = [s for s in rows if s["method"] == "full_context"]
             lines += [f"## {task}, {length}-token contexts", ""]
             if full:
-                lines += [f"Full-context ceiling: accuracy **{_fmt(full[0]['accuracy'])}** "
+                lines += [f"Full-context ceiling: accuracy **{fmt(full[0]['accuracy'])}** "
                           f"(n={full[0]['n']}); no compressor can be expected to beat it on this model.", ""]
-            lines += ["| method | ratio | achieved ratio | accuracy | answer-token acc | answer log-prob | memory KiB | "
-                      "compress s | answer s | decode ms/token | N prompts s (memory / full) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
-            for s in rows:
-                n_prompts = f"{_fmt(s.get('n_prompts_s'), 2)} / {_fmt(s.get('n_prompts_full_s'), 2)}"
-                decode = s.get("decode_s_per_token")
-                lines.append(
-                    f"| {s['method']} | {_ratio_label(s)} | {_fmt(s['achieved_ratio'], 2)} | {_fmt(s['accuracy'])} | "
-                    f"{_fmt(s.get('token_accuracy'))} | {_fmt(s['answer_logprob'])} | {_fmt(s['memory_bytes'] / 1024, 1)} | {_fmt(s['compress_s'], 3)} | "
-                    f"{_fmt(s['answer_s'], 3)} | {_fmt(None if decode is None else decode * 1000, 1)} | {n_prompts} |")
+            lines += [markdown_table(rows, MAIN_COLUMNS), ""]
             extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
             if extra:
-                lines += ["", "| method | ratio | exact match | BLEU | ROUGE-L |", "|---|---|---|---|---|"]
-                lines += [f"| {s['method']} | {_ratio_label(s)} | {_fmt(s['exact_match'])} | {_fmt(s['bleu'])} | "
-                          f"{_fmt(s['rouge_l'])} |" for s in extra]
+                lines += [markdown_table(extra, TEXT_COLUMNS), ""]
             lines.append("")
     n = summaries[0].get("n_prompts", 10) if summaries else 10
     lines += ["Notes: *achieved ratio* = context tokens / real memory slots per layer (requested ratio in "
@@ -144,6 +141,14 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+def read_predictions(out: Path) -> list[dict[str, Any]]:
+    """Every scored row of the finished configurations in ``out`` (``configs/*.json``)."""
+    rows = []
+    for path in sorted((out / "configs").glob("*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    return rows
 
 
 def write_outputs(out: Path, summaries: list[dict[str, Any]], config: dict[str, Any]) -> None:

