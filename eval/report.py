@@ -22,7 +22,12 @@ def _nan(value: Any) -> bool:
 
 
 def _ratio_label(s: dict[str, Any]) -> str:
+    if s["method"] == "no_context":
+        return "-"
     return "native" if s["ratio"] == 0 else f"{s['ratio']:g}"
+
+
+BEYOND_THE_MODEL = 0.3  # a full-context ceiling below this: the task is beyond the model at that length
 
 
 MAIN_COLUMNS = (
@@ -54,10 +59,17 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
             rows = sorted((s for s in summaries if s["task"] == task and s["context_length"] == length),
                           key=lambda s: (s["method"] != "full_context", s["method"], s["ratio"]))
             full = [s for s in rows if s["method"] == "full_context"]
+            floor = [s for s in rows if s["method"] == "no_context"]
             lines += [f"## {task}, {length}-token contexts", ""]
             if full:
-                lines += [f"Full-context ceiling: accuracy **{fmt(full[0]['accuracy'])}** "
-                          f"(n={full[0]['n']}); no compressor can be expected to beat it on this model.", ""]
+                ceiling = full[0]["accuracy"]
+                lines += [f"Full-context ceiling: accuracy **{fmt(ceiling)}** (n={full[0]['n']})"
+                          + (f"; no context (the question alone): **{fmt(floor[0]['accuracy'])}**" if floor else "")
+                          + "."]
+                if not _nan(ceiling) and ceiling < BEYOND_THE_MODEL:
+                    lines += [f"**Beyond the model at this length**: the ceiling is under {BEYOND_THE_MODEL}, so "
+                              "these accuracies do not rank the methods (read the answer log-probability instead)."]
+                lines.append("")
             lines += [markdown_table(rows, MAIN_COLUMNS), ""]
             extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
             if extra:

@@ -43,7 +43,8 @@ from .metrics import text_metrics
 from .report import write_outputs
 from .scoring import score_continuation, teacher_forced, time_decode
 
-REFERENCES = ("full_context", "truncation")
+REFERENCES = ("full_context", "no_context", "truncation")
+NO_CONTEXT = "no_context"  # the question alone, no memory: the floor every method is read against
 GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
 PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the context
 
@@ -84,13 +85,13 @@ class EvalConfig:
 
 def kind_of_method(name: str) -> str:
     """``baseline`` (a registered training-free name), ``saved`` (a folder) or ``hub`` (a repo id)."""
-    if name in BASELINES or name == "full_context":
+    if name in BASELINES or name in ("full_context", NO_CONTEXT):
         return "baseline"
     if Path(name).is_dir():
         return "saved"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
         return "hub"
-    known = sorted(set(BASELINES) | {"full_context"})
+    known = sorted(set(BASELINES) | {"full_context", NO_CONTEXT})
     hint = " (it is a learned type: pass a saved folder or Hub id)" if name in COMPRESSORS else ""
     raise UnknownCompressorError(
         f"unknown compressor {name!r}{hint}: not a baseline ({', '.join(known)}), "
@@ -118,7 +119,7 @@ class Method:
             # its own copy of the base model: a LoRA adapter injected into the shared model would
             # otherwise also change what the baselines read
             self.learned, _ = load_compressor(name, base_model=base, dtype=dtype)
-        elif name != "full_context":
+        elif name not in ("full_context", NO_CONTEXT):
             # calibrated baselines (Q-Filters, EHPC) compute or load their artifact here, once,
             # so that it is not counted in the first sample's compression time
             made = self.compressor(1.0)
@@ -127,13 +128,13 @@ class Method:
 
     @property
     def ratio_free(self) -> bool:
-        """Methods whose ratio is fixed by their own config (learned ones, the full context)."""
-        return self.name == "full_context" or self.learned is not None
+        """Methods whose ratio is fixed by their own config (learned ones, the full and no context)."""
+        return self.name in ("full_context", NO_CONTEXT) or self.learned is not None
 
     def compressor(self, ratio: float) -> Compressor:
         if self.learned is not None:
             return self.learned
-        if self.name == "full_context":
+        if self.name in ("full_context", NO_CONTEXT):  # no_context: its decoder, given no memory
             return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
         cls = COMPRESSORS[self.name]
         made = cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
@@ -143,7 +144,7 @@ class Method:
         """What a shared prefill must hold for this method (window, token NLL), or None when the
         method cannot start from one (it re-encodes, or it is learned)."""
         if not hasattr(self, "_needs"):
-            made = None if self.learned is not None else self.compressor(2.0)
+            made = None if self.learned is not None or self.name == NO_CONTEXT else self.compressor(2.0)
             self._needs = made.prefill_needs() if made is not None and made.shares_prefill else None
         return self._needs
 
@@ -153,6 +154,8 @@ class Method:
         shared ``prefill``, that is its time plus this method's own selection when the method's
         own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
         early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
+        if self.name == NO_CONTEXT:
+            return [None] * len(ratios), 0.0
         first = self.compressor(ratios[0])
         if passages and first.compresses_passages:  # a passage compressor (CoLoR) on a corpus task
             start = time.perf_counter()
@@ -200,7 +203,7 @@ def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
     start = time.perf_counter()
     out: dict[str, Any] = {}
     if task == "continuation":
-        nll = score_continuation(clm, memory, row["answer"])
+        nll = score_continuation(clm, memory, row["answer"]) if memory is not None else float("nan")
         out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
     elif task in GENERATION_TASKS or scoring == "generate":
         budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
@@ -342,11 +345,11 @@ def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, 
     """Score one memory on its sample's question (and time its decoding on the first samples)."""
     clm = CompressedLM(method.compressor(ratio), method.tokenizer)
     result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens)
-    ach, real = achieved(memory)
+    ach, real = achieved(memory) if memory is not None else (float("nan"), 0.0)
     result.update(id=sample["id"], method=method.label, context_tokens=sample["context_tokens"],
                   question=sample["question"],
                   answer=sample["answer"] if sample["task"] != "autoencoding" else sample["answer"][:200],
-                  achieved_ratio=ach, real_slots=real, memory_bytes=memory.nbytes)
+                  achieved_ratio=ach, real_slots=real, memory_bytes=memory.nbytes if memory is not None else 0)
     if index < cfg.timing_samples and sample["question"]:
         result["prompt_s"], result["decode_s_per_token"] = time_decode(
             clm, memory, sample["question"], cfg.decode_steps)

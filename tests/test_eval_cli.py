@@ -35,13 +35,17 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
         assert (out / name).is_file(), name
     results = json.loads((out / "metrics.json").read_text())["results"]
     methods = {(r["method"], r["ratio"]) for r in results}
-    assert methods == {("full_context", 1.0), ("truncation", 2.0), ("truncation", 4.0), ("snapkv", 2.0),
-                       ("snapkv", 4.0), ("streaming_llm", 2.0), ("streaming_llm", 4.0)}
+    assert methods == {("full_context", 1.0), ("no_context", 0.0), ("truncation", 2.0), ("truncation", 4.0),
+                       ("snapkv", 2.0), ("snapkv", 4.0), ("streaming_llm", 2.0), ("streaming_llm", 4.0)}
+    floor = next(r for r in results if r["method"] == "no_context")
+    assert floor["memory_bytes"] == 0 and floor["compress_s"] == 0.0
     for r in results:
         if r["ratio"] > 1:
             assert r["achieved_ratio"] == pytest.approx(r["ratio"], rel=0.05)
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * len(methods)
-    assert "Full-context ceiling" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Full-context ceiling" in report and "no context (the question alone)" in report
+    assert "Beyond the model at this length" in report  # a random tiny model answers nothing
 
     import eval.runner as runner
 
@@ -81,13 +85,13 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert (out / "partial" / "passkey__L96.json").is_file() and not (out / "configs").exists()
-    assert len(calls) == 3  # sample 0 of full_context, truncation and streaming_llm
+    assert len(calls) == 4  # sample 0 of full_context, no_context, truncation and streaming_llm
     monkeypatch.setattr(runner, "score_one", lambda *a, **k: calls.append(a[2]["id"]) or original(*a, **k))
     assert main(args) == 0
-    assert len(calls) == 3 + 2 * 3  # only samples 1 and 2 were scored after the restart
+    assert len(calls) == 4 + 2 * 4  # only samples 1 and 2 were scored after the restart
     assert not (out / "partial" / "passkey__L96.json").exists()
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 9 and len({r["id"] for r in rows}) == 3
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 3
 
 
 @pytest.mark.parametrize("args, message", [
