@@ -38,8 +38,9 @@ MAIN_COLUMNS = (
     Column("answer s", "answer_s"),
     Column("decode ms/token", cell=lambda s: None if s.get("decode_s_per_token") is None
            else s["decode_s_per_token"] * 1000, digits=1),
-    Column("N prompts s (memory / full)",
-           cell=lambda s: f"{fmt(s.get('n_prompts_s'), 2)} / {fmt(s.get('n_prompts_full_s'), 2)}"))
+    Column("N prompts s (memory / prefix cache / re-read)",
+           cell=lambda s: f"{fmt(s.get('n_prompts_s'), 2)} / {fmt(s.get('n_prompts_prefix_cache_s'), 2)} / "
+                          f"{fmt(s.get('n_prompts_reread_s'), 2)}"))
 TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)),
                 Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
 
@@ -86,9 +87,9 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
               "path is a cheaper early-exit pass, is timed alone on the timed samples; the one-time "
               "calibration of Q-Filters and EHPC is not included. *answer s* "
               "reads the question and answer after the memory. *decode ms/token*: greedy decoding after "
-              f"the memory (first sample). *N prompts*: N={n} prompts answered from one memory "
-              "(compress + N answers) vs re-reading the full context each time (N x (full prefill + "
-              "answer)); derived from the measured parts.", ""]
+              f"the memory (first sample). *N prompts*: N={n} prompts about one context, timed end to end on the first sample: compress "
+              "once + N answers from the memory, beside the full cache built once and reused (prefix caching) "
+              "and re-reading the full context for every prompt.", ""]
     return "\n".join(lines)
 
 

@@ -145,6 +145,31 @@ def time_decode(clm: CompressedLM, memory: Memory, question: str, steps: int = 8
     return times[1] - start, per_token
 
 
+def time_many_prompts(clm: CompressedLM, context: str | None, prompts: list[str], max_new_tokens: int = 16,
+                      reply_prefix: str = "") -> float:
+    """Seconds, end to end, to compress ``context`` once and answer every prompt from that memory (batched
+    by ``answer_many``); ``context=None``: the prompts alone. With the full-context compressor this is the
+    prefix cache built once and reused, the fair competitor of any compressed memory."""
+    start = time.perf_counter()
+    if context is None:
+        clm.generate(prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
+    else:
+        clm.answer_many(clm.compress(context), prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                        reply_prefix=reply_prefix)
+    return time.perf_counter() - start
+
+
+def time_rereading(clm: CompressedLM, context: str, prompts: list[str], max_new_tokens: int = 16,
+                   reply_prefix: str = "") -> float:
+    """Seconds, end to end, to answer every prompt by reading the whole context again each time (what a
+    user without any cache pays): one full prefill and one answer per prompt."""
+    start = time.perf_counter()
+    for prompt in prompts:
+        clm.generate(prompt, memory=clm.compress(context), max_new_tokens=max_new_tokens,
+                     min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
+    return time.perf_counter() - start
+
+
 class _TokenClock(BaseStreamer):
     """A streamer that only stamps the time of each ``put`` (the prompt first, then every token)."""
 

@@ -9,7 +9,8 @@ import pytest
 from eval import bleu, exact_match, rouge_l, substring_match
 from eval.__main__ import main
 
-TINY = ["--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "2", "--context-length", "96"]
+TINY = ["--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "2", "--context-length", "96",
+        "--n-prompts", "2"]
 
 
 def test_metrics_on_known_inputs():
@@ -39,6 +40,10 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
                        ("snapkv", 2.0), ("snapkv", 4.0), ("streaming_llm", 2.0), ("streaming_llm", 4.0)}
     floor = next(r for r in results if r["method"] == "no_context")
     assert floor["memory_bytes"] == 0 and floor["compress_s"] == 0.0
+    full = next(r for r in results if r["method"] == "full_context")
+    for r in results:  # N prompts timed end to end, beside the full context's prefix cache and re-reading
+        assert r["n_prompts_s"] > 0 and r["n_prompts_prefix_cache_s"] == full["n_prompts_s"]
+        assert r["n_prompts_reread_s"] == full["n_prompts_reread_s"] > 0
     for r in results:
         if r["ratio"] > 1:
             assert r["achieved_ratio"] == pytest.approx(r["ratio"], rel=0.05)
@@ -71,7 +76,7 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
 
     out = tmp_path / "run"
     args = ["--compressor", "streaming_llm", "--tasks", "passkey", "--ratios", "4", "--output-dir", str(out),
-            "--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "3", "--context-length", "96"]
+            "--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "3", "--context-length", "96", "--n-prompts", "2"]
     original, calls = runner.score_one, []
 
     def dies_on_the_second_sample(clm, memory, row, *a, **k):

@@ -199,3 +199,16 @@ def test_loglik_and_generate_agree_after_an_answer_prefix(clm: CompressedLM) -> 
     assert prompt[-len(clm.layout.encode(prefix)):] == clm.layout.encode(prefix)
     wrong = score_rows(clm, [{**row, "answer": answer + "x"}], "m", scoring="loglik")[0]
     assert wrong.accuracy == 0.0
+
+
+def test_many_prompts_compress_once_and_rereading_compresses_for_every_prompt(clm: CompressedLM, monkeypatch) -> None:
+    from eval.scoring import time_many_prompts, time_rereading
+
+    calls = []
+    original = clm.compress
+    monkeypatch.setattr(clm, "compress", lambda text: calls.append(text) or original(text))
+    assert time_many_prompts(clm, CONTEXT, [QUESTION] * 3, max_new_tokens=2) > 0
+    assert len(calls) == 1
+    assert time_rereading(clm, CONTEXT, [QUESTION] * 3, max_new_tokens=2) > 0
+    assert len(calls) == 1 + 3
+    assert time_many_prompts(clm, None, [QUESTION] * 2, max_new_tokens=2) > 0 and len(calls) == 4
