@@ -212,9 +212,18 @@ FACT_PREFIXES = {relation: template.split("{value}")[0].rstrip()
                  for relation, (template, _, _) in FACT_RELATIONS.items()}
 
 
+def _shared_questions(asked: list[tuple[str, str, str]], num_questions: int, available: int) -> list[dict[str, str]]:
+    """The first ``num_questions`` of the ``asked`` (question, answer, answer prefix) triples, for the
+    shared-context mode (SCBench): one context, several questions about different facts of it."""
+    if not 1 <= num_questions <= available:
+        raise ValueError(f"num_questions must be in [1, {available}] (one per fact in the context), got {num_questions}")
+    return [{"question": q, "answer": a, "answer_prefix": p} for q, a, p in asked[:num_questions]]
+
+
 @register_task("fact_qa")
-def fact_qa(rng: random.Random, spec: TaskSpec, *, num_facts: int = 4) -> Sample:
-    """Several templated facts about different people; one of them is asked."""
+def fact_qa(rng: random.Random, spec: TaskSpec, *, num_facts: int = 4, num_questions: int = 1) -> Sample:
+    """Several templated facts about different people; one of them is asked (``num_questions`` > 1: the
+    first ``num_questions`` are asked about the same context, in ``metadata['questions']``)."""
     if not 1 <= num_facts <= len(FIRST_NAMES) * len(LAST_NAMES):
         raise ValueError(f"num_facts must be in [1, {len(FIRST_NAMES) * len(LAST_NAMES)}], got {num_facts}")
     people = rng.sample([f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES], num_facts)
@@ -230,10 +239,13 @@ def fact_qa(rng: random.Random, spec: TaskSpec, *, num_facts: int = 4) -> Sample
     # The first fact is the asked one; the distractors go to random depths.
     placed = [(depth if i == 0 else rng.random(), fact[0]) for i, fact in enumerate(facts)]
     context, n = _needles_in_filler(rng, spec, placed)
-    needle, question, answer, relation = facts[0]
+    asked = [(q + " Answer with one word.", value, FACT_PREFIXES[rel].format(name=person))
+             for (_, q, value, rel), person in zip(facts, people)]
+    needle, _, answer, relation = facts[0]
     meta = {"num_facts": num_facts, "relation": relation, "subject": people[0]}
-    return _sample(context, n, question + " Answer with one word.", answer, depth, needle, meta,
-                   answer_prefix=FACT_PREFIXES[relation].format(name=people[0]))
+    if num_questions > 1:
+        meta["questions"] = _shared_questions(asked, num_questions, num_facts)
+    return _sample(context, n, asked[0][0], answer, depth, needle, meta, answer_prefix=asked[0][2])
 
 
 PASSAGE_LINE = "ID: {id} | CONTENT: {passage} | END ID: {id}"
@@ -285,8 +297,10 @@ KEY_NOUNS = (
 
 
 @register_task("niah_multikey")
-def niah_multikey(rng: random.Random, spec: TaskSpec, *, num_needles: int = 4, num_digits: int = 7) -> Sample:
-    """RULER-style multi-key needle in a haystack: several keyed numbers, one key asked."""
+def niah_multikey(rng: random.Random, spec: TaskSpec, *, num_needles: int = 4, num_digits: int = 7,
+                  num_questions: int = 1) -> Sample:
+    """RULER-style multi-key needle in a haystack: several keyed numbers, one key asked (``num_questions``
+    > 1: the first ``num_questions`` keys are asked about the same context, in ``metadata['questions']``)."""
     if not 1 <= num_needles <= len(KEY_ADJECTIVES) * len(KEY_NOUNS):
         raise ValueError(
             f"num_needles must be in [1, {len(KEY_ADJECTIVES) * len(KEY_NOUNS)}], got {num_needles}"
@@ -297,10 +311,12 @@ def niah_multikey(rng: random.Random, spec: TaskSpec, *, num_needles: int = 4, n
     depth = spec.draw_depth(rng)
     placed = [(depth if i == 0 else rng.random(), needle) for i, needle in enumerate(needles)]
     context, n = _needles_in_filler(rng, spec, placed)
-    question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
+    asked = [(f"What is the special magic number for {key} mentioned in the provided text?", value,
+              f"The special magic number for {key} mentioned in the provided text is") for key, value in zip(keys, values)]
     meta = {"num_needles": num_needles, "key": keys[0]}
-    return _sample(context, n, question, values[0], depth, needles[0], meta,
-                   answer_prefix=f"The special magic number for {keys[0]} mentioned in the provided text is")
+    if num_questions > 1:
+        meta["questions"] = _shared_questions(asked, num_questions, num_needles)
+    return _sample(context, n, asked[0][0], values[0], depth, needles[0], meta, answer_prefix=asked[0][2])
 
 
 @register_task("kv_retrieval")

@@ -48,6 +48,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-samples", type=int, default=1, help="samples per configuration timed for decode")
     p.add_argument("--n-prompts", type=int, default=10, help="N for the many-prompts timing comparison")
     p.add_argument("--no-references", action="store_true", help="skip the full-context and truncation runs")
+    p.add_argument("--num-questions", type=int, default=1,
+                   help="shared-context mode (SCBench): ask this many questions about each context, all from ONE "
+                        "memory (niah_multikey, fact_qa); the report gives accuracy by question")
+    p.add_argument("--multi-turn", action="store_true",
+                   help="shared-context mode: each question is a turn after the model's own earlier answers")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                          output_dir=args.output_dir or f"results/{args.compressor.split(',')[0].strip('/').split('/')[-1]}",
                          scoring=args.scoring, seed=args.seed, max_new_tokens=args.max_new_tokens,
                          timing_samples=args.timing_samples, n_prompts=args.n_prompts,
-                         references=not args.no_references, dtype=args.dtype)
+                         references=not args.no_references, dtype=args.dtype, num_questions=args.num_questions,
+                         multi_turn=args.multi_turn)
         cfg.validate()  # before loading any model: bad input fails in a second
         run(cfg, progress=not args.no_progress)
         print((__import__("pathlib").Path(cfg.output_dir) / "report.md").read_text())

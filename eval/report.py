@@ -41,6 +41,8 @@ MAIN_COLUMNS = (
     Column("N prompts s (memory / prefix cache / re-read)",
            cell=lambda s: f"{fmt(s.get('n_prompts_s'), 2)} / {fmt(s.get('n_prompts_prefix_cache_s'), 2)} / "
                           f"{fmt(s.get('n_prompts_reread_s'), 2)}"))
+BY_QUESTION = Column("accuracy by question (one memory)",
+                     cell=lambda s: " / ".join(fmt(a) for a in s.get("accuracy_by_turn") or []) or "-")
 TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)),
                 Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
 
@@ -71,7 +73,8 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                     lines += [f"**Beyond the model at this length**: the ceiling is under {BEYOND_THE_MODEL}, so "
                               "these accuracies do not rank the methods (read the answer log-probability instead)."]
                 lines.append("")
-            lines += [markdown_table(rows, MAIN_COLUMNS), ""]
+            by_turn = any(s.get("accuracy_by_turn") for s in rows)
+            lines += [markdown_table(rows, MAIN_COLUMNS + ((BY_QUESTION,) if by_turn else ())), ""]
             extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
             if extra:
                 lines += [markdown_table(extra, TEXT_COLUMNS), ""]

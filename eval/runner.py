@@ -40,11 +40,12 @@ from compressors.io import write_json_atomic
 from data import TASKS, build_task
 from data.tasks import layout_passages
 
-from .metrics import text_metrics
+from .metrics import substring_match, text_metrics
 from .report import write_outputs
 from .scoring import score_continuation, teacher_forced, time_decode, time_many_prompts, time_rereading
 
 REFERENCES = ("full_context", "no_context", "truncation")
+SHARED_CONTEXT_TASKS = ("niah_multikey", "fact_qa")  # several facts per context: k questions about one memory
 NO_CONTEXT = "no_context"  # the question alone, no memory: the floor every method is read against
 GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
 PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the context
@@ -68,6 +69,8 @@ class EvalConfig:
     n_prompts: int = 10
     references: bool = True
     dtype: str = "float32"
+    num_questions: int = 1  # > 1: the shared-context mode (SCBench): k questions about one memory
+    multi_turn: bool = False  # shared-context mode: each question is a turn after the earlier answers
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -78,6 +81,14 @@ class EvalConfig:
             raise ValueError(f"compression ratios must be >= 1, got {bad}")
         if self.scoring not in ("loglik", "generate"):
             raise ValueError(f"scoring must be 'loglik' or 'generate', got {self.scoring!r}")
+        if self.num_questions > 1:
+            plain = [t for t in self.tasks if t not in SHARED_CONTEXT_TASKS]
+            if plain:
+                raise ValueError(f"--num-questions > 1 needs tasks with several facts per context "
+                                 f"({', '.join(SHARED_CONTEXT_TASKS)}), not {plain}")
+        if self.multi_turn and (self.num_questions < 2 or self.scoring != "generate"):
+            raise ValueError("--multi-turn needs --num-questions >= 2 and --scoring generate (each turn follows "
+                             "the model's own earlier answers)")
         if self.num_samples < 1 or any(n < 1 for n in self.context_lengths):
             raise ValueError("num_samples and context lengths must be >= 1")
         for name in self.compressors:
@@ -101,6 +112,16 @@ def kind_of_method(name: str) -> str:
 
 def label_for(name: str) -> str:
     return Path(name).name if kind_of_method(name) == "saved" else name
+
+
+SHARED_MARK = "@"
+
+
+def task_label(cfg: EvalConfig, task: str) -> str:
+    """How a task's results are named: ``niah_multikey@3q`` (``@3q-turns``) in the shared-context mode."""
+    if cfg.num_questions <= 1:
+        return task
+    return f"{task}{SHARED_MARK}{cfg.num_questions}q" + ("-turns" if cfg.multi_turn else "")
 
 
 def config_key(task: str, length: int, method: str, ratio: float) -> str:
@@ -198,12 +219,43 @@ def achieved(memory: Any) -> tuple[float, float]:
     return memory.ratio, sum(real) / len(real)
 
 
+def score_shared(clm: CompressedLM, memory: Any, questions: list[dict[str, str]], scoring: str,
+                 max_new_tokens: int, multi_turn: bool) -> dict[str, Any]:
+    """The shared-context mode: every question of a sample answered from its ONE memory, each as the first
+    question about it, or (``multi_turn``) as turns of one conversation that follow the model's own earlier
+    answers. ``turn_correct[i]`` is question ``i``'s result; ``correct`` their mean."""
+    results: list[float] = []
+    predictions: list[str] = []
+    turns: list[dict[str, str]] = []
+    for item in questions:
+        prefix = item["answer_prefix"]
+        if scoring == "loglik":
+            scored = teacher_forced(clm, memory, item["question"], item["answer"], prefix)
+            results.append(float(scored.correct))
+            predictions.append(scored.prediction)
+            continue
+        prompt: Any = item["question"]
+        if multi_turn:
+            turns.append({"role": "user", "content": item["question"]})
+            prompt = list(turns)
+        reply = str(clm.generate(prompt, memory=memory, max_new_tokens=max_new_tokens, reply_prefix=prefix))
+        results.append(substring_match(reply, item["answer"]))
+        predictions.append(reply)
+        if multi_turn:
+            turns.append({"role": "assistant", "content": f"{prefix} {reply}".strip()})
+    return {"correct": sum(results) / len(results), "turn_correct": results, "prediction": " || ".join(predictions),
+            "answer_logprob": float("nan")}
+
+
 def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
-              max_new_tokens: int) -> dict[str, Any]:
+              max_new_tokens: int, multi_turn: bool = False) -> dict[str, Any]:
     task = row["task"]
     start = time.perf_counter()
     out: dict[str, Any] = {}
-    if task == "continuation":
+    questions = json.loads(row["metadata"]).get("questions") if row.get("metadata") else None
+    if questions:
+        out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn))
+    elif task == "continuation":
         nll = score_continuation(clm, memory, row["answer"]) if memory is not None else float("nan")
         out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
     elif task in GENERATION_TASKS or scoring == "generate":
@@ -227,6 +279,9 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
         return sum(values) / len(values) if values else float("nan")
 
     summary = dict(meta, n=len(rows))
+    turns = [r["turn_correct"] for r in rows if r.get("turn_correct")]
+    if turns:  # the shared-context mode: accuracy of the i-th question about one memory
+        summary["accuracy_by_turn"] = [sum(t[i] for t in turns) / len(turns) for i in range(len(turns[0]))]
     for key in ("correct", "answer_logprob", "token_accuracy", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
                 "answer_s", "prompt_s", "decode_s_per_token", "n_prompts_s", "n_prompts_reread_s", "perplexity", "exact_match", "substring_match",
                 "bleu", "rouge_l"):
@@ -272,8 +327,8 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
     methods = [Method(name, model, tokenizer, base, cfg.dtype) for name in names]
-    plan = []  # (task, length, method, pending ratios)
-    for task in cfg.tasks:
+    plan = []  # (task label, length, method, pending ratios)
+    for task in (task_label(cfg, t) for t in cfg.tasks):
         for length in cfg.context_lengths:
             for method in methods:
                 # ratio 0 = "native": a learned compressor's ratio is fixed by its own config
@@ -288,8 +343,10 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     for task, length, method, ratios in plan:
         by_task.setdefault((task, length), []).append((method, ratios))
     for (task, length), pending in by_task.items():
-        dataset = build_task(task, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
-                             seed=cfg.seed, split=cfg.split)
+        name = task.split(SHARED_MARK)[0]
+        options = {"num_questions": cfg.num_questions} if cfg.num_questions > 1 else {}
+        dataset = build_task(name, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
+                             seed=cfg.seed, split=cfg.split, **options)
         evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar)
     bar.close()
     summaries = collect(out, cfg)
@@ -345,7 +402,7 @@ def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, 
                     index: int) -> dict[str, Any]:
     """Score one memory on its sample's question (and time its decoding on the first samples)."""
     clm = CompressedLM(method.compressor(ratio), method.tokenizer)
-    result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens)
+    result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens, cfg.multi_turn)
     ach, real = achieved(memory) if memory is not None else (float("nan"), 0.0)
     result.update(id=sample["id"], method=method.label, context_tokens=sample["context_tokens"],
                   question=sample["question"],
@@ -373,7 +430,8 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
         summaries.append(json.loads(path.read_text())["summary"])
     if cfg is not None:
         labels = {label_for(n) for n in (list(REFERENCES) if cfg.references else []) + cfg.compressors}
-        summaries = [s for s in summaries if s["task"] in cfg.tasks and s["context_length"] in cfg.context_lengths
+        tasks = {task_label(cfg, t) for t in cfg.tasks}
+        summaries = [s for s in summaries if s["task"] in tasks and s["context_length"] in cfg.context_lengths
                      and s["method"] in labels]
     n_prompts = cfg.n_prompts if cfg is not None else 10
     full = {(s["task"], s["context_length"]): s for s in summaries if s["method"] == "full_context"}

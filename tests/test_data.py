@@ -287,3 +287,20 @@ def test_passage_retrieval_has_one_gold_passage_and_its_id_is_the_answer():
         assert sum(" ".join(subject) in p for p in passages) == 1  # the person is in one passage only
     with pytest.raises(ValueError, match="too small"):
         build_task("passage_retrieval", tokenizer, num_samples=1, context_tokens=100)
+
+
+@pytest.mark.parametrize("name", ["niah_multikey", "fact_qa"])
+def test_shared_context_questions_ask_different_facts_of_one_context(tok, name) -> None:
+    import json
+
+    single = build(tok, name, num_samples=2, context_tokens=400)
+    shared = build(tok, name, num_samples=2, context_tokens=400, num_questions=3)
+    for one, row in zip(single, shared):
+        questions = json.loads(row["metadata"])["questions"]
+        assert len(questions) == 3 and len({q["question"] for q in questions}) == 3
+        assert (row["context"], row["question"], row["answer"]) == (one["context"], one["question"], one["answer"])
+        assert questions[0] == {"question": row["question"], "answer": row["answer"],
+                                "answer_prefix": row["answer_prefix"]}
+        assert all(q["answer"] in row["context"] for q in questions)
+    with pytest.raises(ValueError, match="num_questions"):
+        build(tok, name, num_samples=1, context_tokens=400, num_questions=99)

@@ -109,3 +109,41 @@ def test_clear_errors(tmp_path, capsys, args, message):
     assert main(args + ["--base-model", "tiny-random-llama", "--output-dir", str(tmp_path / "x"),
                         "--num-samples", "1", "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_shared_context_mode_answers_every_question_from_one_memory(tmp_path, monkeypatch, multi_turn):
+    from eval import runner
+
+    memories, answered = [], []
+    original_memories, original_shared = runner.Method.memories, runner.score_shared
+
+    def counting_memories(self, ratios, context, *a, **k):
+        memories.append((self.label, context))
+        return original_memories(self, ratios, context, *a, **k)
+
+    def recording_shared(clm, memory, questions, *a, **k):
+        answered.append((id(memory), len(questions)))
+        return original_shared(clm, memory, questions, *a, **k)
+
+    monkeypatch.setattr(runner.Method, "memories", counting_memories)
+    monkeypatch.setattr(runner, "score_shared", recording_shared)
+    out = tmp_path / "shared"
+    args = ["--compressor", "snapkv", "--tasks", "niah_multikey", "--ratios", "2", "--output-dir", str(out),
+            "--num-questions", "3", "--scoring", "generate", "--max-new-tokens", "3", "--timing-samples", "0",
+            *(["--multi-turn"] if multi_turn else []), *TINY]
+    assert main(args) == 0
+    # each (method, context) compressed once; each memory answers all 3 questions
+    assert len(memories) == len(set(memories)) == 4 * 2  # full, no context, truncation, snapkv x 2 samples
+    assert len(answered) == 4 * 2 and all(n == 3 for _, n in answered)
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    label = "niah_multikey@3q" + ("-turns" if multi_turn else "")
+    assert {r["task"] for r in results} == {label}
+    assert all(len(r["accuracy_by_turn"]) == 3 for r in results)
+    assert "accuracy by question" in (out / "report.md").read_text()
+
+
+def test_shared_context_mode_refuses_tasks_with_one_fact(tmp_path, capsys):
+    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--num-questions", "2", "--output-dir",
+                 str(tmp_path / "x"), *TINY]) != 0
+    assert "num-questions" in capsys.readouterr().err
