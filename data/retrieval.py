@@ -234,7 +234,9 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
 
 
-def _load_table(source: str | datasets.Dataset, split: str, what: str) -> datasets.Dataset:
+def load_table(source: str | datasets.Dataset, split: str, what: str, subset: str | None = None) -> datasets.Dataset:
+    """One split of a table: a ``Dataset`` as it is, a local .jsonl/.json/.csv/.parquet file (whole), or
+    anything ``datasets.load_dataset(source, subset, split=split)`` accepts (a Hub name, a folder)."""
     if isinstance(source, datasets.Dataset):
         return source
     path = Path(source).expanduser()
@@ -243,7 +245,7 @@ def _load_table(source: str | datasets.Dataset, split: str, what: str) -> datase
         if builder is None:
             raise ValueError(f"{what} file {str(path)!r}: use .jsonl, .json, .csv or .parquet")
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    table = datasets.load_dataset(str(source), split=split)
+    table = datasets.load_dataset(str(source), subset, split=split)
     if not isinstance(table, datasets.Dataset):
         raise ValueError(f"{what} {source!r} did not give one split; pass a split name")
     return table
@@ -268,9 +270,9 @@ def load_corpus(passages: str | datasets.Dataset, queries: str | datasets.Datase
     """
     name_p = passages if isinstance(passages, str) else "<Dataset>"
     name_q = queries if isinstance(queries, str) else "<Dataset>"
-    p_table = _load_table(passages, split, "passages dataset")
+    p_table = load_table(passages, split, "passages dataset")
     check_columns(p_table, PASSAGE_COLUMNS, "passages dataset", name_p)
-    q_table = p_table if queries is passages else _load_table(queries, split, "queries dataset")
+    q_table = p_table if queries is passages else load_table(queries, split, "queries dataset")
     check_columns(q_table, QUERY_COLUMNS, "queries dataset", name_q)
     texts: dict[str, str] = {}
     for row in p_table.select_columns(list(PASSAGE_COLUMNS)):

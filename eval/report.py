@@ -63,7 +63,7 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                           key=lambda s: (s["method"] != "full_context", s["method"], s["ratio"]))
             full = [s for s in rows if s["method"] == "full_context"]
             floor = [s for s in rows if s["method"] == "no_context"]
-            lines += [f"## {task}, {length}-token contexts", ""]
+            lines += [f"## {task}, " + ("its own contexts" if length == 0 else f"{length}-token contexts"), ""]
             if full:
                 ceiling = full[0]["accuracy"]
                 lines += [f"Full-context ceiling: accuracy **{fmt(ceiling)}** (n={full[0]['n']})"

@@ -38,6 +38,7 @@ from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, UnknownCompressorError
 from compressors.io import write_json_atomic
 from data import TASKS, build_task
+from data.benchmarks import is_benchmark, load_benchmark
 from data.tasks import layout_passages
 
 from .metrics import substring_match, text_metrics
@@ -45,6 +46,7 @@ from .report import write_outputs
 from .scoring import score_continuation, teacher_forced, time_decode, time_many_prompts, time_rereading
 
 REFERENCES = ("full_context", "no_context", "truncation")
+NATIVE_LENGTH = 0  # an external benchmark's rows keep their own context lengths
 SHARED_CONTEXT_TASKS = ("niah_multikey", "fact_qa")  # several facts per context: k questions about one memory
 NO_CONTEXT = "no_context"  # the question alone, no memory: the floor every method is read against
 GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
@@ -73,16 +75,17 @@ class EvalConfig:
     multi_turn: bool = False  # shared-context mode: each question is a turn after the earlier answers
 
     def validate(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in TASKS and not is_benchmark(t)]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}")
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}, or a benchmark "
+                             "(longbench:SOURCE[:SUBSET], ruler:FILE, scbench:SOURCE[:SUBSET])")
         bad = [r for r in self.ratios if not r >= 1]
         if bad:
             raise ValueError(f"compression ratios must be >= 1, got {bad}")
         if self.scoring not in ("loglik", "generate"):
             raise ValueError(f"scoring must be 'loglik' or 'generate', got {self.scoring!r}")
         if self.num_questions > 1:
-            plain = [t for t in self.tasks if t not in SHARED_CONTEXT_TASKS]
+            plain = [t for t in self.tasks if t not in SHARED_CONTEXT_TASKS and not is_benchmark(t)]
             if plain:
                 raise ValueError(f"--num-questions > 1 needs tasks with several facts per context "
                                  f"({', '.join(SHARED_CONTEXT_TASKS)}), not {plain}")
@@ -119,14 +122,19 @@ SHARED_MARK = "@"
 
 def task_label(cfg: EvalConfig, task: str) -> str:
     """How a task's results are named: ``niah_multikey@3q`` (``@3q-turns``) in the shared-context mode."""
-    if cfg.num_questions <= 1:
+    if cfg.num_questions <= 1 or is_benchmark(task):
         return task
     return f"{task}{SHARED_MARK}{cfg.num_questions}q" + ("-turns" if cfg.multi_turn else "")
 
 
 def config_key(task: str, length: int, method: str, ratio: float) -> str:
-    safe = re.sub(r"[^\w.-]+", "_", method)
-    return f"{task}__L{length}__{safe}__r{ratio:g}"
+    safe_task, safe = (re.sub(r"[^\w.@-]+", "_", name) for name in (task, method))
+    return f"{safe_task}__L{length}__{safe}__r{ratio:g}"
+
+
+def task_lengths(cfg: EvalConfig, task: str) -> list[int]:
+    """The context lengths a task runs at: the requested ones, or 0 ("native") for a benchmark's own."""
+    return [NATIVE_LENGTH] if is_benchmark(task) else list(cfg.context_lengths)
 
 
 class Method:
@@ -329,7 +337,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
     methods = [Method(name, model, tokenizer, base, cfg.dtype) for name in names]
     plan = []  # (task label, length, method, pending ratios)
     for task in (task_label(cfg, t) for t in cfg.tasks):
-        for length in cfg.context_lengths:
+        for length in task_lengths(cfg, task):
             for method in methods:
                 # ratio 0 = "native": a learned compressor's ratio is fixed by its own config
                 ratios = ([1.0] if method.name == "full_context" else [0.0]) if method.ratio_free else cfg.ratios
@@ -344,9 +352,12 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
         by_task.setdefault((task, length), []).append((method, ratios))
     for (task, length), pending in by_task.items():
         name = task.split(SHARED_MARK)[0]
-        options = {"num_questions": cfg.num_questions} if cfg.num_questions > 1 else {}
-        dataset = build_task(name, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
-                             seed=cfg.seed, split=cfg.split, **options)
+        if is_benchmark(name):
+            dataset = load_benchmark(name, tokenizer, limit=cfg.num_samples)
+        else:
+            options = {"num_questions": cfg.num_questions} if cfg.num_questions > 1 else {}
+            dataset = build_task(name, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
+                                 seed=cfg.seed, split=cfg.split, **options)
         evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar)
     bar.close()
     summaries = collect(out, cfg)
@@ -431,7 +442,8 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
     if cfg is not None:
         labels = {label_for(n) for n in (list(REFERENCES) if cfg.references else []) + cfg.compressors}
         tasks = {task_label(cfg, t) for t in cfg.tasks}
-        summaries = [s for s in summaries if s["task"] in tasks and s["context_length"] in cfg.context_lengths
+        lengths = {length for t in cfg.tasks for length in task_lengths(cfg, t)}
+        summaries = [s for s in summaries if s["task"] in tasks and s["context_length"] in lengths
                      and s["method"] in labels]
     n_prompts = cfg.n_prompts if cfg is not None else 10
     full = {(s["task"], s["context_length"]): s for s in summaries if s["method"] == "full_context"}

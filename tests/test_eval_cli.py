@@ -147,3 +147,17 @@ def test_shared_context_mode_refuses_tasks_with_one_fact(tmp_path, capsys):
     assert main(["--compressor", "snapkv", "--tasks", "passkey", "--num-questions", "2", "--output-dir",
                  str(tmp_path / "x"), *TINY]) != 0
     assert "num-questions" in capsys.readouterr().err
+
+
+def test_a_benchmark_in_its_published_format_runs_through_the_cli(tmp_path):
+    rows = [{"input": f"What is the code of box {i}?", "context": f"Box {i} holds the code {1000 + i}. " * 4,
+             "answers": [str(1000 + i)], "_id": str(i), "dataset": "boxes"} for i in range(2)]
+    data = tmp_path / "boxes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "bench"
+    assert main(["--compressor", "snapkv", "--tasks", f"longbench:{data}", "--ratios", "2", "--output-dir", str(out),
+                 "--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "2", "--n-prompts", "1"]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert {r["task"] for r in results} == {f"longbench:{data}"} and all(r["n"] == 2 for r in results)
+    assert all(r["context_length"] == 0 for r in results)
+    assert "its own contexts" in (out / "report.md").read_text()
