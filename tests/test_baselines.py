@@ -221,3 +221,14 @@ def test_selective_context_keeps_whole_informative_units():
     assert select_units(info, units, 4) == [0, 4, 5, 6]
     assert select_units(info, units, 5) == [0, 4, 5, 6, 7]  # " pass key" does not fit, "." does
     assert select_units(info, units, 7) == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_pooling_keeps_the_windows_scores_out_of_the_positions_before_it():
+    from compressors.baselines.selection import pool
+
+    scores = torch.tensor([[[0.1, 0.2, 0.1, 0.1, 0.1, 9.0, 9.0]]])  # the last two: the observation window
+    pooled = pool(scores, kernel_size=5, kind="max", window=2)
+    assert pooled[0, 0, :5].tolist() == pytest.approx([0.2, 0.2, 0.2, 0.2, 0.1])  # no 9.0 leaked in
+    assert pooled[0, 0, 5:].tolist() == [9.0, 9.0]
+    leaky = pool(scores, kernel_size=5, kind="max")  # pooling over the window too
+    assert leaky[0, 0, 3:5].tolist() == [9.0, 9.0]

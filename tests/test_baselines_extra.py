@@ -270,7 +270,7 @@ def test_ehpc_scores_tokens_with_the_evaluator_heads_and_stops_early(tiny_model,
     assert not calls  # the scoring pass stopped after the evaluator layer
     with _eager(model):
         attn = model(input_ids=ids, output_attentions=True).attentions[0][:, [1, 3], -6:]
-    expected = pool(attn.mean(dim=(1, 2))[:, None], 3, "max")
+    expected = pool(attn.mean(dim=(1, 2))[:, None], 3, "max", window=6)  # the window is not pooled in
     expected = protect_window(expected, torch.ones(1, n), 6)[0, 0]
     assert torch.allclose(scores, expected, atol=1e-5)
     memory = compressor.compress(ids, mask)  # the kept tokens, re-encoded on their own

@@ -222,7 +222,7 @@ class EHPC(Compressor):
         group = self.base_lm.config.num_attention_heads // self.base_lm.config.num_key_value_heads
         keys = keys[:, [h // group for h in heads]]
         scores = head_attention(queries[:, heads], keys).mean(1, keepdim=True)[..., :n]  # [1, 1, n]
-        scores = pool(scores, cfg.kernel_size, cfg.pooling)
+        scores = pool(scores, cfg.kernel_size, cfg.pooling, window=queries.shape[2] if protect else 0)
         if protect:
             scores = protect_window(scores, torch.ones(1, n, device=keys.device), queries.shape[2])
         return scores[0, 0]

@@ -120,10 +120,18 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor)
     return probs.sum(dim=(2, 3)) / (qmask.sum(dim=(3,)).clamp(min=1) * (hq // hkv)).view(b, 1, 1)
 
 
-def pool(scores: torch.Tensor, kernel_size: int, kind: str) -> torch.Tensor:
+def pool(scores: torch.Tensor, kernel_size: int, kind: str, window: int = 0) -> torch.Tensor:
+    """Pool ``scores`` ``[B, H, n]`` along the sequence, all but the last ``window`` positions: the window's
+    own scores (always kept anyway) must not leak into the positions just before it (kvpress pools the
+    pre-window scores alone too, with the same edge padding)."""
     if kernel_size <= 1:
         return scores
+    if window > 0:
+        cut = max(0, scores.shape[-1] - window)
+        return torch.cat([pool(scores[..., :cut], kernel_size, kind), scores[..., cut:]], dim=-1)
     b, h, n = scores.shape
+    if n == 0:
+        return scores
     flat = scores.reshape(b * h, 1, n)
     pad = kernel_size // 2
     if kind == "max":
@@ -237,7 +245,7 @@ class KVSelection(Compressor):
 
     def score_layer(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cfg = self.compressor_config
-        scores = pool(window_scores(queries, keys, mask), cfg.kernel_size, cfg.pooling)
+        scores = pool(window_scores(queries, keys, mask), cfg.kernel_size, cfg.pooling, window=cfg.window)
         return protect_window(scores, mask, cfg.window)
 
     def select(self, kv: dict[str, torch.Tensor], scores: list[torch.Tensor] | None, n: int,
