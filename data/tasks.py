@@ -158,10 +158,12 @@ def passkey(rng: random.Random, spec: TaskSpec, *, num_digits: int = 5) -> Sampl
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     depth = spec.draw_depth(rng)
     context, n = _needles_in_filler(rng, spec, [(depth, needle)])
-    # the answer-format instruction and the answer prefix (RULER's) make an instruct model reply with the key
-    # itself (without them SmolLM2 replies "The pass key is ..." or explains what a pass key is)
+    # The answer-format instruction makes SmolLM2 answer with the key (without it, it explains what a pass
+    # key is). No answer prefix here: with RULER's "The pass key is" in the SFT target, the quickstart gist
+    # compressor stayed at chance on the digits for 200 steps (loss 1.64 = 5 ln 10 / 7), where without it
+    # it reached 0.98 (benchmarks/results/gist_quickstart_cpu.md).
     return _sample(context, n, "What is the pass key? Answer with the number only.", key, depth, needle,
-                   {"num_digits": num_digits}, answer_prefix="The pass key is")
+                   {"num_digits": num_digits})
 
 
 FIRST_NAMES = (

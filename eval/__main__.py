@@ -42,7 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_floats, default=[2.0, 4.0, 8.0, 16.0])
     p.add_argument("--num-samples", type=int, default=50)
     p.add_argument("--output-dir", default=None)
-    p.add_argument("--scoring", choices=("loglik", "generate"), default="loglik")
+    p.add_argument("--scoring", choices=("loglik", "generate"), default="generate",
+                   help="generate (the headline: greedy replies, what a user sees) or loglik (the fast proxy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--timing-samples", type=int, default=1, help="samples per configuration timed for decode")
