@@ -372,7 +372,7 @@ def test_eval_runs_a_saved_color_folder_on_the_passage_retrieval_task(tiny, one_
     assert main(["--compressor", str(tmp_path / "color"), "--tasks", "passage_retrieval", "--context-length", "300",
                  "--num-samples", "1", "--no-progress", "--output-dir", str(out)]) == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
-    assert set(rows) == {"color", "full_context", "truncation"}
+    assert set(rows) == {"color", "full_context", "no_context", "truncation"}
     color = rows["color"]
     # at most 6 tokens per rewritten passage + the ID layout, against the whole corpus
     assert color["achieved_ratio"] > 1.5 and color["context_tokens"] > 200
