@@ -91,11 +91,12 @@ class ConversationLayout:
         prefix, _ = self._render([{"role": "user", "content": _MARK}])
         return self.encode(prefix)
 
-    def context_ids(self, context: str) -> list[int]:
-        """The beginning of the conversation that a memory stands for: template prefix + context."""
+    def context_ids(self, context: str, template: bool = True) -> list[int]:
+        """The beginning of the conversation that a memory stands for: template prefix + context
+        (``template=False``: the bare context, for a method whose decoder adds the prefix itself)."""
         if not context or not context.strip():
             raise EmptyInputError("cannot compress an empty context")
-        return self.prefix_ids + self.encode(context)
+        return (self.prefix_ids if template else []) + self.encode(context)
 
     def prompt_ids(self, prompt: Prompt, reply_prefix: str = "") -> list[int]:
         """What follows the memory: the rest of the first user turn, later turns, the assistant's opening
@@ -167,10 +168,12 @@ def continuation_text(answer: str, reply_prefix: str) -> str:
     return answer
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
-    """Token ids that end a reply: the end of an assistant turn, the tokenizer's eos and the model's
-    ``generation_config.eos_token_id`` (never a hard-coded token name)."""
-    ids = list(ConversationLayout(tokenizer).end_of_turn_ids)
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None,
+                   layout: ConversationLayout | None = None) -> list[int]:
+    """Token ids that end a reply: the end of an assistant turn (``layout``'s, else the tokenizer's chat
+    template's), the tokenizer's eos and the model's ``generation_config.eos_token_id`` (never a hard-coded
+    token name)."""
+    ids = list((layout or ConversationLayout(tokenizer)).end_of_turn_ids)
     extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     for value in [tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])]:
         if value is not None and value not in ids:

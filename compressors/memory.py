@@ -78,9 +78,10 @@ class Memory:
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensors[f"key.{layer}"], self.tensors[f"value.{layer}"]
 
-    def to_cache(self, repeat: int = 1) -> Any:
-        """A fresh ``DynamicCache`` holding this ``kv`` memory (decoding mutates caches: never share one)."""
-        return self.rules.to_cache(self, repeat)
+    def to_cache(self) -> Any:
+        """A fresh ``DynamicCache`` holding this ``kv`` memory (decoding mutates caches: never share one;
+        ``expand`` first for one row read by many prompts)."""
+        return self.rules.to_cache(self)
 
     # ----- transforms ----------------------------------------------------------------------
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Memory:
@@ -265,7 +266,7 @@ class KindRules:
     def ratio(self, memory: Memory) -> float:
         return sum(memory.source_tokens) / max(1e-9, sum(self.real_slots(memory)))
 
-    def to_cache(self, memory: Memory, repeat: int = 1) -> Any:
+    def to_cache(self, memory: Memory) -> Any:
         raise ValueError(f"a {memory.kind!r} memory is not a KV cache; its compressor's decoder reads it")
 
 
@@ -277,15 +278,12 @@ class KVRules(KindRules):
     def cat(self, name: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return torch.cat([first, second], dim=2 if first.dim() == 4 else 1)
 
-    def to_cache(self, memory: Memory, repeat: int = 1) -> Any:
+    def to_cache(self, memory: Memory) -> Any:
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for layer in range(memory.num_layers):
-            key, value = memory.layer_kv(layer)
-            if repeat > 1:
-                key, value = key.repeat_interleave(repeat, 0), value.repeat_interleave(repeat, 0)
-            cache.update(key, value, layer)
+            cache.update(*memory.layer_kv(layer), layer)
         return cache
 
 

@@ -81,13 +81,9 @@ class CompressedLM:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise EmptyInputError("cannot compress an empty context")
-        encode = self.layout.context_ids if self.compressor.compresses_template else self._bare_context
-        return left_pad([encode(t) for t in texts], self.tokenizer.pad_token_id, self.device)
-
-    def _bare_context(self, text: str) -> list[int]:
-        if not text or not text.strip():
-            raise EmptyInputError("cannot compress an empty context")
-        return self.layout.encode(text)
+        template = self.compressor.compresses_template
+        return left_pad([self.layout.context_ids(t, template) for t in texts], self.tokenizer.pad_token_id,
+                        self.device)
 
     @torch.no_grad()
     def compress(self, texts: str | list[str], query: str | None = None) -> Memory:
@@ -109,7 +105,7 @@ class CompressedLM:
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a reply (the end of the assistant's turn, the tokenizer's and the model's eos)."""
-        return stop_token_ids(self.tokenizer, self.model.generation_config)
+        return stop_token_ids(self.tokenizer, self.model.generation_config, self.layout)
 
     # ----- generation ---------------------------------------------------------------------
     def generate(self, prompt: Prompt | list[Prompt], memory: Memory | None = None,
