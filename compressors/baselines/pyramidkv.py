@@ -4,11 +4,21 @@ Paper: "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information F
 Cai et al. 2024, https://arxiv.org/abs/2406.02069 (PyramidInfer, https://arxiv.org/abs/2405.12532,
 motivates the same pyramid shape).
 
-What it does here: the average per-layer budget is ``B = ceil(n / ratio)``; layer budgets form an
-arithmetic sequence from ``2B - B/beta`` (bottom) to ``B/beta`` (top), as the reference code does,
-clamped to ``[1, n]`` and rounded so that they sum to exactly ``L * B`` (any excess of a clamped
-layer goes to the layers below the top that still have room). Each layer then keeps its top
-positions per KV head by SnapKV scores (exact recomputed window queries, pooling, window kept).
+What it does here: the average per-layer budget is ``B = budget_for(n, ratio)`` (``ceil(n / ratio)``
+by default); layer budgets form an arithmetic sequence from ``2B - B/beta`` (bottom) to ``B/beta``
+(top), as the reference code does, clamped to ``[1, n]`` and rounded so that they sum to exactly
+``L * B`` (any excess of a clamped layer goes to the layers below the top that still have room).
+Each layer then keeps its top positions per KV head by SnapKV scores (exact recomputed window
+queries, pooling, window kept).
+
+``uniform_fallback`` (default False): when the top layer's budget ``B/beta`` is under ``window`` (or
+the bottom one exceeds the context), every layer keeps ``B`` (plain SnapKV). kvpress's
+``PyramidKVPress`` does this; the reference code (Zefan-Cai/PyramidKV, ``PyramidKVCluster``) does
+not (it falls back to a uniform budget only when the context is shorter than twice the budget),
+hence the default. ``budget_rounding="kvpress"`` computes the schedule as kvpress 0.5.5 does
+instead: average ``n * (1 - compression_ratio)`` unrounded, the bottom capped at ``n - window``,
+each layer ``round()``-ed on its own (so the sum is ``L * B`` only up to rounding), and the
+fallback, when on, keeps ``round(n * (1 - compression_ratio))`` per layer.
 
 Memory layout (documented padding): one Memory has a single slot axis, so every layer is stored
 with ``S = max`` layer budget slots, its real slots right-aligned and left-padded with zeros.
@@ -18,9 +28,14 @@ per-layer mask; the decoder builds one mask for all layers), so padded slots are
 real slot, averaged over layers, so exactly ``n / B`` up to rounding, not ``n / S``). ``Memory.nbytes`` counts the padded tensors: it is what this
 Memory really holds in RAM; ``meta['real_bytes']`` is the KV that a ragged per-layer cache would hold.
 
-Faithful: pyramid budget schedule with ``beta``, per-layer SnapKV selection.
+Faithful: pyramid budget schedule with ``beta``, per-layer SnapKV selection. Matches kvpress 0.5.5's
+``PyramidKVPress`` exactly (kept positions per layer and KV head, ``scripts/kvpress_parity``) with
+``pooling="avg"``, ``budget_rounding="kvpress"``, ``uniform_fallback=True`` and kvpress's
+``window``/``kernel_size`` (64 and 5 by default there).
 Not faithful: ratio-based budget; padded storage instead of ragged per-layer caches; the
-observation window is the end of the context (not the question). Ratio 1 keeps everything.
+observation window is the end of the context (not the question); the reference code adds the
+window on top of each layer's budget, here (as in kvpress) the window is part of it. Ratio 1
+keeps everything.
 """
 
 from __future__ import annotations
@@ -36,12 +51,13 @@ from torch.nn import functional as F
 from ..attention import Override, attention_modules, block_keys, overriding_attention
 from ..base import register_compressor
 from ..memory import Memory
-from .selection import KVSelection, KVSelectionConfig, budget_for, gather_positions, topk_sorted
+from .selection import KVSelection, KVSelectionConfig, gather_positions, keep_fraction, topk_sorted
 
 
 @dataclass
 class PyramidKVConfig(KVSelectionConfig):
     beta: float = 20.0
+    uniform_fallback: bool = False  # every layer keeps B when B/beta < window (kvpress); see the docstring
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,11 +65,17 @@ class PyramidKVConfig(KVSelectionConfig):
             raise ValueError(f"beta must be >= 1, got {self.beta}")
 
 
-def pyramid_budgets(length: int, budget: int, layers: int, beta: float) -> list[int]:
-    """Per-layer slot counts, bottom to top, summing to exactly ``layers * budget`` (each in [1, length])."""
+def pyramid_budgets(length: int, budget: int, layers: int, beta: float, window: int = 0,
+                    uniform_fallback: bool = False) -> list[int]:
+    """Per-layer slot counts, bottom to top, summing to exactly ``layers * budget`` (each in [1, length]).
+
+    With ``uniform_fallback``, every layer gets ``budget`` when the top layer's ``budget / beta`` is
+    under ``window`` or the bottom layer's ``2 * budget - budget / beta`` exceeds ``length``."""
     total = layers * min(budget, length)
     if layers == 1:
         return [min(budget, length)]
+    if uniform_fallback and (budget / beta < window or 2 * budget - budget / beta > length):
+        return [min(budget, length)] * layers
     low = budget / beta
     high = 2 * budget - low
     raw = [high - layer * (high - low) / (layers - 1) for layer in range(layers)]
@@ -81,6 +103,27 @@ def pyramid_budgets(length: int, budget: int, layers: int, beta: float) -> list[
     return counts
 
 
+def kvpress_pyramid_budgets(length: int, ratio: float, layers: int, beta: float, window: int,
+                            uniform_fallback: bool = True) -> list[int]:
+    """Per-layer slot counts, bottom to top, computed as kvpress 0.5.5's ``PyramidKVPress`` does (same
+    float operations, so the same ``round()`` results): average ``length * (1 - compression_ratio)``,
+    bottom capped at ``length - window``, each layer rounded on its own; with ``uniform_fallback``,
+    ``round(length * (1 - compression_ratio))`` for every layer unless
+    ``length >= bottom >= top >= window``. Ratio 1 keeps everything (kvpress does not compress then)."""
+    if ratio == 1:
+        return [length] * layers
+    capacity = window + length * keep_fraction(ratio)
+    low = (capacity - window) / beta
+    high = (capacity - window) * 2 - low
+    if high >= length - window:
+        high = length - window
+        low = (capacity - window) * 2 - high
+    if uniform_fallback and not (length >= high >= low >= window):
+        return [min(length, max(1, round(length * keep_fraction(ratio))))] * layers
+    step = (high - low) / (layers - 1) if layers > 1 else 0.0
+    return [min(length, max(1, round(high - layer * step))) for layer in range(layers)]
+
+
 @register_compressor
 class PyramidKV(KVSelection):
     compressor_type = "pyramidkv"
@@ -90,8 +133,11 @@ class PyramidKV(KVSelection):
                ratio: float) -> Memory:
         assert scores is not None
         layers = self.base_lm.config.num_hidden_layers
-        budget = budget_for(n, ratio)
-        counts = pyramid_budgets(n, budget, layers, self.compressor_config.beta)
+        cfg = self.compressor_config
+        if cfg.budget_rounding == "kvpress":
+            counts = kvpress_pyramid_budgets(n, ratio, layers, cfg.beta, cfg.window, cfg.uniform_fallback)
+        else:
+            counts = pyramid_budgets(n, self.budget(n, ratio), layers, cfg.beta, cfg.window, cfg.uniform_fallback)
         slots = max(counts)
         tensors: dict[str, torch.Tensor] = {}
         real_bytes = 0

@@ -51,7 +51,7 @@ from ..attention import QueryCapture
 from ..base import CompressorConfig, register_compressor
 from ..compat import cache_of
 from .calibration import calibration_text, get_tokenizer, load_or_compute
-from .selection import KVSelection, protect_window, topk_sorted
+from .selection import KVSelection, check_budget_rounding, protect_window, topk_sorted
 
 KIND = "qfilters"
 
@@ -63,12 +63,19 @@ class QFiltersConfig(CompressorConfig):
     filters_path: str | None = None  # explicit artifact file (computed there if missing)
     calibration_tokens: int = 8192
     calibration_seq_len: int = 1024
+    budget_rounding: str = "ceil"  # "ceil": ceil(n / ratio) slots; "kvpress": int(n * (1 - compression_ratio))
+    # "ctxzip": filters point where the queries do, keys scored +<k, u> (what compute_qfilters makes);
+    # "kvpress": filters in kvpress's / the Hub's sign convention, keys scored -<k, f>
+    filters_convention: str = "ctxzip"
 
     def __post_init__(self) -> None:
         if self.ratio < 1:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
+        check_budget_rounding(self.budget_rounding)
+        if self.filters_convention not in ("ctxzip", "kvpress"):
+            raise ValueError(f"filters_convention must be 'ctxzip' or 'kvpress', got {self.filters_convention!r}")
         if self.calibration_tokens < 1 or self.calibration_seq_len < 1:
             raise ValueError("calibration_tokens and calibration_seq_len must be >= 1")
 
@@ -151,8 +158,10 @@ class QFilters(KVSelection):
         return self._filters
 
     def key_scores(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        """``<k, u>`` per position: ``[B, kv_heads, n]`` (fp32)."""
-        u = self.filters[layer].to(key.device)
+        """``<k, u>`` per position (``-<k, f>`` with ``filters_convention="kvpress"``): ``[B, kv_heads, n]`` (fp32)."""
+        u = self.filters[layer].to(key.device).float()
+        if self.compressor_config.filters_convention == "kvpress":
+            u = -u
         return torch.einsum("bhnd,hd->bhn", key.float(), u)
 
     def layer_indices(self, layer: int, scores: torch.Tensor | None, key: torch.Tensor,

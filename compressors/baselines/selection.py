@@ -5,8 +5,12 @@ the KV cache, the observation window's queries caught by ``attention.QueryCaptur
 token's self-information), so that the eval runner can do one prefill per sample for every method that
 starts from it (``Compressor.shares_prefill``: ``compress_from``). ``KVSelection`` is the base of the
 methods that keep, per layer and KV head, a subset of the cached positions (SnapKV, StreamingLLM,
-ChunkKV, PyramidKV, Q-Filters): one prefill, a score per position, the top ``ceil(n / ratio)``
+ChunkKV, PyramidKV, Q-Filters): one prefill, a score per position, the top ``budget_for(n, ratio)``
 positions gathered into a smaller real KV cache (``compress_ratios``: several ratios from one pass).
+``budget_rounding`` (every selection config) picks that budget: ``"ceil"`` (default,
+``ceil(n / ratio)``) or ``"kvpress"`` (``int(n * (1 - compression_ratio))`` with
+``compression_ratio = 1 - 1 / ratio``, as kvpress's presses; one slot less when ``n / ratio`` is not
+whole). ``scripts/kvpress_parity`` checks the kept positions against kvpress 0.5.5.
 The helpers (window scores, pooling, window protection, top-k, padded stacking) are shared by EHPC and
 Selective Context too.
 
@@ -36,8 +40,27 @@ from ..memory import Memory
 KEEP_SCORE = 1.0e4  # score given to always-kept positions (attention scores are <= 1)
 
 
-def budget_for(length: int, ratio: float) -> int:
-    """Slots kept from ``length`` tokens at ``ratio``: ``ceil(length / ratio)``, at least 1."""
+BUDGET_ROUNDINGS = ("ceil", "kvpress")
+
+
+def check_budget_rounding(rounding: str) -> None:
+    if rounding not in BUDGET_ROUNDINGS:
+        raise ValueError(f"budget_rounding must be one of {BUDGET_ROUNDINGS}, got {rounding!r}")
+
+
+def keep_fraction(ratio: float) -> float:
+    """kvpress's kept fraction ``1 - compression_ratio`` for ``compression_ratio = 1 - 1 / ratio``
+    (computed that way, so the float is the one kvpress multiplies by)."""
+    return 1 - (1 - 1 / ratio)
+
+
+def budget_for(length: int, ratio: float, rounding: str = "ceil") -> int:
+    """Slots kept from ``length`` tokens at ``ratio``, at least 1 and at most ``length``:
+    ``ceil(length / ratio)`` (``rounding="ceil"``) or kvpress's ``int(length * (1 - compression_ratio))``
+    (``rounding="kvpress"``)."""
+    check_budget_rounding(rounding)
+    if rounding == "kvpress":
+        return min(length, max(1, int(length * keep_fraction(ratio))))
     return min(length, max(1, math.ceil(length / ratio)))
 
 
@@ -47,6 +70,7 @@ class KVSelectionConfig(CompressorConfig):
     window: int = 32  # observation window: the last ``window`` context tokens score the rest
     kernel_size: int = 5  # pooling width along the sequence (1 = no pooling)
     pooling: str = "max"  # "max" (SnapKV reference) or "avg" (kvpress)
+    budget_rounding: str = "ceil"  # "ceil": ceil(n / ratio) slots; "kvpress": int(n * (1 - compression_ratio))
 
     def __post_init__(self) -> None:
         if self.ratio < 1:
@@ -55,6 +79,7 @@ class KVSelectionConfig(CompressorConfig):
             raise ValueError("window and kernel_size must be >= 1")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}")
+        check_budget_rounding(self.budget_rounding)
 
 
 @dataclass
@@ -248,9 +273,13 @@ class KVSelection(Compressor):
         scores = pool(window_scores(queries, keys, mask), cfg.kernel_size, cfg.pooling, window=cfg.window)
         return protect_window(scores, mask, cfg.window)
 
+    def budget(self, n: int, ratio: float) -> int:
+        """Slots kept from ``n`` context tokens at ``ratio`` (``budget_rounding`` of the config)."""
+        return budget_for(n, ratio, getattr(self.compressor_config, "budget_rounding", "ceil"))
+
     def select(self, kv: dict[str, torch.Tensor], scores: list[torch.Tensor] | None, n: int,
                ratio: float) -> Memory:
-        budget = budget_for(n, ratio)
+        budget = self.budget(n, ratio)
         tensors: dict[str, torch.Tensor] = {}
         layers = self.base_lm.config.num_hidden_layers
         for layer in range(layers):
