@@ -114,3 +114,16 @@ def test_default_ceil_budget_keeps_one_more_slot_than_kvpress(recorded):
     ids = torch.tensor([record["contexts"][0]])  # 509 tokens: ceil(509 / 4) = 128, int(509 * 0.25) = 127
     assert build("snapkv", model, window=64).compress(ids).slots == 128
     assert build("snapkv", model, window=64, budget_rounding="kvpress").compress(ids).slots == 127
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streaming_llm", "chunkkv", "pyramidkv", "qfilters"])
+def test_every_selection_config_takes_budget_rounding(recorded, tmp_path, name):
+    record, model, prefills = recorded
+    options = dict(window=8) if name != "qfilters" else dict(filters_path=str(save_artifact(
+        tmp_path / "f.safetensors", {"filters": load_file(str(FIXTURE / "qfilters.safetensors"))["filters"]},
+        "qfilters", model, {})))
+    with pytest.raises(ValueError, match="budget_rounding"):
+        build(name, model, budget_rounding="floor", **options)
+    slots = [build(name, model, budget_rounding=rounding, **options).compress_from(prefills[0], [RATIO])[0]
+             .meta["real_slots"][0] for rounding in ("ceil", "kvpress")]
+    assert slots == [128, 127]  # 509 tokens at ratio 4

@@ -6,7 +6,8 @@ Inference", Liu et al. 2025, https://arxiv.org/abs/2502.00299
 What it does here: the SnapKV observation-window scores (see ``snapkv.py``: exact recomputed
 queries of the last ``window`` tokens, pooled) are averaged over KV heads and summed inside
 chunks of ``chunk_size`` consecutive positions; the best chunks are kept, the same chunks for
-every head of the layer, until the budget ``ceil(n / ratio)`` is reached exactly (the last chosen
+every head of the layer, until the budget ``budget_for(n, ratio)`` (``ceil(n / ratio)``, or kvpress's
+``int(n * (1 - compression_ratio))`` with ``budget_rounding="kvpress"``) is reached exactly (the last chosen
 chunk is trimmed to its best tokens when it does not fit whole). Layer-wise index reuse: the
 indices chosen on layer ``l`` are reused for the next ``reuse_layers - 1`` layers (1 = no reuse).
 The observation window is always kept, as in the paper's SnapKV-based implementation.
@@ -15,7 +16,9 @@ Faithful: chunk-level scoring and selection shared by all heads of a layer, fixe
 layer-wise index reuse (fixed reuse stride, as the paper's default; the paper picks the stride
 from index similarity measured offline). Not faithful: the exact-budget trimming of one chunk,
 the ratio-based budget, and that reuse saves no compute here (all layers' queries are caught
-in the same prefill anyway). Kept keys keep their original positions. Ratio 1 keeps everything.
+in the same prefill anyway). Not compared with kvpress's ``ChunkKVPress`` (which wraps another
+press's scores and has no exact-budget trimming nor index reuse). Kept keys keep their original
+positions. Ratio 1 keeps everything.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ refused with ``BaseModelMismatchError``.
 
 Compression: one full prefill of the context; each key is scored by ``<k, u>`` for its layer and
 KV head (the paper's estimate of the mean attention logit the key will receive, since
-``E_q <q, k> ~ E<q, u> <k, u>`` for anisotropic queries); the top ``ceil(n / ratio)`` positions per
+``E_q <q, k> ~ E<q, u> <k, u>`` for anisotropic queries); the top ``budget_for(n, ratio)`` positions per
 KV head are gathered into a smaller, real KV cache, keeping their original rotary positions
 (the decoder continues at ``n``). No attention scores are needed, so one prefill serves every
 ratio (``compress_ratios``). Ratio 1 keeps every position, i.e. exactly the full KV cache.
@@ -32,9 +32,12 @@ GQA; here one SVD per KV head over its group's pooled queries. The calibration c
 robustness to the calibration data). The paper compresses while generating (streaming
 eviction); here compression is a one-time top-k after the prefill (as kvpress's
 ``QFilterPress``). The budget is a ratio of the context, not a token count. ``window`` (default 0,
-as the paper) optionally protects the most recent tokens. kvpress scores ``-<k, filter>`` with
+as the paper) optionally protects the most recent tokens. kvpress scores ``-<k, f>`` with
 the Hub filters' own sign convention; with the sign fixed as above, ``+<k, u>`` is the estimate
-of the attention logit. Checked on SmolLM2-135M-Instruct (filters from 2k calibration tokens,
+of the attention logit. The two are the same ranking for ``u = -f``: kvpress 0.5.5's
+``QFilterPress`` is matched exactly (``scripts/kvpress_parity``) by giving its filters ``f`` as
+``filters_path`` (a ``calibration.save_artifact`` file) with ``filters_convention="kvpress"`` (keys
+scored ``-<k, f>``), or ``-f`` with the default convention, and ``budget_rounding="kvpress"``. Checked on SmolLM2-135M-Instruct (filters from 2k calibration tokens,
 ``expected_logit_correlation`` on 300 other tokens): the per-head correlation between ``<k, u>``
 and the mean logit a key receives is positive in all 30 layers (0.15 to 0.96, median 0.85).
 """

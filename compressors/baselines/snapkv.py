@@ -9,15 +9,19 @@ every attention module catch the hidden states of the last ``window`` tokens; th
 recomputed exactly (``q_proj`` + the rotary embedding the layer received), and softmax attention
 of those queries over all cached keys (causal inside the window) is computed in fp32. Scores are
 averaged over the window's queries and over the query heads of each KV group (GQA), pooled along
-the sequence (``pooling``/``kernel_size``), and the top ``ceil(n / ratio)`` positions per KV head
+the sequence (``pooling``/``kernel_size``), and the top ``budget_for(n, ratio)`` positions per KV head
 are gathered into a smaller, real KV cache. The window itself is always kept (most recent first
 when the budget is smaller than the window). Kept keys keep their original rotary positions and
 the decoder continues at position ``n``.
 
 Faithful: observation-window scoring, GQA-group averaging, 1-D pooling (max by default, as the
-reference code; ``avg`` as kvpress), one-time top-k per head, window always kept.
-Not faithful / differences: the budget is a ratio of the context (``ceil(n / ratio)`` slots,
-window included) rather than a fixed token count; the observation window is the end of the
+reference code; ``avg`` as kvpress), one-time top-k per head, window always kept. Matches kvpress
+0.5.5's ``SnapKVPress`` exactly (kept positions per layer and KV head, ``scripts/kvpress_parity``)
+with ``pooling="avg"``, ``window=64``, ``kernel_size=5`` (its defaults) and
+``budget_rounding="kvpress"``; as there, the pooling reads the pre-window scores only (zero padded).
+Not faithful / differences: the budget is a ratio of the context (``ceil(n / ratio)`` slots by
+default, ``int(n * (1 - compression_ratio))`` with ``budget_rounding="kvpress"``; window
+included) rather than a fixed token count; the observation window is the end of the
 context, not the question (the question is not seen at compression time, so one memory serves
 many prompts; ``query_ids`` is ignored); selection runs after the prefill rather than inside
 the attention kernel. Ratio 1 keeps every position in order, i.e. exactly the full KV cache.

@@ -4,12 +4,15 @@ Paper: "Efficient Streaming Language Models with Attention Sinks", Xiao et al. 2
 https://arxiv.org/abs/2309.17453
 
 What it does here: one full prefill of the context, then the KV cache keeps the first ``sinks``
-positions and the last ``ceil(n / ratio) - sinks`` positions of every layer and head (exactly
-``ceil(n / ratio)`` slots; when the budget is smaller than ``sinks + 1`` it keeps ``budget - 1``
+positions and the last ``B - sinks`` positions of every layer and head (exactly ``B =
+budget_for(n, ratio)`` slots, ``ceil(n / ratio)`` by default; when the budget is smaller than ``sinks + 1`` it keeps ``budget - 1``
 sinks and one recent token). Query-agnostic: no scores are computed, so one prefill serves every
 ratio (``compress_ratios``).
 
-Faithful: the kept set (sinks + recent window) and its size.
+Faithful: the kept set (sinks + recent window) and its size. Matches kvpress 0.5.5's
+``StreamingLLMPress`` exactly (``scripts/kvpress_parity``) with ``budget_rounding="kvpress"``
+(``int(n * (1 - compression_ratio))`` slots instead of ``ceil(n / ratio)``) and ``sinks=4`` (its
+``n_sink``).
 Not faithful: StreamingLLM evicts while it streams (each token is encoded with the bounded cache
 it had at that time) and re-assigns cache-relative positions; here the whole context is
 prefilled with full attention first and the kept keys keep their original rotary positions
