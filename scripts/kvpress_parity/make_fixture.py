@@ -25,9 +25,16 @@ tensor through a ``QFilterPress`` subclass whose ``post_init_from_model`` sets t
 downloading filters from the Hub.
 
 Measured agreement with ctxzip (``tests/test_kvpress_parity.py``, matched options, mean Jaccard of
-the kept sets per context, layer and KV head): 1.0 (identical sets) for SnapKV, StreamingLLM,
-PyramidKV (both the uniform fallback at beta 20 / window 64 and the pyramid at beta 3 / window 32)
-and Q-Filters (either filter convention).
+the kept sets over contexts, layers and KV heads; kvpress 0.5.5, transformers 5.2.0, torch 2.13.0
+CPU here, ctxzip's own lock there): 1.0, every kept set identical, for SnapKV, StreamingLLM,
+PyramidKV (the uniform fallback at beta 20 / window 64, and the pyramid at beta 3 / window 32,
+whose 383-token context falls back) and Q-Filters (its filters with ``filters_convention="kvpress"``,
+or negated with the default convention). The options matter: with ctxzip's default
+``budget_rounding="ceil"`` (one slot more at these lengths) SnapKV and StreamingLLM agree at 0.991;
+max pooling instead of avg, 0.660; pooling that lets the window's scores leak into the positions
+before it, 0.989; PyramidKV without ``uniform_fallback``, 0.522 (beta 20) and 0.882 (beta 3);
+with the fallback but ceil rounding, 0.997 (beta 20) and 0.877 (beta 3: at ceil's budget of 96 the
+383-token context no longer falls back).
 """
 
 from __future__ import annotations
