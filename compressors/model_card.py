@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from .models import public_model_id
+from .tables import Column, markdown_table
 
 
 def _yaml_list(items: list[str]) -> str:
@@ -13,12 +14,8 @@ def _yaml_list(items: list[str]) -> str:
 
 
 def _eval_table(rows: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns = [Column(key, key) for key in dict.fromkeys(key for row in rows for key in row)]
+    return markdown_table(rows, columns)
 
 
 def render_model_card(meta: dict[str, Any], eval_results: list[dict[str, Any]] | None = None) -> str:

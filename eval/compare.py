@@ -26,7 +26,7 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
         summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, "untrained", scoring)[0])
     base = compressor.base_lm
     with compressor.plain_base():
-        truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.ratio)), base)
+        truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.achieved_ratio)), base)
         summaries.append(score_rows(CompressedLM(truncation, tokenizer), rows, "truncation", scoring)[0])
         full = CompressedLM(FullContext(FullContextConfig(), base), tokenizer)
         summaries.append(score_rows(full, rows, "full_context", scoring)[0])

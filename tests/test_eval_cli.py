@@ -57,12 +57,12 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
     def boom(*a, **k):
         raise AssertionError("a finished configuration was recomputed")
 
-    monkeypatch.setattr(runner, "score_one", boom)
+    monkeypatch.setattr(runner, "score_row", boom)
     assert main(args + TINY) == 0  # everything finished: nothing is scored again
     monkeypatch.undo()
     calls = []
-    original = runner.score_one
-    monkeypatch.setattr(runner, "score_one", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = runner.score_row
+    monkeypatch.setattr(runner, "score_row", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert main(["--compressor", "snapkv", "--tasks", "passkey", "--ratios", "2,8", "--output-dir", str(out)]
                 + TINY) == 0
     assert len(calls) == 4  # 2 samples x the 2 new configurations (snapkv, 8) and (truncation, 8)
@@ -77,7 +77,7 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
     out = tmp_path / "run"
     args = ["--compressor", "streaming_llm", "--tasks", "passkey", "--ratios", "4", "--output-dir", str(out),
             "--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "3", "--context-length", "96", "--n-prompts", "2"]
-    original, calls = runner.score_one, []
+    original, calls = runner.score_row, []
 
     def dies_on_the_second_sample(clm, memory, row, *a, **k):
         if row["id"] == runner.build_task("passkey", clm.tokenizer, num_samples=3, context_tokens=96,
@@ -86,12 +86,12 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
         calls.append(row["id"])
         return original(clm, memory, row, *a, **k)
 
-    monkeypatch.setattr(runner, "score_one", dies_on_the_second_sample)
+    monkeypatch.setattr(runner, "score_row", dies_on_the_second_sample)
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert (out / "partial" / "passkey__L96.json").is_file() and not (out / "configs").exists()
     assert len(calls) == 4  # sample 0 of full_context, no_context, truncation and streaming_llm
-    monkeypatch.setattr(runner, "score_one", lambda *a, **k: calls.append(a[2]["id"]) or original(*a, **k))
+    monkeypatch.setattr(runner, "score_row", lambda *a, **k: calls.append(a[2]["id"]) or original(*a, **k))
     assert main(args) == 0
     assert len(calls) == 4 + 2 * 4  # only samples 1 and 2 were scored after the restart
     assert not (out / "partial" / "passkey__L96.json").exists()
@@ -113,10 +113,10 @@ def test_clear_errors(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("multi_turn", [False, True])
 def test_shared_context_mode_answers_every_question_from_one_memory(tmp_path, monkeypatch, multi_turn):
-    from eval import runner
+    from eval import runner, scoring
 
     memories, answered = [], []
-    original_memories, original_shared = runner.Method.memories, runner.score_shared
+    original_memories, original_shared = runner.Method.memories, scoring.score_shared
 
     def counting_memories(self, ratios, context, *a, **k):
         memories.append((self.label, context))
@@ -127,7 +127,7 @@ def test_shared_context_mode_answers_every_question_from_one_memory(tmp_path, mo
         return original_shared(clm, memory, questions, *a, **k)
 
     monkeypatch.setattr(runner.Method, "memories", counting_memories)
-    monkeypatch.setattr(runner, "score_shared", recording_shared)
+    monkeypatch.setattr(scoring, "score_shared", recording_shared)
     out = tmp_path / "shared"
     args = ["--compressor", "snapkv", "--tasks", "niah_multikey", "--ratios", "2", "--output-dir", str(out),
             "--num-questions", "3", "--scoring", "generate", "--max-new-tokens", "3", "--timing-samples", "0",
@@ -161,3 +161,36 @@ def test_a_benchmark_in_its_published_format_runs_through_the_cli(tmp_path):
     assert {r["task"] for r in results} == {f"longbench:{data}"} and all(r["n"] == 2 for r in results)
     assert all(r["context_length"] == 0 for r in results)
     assert "its own contexts" in (out / "report.md").read_text()
+
+
+def test_continuation_rows_give_the_perplexity_with_memory_full_and_no_context(tmp_path):
+    import math
+
+    import torch
+
+    from compressors import CompressedLM, load_base
+    from compressors.baselines import FullContext, FullContextConfig
+    from eval.scoring import score_continuation
+
+    out = tmp_path / "continuation"
+    args = ["--compressor", "streaming_llm", "--tasks", "continuation", "--ratios", "4", "--output-dir", str(out)]
+    assert main(args + TINY) == 0
+    results = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert set(results) == {"full_context", "no_context", "truncation", "streaming_llm"}
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in results.values())
+    assert all(r["scoring"] == "teacher-forced NLL" for r in results.values())
+    report = (out / "report.md").read_text()
+    assert "Continuation perplexity with the full context" in report and "with no context" in report
+    # the floor scores the same continuation tokens after the template's prefix alone
+    model, tokenizer = load_base("tiny-random-llama")
+    clm = CompressedLM(FullContext(FullContextConfig(), model.eval()), tokenizer)
+    row = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+    prefix = clm.layout.prefix_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prefix + ids])).logits[0, len(prefix):-1]
+    expected = float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:])))
+    assert score_continuation(clm, None, row["answer"]) == expected
+    floor = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    floor = [r for r in floor if r["method"] == "no_context"]
+    assert sum(r["perplexity"] for r in floor) / len(floor) == pytest.approx(results["no_context"]["perplexity"])

@@ -94,12 +94,12 @@ def test_score_rows_loglik_summary(clm: CompressedLM) -> None:
     assert [p["correct"] for p in predictions] == [True, False]
     assert summary.accuracy == 0.5 and summary.n == 2 and summary.scoring == "loglik"
     assert summary.method == "full_context" and all(p["method"] == "full_context" for p in predictions)
-    assert summary.ratio == 1.0 and summary.memory_bytes == memory.nbytes
-    assert predictions[0]["memory_bytes"] == memory.nbytes and predictions[0]["ratio"] == memory.ratio
-    assert summary.mean_logprob == pytest.approx(sum(p["answer_logprob"] for p in predictions) / 2)
+    assert summary.achieved_ratio == 1.0 and summary.memory_bytes == memory.nbytes
+    assert predictions[0]["memory_bytes"] == memory.nbytes and predictions[0]["achieved_ratio"] == memory.ratio
+    assert summary.answer_logprob == pytest.approx(sum(p["answer_logprob"] for p in predictions) / 2)
     assert predictions[1]["answer_logprob"] < predictions[0]["answer_logprob"]
-    assert set(summary.as_row()) == {"method", "accuracy", "mean_logprob", "ratio", "memory_bytes", "n", "scoring",
-                                     "token_accuracy"}
+    assert set(summary.as_row()) == {"method", "accuracy", "answer_logprob", "achieved_ratio", "memory_bytes", "n",
+                                     "scoring", "token_accuracy"}
     assert 0.0 <= summary.token_accuracy <= 1.0 and predictions[0]["token_accuracy"] == 1.0
 
 
@@ -120,7 +120,8 @@ def test_score_rows_reports_the_achieved_ratio_of_a_smaller_memory(tiny) -> None
     summary, predictions = score_rows(clm, [{"context": CONTEXT, "question": QUESTION, "answer": " blue"}], "trunc")
     n = len(tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
     kept = math.ceil(n / 4)
-    assert summary.ratio == pytest.approx(n / kept) and predictions[0]["ratio"] == pytest.approx(n / kept)
+    assert summary.achieved_ratio == pytest.approx(n / kept)
+    assert predictions[0]["achieved_ratio"] == pytest.approx(n / kept)
     assert summary.memory_bytes == clm.compress(CONTEXT).nbytes
 
 
@@ -128,7 +129,7 @@ def test_score_rows_refuses_unknown_scoring(clm: CompressedLM) -> None:
     with pytest.raises(ValueError, match="scoring must be"):
         score_rows(clm, [], method="x", scoring="bleu")
     summary, predictions = score_rows(clm, [], method="x")
-    assert predictions == [] and summary.n == 0 and summary.accuracy == 0
+    assert predictions == [] and summary.n == 0 and math.isnan(summary.accuracy)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -143,9 +144,9 @@ def test_normalize(text: str, expected: str) -> None:
 
 
 def test_markdown_table() -> None:
-    summaries = [Summary(method="gist", accuracy=0.75, mean_logprob=-1.23456, ratio=4.0, memory_bytes=2048.0,
+    summaries = [Summary(method="gist", accuracy=0.75, answer_logprob=-1.23456, achieved_ratio=4.0, memory_bytes=2048.0,
                          n=8, scoring="loglik", token_accuracy=0.9),
-                 Summary(method="full_context", accuracy=1.0, mean_logprob=-0.5, ratio=1.0, memory_bytes=10752.0,
+                 Summary(method="full_context", accuracy=1.0, answer_logprob=-0.5, achieved_ratio=1.0, memory_bytes=10752.0,
                          n=8, scoring="loglik")]
     lines = markdown_table(summaries).splitlines()
     assert lines == [
@@ -165,7 +166,7 @@ def test_score_rows_without_context_reads_the_question_alone(clm: CompressedLM) 
         logits = clm.model(input_ids=torch.tensor([prompt + reply])).logits[0].float()
     logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(reply)[:, None])[:-1]
     assert predictions[0]["answer_logprob"] == pytest.approx(float(logprobs.mean()), abs=1e-4)
-    assert summary.memory_bytes == 0 and math.isnan(summary.ratio)
+    assert summary.memory_bytes == 0 and math.isnan(summary.achieved_ratio)
     _, generated = score_rows(clm, rows, method="no_context", scoring="generate", max_new_tokens=3,
                               with_context=False)
     assert generated[0]["prediction"] == clm.generate(QUESTION, max_new_tokens=3)

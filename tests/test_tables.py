@@ -1,8 +1,8 @@
-"""eval.tables: the one markdown renderer of results."""
+"""compressors.tables: the one markdown renderer of results."""
 
 import math
 
-from eval.tables import Column, fmt, markdown_table
+from compressors.tables import Column, fmt, markdown_table
 
 
 def test_columns_format_keys_cells_and_missing_values() -> None:
