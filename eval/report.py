@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from compressors.baselines import BASELINES
 from compressors.io import write_json_atomic
 from compressors.tables import Column, fmt, markdown_table
 
@@ -50,6 +51,58 @@ TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _rati
                 Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
 
 
+REFERENCE_METHODS = ("full_context", "no_context", "truncation")
+
+
+def _score(s: dict[str, Any]) -> float:
+    """What ranks a row: accuracy, or (continuation) perplexity, lower is better."""
+    return s.get("perplexity", float("nan")) if s["task"] == "continuation" else s["accuracy"]
+
+
+def _learned(s: dict[str, Any]) -> bool:
+    """A trained compressor (a saved folder or Hub id), not a training-free baseline or a reference."""
+    return s["method"] not in REFERENCE_METHODS and s.get("source", s["method"]) not in BASELINES
+
+
+def _best(rows: list[dict[str, Any]], ratio: float) -> str:
+    """The best training-free method at ``ratio`` (ties named together), as ``name value``."""
+    candidates = [s for s in rows if s["ratio"] == ratio and s["method"] not in REFERENCE_METHODS
+                  and not _learned(s) and not _nan(_score(s))]
+    if not candidates:
+        return "-"
+    lower = rows[0]["task"] == "continuation"
+    best = (min if lower else max)(_score(s) for s in candidates)
+    names = sorted(s["method"] for s in candidates if _score(s) == best)
+    return f"{', '.join(names)} {fmt(best, 2 if lower else 3)}"
+
+
+def headline(summaries: list[dict[str, Any]]) -> str:
+    """Per task and length: the ceiling, the floors (no context, truncation), the best training-free method at
+    4x and 16x and every learned compressor at its own ratio: what a user reads first."""
+    table = []
+    for task in sorted({s["task"] for s in summaries}):
+        for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
+            rows = [s for s in summaries if s["task"] == task and s["context_length"] == length]
+            by = {(s["method"], s["ratio"]): s for s in rows}
+            digits = 2 if task == "continuation" else 3
+            ceiling = by.get(("full_context", 1.0))
+            beyond = (ceiling is not None and task != "continuation" and not _nan(ceiling["accuracy"])
+                      and ceiling["accuracy"] < BEYOND_THE_MODEL)
+            learned = [s for s in rows if _learned(s)]
+            table.append({
+                "task": task + (" (perplexity)" if task == "continuation" else ""), "length": length,
+                "full context": fmt(_score(ceiling), digits) if ceiling else "-",
+                "no context": fmt(_score(by[("no_context", 0.0)]), digits) if ("no_context", 0.0) in by else "-",
+                "truncation 4x / 16x": " / ".join(fmt(_score(by[("truncation", r)]), digits)
+                                                   if ("truncation", r) in by else "-" for r in (4.0, 16.0)),
+                "best training-free 4x": "beyond the model" if beyond else _best(rows, 4.0),
+                "best training-free 16x": "beyond the model" if beyond else _best(rows, 16.0),
+                "learned (achieved ratio)": "; ".join(f"{s['method']} {fmt(_score(s), digits)} "
+                                                      f"({fmt(s['achieved_ratio'], 1)}x)" for s in learned) or "-"})
+    columns = [Column(key, key) for key in (table[0] if table else {})]
+    return markdown_table(table, columns)
+
+
 def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config: dict[str, Any] | None = None) -> str:
     lines = [f"# {title}", ""]
     if config:
@@ -60,6 +113,10 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                   + ("(teacher-forced: correct when every answer token is the model's argmax)"
                      if config.get("scoring") == "loglik" else "(greedy generation, whole-word contains match)"),
                   f"- dtype: `{config.get('dtype')}`", ""]
+    if summaries:
+        lines += ["## At a glance", "", "Accuracy (continuation: perplexity, lower is better) per task and length; "
+                  "a task whose full-context ceiling is under " f"{BEYOND_THE_MODEL} is beyond the model there and "
+                  "ranks nothing.", "", headline(summaries), ""]
     for task in sorted({s["task"] for s in summaries}):
         for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
             rows = sorted((s for s in summaries if s["task"] == task and s["context_length"] == length),
