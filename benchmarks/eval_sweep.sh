@@ -1,18 +1,47 @@
 #!/usr/bin/env bash
-# The standard CPU sweep (issue 3): SmolLM2-135M-Instruct, passkey + multi-key NIAH + fact QA at
-# 2048 tokens, ratios 2/4/8/16, every training-free baseline plus the full-context ceiling and the
-# truncation floor, 50 samples each, teacher-forced log-likelihood scoring, bf16 weights (1.6x faster
-# than fp32 on a CPU with avx512_bf16; pass --dtype float32 to override). Each sample is prefilled
-# once for every method that can start from a prefill. Resumable: re-running skips finished
-# configurations, and an unfinished task resumes at the sample where it stopped. Measured: 45 min on
-# the 2-core CPU (benchmarks/results/eval_sweep/NOTE.md). Q-Filters and EHPC calibrate once per base model (seconds; cached
-# under $CTXZIP_HOME/calibration). Outputs land in benchmarks/results/eval_sweep/.
-#   bash benchmarks/eval_sweep.sh [extra python -m eval flags]
+# The standard CPU sweep (issue 11): SmolLM2-135M-Instruct (embedded), fp32 weights, scored by greedy
+# generation (what a user sees), every training-free baseline beside the full-context ceiling, the
+# no-context floor and truncation, at 1k and 2k tokens and ratios 2/4/8/16. Four parts, each
+# resumable (re-running skips finished configurations; an unfinished task resumes at its sample):
+#   1. answers: passkey, multi-key NIAH, fact QA, and the continuation-perplexity row;
+#   2. shared context (SCBench-style): 4 questions about different facts of ONE 1k context, answered
+#      from one memory (multi-key NIAH, fact QA), accuracy by question, at 4x and 16x;
+#   3. learned: trained compressors ($LEARNED, comma-separated folders; default out/gist-smollm2) on the
+#      answers part's 1k samples, merged with it into combined/;
+#   4. timing: N=10 prompts about one context timed end to end (compress once + answers, the prefix
+#      cache, re-reading), prompt and decode time. Run it with nothing else on the CPU.
+# Parts 1 to 3 time nothing (--timing-samples 0), so they may share the machine. Outputs land in
+# benchmarks/results/eval_sweep/{answers,shared,learned,combined,timing}/. Measured on the 2-core CPU: see NOTE.md there.
+#   bash benchmarks/eval_sweep.sh [answers|shared|learned|timing|all] [extra python -m eval flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m eval \
-  --compressor streaming_llm,snapkv,chunkkv,pyramidkv,selective_context,qfilters,ehpc \
-  --base-model smollm2-135m-instruct \
-  --tasks passkey,niah_multikey,fact_qa \
-  --context-length 2048 --ratios 2,4,8,16 --num-samples 50 \
-  --scoring loglik --dtype bfloat16 --output-dir benchmarks/results/eval_sweep "$@"
+part="${1:-all}"
+[ $# -gt 0 ] && shift
+out=benchmarks/results/eval_sweep
+baselines=streaming_llm,snapkv,chunkkv,pyramidkv,selective_context,qfilters,ehpc
+# fp32: on a CPU without avx512_bf16 (this one) bf16 matmuls are 6x slower than fp32 (a 1k prefill: 49 s vs
+# 8 s on one thread); pass --dtype bfloat16 where the CPU has it. 12 new tokens hold every answer (a 7-digit
+# key, a word) and its end of turn.
+common=(--base-model smollm2-135m-instruct --dtype float32 --scoring generate --max-new-tokens 12
+        --ratios 2,4,8,16)
+if [ "$part" = answers ] || [ "$part" = all ]; then
+  python -m eval --compressor "$baselines" "${common[@]}" --tasks passkey,niah_multikey,fact_qa,continuation \
+    --context-length 1024,2048 --num-samples 10 --timing-samples 0 --output-dir "$out/answers" "$@"
+fi
+if [ "$part" = shared ] || [ "$part" = all ]; then
+  python -m eval --compressor "$baselines" "${common[@]}" --tasks niah_multikey,fact_qa --num-questions 4 \
+    --context-length 1024 --ratios 4,16 --num-samples 5 --timing-samples 0 --output-dir "$out/shared" "$@"
+fi
+if [ "$part" = learned ] || [ "$part" = all ]; then
+  # trained compressors (folders from the recipes: bash scripts/quickstart.sh for the gist one) on the same
+  # samples, then one table with the baselines (their references are the answers part's)
+  python -m eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
+    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024 --num-samples 10 --timing-samples 0 \
+    --output-dir "$out/learned" "$@"
+  python -m eval --compare "$out/answers" "$out/learned" --output-dir "$out/combined"
+fi
+if [ "$part" = timing ] || [ "$part" = all ]; then
+  python -m eval --compressor "$baselines" "${common[@]}" --tasks passkey --context-length 1024,2048 \
+    --num-samples 1 --timing-samples 1 \
+    --n-prompts 10 --output-dir "$out/timing" "$@"
+fi
