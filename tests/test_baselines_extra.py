@@ -20,7 +20,7 @@ from compressors.attention import QueryCapture
 from compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters, calibration
 from compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
 from compressors.baselines.qfilters import compute_qfilters
-from compressors.baselines.selection import pool, protect_window
+from compressors.baselines.selection import keep_template, pool, protect_window
 from compressors.generation import generate_from_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,9 +256,9 @@ def test_evaluator_heads_come_from_the_best_layer():
 
 def test_ehpc_scores_tokens_with_the_evaluator_heads_and_stops_early(tiny_model, artifacts):
     model, tokenizer = tiny_model
-    ids, mask = context(tokenizer)
-    n = ids.shape[1]
     compressor = build("ehpc", model, tokenizer, artifacts, ratio=4.0, window=6, kernel_size=3)
+    ids = torch.tensor([compressor.layout.context_ids(TEXT)])  # what CompressedLM gives: template prefix + text
+    mask, n = torch.ones_like(ids), ids.shape[1]
     compressor.prepare()
     compressor.layer, compressor.heads = 0, [1, 3]  # pin the evaluator: layer 0, two heads
     calls = []
@@ -274,7 +274,9 @@ def test_ehpc_scores_tokens_with_the_evaluator_heads_and_stops_early(tiny_model,
     expected = protect_window(expected, torch.ones(1, n), 6)[0, 0]
     assert torch.allclose(scores, expected, atol=1e-5)
     memory = compressor.compress(ids, mask)  # the kept tokens, re-encoded on their own
-    kept = ids[:, expected.topk(math.ceil(n / 4)).indices.sort().values]
+    # the template prefix first (it is re-read as the user turn's opening), then the best-scored tokens
+    kept = ids[:, keep_template(expected, compressor.template_tokens).topk(math.ceil(n / 4)).indices.sort().values]
+    assert torch.equal(kept[0, :compressor.template_tokens], ids[0, :compressor.template_tokens])
     assert torch.equal(kept[0, -6:], ids[0, -6:])  # the observation window is kept
     alone = FullContext(FullContextConfig(), model).eval().compress(kept, torch.ones_like(kept))
     for key, tensor in alone.tensors.items():

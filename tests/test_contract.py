@@ -196,3 +196,18 @@ def test_clm_model_is_the_decoder_and_the_encoders_adapter_is_on_only_while_comp
                                                 for k in memory.tensors)
     with torch.no_grad():
         torch.testing.assert_close(clm.model(ids).logits, reference(ids).logits)  # and still after compressing
+
+
+@pytest.mark.parametrize("name", ["truncation", "selective_context", "ehpc"])
+def test_methods_that_re_encode_their_kept_tokens_keep_the_template_prefix(name: str, base, tmp_path_factory) -> None:
+    """The kept tokens are re-read as the user turn's content: the turn's opening must survive any ratio. The
+    memory's first slots then hold exactly the KV of the template prefix read alone (causal attention)."""
+    from compressors.baselines.full_context import prefill_kv
+
+    clm = build(name, {**settings(name, tmp_path_factory), "ratio": 3.0}, base)
+    memory = clm.compress(CONTEXTS[0] * 3)
+    prefix = torch.tensor([clm.layout.prefix_ids])
+    assert 0 < prefix.shape[1] < memory.slots
+    alone = prefill_kv(clm.compressor, prefix, torch.ones_like(prefix))
+    for layer in (0, clm.model.config.num_hidden_layers - 1):
+        torch.testing.assert_close(memory.tensors[f"key.{layer}"][:, :, :prefix.shape[1]], alone[f"key.{layer}"])

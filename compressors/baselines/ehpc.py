@@ -24,7 +24,10 @@ of the observation window (the last ``window`` context tokens, or the question w
 ``compress(..., query_ids=...)`` gets one) over the context is averaged over the window and the
 heads, pooled along the sequence (``pooling``/``kernel_size``), and the top ``ceil(n / ratio)``
 tokens are kept (without a question, the window itself is always kept, most recent first).
-Token level, then re-encoding: the kept tokens, in their original order, are read by the full
+The chat template's prefix at the start of the context (``Compressor.template_tokens``) is always kept,
+as truncation keeps it: the kept tokens are re-read as the user turn's content, and without the turn's
+opening the instruct model treats them as unrelated text. Token level, then re-encoding: the kept
+tokens, in their original order, are read by the full
 model as a plain shorter context (positions ``0..budget-1``, like truncation and Selective
 Context), and their KV cache is the memory. The paper's prompt-compression mode does exactly
 this (the compressed prompt goes to the LLM); its KV variant (keeping the selected KV) is not
@@ -59,7 +62,15 @@ from ..compat import cache_of, with_cache
 from ..memory import Memory
 from .calibration import calibration_text, get_tokenizer, load_or_compute
 from .full_context import prefill_kv
-from .selection import budget_for, pool, protect_window, stack_padded, topk_sorted, window_scores
+from .selection import (
+    budget_for,
+    keep_template,
+    pool,
+    protect_window,
+    stack_padded,
+    topk_sorted,
+    window_scores,
+)
 
 KIND = "ehpc"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -252,7 +263,7 @@ class EHPC(Compressor):
     def reencode(self, ids: torch.Tensor, scores: torch.Tensor | None, ratio: float, budget: int) -> Memory:
         """The KV of the ``budget`` best-scored tokens of ``ids`` ``[1, n]``, read as a plain context."""
         n = ids.shape[1]
-        kept = ids if budget == n else ids[:, topk_sorted(scores[None], budget)[0]]
+        kept = ids if budget == n else ids[:, topk_sorted(keep_template(scores, self.template_tokens)[None], budget)[0]]
         return self.new_memory(prefill_kv(self, kept, torch.ones_like(kept)), source_tokens=[n], slots=budget,
                                position_offset=[budget], meta={"ratio_requested": ratio, "real_slots": [budget]})
 

@@ -175,6 +175,17 @@ def protect_window(scores: torch.Tensor, mask: torch.Tensor, window: int) -> tor
     return boosted.masked_fill(~mask.bool()[:, None, :], float("-inf"))
 
 
+def keep_template(scores: torch.Tensor, template_tokens: int) -> torch.Tensor:
+    """``scores`` ``[..., n]`` with the chat template's prefix (the first ``template_tokens`` positions) above
+    everything else: a method that re-encodes its kept tokens as a plain context must keep the user turn the
+    context sits in, or the instruct model reads the kept text as unrelated (as truncation keeps it)."""
+    if template_tokens <= 0:
+        return scores
+    scores = scores.clone()
+    scores[..., :template_tokens] = 2 * KEEP_SCORE
+    return scores
+
+
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` best positions along the last axis, in increasing position order."""
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values

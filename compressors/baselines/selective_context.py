@@ -7,7 +7,9 @@ What it does here: one forward pass of the base LM over the context gives each t
 self-information ``-log p(x_t | x_<t)`` (the first token gets +inf: it is always kept). Tokens are
 grouped into word units (a unit starts at a token whose text begins with white space or
 punctuation); a unit's self-information is the sum over its tokens. Units are kept in
-decreasing self-information while they fit in the budget ``ceil(n / ratio)`` tokens; leftover room
+decreasing self-information while they fit in the budget ``ceil(n / ratio)`` tokens (the chat template's prefix, ``Compressor.template_tokens``, always
+first, as truncation keeps it: the kept text is re-read as the user turn's content, and without the
+turn's opening the instruct model reads it as unrelated text); leftover room
 is filled with the most informative single tokens of the dropped units, so exactly the budget is
 kept. The kept tokens, in their original order, are re-encoded on their own (positions
 ``0..budget-1``, like truncation), and their KV cache is the memory. One scoring pass serves every
@@ -31,7 +33,7 @@ import torch
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..memory import Memory
 from .full_context import prefill_kv
-from .selection import ContextPrefill, budget_for, prefill_context, stack_padded
+from .selection import ContextPrefill, budget_for, keep_template, prefill_context, stack_padded
 
 
 @dataclass
@@ -117,6 +119,8 @@ class SelectiveContext(Compressor):
         ids, n, info = prefill.ids, prefill.length, prefill.token_nll
         pieces = self.tokenizer_pieces(ids[0].tolist()) if self.tokenizer_pieces else [" "] * n
         units = word_units(pieces)
+        # the chat template's prefix is always kept (the kept text is re-read as the user turn's content)
+        info = keep_template(torch.tensor(info), self.template_tokens).tolist()
         memories = []
         for ratio in ratios:
             budget = budget_for(n, ratio)
