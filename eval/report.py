@@ -125,7 +125,8 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
             floor = [s for s in rows if s["method"] == "no_context"]
             lines += [f"## {task}, " + ("its own contexts" if length == 0 else f"{length}-token contexts"), ""]
             if task == "continuation":  # no answers to count: how well the memory predicts what follows
-                lines += [_perplexity_line(full, floor), "", markdown_table(rows, PERPLEXITY_COLUMNS), "", ""]
+                lines += ([_perplexity_line(full, floor), ""] if full or floor else [])
+                lines += [markdown_table(rows, PERPLEXITY_COLUMNS), "", ""]
                 continue
             if full:
                 ceiling = full[0]["accuracy"]
