@@ -72,6 +72,8 @@ def _best(rows: list[dict[str, Any]], ratio: float) -> str:
         return "-"
     lower = rows[0]["task"] == "continuation"
     best = (min if lower else max)(_score(s) for s in candidates)
+    if not lower and best == 0:
+        return "none above 0"  # a tie at zero names nothing
     names = sorted(s["method"] for s in candidates if _score(s) == best)
     return f"{', '.join(names)} {fmt(best, 2 if lower else 3)}"
 

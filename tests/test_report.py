@@ -17,6 +17,7 @@ def test_headline_names_the_best_training_free_method_and_the_learned_ones():
             summary("passkey", "truncation", 4.0, 0.1), summary("passkey", "truncation", 16.0, 0.0),
             summary("passkey", "snapkv", 4.0, 0.3), summary("passkey", "pyramidkv", 4.0, 0.3),
             summary("passkey", "qfilters", 4.0, 0.2), summary("passkey", "snapkv", 16.0, 0.1),
+            summary("passkey", "qfilters", 16.0, 0.0),
             summary("passkey", "gist-smollm2", 0.0, 0.5, source="out/gist-smollm2", achieved=3.9),
             summary("continuation", "full_context", 1.0, perplexity=10.0),
             summary("continuation", "no_context", 0.0, perplexity=30.0),
@@ -32,3 +33,6 @@ def test_headline_names_the_best_training_free_method_and_the_learned_ones():
 def test_a_task_beyond_the_model_ranks_nothing():
     rows = [summary("fact_qa", "full_context", 1.0, 0.2), summary("fact_qa", "snapkv", 4.0, 0.3)]
     assert "| beyond the model | beyond the model |" in headline(rows)
+    rows = [summary("fact_qa", "full_context", 1.0, 0.8), summary("fact_qa", "snapkv", 16.0, 0.0),
+            summary("fact_qa", "qfilters", 16.0, 0.0)]
+    assert "| - | none above 0 |" in headline(rows)  # a tie at zero names nothing
