@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def missing(value: Any) -> bool:
+    """No number to show or average: ``None`` or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A number with ``digits`` decimals (floats), as it is (others), ``-`` for a missing or NaN value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if missing(value):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 

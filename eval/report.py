@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,9 @@ import yaml
 
 from compressors.baselines import BASELINES
 from compressors.io import write_json_atomic
-from compressors.tables import Column, fmt, markdown_table
+from compressors.tables import Column, fmt, markdown_table, missing
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
-
-
-def _nan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _ratio_label(s: dict[str, Any]) -> str:
@@ -28,6 +23,11 @@ def _ratio_label(s: dict[str, Any]) -> str:
 
 
 BEYOND_THE_MODEL = 0.3  # a full-context ceiling below this: the task is beyond the model at that length
+
+
+def beyond_the_model(ceiling: float | None) -> bool:
+    """Whether a full-context accuracy is too low for the task to rank methods at that length."""
+    return not missing(ceiling) and ceiling < BEYOND_THE_MODEL
 
 
 MAIN_COLUMNS = (
@@ -67,7 +67,7 @@ def _learned(s: dict[str, Any]) -> bool:
 def _best(rows: list[dict[str, Any]], ratio: float) -> str:
     """The best training-free method at ``ratio`` (ties named together), as ``name value``."""
     candidates = [s for s in rows if s["ratio"] == ratio and s["method"] not in REFERENCE_METHODS
-                  and not _learned(s) and not _nan(_score(s))]
+                  and not _learned(s) and not missing(_score(s))]
     if not candidates:
         return "-"
     lower = rows[0]["task"] == "continuation"
@@ -88,8 +88,7 @@ def headline(summaries: list[dict[str, Any]]) -> str:
             by = {(s["method"], s["ratio"]): s for s in rows}
             digits = 2 if task == "continuation" else 3
             ceiling = by.get(("full_context", 1.0))
-            beyond = (ceiling is not None and task != "continuation" and not _nan(ceiling["accuracy"])
-                      and ceiling["accuracy"] < BEYOND_THE_MODEL)
+            beyond = ceiling is not None and task != "continuation" and beyond_the_model(ceiling["accuracy"])
             learned = [s for s in rows if _learned(s)]
             table.append({
                 "task": task + (" (perplexity)" if task == "continuation" else ""), "length": length,
@@ -135,13 +134,13 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                 lines += [f"Full-context ceiling: accuracy **{fmt(ceiling)}** (n={full[0]['n']})"
                           + (f"; no context (the question alone): **{fmt(floor[0]['accuracy'])}**" if floor else "")
                           + "."]
-                if not _nan(ceiling) and ceiling < BEYOND_THE_MODEL:
+                if beyond_the_model(ceiling):
                     lines += [f"**Beyond the model at this length**: the ceiling is under {BEYOND_THE_MODEL}, so "
                               "these accuracies do not rank the methods (read the answer log-probability instead)."]
                 lines.append("")
             by_turn = any(s.get("accuracy_by_turn") for s in rows)
             lines += [markdown_table(rows, MAIN_COLUMNS + ((BY_QUESTION,) if by_turn else ())), ""]
-            extra = [s for s in rows if not math.isnan(s.get("bleu", float("nan")))]
+            extra = [s for s in rows if not missing(s.get("bleu"))]
             if extra:
                 lines += [markdown_table(extra, TEXT_COLUMNS), ""]
             lines.append("")
@@ -185,7 +184,7 @@ def plot(summaries: list[dict[str, Any]], out: Path) -> list[Path]:
     # loglik scoring also has the per-token accuracy: a second row, readable when every exact
     # accuracy is 0 (a small model on long contexts)
     metrics = [("accuracy", "accuracy")]
-    if any(not _nan(s.get("token_accuracy")) for s in summaries):
+    if any(not missing(s.get("token_accuracy")) for s in summaries):
         metrics.append(("token_accuracy", "answer-token accuracy"))
     fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.5 * len(tasks), 3.6 * len(metrics)),
                              squeeze=False)

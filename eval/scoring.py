@@ -18,7 +18,7 @@ import torch
 from transformers.generation import BaseStreamer
 
 from compressors import CompressedLM, Memory
-from compressors.tables import Column
+from compressors.tables import Column, missing
 from compressors.tables import markdown_table as render_table
 
 from .metrics import substring_match, text_metrics
@@ -170,7 +170,7 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     def mean(key: str) -> float:
-        values = [r[key] for r in rows if key in r and r[key] is not None and not _isnan(r[key])]
+        values = [r[key] for r in rows if not missing(r.get(key))]
         return sum(values) / len(values) if values else float("nan")
 
     summary = dict(meta, n=len(rows))
@@ -182,10 +182,6 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
                 "bleu", "rouge_l"):
         summary["accuracy" if key == "correct" else key] = mean(key)
     return summary
-
-
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
 
 
 SUMMARY_COLUMNS = (

@@ -286,7 +286,7 @@ class KVSelection(Compressor):
 
     def budget(self, n: int, ratio: float) -> int:
         """Slots kept from ``n`` context tokens at ``ratio`` (``budget_rounding`` of the config)."""
-        return budget_for(n, ratio, getattr(self.compressor_config, "budget_rounding", "ceil"))
+        return budget_for(n, ratio, self.compressor_config.budget_rounding)
 
     def select(self, kv: dict[str, torch.Tensor], scores: list[torch.Tensor] | None, n: int,
                ratio: float) -> Memory:
