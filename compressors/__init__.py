@@ -16,6 +16,7 @@ from .gist import GistCompressor, GistConfig
 from .hub import load_compressor, save_compressor
 from .memory import Memory
 from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
+from .rcc import RCCCompressor, RCCConfig
 from .wrapper import CompressedLM
 
 __version__ = "0.1.0"
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
-    "GistCompressor", "GistConfig", "Memory", "UnknownCompressorError", "compressor_class", "load_base",
+    "GistCompressor", "GistConfig", "Memory", "RCCCompressor", "RCCConfig", "UnknownCompressorError", "compressor_class", "load_base",
     "load_compressor", "register_compressor", "save_compressor",
 ]

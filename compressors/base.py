@@ -80,7 +80,8 @@ class Compressor(nn.Module):
     ``multi_ratio`` (``compress_ratios``: several ratios from one pass), ``shares_prefill``
     (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
     ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
-    by passage). Every compressor gets the tokenizer through ``use_tokenizer`` (CompressedLM and the
+    by passage), ``reads_beyond_window`` (``compress`` accepts contexts longer than the base model's position
+    table, e.g. window by window; the method checks what its decoder needs itself). Every compressor gets the tokenizer through ``use_tokenizer`` (CompressedLM and the
     eval runner call it).
     """
 
@@ -94,6 +95,7 @@ class Compressor(nn.Module):
     shares_prefill: ClassVar[bool] = False
     prefill_is_own_cost: ClassVar[bool] = True  # shares_prefill: the shared prefill is what it would run alone
     compresses_passages: ClassVar[bool] = False
+    reads_beyond_window: ClassVar[bool] = False  # compress() takes contexts longer than the base's positions
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:
         super().__init__()
@@ -182,7 +184,7 @@ class Compressor(nn.Module):
                 f"context of {longest} tokens is longer than max_context_tokens="
                 f"{self.compressor_config.max_context_tokens} of this {self.compressor_type} compressor")
         limit = getattr(self.base_lm.config, "max_position_embeddings", None)
-        if limit is not None and longest > limit:
+        if limit is not None and longest > limit and not self.reads_beyond_window:
             raise ContextTooLongError(f"context of {longest} tokens exceeds the base model's {limit} positions")
         return attention_mask
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .adapters import add_named_lora
 from .base import Compressor, CompressorConfig, EncoderAdapter, register_compressor
 from .compat import cache_of, with_cache
 from .memory import Memory
@@ -78,7 +79,8 @@ class GistCompressor(EncoderAdapter, Compressor):
 
     def __init__(self, config: GistConfig, model: PreTrainedModel) -> None:
         if config.lora_r > 0 and not hasattr(model, "peft_config"):
-            model = _add_lora(model, config)  # PEFT freezes every non-LoRA weight
+            model = add_named_lora(model, {"default": config.lora_r}, config.lora_alpha, config.lora_dropout,
+                                   config.lora_target_modules)
         elif config.lora_r == 0:
             model.requires_grad_(False)
         super().__init__(config, model)
@@ -157,14 +159,6 @@ class GistCompressor(EncoderAdapter, Compressor):
     def separate_encoder(self) -> bool:
         """Whether the encoder has a LoRA adapter that the decoder must not use."""
         return self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder
-
-
-def _add_lora(model: PreTrainedModel, config: GistConfig) -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

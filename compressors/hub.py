@@ -2,8 +2,9 @@
 
 A folder holds ``compressor_config.json`` (type, hyper-parameters, base model id, revision and
 shape, tokenizer hash, ctxzip version), ``compressor.safetensors`` (the compressor's own weights),
-the LoRA part as a standard PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
-and a model card ``README.md``. Safetensors only, no pickles, no remote code.
+the LoRA parts as standard PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``: at the
+top for an adapter named ``default``, in a subfolder named after every other adapter, as PEFT saves
+several named adapters) and a model card ``README.md``. Safetensors only, no pickles, no remote code.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBa
         "base_signature": model_signature(base.config),
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "has_adapter": hasattr(compressor.model, "peft_config"),
+        "adapters": sorted(getattr(compressor.model, "peft_config", {})),
         "ctxzip_version": CTXZIP_VERSION,
     }
 
@@ -104,20 +106,36 @@ def save_compressor(compressor: Compressor, folder: str | os.PathLike,
         with atomic_path(folder / WEIGHTS_NAME) as tmp:
             save_file(own, str(tmp), metadata={"format": "pt"})
     if meta["has_adapter"]:
-        adapter_state = None if state_dict is None else {
-            k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as staging:  # PEFT writes a folder
-            compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state,
-                                             save_embedding_layers=False)  # no Hub lookup of the base
-            adapter_config = json.loads((Path(staging) / ADAPTER_CONFIG).read_text())
-            os.replace(Path(staging) / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)  # a rename: atomic
-        # PEFT records the base by the name it was loaded under; the artifact names it by the public id
-        # (the card's ``base_model``), which AutoPeftModelForCausalLM and ctxzip's load_base both resolve.
-        adapter_config["base_model_name_or_path"] = meta["base_model"]
-        write_json_atomic(folder / ADAPTER_CONFIG, adapter_config, sort_keys=True)
+        _save_adapters(compressor, folder, meta, state_dict)
     write_text_atomic(folder / "README.md", render_model_card(meta, eval_results))
     write_json_atomic(folder / CONFIG_NAME, meta, sort_keys=True)  # last: a folder with it is complete
     return folder
+
+
+def adapter_folder(folder: Path, name: str) -> Path:
+    """Where PEFT keeps adapter ``name`` of a saved model: the folder itself for ``default``, else a
+    subfolder named after it (what ``PeftModel.save_pretrained`` writes and ``load_adapter`` reads)."""
+    return folder if name == "default" else folder / name
+
+
+def _save_adapters(compressor: Compressor, folder: Path, meta: dict[str, Any],
+                   state_dict: dict[str, torch.Tensor] | None) -> None:
+    """Every named adapter in PEFT's folder format (``adapter_folder``), each file landing atomically."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as staging:  # PEFT writes folders
+        for name in meta["adapters"]:
+            adapter_state = None if state_dict is None else {
+                k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state,
+                                             selected_adapters=[name],
+                                             save_embedding_layers=False)  # no Hub lookup of the base
+            source, target = adapter_folder(Path(staging), name), adapter_folder(folder, name)
+            target.mkdir(parents=True, exist_ok=True)
+            adapter_config = json.loads((source / ADAPTER_CONFIG).read_text())
+            os.replace(source / ADAPTER_WEIGHTS, target / ADAPTER_WEIGHTS)  # a rename: atomic
+            # PEFT records the base by the name it was loaded under; the artifact names it by the public id
+            # (the card's ``base_model``), which AutoPeftModelForCausalLM and ctxzip's load_base both resolve.
+            adapter_config["base_model_name_or_path"] = meta["base_model"]
+            write_json_atomic(target / ADAPTER_CONFIG, adapter_config, sort_keys=True)
 
 
 def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -184,7 +202,7 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
     compressor = cls(cls.config_class.from_dict(meta["config"]), model)
     _load_own_weights(compressor, folder)
     if meta.get("has_adapter"):
-        _load_adapter(compressor, folder)
+        _load_adapter(compressor, folder, meta.get("adapters") or ["default"])
     compressor.eval()
     return compressor, tokenizer  # type: ignore[return-value]
 
@@ -206,17 +224,18 @@ def _load_own_weights(compressor: Compressor, folder: Path) -> None:
     load_exact(compressor, _read_safetensors(path), expected, str(path))
 
 
-def _load_adapter(compressor: Compressor, folder: Path) -> None:
+def _load_adapter(compressor: Compressor, folder: Path, names: list[str]) -> None:
     from peft import set_peft_model_state_dict
 
-    weights = _read_safetensors(folder / ADAPTER_WEIGHTS)
-    result = set_peft_model_state_dict(compressor.model, weights)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing_lora = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing_lora:
-        raise StateMismatchError(
-            f"{folder / ADAPTER_WEIGHTS} does not match the adapter: unexpected {unexpected[:5]}, "
-            f"missing {missing_lora[:5]}")
+    for name in names:
+        path = adapter_folder(folder, name) / ADAPTER_WEIGHTS
+        weights = _read_safetensors(path)
+        result = set_peft_model_state_dict(compressor.model, weights, adapter_name=name)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        missing_lora = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k and f".{name}." in k]
+        if unexpected or missing_lora:
+            raise StateMismatchError(
+                f"{path} does not match the {name!r} adapter: unexpected {unexpected[:5]}, missing {missing_lora[:5]}")
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
@@ -227,7 +246,8 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     # Only the artifact files: an output_dir also holds checkpoints and logs that must stay local.
-    artifact = [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md", CONFIG_NAME]
+    artifact = [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, f"*/{ADAPTER_WEIGHTS}", f"*/{ADAPTER_CONFIG}",
+                "README.md", CONFIG_NAME]
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                              allow_patterns=artifact)
     return str(getattr(info, "commit_url", info))

@@ -384,6 +384,38 @@ def autoencoding(rng: random.Random, spec: TaskSpec) -> Sample:
     return _sample(context, n, "Repeat the text.", context, -1.0, "", {})
 
 
+RECONSTRUCTION_QUESTION = "Repeat the text, continuing from the words your reply begins with."
+
+
+@register_task("reconstruction")
+def reconstruction(rng: random.Random, spec: TaskSpec, *, span_tokens: int = 64, cue_tokens: tuple[int, int] = (10, 20),
+                   ) -> Sample:
+    """A span of the context to be copied, cued by its first 10-20 tokens (RCC's reconstruction pre-training):
+    ``answer_prefix`` is the cue (the reply starts with it), ``answer`` the rest of the span (the loss and the
+    score are on it). The span starts at a random token of the context; the cue ends before a token that opens
+    a word, so that cue + answer is the span's text exactly."""
+    low, high = cue_tokens
+    if not 1 <= low <= high < span_tokens:
+        raise ValueError(f"cue_tokens must be 1 <= low <= high < span_tokens={span_tokens}, got {cue_tokens}")
+    if spec.context_tokens < span_tokens:
+        raise spec.too_small(span_tokens)
+    hay = spec.haystack
+    ids = hay.tokenizer(hay.text(spec.context_tokens + 16, hay.random_start(rng)), add_special_tokens=False).input_ids
+    if len(ids) < spec.context_tokens:
+        raise ValueError(f"source text too short for {spec.context_tokens} tokens")
+    ids = ids[:spec.context_tokens]
+    context = hay.decode(ids)
+    start = rng.randrange(0, len(ids) - span_tokens + 1)
+    span = ids[start:start + span_tokens]
+    cut = rng.randint(low, high)
+    opens_word = [i for i in range(low, high + 1) if hay.decode(span[i:i + 1])[:1].isspace()]
+    if opens_word:
+        cut = min(opens_word, key=lambda i: abs(i - cut))
+    cue, rest = hay.decode(span[:cut]), hay.decode(span[cut:])
+    return _sample(context, spec.count(context), RECONSTRUCTION_QUESTION, rest, start / len(ids), "",
+                   {"span_start": start, "span_tokens": span_tokens, "cue_tokens": cut}, answer_prefix=cue.lstrip())
+
+
 @register_task("continuation")
 def continuation(rng: random.Random, spec: TaskSpec, *, answer_tokens: int = 32) -> Sample:
     """Running text cut at ``context_tokens`` tokens; the answer is the next tokens."""

@@ -24,8 +24,11 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
         return summaries
     if untrained is not None:
         summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, "untrained", scoring)[0])
-    base = compressor.base_lm
-    with compressor.plain_base():
+    # The baselines read the plain base: the untrained compressor's when there is one (a method that trains
+    # the base's own weights, e.g. RCC with train_mode full, has no plain base of its own).
+    reference = untrained if untrained is not None else compressor
+    base = reference.base_lm
+    with reference.plain_base():
         truncation = Truncation(TruncationConfig(ratio=max(1.0, trained.achieved_ratio)), base)
         summaries.append(score_rows(CompressedLM(truncation, tokenizer), rows, "truncation", scoring)[0])
         full = CompressedLM(FullContext(FullContextConfig(), base), tokenizer)

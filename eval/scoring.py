@@ -23,7 +23,7 @@ from compressors.tables import markdown_table as render_table
 
 from .metrics import substring_match, text_metrics
 
-GENERATION_TASKS = ("autoencoding",)  # always scored by generation + text metrics
+GENERATION_TASKS = ("autoencoding", "reconstruction")  # always scored by generation + text metrics
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Summary:
     memory_bytes: float
     n: int
     token_accuracy: float = float("nan")  # loglik scoring only: mean fraction of answer tokens right
+    bleu: float = float("nan")  # generation scoring only: mean sentence BLEU-4 of the replies
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]], method: str, scoring: str) -> Summary:
@@ -154,7 +155,7 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
         nll = score_continuation(clm, memory, row["answer"])
         out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
     elif task in GENERATION_TASKS or scoring == "generate":
-        budget = max_new_tokens if task not in GENERATION_TASKS else row["context_tokens"] + 8
+        budget = max_new_tokens if task not in GENERATION_TASKS else len(clm.layout.encode(row["answer"])) + 8
         prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget,
                                       reply_prefix=row.get("answer_prefix") or ""))
         metrics = text_metrics(prediction, row["answer"])
@@ -186,7 +187,7 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
 
 SUMMARY_COLUMNS = (
     Column("method", "method"), Column("scoring", "scoring"), Column("accuracy", "accuracy"),
-    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"),
+    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"), Column("BLEU-4", "bleu"),
     Column("achieved ratio", "achieved_ratio", digits=2), Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1),
     Column("n", "n"))
 

@@ -30,6 +30,7 @@ def settings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.getbasetemp()
     return {
         "gist": dict(tokens_per_gist=4, segment_length=32, lora_r=2),
+        "rcc": dict(window=16, rate=4, lora_r=2, decoder_lora_r=2),
         "color": dict(max_new_tokens=6, lora_r=2),
         "cskv": dict(density=0.5, window=4),
         "qfilters": dict(ratio=2.0, calibration_tokens=256, calibration_seq_len=128,
@@ -71,7 +72,7 @@ def build(name: str, config: dict, base) -> CompressedLM:
 @pytest.fixture
 def clm(request, base, tmp_path_factory):
     model, tokenizer = base
-    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv") else model
+    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv", "rcc") else model
     # learned methods wrap or hook their own copy of the base; the training-free ones share one
     return build(request.param, settings(request.param, tmp_path_factory), (fresh, tokenizer))
 
@@ -93,7 +94,7 @@ ALL = sorted(COMPRESSORS)
 
 
 def test_every_registered_compressor_is_covered() -> None:
-    assert set(ALL) >= {"gist", "color", "cskv", "full_context", "truncation", "snapkv"}
+    assert set(ALL) >= {"gist", "color", "cskv", "rcc", "full_context", "truncation", "snapkv"}
 
 
 @pytest.mark.parametrize("clm", ALL, indirect=True)

@@ -239,6 +239,17 @@ def test_autoencoding_and_continuation(tok) -> None:
         assert abs(count(tok, row["answer"]) - 20) <= 2
 
 
+def test_reconstruction_copies_a_span_of_the_context_cued_by_its_first_tokens(tok) -> None:
+    for row in build(tok, "reconstruction", span_tokens=40, cue_tokens=(10, 20)):
+        meta = json.loads(row["metadata"])
+        assert row["context_tokens"] == 256 and 10 <= meta["cue_tokens"] <= 20
+        assert row["answer_prefix"] and row["answer"][:1].isspace()  # the cue ends before a word
+        assert (row["answer_prefix"] + row["answer"]) in row["context"]
+        assert abs(count(tok, row["answer_prefix"] + row["answer"]) - 40) <= 2
+    with pytest.raises(ValueError, match="cue_tokens"):
+        build(tok, "reconstruction", span_tokens=10, cue_tokens=(10, 20))
+
+
 def test_datasets_of_different_tasks_concatenate(tok) -> None:
     mixed = datasets.concatenate_datasets([build(tok, name, num_samples=1) for name in TASKS])
     assert sorted(mixed["task"]) == sorted(TASKS)

@@ -60,7 +60,7 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
     assert parsed[1].tokens_per_gist == 8
 
 
-RECIPES = ["gist", "color_dpo", "cskv"]
+RECIPES = ["gist", "color_dpo", "cskv", "rcc"]
 
 
 def field_helps(recipe: str) -> dict[tuple[str, str], str]:
@@ -217,3 +217,20 @@ def test_resume_from_checkpoint_path_continues_that_run(tmp_path: Path) -> None:
     expected, got = losses(first), losses(second)
     assert sorted(got) == [1, 2, 3]
     assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_rcc_recipe_one_step_exports_both_adapters_and_reloads(tmp_path: Path) -> None:
+    """The RCC quickstart on the tiny model: a reconstruction + passkey step with both objectives, the export
+    (projections, the encoder's and decoder's PEFT adapters) and the reload check the recipe runs itself."""
+    out = tmp_path / "rcc"
+    args = ["--config", str(ROOT / "recipes/configs/rcc/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
+            "--train_samples_per_task", "4", "--context_tokens", "80", "--window", "32", "--rate", "8",
+            "--per_device_train_batch_size", "4", "--max_steps", "1", "--num_eval_samples", "1",
+            "--eval_task", "passkey", "--output_dir", str(out)]
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "rcc.py"), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| trained |" in result.stdout and "reloads and generates identically" in result.stdout
+    for name in ("compressor_config.json", "compressor.safetensors", "encoder/adapter_model.safetensors",
+                 "decoder/adapter_model.safetensors", "README.md"):
+        assert (out / name).is_file(), name

@@ -99,7 +99,7 @@ def test_score_rows_loglik_summary(clm: CompressedLM) -> None:
     assert summary.answer_logprob == pytest.approx(sum(p["answer_logprob"] for p in predictions) / 2)
     assert predictions[1]["answer_logprob"] < predictions[0]["answer_logprob"]
     assert set(summary.as_row()) == {"method", "accuracy", "answer_logprob", "achieved_ratio", "memory_bytes", "n",
-                                     "scoring", "token_accuracy"}
+                                     "scoring", "token_accuracy", "bleu"}
     assert 0.0 <= summary.token_accuracy <= 1.0 and predictions[0]["token_accuracy"] == 1.0
 
 
@@ -150,10 +150,10 @@ def test_markdown_table() -> None:
                          n=8, scoring="loglik")]
     lines = markdown_table(summaries).splitlines()
     assert lines == [
-        "| method | scoring | accuracy | answer-token acc | answer log-prob | achieved ratio | memory KiB | n |",
-        "|---|---|---|---|---|---|---|---|",
-        "| gist | loglik | 0.750 | 0.900 | -1.235 | 4.00 | 2.0 | 8 |",
-        "| full_context | loglik | 1.000 | - | -0.500 | 1.00 | 10.5 | 8 |",  # no such number: "-"
+        "| method | scoring | accuracy | answer-token acc | answer log-prob | BLEU-4 | achieved ratio | memory KiB | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| gist | loglik | 0.750 | 0.900 | -1.235 | - | 4.00 | 2.0 | 8 |",
+        "| full_context | loglik | 1.000 | - | -0.500 | - | 1.00 | 10.5 | 8 |",  # no such number: "-"
     ]
     assert markdown_table([]).count("\n") == 1  # the header alone
 

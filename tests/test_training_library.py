@@ -219,3 +219,30 @@ def test_main_process_first_runs_the_block_in_a_single_process(tmp_path: Path) -
     with main_process_first(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])):
         ran.append(True)
     assert ran == [True]
+
+
+def test_instruction_reconstruction_compresses_the_question_and_the_reply_repeats_it(tiny) -> None:
+    """The memory holds context + question; the decoder is asked to repeat the question, then answers it: labels
+    on that whole reply. A reconstruction row's cue ends the prompt (labels on the rest of the span only)."""
+    from compressors.conversation import SEPARATOR
+    from trainers import MemoryCollator
+    from trainers.objectives import INSTRUCTION_RECONSTRUCTION_PROMPT, build_target, memory_context
+
+    _, tokenizer = tiny()
+    collator = MemoryCollator(tokenizer, max_context_tokens=512, max_target_tokens=128)
+    row = {"task": "instruction_reconstruction", "context": "The pass key is 123.", "question": "What is the key?",
+           "answer": "123", "answer_prefix": "The pass key is"}
+    assert memory_context(row) == "The pass key is 123." + SEPARATOR + "What is the key?"
+    batch = collator([row])
+    layout = collator.layout
+    assert batch["context_ids"][0].tolist() == layout.context_ids(memory_context(row))
+    target = build_target(layout, row, 128)
+    prompt = layout.prompt_ids(INSTRUCTION_RECONSTRUCTION_PROMPT)
+    reply = [t for t in target.labels if t != -100]
+    assert target.input_ids[:len(prompt)] == prompt and target.prompt_length == len(prompt)
+    assert tokenizer.decode(reply, skip_special_tokens=True) == "What is the key?\nThe pass key is 123"
+    copy = {"task": "reconstruction", "context": "one two three four five six", "question": "Repeat the text.",
+            "answer": " four five six", "answer_prefix": "one two three"}
+    target = build_target(layout, copy, 128)
+    assert target.input_ids[:target.prompt_length] == layout.prompt_ids("Repeat the text.", "one two three")
+    assert tokenizer.decode([t for t in target.labels if t != -100], skip_special_tokens=True) == " four five six"

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from compressors.conversation import ConversationLayout
 from compressors.wrapper import left_pad
 
-from .objectives import OBJECTIVES, build_target, objective_of
+from .objectives import OBJECTIVES, build_target, memory_context, objective_of
 
 
 @dataclass
@@ -19,8 +19,8 @@ class MemoryCollator:
     """Tokenize rows with ``context`` / ``question`` / ``answer`` into a compressor training batch.
 
     The composition is ``CompressedLM``'s (``ConversationLayout``): a context is the beginning of a
-    conversation (the chat template's prefix, then the context: its last tokens when it is longer than
-    ``max_context_tokens``), left-padded (segments are cut from the right, so padding stays in the first);
+    conversation (the chat template's prefix, then the context, and the question too under instruction
+    reconstruction: its last tokens when it is longer than ``max_context_tokens``), left-padded (segments are cut from the right, so padding stays in the first);
     decoder targets (prompt + reply) are right-padded with labels -100 on padding, and ``prompt_lengths``
     marks where each row's prompt ends.
     """
@@ -44,7 +44,7 @@ class MemoryCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
-        context_ids, context_mask = left_pad([self.context_ids(r["context"]) for r in rows], pad)
+        context_ids, context_mask = left_pad([self.context_ids(memory_context(r)) for r in rows], pad)
         targets = [build_target(self.layout, r, self.max_target_tokens) for r in rows]
         length = max(len(t.input_ids) for t in targets)
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)

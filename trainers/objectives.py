@@ -3,7 +3,11 @@
 Every objective conditions the decoder on the Memory of ``context`` and puts labels on a target:
 - ``autoencoding``: reconstruct the context (ICAE / 500xCompressor pretraining);
 - ``continuation``: predict the text that follows the context (right after the memory, no prompt);
-- ``sft``: answer ``question`` about the context (labels on the answer and the end of the turn only).
+- ``sft``: answer ``question`` about the context (labels on the answer and the end of the turn only);
+- ``reconstruction``: copy a span of the context, cued by its first tokens (RCC's pre-training; the
+  ``reconstruction`` task puts the cue in ``answer_prefix``: labels on the rest of the span only);
+- ``instruction_reconstruction``: the question is compressed with the context (``memory_context``); the
+  decoder regenerates the question, then answers it (RCC's remedy when the instruction is compressed too).
 The memory is the beginning of a conversation and the target continues it, through the same
 ``compressors.conversation.ConversationLayout`` that ``CompressedLM`` uses at inference.
 A row's objective follows from its ``task`` column; objective weights scale per-example losses.
@@ -17,19 +21,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from compressors.conversation import ConversationLayout
+from compressors.conversation import SEPARATOR, ConversationLayout, continuation_text
 
-OBJECTIVES = ("autoencoding", "continuation", "sft")
+OBJECTIVES = ("autoencoding", "continuation", "sft", "reconstruction", "instruction_reconstruction")
 AUTOENCODING_PROMPT = "Repeat the text."
+INSTRUCTION_RECONSTRUCTION_PROMPT = "Repeat the question at the end of the text, then answer it."
+INSTRUCTION_RECONSTRUCTION_TASK = "instruction_reconstruction"
 
 
 def objective_of(row: dict[str, Any]) -> str:
     task = row.get("task", "")
-    if task in ("autoencoding", "reconstruction"):
-        return "autoencoding"
+    if task in ("autoencoding", "reconstruction", INSTRUCTION_RECONSTRUCTION_TASK):
+        return task
     if task == "continuation" or not row.get("question"):
         return "continuation"
     return "sft"
+
+
+def memory_context(row: dict[str, Any]) -> str:
+    """The text the memory compresses for ``row``: its context, followed by its question under
+    instruction reconstruction (the question is then part of what is compressed)."""
+    if objective_of(row) == INSTRUCTION_RECONSTRUCTION_TASK:
+        return row["context"] + SEPARATOR + row["question"]
+    return row["context"]
+
+
+def instruction_reconstruction_reply(row: dict[str, Any]) -> str:
+    """The reply the decoder learns under instruction reconstruction: the question, then the answer (after
+    its answer prefix when the row has one)."""
+    prefix = row.get("answer_prefix") or ""
+    answer = prefix + continuation_text(row["answer"], prefix)
+    return row["question"] + "\n" + answer
 
 
 @dataclass
@@ -50,9 +72,13 @@ def build_target(layout: ConversationLayout, row: dict[str, Any], max_target_tok
     if objective == "continuation":
         ids = layout.encode(row["answer"])[:max_target_tokens]
         return DecoderTarget(ids, list(ids), 0)
-    question = AUTOENCODING_PROMPT if objective == "autoencoding" else row["question"]
-    prefix = (row.get("answer_prefix") or "") if objective == "sft" else ""
-    prompt, reply = layout.prompt_ids(question, prefix), layout.reply_ids(row["answer"], prefix)
+    if objective == INSTRUCTION_RECONSTRUCTION_TASK:
+        prompt = layout.prompt_ids(INSTRUCTION_RECONSTRUCTION_PROMPT)
+        reply = layout.reply_ids(instruction_reconstruction_reply(row))
+    else:
+        question = AUTOENCODING_PROMPT if objective == "autoencoding" else row["question"]
+        prefix = (row.get("answer_prefix") or "") if objective in ("sft", "reconstruction") else ""
+        prompt, reply = layout.prompt_ids(question, prefix), layout.reply_ids(row["answer"], prefix)
     ids, labels = prompt + reply, [-100] * len(prompt) + reply
     return DecoderTarget(ids[:max_target_tokens], labels[:max_target_tokens], min(len(prompt), max_target_tokens))
 

@@ -21,6 +21,8 @@ from trl import ModelConfig, get_quantization_config
 from compressors.models import EMBEDDED_MODEL, load_base, local_model_name
 from data import build_task
 
+from .objectives import INSTRUCTION_RECONSTRUCTION_TASK, objective_of
+
 # ModelConfig's LoRA settings: in the recipes the compressor config's LoRA fields are used instead.
 PEFT_FIELDS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
@@ -139,10 +141,19 @@ class CompressorScriptArguments:
         "help": "weight of the autoencoding objective (rebuild the context from the memory)"})
     continuation_weight: float = field(default=1.0, metadata={
         "help": "weight of the LM-continuation objective (continue the text after the context)"})
+    reconstruction_weight: float = field(default=1.0, metadata={
+        "help": "weight of the reconstruction objective (copy a span of the context cued by its first tokens: "
+                "rows of the reconstruction task)"})
+    instruction_reconstruction_weight: float = field(default=0.0, metadata={
+        "help": "weight of instruction reconstruction: when > 0, every question-answering train task also gives "
+                "train_samples_per_task rows whose question is compressed with the context; the decoder "
+                "regenerates the question, then answers"})
     eval_task: str = field(default="passkey", metadata={"help": "held-out task of the final evaluation table"})
     num_eval_samples: int = field(default=50, metadata={"help": "held-out rows evaluated after training (0 = none)"})
     eval_scoring: str = field(default="loglik", metadata={"help": "loglik (fast) or generate"})
     eval_baselines: bool = field(default=True, metadata={"help": "compare with untrained, truncation, full"})
+    check_reload: bool = field(default=True, metadata={
+        "help": "after the export, reload the folder and check that it generates what the trained compressor does"})
     fused_lm_loss: bool = field(default=False, metadata={
         "help": "compute the decoder's LM loss with Liger-Kernel's fused linear cross-entropy (Triton: a GPU, "
                 "or the CPU under TRITON_INTERPRET=1); the vocabulary's logits are never materialized"})
@@ -150,15 +161,26 @@ class CompressorScriptArguments:
     @property
     def objective_weights(self) -> dict[str, float]:
         return {"sft": self.sft_weight, "autoencoding": self.autoencoding_weight,
-                "continuation": self.continuation_weight}
+                "continuation": self.continuation_weight, "reconstruction": self.reconstruction_weight,
+                "instruction_reconstruction": self.instruction_reconstruction_weight}
 
 
 def build_train_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTokenizerBase,
                         seed: int) -> datasets.Dataset:
-    """Mix ``train_samples_per_task`` rows of each training task, shuffled."""
-    parts = [build_task(task, tokenizer, num_samples=args.train_samples_per_task,
-                        context_tokens=args.context_tokens, seed=seed, split="train", source=args.data_source)
-             for task in args.train_tasks]
+    """Mix ``train_samples_per_task`` rows of each training task, shuffled; with instruction reconstruction,
+    as many rows again of each question-answering task (other samples) marked for that objective."""
+    def rows(task: str, task_seed: int) -> datasets.Dataset:
+        return build_task(task, tokenizer, num_samples=args.train_samples_per_task, context_tokens=args.context_tokens,
+                          seed=task_seed, split="train", source=args.data_source)
+
+    parts = [rows(task, seed) for task in args.train_tasks]
+    if args.instruction_reconstruction_weight > 0:
+        qa_tasks = [task for task, part in zip(args.train_tasks, parts) if objective_of(part[0]) == "sft"]
+        if not qa_tasks:
+            raise ValueError("instruction_reconstruction_weight > 0 needs a question-answering task in train_tasks "
+                             f"(passkey, fact_qa, ...), got {args.train_tasks}")
+        parts += [rows(task, seed + 1).map(lambda row: {"task": INSTRUCTION_RECONSTRUCTION_TASK})
+                  for task in qa_tasks]
     return datasets.concatenate_datasets(parts).shuffle(seed=seed)
 
 

@@ -1,0 +1,75 @@
+"""The body of every memory-compressor recipe (gist, RCC, ...): train, rebuild, evaluate, export, check.
+
+A recipe is then its parser and one call: ``train_memory_compressor(GistCompressor, gist_config, ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers import TrainingArguments, set_seed
+
+from compressors import Compressor, CompressorConfig
+from eval.compare import compare_with_baselines, print_table
+
+from .collator import MemoryCollator
+from .export import (
+    check_export_reloads,
+    process_local_models,
+    rebuild_trained,
+    save_and_push,
+    train_resumable,
+)
+from .memory_trainer import MemoryCompressorTrainer
+from .script_args import (
+    CompressorModelConfig,
+    CompressorScriptArguments,
+    base_model_kwargs,
+    base_model_name,
+    build_eval_dataset,
+    build_train_dataset,
+    load_base_model,
+    prepare_training_args,
+)
+
+
+def train_memory_compressor(compressor_cls: type[Compressor], config: CompressorConfig,
+                            script_args: CompressorScriptArguments, training_args: TrainingArguments,
+                            model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
+    """Train ``compressor_cls(config, base)`` with ``MemoryCompressorTrainer`` on the script's tasks and
+    objectives (auto-resuming), then on the main process: rebuild it on a plain base, compare it with the
+    untrained compressor, truncation at its ratio, the full context and no context on held-out rows, export
+    it (and push when asked), and check that the export reloads and generates identically. Returns the
+    evaluation rows (``None`` on the other processes)."""
+    push = prepare_training_args(training_args)
+    set_seed(training_args.seed)
+    model, tokenizer = load_base_model(model_args)
+    trainer = MemoryCompressorTrainer(
+        model=compressor_cls(config, model), args=training_args, processing_class=tokenizer,
+        train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
+        data_collator=MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens),
+        objective_weights=script_args.objective_weights, fused_lm_loss=script_args.fused_lm_loss)
+    trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
+    if not trainer.is_world_process_zero():
+        return None
+    plain = base_model_kwargs(model_args, quantized=False)
+    final = rebuild_trained(compressor_cls, config, base_model_name(model_args), trained, **plain)
+    rows: list[dict[str, Any]] = []
+    # at least one held-out row: the reload check compresses its context
+    eval_rows = build_eval_dataset(dataclasses.replace(script_args, num_eval_samples=max(
+        1, script_args.num_eval_samples)), tokenizer, training_args.seed)
+    if script_args.num_eval_samples > 0:
+        final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
+        with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
+            untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0])
+        untrained.to(training_args.device)
+        summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
+                                           untrained=untrained, baselines=script_args.eval_baselines)
+        print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
+        rows = [s.as_row() for s in summaries]
+    folder = save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push,
+                           training_args.hub_model_id)
+    if script_args.check_reload:
+        check_export_reloads(final, tokenizer, folder, eval_rows[0]["context"], plain["dtype"])
+    return rows
