@@ -12,7 +12,10 @@ padded, never tiled. The decoder reads one placeholder position per kept state: 
 projection ``E`` sets the placeholder's input (``E(state_0)``) and after decoder layer i a projection
 ``A_i`` adds ``A_i(state_{i+1})`` to the placeholder's residual stream (module forward hooks on the
 decoder layers; the modeling code is not forked). ``E`` and ``A_i`` are d x d without bias, so with zero
-projections nothing is added and the decoder is exactly the base model reading zero vectors.
+projections nothing is added and the decoder is exactly the base model reading zero vectors. As in the
+public code there is one ``A_i`` per layer, the last one included; that one adds to the placeholders'
+output of the last layer, which no later layer reads and no loss sees, so it never trains (kept for
+fidelity: it costs d x d parameters and nothing at run time that matters).
 
 In a conversation the chat template's prefix is not compressed: the decoder reads the prefix tokens, then
 the placeholders of the context, then the prompt that closes the user turn.
@@ -125,6 +128,9 @@ class RCCCompressor(Compressor):
             raise ValueError(f"window={config.window} is longer than the base model's {limit} positions")
         encoder = None
         if config.train_mode == "full":
+            if any(hasattr(p, "ds_id") for p in model.parameters()):
+                raise ValueError("train_mode full copies the base model into the encoder, which a model partitioned "
+                                 "by DeepSpeed ZeRO-3 cannot be; use ZeRO-2 (accelerate_configs/zero2.yaml) or lora")
             encoder = copy.deepcopy(model)  # the paper's encoder: a full copy of the LM, trained on its own
             for lm in (model, encoder):
                 lm.requires_grad_(True)
@@ -235,6 +241,9 @@ class RCCCompressor(Compressor):
                  query_ids: torch.Tensor | None = None) -> Memory:
         """Encode ``context_ids`` ([batch, length], left padding allowed) window by window; return the
         decoder's KV over [template prefix; placeholders] after injection (kind ``kv``)."""
+        if self.layout is None:  # which leading tokens are the template's (kept as they are) depends on it
+            raise RuntimeError("bind the tokenizer first (compressor.use_tokenizer(tokenizer)): RCC keeps the chat "
+                               "template's prefix uncompressed, in training exactly as in CompressedLM")
         attention_mask = self.check_context(context_ids, attention_mask)
         prefix = self.template_tokens
         rows = [ids[mask.bool()] for ids, mask in zip(context_ids, attention_mask)]

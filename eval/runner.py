@@ -158,6 +158,15 @@ class Method:
         """Methods whose ratio is fixed by their own config (learned ones, the full and no context)."""
         return self.name in ("full_context", NO_CONTEXT) or self.learned is not None
 
+    @property
+    def reads_beyond_window(self) -> bool:
+        """Whether the method runs on contexts longer than the base model's positions (no context always does)."""
+        if self.name == NO_CONTEXT:
+            return True
+        if self.learned is not None:
+            return self.learned.reads_beyond_window
+        return COMPRESSORS[self.name].reads_beyond_window
+
     def compressor(self, ratio: float) -> Compressor:
         if self.learned is not None:
             return self.learned
@@ -224,12 +233,25 @@ def achieved(memory: Any) -> tuple[float, float]:
     return memory.ratio, sum(real) / len(real)
 
 
-def check_length(model: Any, lengths: list[int]) -> None:
+def beyond_window(model: Any, length: int) -> bool:
+    """Whether a context of ``length`` tokens (+ ``PROMPT_MARGIN`` for the question and answer) is longer than
+    the base model's positions: only methods that read beyond the window (RCC, truncation) can run there."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and max(lengths) + PROMPT_MARGIN > limit:
-        raise ContextTooLongError(
-            f"context length {max(lengths)} (+{PROMPT_MARGIN} tokens for the question and answer) "
-            f"exceeds the base model's {limit} positions")
+    return limit is not None and length + PROMPT_MARGIN > limit
+
+
+def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
+    """Refuse a length at which no evaluated method but no-context can run; say which are skipped."""
+    for length in (n for n in lengths if beyond_window(model, n)):
+        able = [m.label for m in methods if m.reads_beyond_window and m.name != NO_CONTEXT]
+        if not able:
+            raise ContextTooLongError(
+                f"context length {length} (+{PROMPT_MARGIN} tokens for the question and answer) exceeds the base "
+                f"model's {model.config.max_position_embeddings} positions, and none of the methods reads beyond "
+                "them (RCC and truncation do)")
+        skipped = [m.label for m in methods if not m.reads_beyond_window]
+        print(f"context length {length} is beyond the base model's {model.config.max_position_embeddings} "
+              f"positions: {', '.join(skipped) or 'no method'} cannot run there (skipped); {', '.join(able)} can")
 
 
 def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
@@ -253,15 +275,17 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
 
     cfg.validate()
     model, tokenizer, base = load_model_for(cfg)
-    check_length(model, cfg.context_lengths)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
     methods = [Method(name, model, tokenizer, base, cfg.dtype) for name in names]
+    check_length(model, cfg.context_lengths, methods)
     plan = []  # (task label, length, method, pending ratios)
     for task in (task_label(cfg, t) for t in cfg.tasks):
         for length in task_lengths(cfg, task):
             for method in methods:
+                if beyond_window(model, length) and not method.reads_beyond_window:
+                    continue
                 # ratio 0 = "native": a learned compressor's ratio is fixed by its own config
                 ratios = ([1.0] if method.name == "full_context" else [0.0]) if method.ratio_free else cfg.ratios
                 pending = [r for r in ratios

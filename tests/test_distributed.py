@@ -73,13 +73,15 @@ def assert_lora_trained(folder: Path) -> None:
     assert any(bool(t.abs().sum() > 0) for k, t in adapter.items() if "lora_B" in k), "no LoRA weight trained"
 
 
-def assert_own_tensors_trained(folder: Path, initial: dict[str, torch.Tensor]) -> None:
-    """The compressor's own tensors (compressor.safetensors) are finite and differ from their init."""
+def assert_own_tensors_trained(folder: Path, initial: dict[str, torch.Tensor], unreached: tuple[str, ...] = ()) -> None:
+    """The compressor's own tensors (compressor.safetensors) are finite and differ from their init (but those
+    ``unreached`` by any loss, which must keep it)."""
     trained = load_file(str(folder / "compressor.safetensors"))
     assert set(trained) == set(initial)
     for name, tensor in trained.items():
         assert torch.isfinite(tensor).all(), f"{name} is not finite"
-        assert not torch.equal(tensor, initial[name].to(tensor.dtype)), f"{name} did not change"
+        changed = not torch.equal(tensor, initial[name].to(tensor.dtype))
+        assert changed != (name in unreached), f"{name} {'changed' if changed else 'did not change'}"
 
 
 def check_runs(recipe: str, args: list[str], tmp_path: Path,
@@ -105,7 +107,8 @@ def initial_own_tensors(recipe: str, args: list[str], tmp_path: Path) -> dict[st
 
     _, config, _, model_args = load_recipe(recipe).make_parser().parse_args_and_config(
         [*args, "--output_dir", str(tmp_path / "parsed")])
-    cls = next(compressor_class(name) for name in ("gist", "cskv") if isinstance(config, compressor_class(name).config_class))
+    cls = next(compressor_class(name) for name in ("gist", "cskv", "rcc")
+               if isinstance(config, compressor_class(name).config_class))
     return cls(config, load_base(model_args.model_name_or_path)[0]).own_state_dict()
 
 
@@ -120,6 +123,24 @@ def test_gist_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path:
         assert logs["loss_sft"] == pytest.approx(logs["loss"], abs=2e-4) and logs["compression_ratio"] > 1
         assert_own_tensors_trained(out, initial)
         assert_lora_trained(out)
+
+
+def test_rcc_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
+    """Both objectives of the quickstart, the decoder's adapter and the projections."""
+    args = ["--config", str(ROOT / "recipes/configs/rcc/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
+            "--train_samples_per_task", "2", "--context_tokens", "72", "--window", "32", "--rate", "8", "--lora_r", "4",
+            "--decoder_lora_r", "4", "--num_eval_samples", "0", "--check_reload", "false"]
+    outs = check_runs("rcc", args, tmp_path)
+    initial = initial_own_tensors("rcc", args, tmp_path)
+    for out in outs.values():
+        assert first_log(out)["compression_ratio"] > 1
+        # the injection after the last decoder layer: no later layer reads the placeholders' residual there
+        assert_own_tensors_trained(out, initial, unreached=("layer_projections.1.weight",))
+        assert_lora_trained(out / "decoder")
+        # With E = I and A_i = 0 at init, no encoder state but the embeddings reaches a loss at step 1, so the
+        # encoder's adapter starts training at step 2 (test_rcc's overfitting test checks that it does).
+        encoder = load_file(str(out / "encoder" / "adapter_model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in encoder.values())
 
 
 def test_cskv_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:

@@ -103,12 +103,25 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
     (["--compressor", "snapkv", "--tasks", "no_such_task"], "unknown task"),
     (["--compressor", "no_such_baseline"], "unknown compressor"),
     (["--compressor", "snapkv", "--ratios", "0.5,2"], "ratios must be >= 1"),
-    (["--compressor", "snapkv", "--context-length", "5000"], "exceeds the base model's 4096 positions"),
+    (["--compressor", "snapkv", "--context-length", "5000", "--no-references"],
+     "exceeds the base model's 4096 positions"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
     assert main(args + ["--base-model", "tiny-random-llama", "--output-dir", str(tmp_path / "x"),
                         "--num-samples", "1", "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_beyond_the_base_window_only_the_methods_that_read_beyond_it_run(tmp_path, capsys):
+    out = tmp_path / "long"
+    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--context-length", "256,5000", "--ratios", "4",
+                 "--num-samples", "1", "--n-prompts", "2", "--base-model", "tiny-random-llama", "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    assert "snapkv, full_context cannot run there" in capsys.readouterr().out.replace("full_context, snapkv",
+                                                                                        "snapkv, full_context")
+    ran = {(s["method"], s["context_length"]) for s in json.loads((out / "metrics.json").read_text())["results"]}
+    assert {("truncation", 5000), ("no_context", 5000), ("snapkv", 256), ("full_context", 256)} <= ran
+    assert not {("snapkv", 5000), ("full_context", 5000)} & ran
 
 
 @pytest.mark.parametrize("multi_turn", [False, True])

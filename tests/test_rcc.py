@@ -122,6 +122,9 @@ def test_a_context_beyond_the_base_models_positions_is_compressed_window_by_wind
 
 
 def test_bad_configs_are_clear_errors(tokenizer) -> None:
+    unbound = RCCCompressor(RCCConfig(window=16, rate=4, lora_r=2), tiny_llama(vocab_size=len(tokenizer)))
+    with pytest.raises(RuntimeError, match="use_tokenizer"):  # training must lay the context out as inference
+        unbound.compress(torch.ones(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="not a multiple of rate"):
         RCCConfig(window=100, rate=32)
     with pytest.raises(ValueError, match="train_mode"):

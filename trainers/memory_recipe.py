@@ -45,8 +45,10 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     push = prepare_training_args(training_args)
     set_seed(training_args.seed)
     model, tokenizer = load_base_model(model_args)
+    # the compressor reads contexts laid out as the collator lays them out (e.g. which tokens are the template's)
+    compressor = compressor_cls(config, model).use_tokenizer(tokenizer)
     trainer = MemoryCompressorTrainer(
-        model=compressor_cls(config, model), args=training_args, processing_class=tokenizer,
+        model=compressor, args=training_args, processing_class=tokenizer,
         train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
         data_collator=MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens),
         objective_weights=script_args.objective_weights, fused_lm_loss=script_args.fused_lm_loss)

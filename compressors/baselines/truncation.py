@@ -4,7 +4,8 @@ The floor of every comparison at a memory budget. ``keep="recent"`` keeps the la
 ``ceil(n / ratio)`` tokens; ``keep="first_last"`` keeps half the budget from each end. The kept
 tokens are re-encoded on their own at positions ``0..budget-1`` (true truncation, not KV eviction).
 The chat template's prefix at the start of the context (``Compressor.template_tokens``) is always kept
-and counts toward the budget: a truncated conversation is still a conversation.
+and counts toward the budget: a truncated conversation is still a conversation. Only the kept tokens are
+read, so the context may be longer than the base model's positions as long as the kept part fits them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Compressor, CompressorConfig, register_compressor
+from ..errors import ContextTooLongError
 from ..memory import Memory
 from .full_context import prefill_kv
 
@@ -49,6 +51,7 @@ class Truncation(Compressor):
     compressor_type = "truncation"
     config_class = TruncationConfig
     memory_kind = "kv"
+    reads_beyond_window = True
 
     def budget(self, length: int) -> int:
         return max(1, math.ceil(length / self.compressor_config.ratio))
@@ -63,6 +66,10 @@ class Truncation(Compressor):
             kept = kept_indices(length, self.budget(length), self.compressor_config.keep, self.template_tokens)
             rows.append(real[kept])
         slots = max(len(r) for r in rows)
+        limit = getattr(self.base_lm.config, "max_position_embeddings", None)
+        if limit is not None and slots > limit:
+            raise ContextTooLongError(f"truncation keeps {slots} tokens, more than the base model's {limit} positions: "
+                                      f"use a ratio above {max(lengths) / limit:.2f}")
         pad = self.base_lm.config.pad_token_id or 0
         ids = torch.full((len(rows), slots), pad, dtype=context_ids.dtype, device=context_ids.device)
         kept_mask = torch.zeros_like(ids)
