@@ -134,7 +134,7 @@ class RCCCompressor(Compressor):
             encoder = copy.deepcopy(model)  # the paper's encoder: a full copy of the LM, trained on its own
             for lm in (model, encoder):
                 lm.requires_grad_(True)
-                lm.get_input_embeddings().requires_grad_(False)  # the (tied) vocabulary stays shared and frozen
+                lm.get_input_embeddings().requires_grad_(False)  # the (tied) vocabulary stays frozen in both
                 lm.get_output_embeddings().requires_grad_(False)
         elif not hasattr(model, "peft_config"):
             adapters = {self.ENCODER: config.lora_r}
