@@ -55,6 +55,17 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None
+    # Only this process goes on: its models are plain, whole copies (no ZeRO-3 partitioning, and generation
+    # does not wait for the other processes, which transformers' generate would under ZeRO-3).
+    with process_local_models():
+        return _evaluate_and_export(compressor_cls, config, script_args, training_args, model_args, trained,
+                                    tokenizer, push)
+
+
+def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorConfig,
+                         script_args: CompressorScriptArguments, training_args: TrainingArguments,
+                         model_args: CompressorModelConfig, trained: dict[str, Any], tokenizer: Any,
+                         push: bool) -> list[dict[str, Any]]:
     plain = base_model_kwargs(model_args, quantized=False)
     final = rebuild_trained(compressor_cls, config, base_model_name(model_args), trained, **plain)
     rows: list[dict[str, Any]] = []
@@ -63,8 +74,7 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
         1, script_args.num_eval_samples)), tokenizer, training_args.seed)
     if script_args.num_eval_samples > 0:
         final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
-        with process_local_models():  # only this process loads it: no ZeRO-3 partitioning
-            untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0])
+        untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0])
         untrained.to(training_args.device)
         summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
                                            untrained=untrained, baselines=script_args.eval_baselines)

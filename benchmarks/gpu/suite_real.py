@@ -103,6 +103,7 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     from transformers import TrainerCallback
 
     import recipes.gist as recipe
+    import trainers.memory_recipe as body  # the recipe's body: where its trainer and comparison are looked up
 
     config_path = ROOT / "recipes/configs/gist/gpu.yaml"
     cfg = yaml.safe_load(config_path.read_text())
@@ -131,7 +132,7 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
                 control.should_training_stop = True
                 record["stopped_by"] = "suite budget" if late else "time limit"
 
-    class TimedTrainer(recipe.MemoryCompressorTrainer):
+    class TimedTrainer(body.MemoryCompressorTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.add_callback(TimeLimit())
@@ -147,10 +148,10 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
                 record["train_epochs"] = round(float(self.state.epoch or 0.0), 2)
 
     # (module, attribute, replacement): only names that exist are patched (the recipe may change).
-    patches = [(recipe, "MemoryCompressorTrainer", TimedTrainer)]
-    if hasattr(recipe, "compare_with_baselines"):
-        patches.append((recipe, "compare_with_baselines",
-                        functools.partial(_compare_on, recipe.compare_with_baselines, device)))
+    patches = [(body, "MemoryCompressorTrainer", TimedTrainer)]
+    if hasattr(body, "compare_with_baselines"):
+        patches.append((body, "compare_with_baselines",
+                        functools.partial(_compare_on, body.compare_with_baselines, device)))
     record["patched"] = [f"{m.__name__}.{name}" for m, name, _ in patches]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     for module, name, value in patches:
