@@ -81,8 +81,8 @@ class Compressor(nn.Module):
     (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
     ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
     by passage), ``reads_beyond_window`` (``compress`` accepts contexts longer than the base model's position
-    table, e.g. window by window; the method checks what its decoder needs itself). Every compressor gets the tokenizer through ``use_tokenizer`` (CompressedLM and the
-    eval runner call it).
+    table, e.g. window by window; the method checks what its decoder needs itself). Every compressor gets the
+    tokenizer through ``use_tokenizer`` (CompressedLM and the eval runner call it).
     """
 
     compressor_type: ClassVar[str] = ""

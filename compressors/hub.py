@@ -121,10 +121,10 @@ def adapter_folder(folder: Path, name: str) -> Path:
 def _save_adapters(compressor: Compressor, folder: Path, meta: dict[str, Any],
                    state_dict: dict[str, torch.Tensor] | None) -> None:
     """Every named adapter in PEFT's folder format (``adapter_folder``), each file landing atomically."""
+    adapter_state = None if state_dict is None else {
+        k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as staging:  # PEFT writes folders
         for name in meta["adapters"]:
-            adapter_state = None if state_dict is None else {
-                k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
             compressor.model.save_pretrained(staging, safe_serialization=True, state_dict=adapter_state,
                                              selected_adapters=[name],
                                              save_embedding_layers=False)  # no Hub lookup of the base

@@ -287,6 +287,17 @@ class KVRules(KindRules):
         return cache
 
 
+def kv_tensors(cache: Any, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A ``kv`` memory's payload from a transformers cache (the inverse of ``KVRules.to_cache``): ``key.{layer}``
+    and ``value.{layer}`` per layer, and a ``slot_mask`` when ``mask`` ([batch, slots]) holds padding."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, item in enumerate(cache.layers):
+        tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
+    if mask is not None and not bool(mask.all()):
+        tensors["slot_mask"] = mask.to(torch.int8)  # padded rows: the decoder must not read the pads
+    return tensors
+
+
 class TextRules(KindRules):
     """``input_ids`` ``[batch, tokens]`` of a shorter text (``texts`` holds it decoded); ratio in tokens."""
 

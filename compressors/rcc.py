@@ -62,7 +62,7 @@ from .adapters import add_named_lora
 from .base import Compressor, CompressorConfig, register_compressor
 from .compat import cache_of
 from .errors import ContextTooLongError
-from .memory import Memory
+from .memory import Memory, kv_tensors
 
 TRAIN_MODES = ("lora", "full")
 PROJECTION_INITS = ("identity", "zero", "random")
@@ -152,8 +152,8 @@ class RCCCompressor(Compressor):
         self.embed_projection.to(device=reference.device, dtype=reference.dtype)
         self.layer_projections.to(device=reference.device, dtype=reference.dtype)
         self._states: torch.Tensor | None = None  # [batch, positions, layers, width] while injecting
-        self._hooks = [layer.register_forward_hook(self._inject_hook(i))
-                       for i, layer in enumerate(_decoder_layers(self.base_lm))]
+        for i, layer in enumerate(_decoder_layers(self.base_lm)):
+            layer.register_forward_hook(self._inject_hook(i))
         self._decoder_state = False
 
     @torch.no_grad()
@@ -282,10 +282,10 @@ class RCCCompressor(Compressor):
                     ids[i, :len(chunk)], mask[i, :len(chunk)] = chunk, 1
                 out = encoder.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                                             use_cache=False)
-                hidden = torch.stack(out.hidden_states, dim=2)  # [windows, tokens, L + 1, width]
                 for i, ((row, _), chunk) in enumerate(zip(batch, chunks)):
                     positions = kept_positions(len(chunk), rate, device=ids.device)
-                    kept[row].append(hidden[i, positions])
+                    # only the kept positions of each layer are copied (not every position: W x (L + 1) x d)
+                    kept[row].append(torch.stack([layer[i, positions] for layer in out.hidden_states], dim=1))
         return [torch.cat(parts) for parts in kept]
 
     def _decode_placeholders(self, prefixes: list[torch.Tensor], states: list[torch.Tensor],
@@ -310,12 +310,8 @@ class RCCCompressor(Compressor):
         with self._running(self.DECODER) as decoder, self._injecting(injected):
             out = decoder.get_decoder()(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                                         use_cache=True)
-        tensors = {}
-        for layer, item in enumerate(cache_of(out).layers):
-            tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
-        if not bool(mask.all()):
-            tensors["slot_mask"] = mask.to(torch.int8)  # left padding: the decoder must not read it
-        return self.new_memory(tensors, source_tokens=source_tokens, slots=width, position_offset=lengths)
+        return self.new_memory(kv_tensors(cache_of(out), mask), source_tokens=source_tokens, slots=width,
+                               position_offset=lengths)
 
     # ----- injection ----------------------------------------------------------------------
     @contextlib.contextmanager

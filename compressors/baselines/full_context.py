@@ -9,7 +9,7 @@ import torch
 
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..compat import cache_of
-from ..memory import Memory
+from ..memory import Memory, kv_tensors
 
 
 @dataclass
@@ -22,12 +22,7 @@ def prefill_kv(compressor: Compressor, ids: torch.Tensor, mask: torch.Tensor) ->
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     # the body only: the LM head over every position would be a fifth of the prefill's cost, for nothing
     out = compressor.base_lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, item in enumerate(cache_of(out).layers):
-        tensors[f"key.{layer}"], tensors[f"value.{layer}"] = item.keys, item.values
-    if not bool(mask.all()):
-        tensors["slot_mask"] = mask.to(torch.int8)  # padded rows: the decoder must not read the pads
-    return tensors
+    return kv_tensors(cache_of(out), mask)
 
 
 @register_compressor

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..attention import QueryCapture
 from ..base import Compressor, CompressorConfig
 from ..compat import cache_of
-from ..memory import Memory
+from ..memory import Memory, kv_tensors
 
 KEEP_SCORE = 1.0e4  # score given to always-kept positions (attention scores are <= 1)
 
@@ -112,9 +112,7 @@ def prefill_context(model: Any, ids: torch.Tensor, window: int = 0, token_nll: b
     with catcher or contextlib.nullcontext():
         out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids,
                           use_cache=True)
-    kv: dict[str, torch.Tensor] = {}
-    for layer, item in enumerate(cache_of(out).layers):
-        kv[f"key.{layer}"], kv[f"value.{layer}"] = item.keys, item.values
+    kv = kv_tensors(cache_of(out))
     nll = None
     if token_nll:
         hidden, values = out.last_hidden_state[0, :-1], [math.inf]
