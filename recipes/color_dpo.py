@@ -35,6 +35,7 @@ from compressors.models import config_for, load_tokenizer
 from eval.color_report import ReaderPool, compress_corpus, evaluate_compressions, report
 from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
 from trainers.color_pipeline import Writer, local_base_loader, prepare_data
+from trainers.distributed import process_group_closed
 from trainers.export import rebuild_trained, save_and_push, train_resumable
 from trainers.script_args import (
     CompressorModelConfig,
@@ -84,4 +85,5 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with process_group_closed():
+        main(*make_parser().parse_args_and_config())

@@ -39,6 +39,7 @@ from trainers.cskv_trainer import (
     build_text_dataset,
     calibration_batches,
 )
+from trainers.distributed import process_group_closed
 from trainers.export import (
     check_export_reloads,
     process_local_models,
@@ -122,4 +123,5 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with process_group_closed():
+        main(*make_parser().parse_args_and_config())

@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 from trl import TrlParser
 
 from compressors import GistCompressor, GistConfig
+from trainers.distributed import process_group_closed
 from trainers.memory_recipe import train_memory_compressor
 from trainers.script_args import CompressorModelConfig, CompressorScriptArguments
 
@@ -38,4 +39,5 @@ def main(script_args: CompressorScriptArguments, gist_config: GistConfig, traini
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with process_group_closed():
+        main(*make_parser().parse_args_and_config())

@@ -14,6 +14,22 @@ from compressors.models import whole_parameters
 
 
 @contextlib.contextmanager
+def process_group_closed() -> Iterator[None]:
+    """Run a recipe, then destroy this process's process group (if one was set up), however the recipe ends.
+
+    Each process must close its own: a process that leaves the interpreter with the gloo group alive can
+    abort (SIGABRT, "terminate called without an active exception") while the interpreter tears down the
+    tensors gloo's worker threads still hold. The processes other than the main one leave right after
+    training, while the main one evaluates and exports, which is when this happened.
+    """
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
 def main_process_first(args: TrainingArguments) -> Iterator[None]:
     """Run the block on the global main process first, then on each node's local main, then on the rest.
 
