@@ -14,6 +14,7 @@ from .errors import (
 )
 from .gist import GistCompressor, GistConfig
 from .hub import load_compressor, save_compressor
+from .lcirc import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
 from .memory import Memory
 from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
 from .rcc import RCCCompressor, RCCConfig
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
-    "GistCompressor", "GistConfig", "Memory", "RCCCompressor", "RCCConfig", "UnknownCompressorError", "compressor_class", "load_base",
-    "load_compressor", "register_compressor", "save_compressor",
+    "GistCompressor", "GistConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
+    "RCCConfig", "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
+    "save_compressor",
 ]

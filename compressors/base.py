@@ -60,8 +60,8 @@ class CompressorConfig:
 class Compressor(nn.Module):
     """A context compressor bound to a base causal LM: the one contract every method implements.
 
-    **Encoder.** ``compress(context_ids, attention_mask, query_ids) -> Memory`` (differentiable when
-    training). ``context_ids`` is the beginning of a conversation as ``ConversationLayout.context_ids``
+    **Encoder.** ``compress(context_ids, attention_mask, query_ids, query_mask) -> Memory`` (differentiable
+    when training; ``query_mask`` marks the real tokens of padded query rows). ``context_ids`` is the beginning of a conversation as ``ConversationLayout.context_ids``
     lays it out (the chat template's prefix, then the context), left-padded; what stays uncompressed
     (e.g. the template tokens) is each method's choice and its docstring says which.
     ``compresses_template = False`` declares a method that receives the bare context instead and
@@ -76,7 +76,8 @@ class Compressor(nn.Module):
     (CompressedLM does).
 
     **Optional capabilities**, declared (never discovered by ``hasattr``): ``uses_query`` (``compress``
-    reads ``query_ids``), ``needs_preparation`` (``prepare()`` computes a calibration artifact once),
+    reads ``query_ids``), ``memory_per_query`` (the memory is meant to be made for one question: the eval
+    runner compresses the context once per question and charges that time), ``needs_preparation`` (``prepare()`` computes a calibration artifact once),
     ``multi_ratio`` (``compress_ratios``: several ratios from one pass), ``shares_prefill``
     (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
     ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
@@ -90,6 +91,7 @@ class Compressor(nn.Module):
     memory_kind: ClassVar[str] = "kv"
     compresses_template: ClassVar[bool] = True
     uses_query: ClassVar[bool] = False
+    memory_per_query: ClassVar[bool] = False  # uses_query, and one memory per question is how it is used
     needs_preparation: ClassVar[bool] = False
     multi_ratio: ClassVar[bool] = False
     shares_prefill: ClassVar[bool] = False
@@ -166,7 +168,7 @@ class Compressor(nn.Module):
 
     # ----- encoder ------------------------------------------------------------------------
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         raise NotImplementedError
 
     def check_context(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -242,8 +244,9 @@ class Compressor(nn.Module):
 
     def forward(self, context_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, context_mask: torch.Tensor | None = None,
-                query_ids: torch.Tensor | None = None, lm_loss: HiddenStateLoss | None = None,
-                prompt_lengths: torch.Tensor | None = None, **_: Any) -> dict[str, Any]:
+                query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
+                lm_loss: HiddenStateLoss | None = None, prompt_lengths: torch.Tensor | None = None,
+                **_: Any) -> dict[str, Any]:
         """Compress the context, decode the target reading the memory, return the LM loss.
 
         Returns ``loss`` (mean over examples), ``per_example_loss`` (so that a trainer can weight
@@ -252,7 +255,7 @@ class Compressor(nn.Module):
         its input through and ``lm_loss`` computes the per-example loss from the hidden states.
         """
         with self.encoding():
-            memory = self.compress(context_ids, context_mask, query_ids=query_ids)
+            memory = self.compress(context_ids, context_mask, query_ids=query_ids, query_mask=query_mask)
         hidden_only = hidden_states_as_logits(self.base_lm) if lm_loss else contextlib.nullcontext()
         with self.reading(memory), hidden_only as head:
             step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False,

@@ -174,7 +174,7 @@ class ColorCompressor(EncoderAdapter, Compressor):
         return out
 
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Rewrite each (left-padded) passage row shorter; a ``text`` Memory with one row per passage."""
         attention_mask = self.check_context(context_ids, attention_mask)
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(context_ids, attention_mask)]

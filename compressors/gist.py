@@ -104,7 +104,7 @@ class GistCompressor(EncoderAdapter, Compressor):
 
     # ----- encoder ------------------------------------------------------------------------
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Compress ``context_ids`` ([batch, length], left padding allowed) into a ``kv`` Memory."""
         attention_mask = self.check_context(context_ids, attention_mask)
         # Drop columns that are padding in every row, so that no segment is padding only.

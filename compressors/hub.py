@@ -207,6 +207,22 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
     return compressor, tokenizer  # type: ignore[return-value]
 
 
+def init_from_export(compressor: Compressor, name_or_path: str | os.PathLike, revision: str | None = None) -> list[str]:
+    """Start ``compressor``'s own tensors from an exported compressor (QD-LCIRC from an LCIRC export): every tensor
+    the export holds must exist here with its shape; the ones only this compressor has (QD-LCIRC's query mixer)
+    keep their initialisation and are returned. The export must be for the same base model, and only its own
+    tensors are read (an export with PEFT adapters is refused: they would be silently left out)."""
+    folder = resolve_folder(name_or_path, revision)
+    meta = read_metadata(folder)
+    check_base_model(meta, compressor.base_lm, compressor.tokenizer)
+    if meta.get("has_adapter"):
+        raise ValueError(f"{folder} holds PEFT adapters too; init_from starts only a compressor's own tensors")
+    path = folder / WEIGHTS_NAME
+    saved = _read_safetensors(path)
+    load_exact(compressor, saved, saved, str(path))
+    return sorted(set(compressor.own_state_dict()) - set(saved))
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CorruptArtifactError(f"missing weight file {path}")

@@ -317,9 +317,14 @@ class LayerStatesRules(KindRules):
 
 
 class LatentsRules(KindRules):
-    """``latents`` ``[batch, slots, width]``: read through cross-attention."""
+    """``latents`` ``[batch, slots, width]``: read through cross-attention. A template prefix the decoder reads
+    as text (``meta['prefix_ids']``) counts as memory positions too."""
 
     kind = "latents"
+
+    def real_slots(self, memory: Memory) -> list[float]:
+        prefix = len(memory.meta.get("prefix_ids", []))
+        return [prefix + n for n in super().real_slots(memory)]
 
 
 class PoolRules(KindRules):

@@ -244,3 +244,13 @@ def whole_parameters(*params: nn.Parameter) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
         yield
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``get_decoder().layers``), checked: what a method that
+    hooks each layer (RCC's injection, LCIRC's cross-attention blocks) needs."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"this compressor hooks the base model's decoder layers and needs them as `.layers` (a "
+                         f"ModuleList); {type(model).__name__} does not have them")
+    return layers

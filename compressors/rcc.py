@@ -63,6 +63,7 @@ from .base import Compressor, CompressorConfig, register_compressor
 from .compat import cache_of
 from .errors import ContextTooLongError
 from .memory import Memory, kv_tensors
+from .models import decoder_layers
 
 TRAIN_MODES = ("lora", "full")
 PROJECTION_INITS = ("identity", "zero", "random")
@@ -152,7 +153,7 @@ class RCCCompressor(Compressor):
         self.embed_projection.to(device=reference.device, dtype=reference.dtype)
         self.layer_projections.to(device=reference.device, dtype=reference.dtype)
         self._states: torch.Tensor | None = None  # [batch, positions, layers, width] while injecting
-        for i, layer in enumerate(_decoder_layers(self.base_lm)):
+        for i, layer in enumerate(decoder_layers(self.base_lm)):
             layer.register_forward_hook(self._inject_hook(i))
         self._decoder_state = False
 
@@ -238,7 +239,7 @@ class RCCCompressor(Compressor):
 
     # ----- encoder ------------------------------------------------------------------------
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Encode ``context_ids`` ([batch, length], left padding allowed) window by window; return the
         decoder's KV over [template prefix; placeholders] after injection (kind ``kv``)."""
         if self.layout is None:  # which leading tokens are the template's (kept as they are) depends on it
@@ -341,11 +342,3 @@ def kept_positions(length: int, rate: int, device: torch.device | str | None = N
     ``rate`` tokens (c-1, 2c-1, ...), and the last real token of a final partial group."""
     ends = torch.arange(rate - 1, length + rate - 1, rate, device=device)
     return ends.clamp(max=length - 1)
-
-
-def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"RCC injects after each decoder layer and needs the base model's decoder to hold them "
-                         f"as `.layers` (a ModuleList); {type(model).__name__} does not")
-    return layers

@@ -21,6 +21,7 @@ configuration). The no-context configuration (the question alone) is the floor o
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from compressors import COMPRESSORS, CompressedLM, Compressor, load_base, load_compressor
+from compressors import COMPRESSORS, CompressedLM, Compressor, compressor_class, load_base, load_compressor
 from compressors.baselines import BASELINES, FullContext, FullContextConfig
 from compressors.baselines.selection import ContextPrefill, prefill_context
 from compressors.conversation import ConversationLayout
@@ -41,7 +42,15 @@ from data.benchmarks import is_benchmark, load_benchmark
 from data.tasks import layout_passages
 
 from .report import write_outputs
-from .scoring import GENERATION_TASKS, score_row, summarize, time_decode, time_many_prompts, time_rereading
+from .scoring import (
+    GENERATION_TASKS,
+    memory_for,
+    score_row,
+    summarize,
+    time_decode,
+    time_many_prompts,
+    time_rereading,
+)
 
 REFERENCES = ("full_context", "no_context", "truncation")
 NATIVE_LENGTH = 0  # an external benchmark's rows keep their own context lengths
@@ -110,8 +119,21 @@ def kind_of_method(name: str) -> str:
         "not a saved compressor folder, not a Hub repo id")
 
 
+PER_QUESTION = " (a memory per question)"
+
+
+@functools.cache
 def label_for(name: str) -> str:
-    return Path(name).name if kind_of_method(name) == "saved" else name
+    """A method's name in every table: a baseline's name, a saved folder's name or a Hub id, and for a learned
+    compressor whose memory is made per question (QD-LCIRC) a mark saying so (its compression is per question)."""
+    kind = kind_of_method(name)
+    if kind == "baseline":
+        return name
+    from compressors.hub import read_metadata, resolve_folder
+
+    label = Path(name).name if kind == "saved" else name
+    compressor_type = read_metadata(resolve_folder(name, None))["compressor_type"]
+    return label + PER_QUESTION if compressor_class(compressor_type).memory_per_query else label
 
 
 SHARED_MARK = "@"
@@ -185,7 +207,8 @@ class Method:
         return self._needs
 
     def memories(self, ratios: list[float], context: str, prefill: ContextPrefill | None = None,
-                 time_alone: bool = False, passages: list[str] | None = None) -> tuple[list[Any], float | None]:
+                 time_alone: bool = False, passages: list[str] | None = None,
+                 question: str | None = None) -> tuple[list[Any], float | None]:
         """Memories of ``context`` for each ratio and the seconds one compression takes. From a
         shared ``prefill``, that is its time plus this method's own selection when the method's
         own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
@@ -212,7 +235,7 @@ class Method:
         for ratio in ratios:
             clm = CompressedLM(self.compressor(ratio), self.tokenizer)
             start = time.perf_counter()
-            mems.append(clm.compress(context))
+            mems.append(memory_for(clm, context, question))  # for the question when the method makes one per question
             spent = max(spent, time.perf_counter() - start)
         return mems, spent
 
@@ -334,7 +357,8 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
         passages = json.loads(sample["metadata"]).get("passages")
         for method, ratios in todo:
             mems, compress_s = method.memories(ratios, sample["context"], prefill,
-                                               time_alone=index < cfg.timing_samples, passages=passages)
+                                               time_alone=index < cfg.timing_samples, passages=passages,
+                                               question=sample["question"])
             for ratio, memory in zip(ratios, mems):
                 result = evaluate_sample(cfg, method, ratio, memory, sample, index)
                 result.update(task=task, ratio=ratio, context_length=length, compress_s=compress_s)

@@ -106,7 +106,7 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
         raise ValueError(f"scoring must be 'loglik' or 'generate', got {scoring!r}")
     predictions: list[dict[str, Any]] = []
     for row in rows:
-        memory = clm.compress(row["context"]) if with_context else None
+        memory = memory_for(clm, row["context"], row.get("question")) if with_context else None
         result = score_row(clm, memory, row, scoring, max_new_tokens)
         result.update(method=method, question=row["question"], answer=row["answer"],
                       achieved_ratio=memory.ratio if memory is not None else float("nan"),
@@ -115,16 +115,27 @@ def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik
     return Summary.of(predictions, method, scoring), predictions
 
 
+def memory_for(clm: CompressedLM, context: str, question: str | None) -> Any:
+    """A row's memory: made for its question by a compressor whose memory is one per question (QD-LCIRC,
+    ``memory_per_query``), query-agnostic otherwise."""
+    per_query = clm.compressor.memory_per_query and bool(question)
+    return clm.compress(context, query=question if per_query else None)
+
+
 def score_shared(clm: CompressedLM, memory: Any, questions: list[dict[str, str]], scoring: str,
-                 max_new_tokens: int, multi_turn: bool) -> dict[str, Any]:
+                 max_new_tokens: int, multi_turn: bool, context: str | None = None) -> dict[str, Any]:
     """The shared-context mode: every question of a sample answered from its ONE memory, each as the first
     question about it, or (``multi_turn``) as turns of one conversation that follow the model's own earlier
-    answers. ``turn_correct[i]`` is question ``i``'s result; ``correct`` their mean."""
+    answers. ``turn_correct[i]`` is question ``i``'s result; ``correct`` their mean. With ``context`` (a
+    compressor whose memory is made per question) each question gets its own memory, made here and charged
+    to the answer time."""
     results: list[float] = []
     predictions: list[str] = []
     turns: list[dict[str, str]] = []
     for item in questions:
         prefix = item["answer_prefix"]
+        if context is not None:
+            memory = memory_for(clm, context, item["question"])
         if scoring == "loglik":
             scored = teacher_forced(clm, memory, item["question"], item["answer"], prefix)
             results.append(float(scored.correct))
@@ -150,7 +161,9 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
     out: dict[str, Any] = {}
     questions = json.loads(row["metadata"]).get("questions") if row.get("metadata") else None
     if questions:
-        out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn))
+        per_query = memory is not None and clm.compressor.memory_per_query
+        out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn,
+                                context=row["context"] if per_query else None))
     elif task == "continuation":
         nll = score_continuation(clm, memory, row["answer"])
         out.update(correct=float("nan"), answer_logprob=-nll, perplexity=math.exp(nll), prediction="")
@@ -217,10 +230,15 @@ def time_many_prompts(clm: CompressedLM, context: str | None, prompts: list[str]
                       reply_prefix: str = "") -> float:
     """Seconds, end to end, to compress ``context`` once and answer every prompt from that memory (batched
     by ``answer_many``); ``context=None``: the prompts alone. With the full-context compressor this is the
-    prefix cache built once and reused, the fair competitor of any compressed memory."""
+    prefix cache built once and reused, the fair competitor of any compressed memory. A compressor whose
+    memory is made per question compresses once per prompt, as it is used."""
     start = time.perf_counter()
     if context is None:
         clm.generate(prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
+    elif clm.compressor.memory_per_query:
+        for prompt in prompts:
+            clm.generate(prompt, memory=memory_for(clm, context, prompt), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
     else:
         clm.answer_many(clm.compress(context), prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                         reply_prefix=reply_prefix)

@@ -107,7 +107,7 @@ def initial_own_tensors(recipe: str, args: list[str], tmp_path: Path) -> dict[st
 
     _, config, _, model_args = load_recipe(recipe).make_parser().parse_args_and_config(
         [*args, "--output_dir", str(tmp_path / "parsed")])
-    cls = next(compressor_class(name) for name in ("gist", "cskv", "rcc")
+    cls = next(compressor_class(name) for name in ("gist", "cskv", "rcc", "lcirc")
                if isinstance(config, compressor_class(name).config_class))
     return cls(config, load_base(model_args.model_name_or_path)[0]).own_state_dict()
 
@@ -141,6 +141,19 @@ def test_rcc_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: 
         # encoder's adapter starts training at step 2 (test_rcc's overfitting test checks that it does).
         encoder = load_file(str(out / "encoder" / "adapter_model.safetensors"))
         assert all(torch.isfinite(t).all() for t in encoder.values())
+
+
+def test_lcirc_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
+    """The frozen LM, the Perceiver, the initial latents and the gated blocks (gates opened a little: at the
+    paper's zero only the gates receive a gradient at step 1), every compression step keeping its gradients."""
+    args = ["--config", str(ROOT / "recipes/configs/lcirc/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
+            "--train_samples_per_task", "2", "--context_tokens", "72", "--segment_length", "32", "--num_latents", "4",
+            "--gate_init", "0.1", "--grad_segments", "0", "--num_eval_samples", "0", "--check_reload", "false"]
+    outs = check_runs("lcirc", args, tmp_path)
+    initial = initial_own_tensors("lcirc", args, tmp_path)
+    for out in outs.values():
+        assert first_log(out)["compression_ratio"] > 1
+        assert_own_tensors_trained(out, initial)
 
 
 def test_cskv_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:

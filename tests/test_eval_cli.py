@@ -207,3 +207,28 @@ def test_continuation_rows_give_the_perplexity_with_memory_full_and_no_context(t
     floor = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     floor = [r for r in floor if r["method"] == "no_context"]
     assert sum(r["perplexity"] for r in floor) / len(floor) == pytest.approx(results["no_context"]["perplexity"])
+
+
+def test_a_method_that_makes_a_memory_per_question_gets_one_for_each_and_the_tables_say_so(tmp_path, monkeypatch):
+    from compressors import CompressedLM, LCIRCConfig, QDLCIRCCompressor, load_base
+
+    model, tokenizer = load_base("tiny-random-llama")
+    config = LCIRCConfig(num_latents=4, segment_length=32, perceiver_layers=1, gate_init=0.5)
+    folder = CompressedLM(QDLCIRCCompressor(config, model), tokenizer).save_pretrained(tmp_path / "qd")
+    queries: list[int | None] = []
+    original = QDLCIRCCompressor.compress
+
+    def recording(self, context_ids, attention_mask=None, query_ids=None, query_mask=None):
+        queries.append(None if query_ids is None else query_ids.shape[1])
+        return original(self, context_ids, attention_mask, query_ids, query_mask)
+
+    monkeypatch.setattr(QDLCIRCCompressor, "compress", recording)
+    out = tmp_path / "run"
+    assert main(["--compressor", str(folder), "--tasks", "niah_multikey", "--num-questions", "2", "--scoring",
+                 "generate", "--max-new-tokens", "3", "--timing-samples", "0", "--no-references",
+                 "--output-dir", str(out), *TINY]) == 0
+    # per sample: the runner's memory for the sample, then one for each of its 2 questions; every one for a query
+    assert len(queries) == 2 * 3 and all(q for q in queries)
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert any(r["method"] == "qd (a memory per question)" for r in results)
+    assert "(a memory per question)" in (out / "report.md").read_text()

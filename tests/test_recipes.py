@@ -60,7 +60,7 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
     assert parsed[1].tokens_per_gist == 8
 
 
-RECIPES = ["gist", "color_dpo", "cskv", "rcc"]
+RECIPES = ["gist", "color_dpo", "cskv", "rcc", "lcirc"]
 
 
 def field_helps(recipe: str) -> dict[tuple[str, str], str]:
@@ -234,3 +234,24 @@ def test_rcc_recipe_one_step_exports_both_adapters_and_reloads(tmp_path: Path) -
     for name in ("compressor_config.json", "compressor.safetensors", "encoder/adapter_model.safetensors",
                  "decoder/adapter_model.safetensors", "README.md"):
         assert (out / name).is_file(), name
+
+
+def test_lcirc_then_qd_lcirc_from_its_export_one_step_each(tmp_path: Path) -> None:
+    """The two quickstarts on the tiny model: LCIRC (continuation), then QD-LCIRC started from that export
+    (every tensor but the query mixer's), each exported and checked to reload and generate identically."""
+    import json
+
+    tiny = ["--model_name_or_path", "tiny-random-llama", "--train_samples_per_task", "4", "--context_tokens", "80",
+            "--segment_length", "32", "--num_latents", "4", "--per_device_train_batch_size", "2", "--max_steps", "1",
+            "--num_eval_samples", "1"]
+    lcirc, qd = tmp_path / "lcirc", tmp_path / "qd"
+    for config, out, extra in (("quickstart", lcirc, []), ("quickstart_qd", qd, ["--init_from", str(lcirc)])):
+        args = ["--config", str(ROOT / f"recipes/configs/lcirc/{config}.yaml"), *tiny, *extra, "--output_dir", str(out)]
+        result = subprocess.run([sys.executable, str(ROOT / "recipes" / "lcirc.py"), *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| trained |" in result.stdout and "reloads and generates identically" in result.stdout
+    assert "initialised here: mixer." in result.stdout
+    assert json.loads((lcirc / "compressor_config.json").read_text())["compressor_type"] == "lcirc"
+    assert json.loads((qd / "compressor_config.json").read_text())["compressor_type"] == "qd_lcirc"
+

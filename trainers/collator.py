@@ -29,6 +29,7 @@ class MemoryCollator:
     max_context_tokens: int = 4096
     max_target_tokens: int = 512
     use_chat_template: bool = True
+    with_queries: bool = False  # QD compressors: each row's question as query_ids / query_mask (right-padded)
     layout: ConversationLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,13 @@ class MemoryCollator:
             attention_mask[i, : len(t.input_ids)] = 1
             labels[i, : len(t.labels)] = torch.tensor(t.labels)
         objective = torch.tensor([OBJECTIVES.index(objective_of(r)) for r in rows])
-        return {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
-                "attention_mask": attention_mask, "labels": labels, "objective": objective,
-                "prompt_lengths": torch.tensor([t.prompt_length for t in targets])}
+        batch = {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
+                 "attention_mask": attention_mask, "labels": labels, "objective": objective,
+                 "prompt_lengths": torch.tensor([t.prompt_length for t in targets])}
+        if self.with_queries:  # a row without a question gets an empty query (mask 0): no mixing
+            queries = [self.layout.encode(r["question"]) if r.get("question") else [] for r in rows]
+            batch["query_ids"] = torch.full((len(rows), max(1, *map(len, queries))), pad, dtype=torch.long)
+            batch["query_mask"] = torch.zeros_like(batch["query_ids"])
+            for i, query in enumerate(queries):
+                batch["query_ids"][i, :len(query)], batch["query_mask"][i, :len(query)] = torch.tensor(query), 1
+        return batch

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainingArguments, set_seed
 
 from compressors import Compressor, CompressorConfig
+from compressors.hub import init_from_export
 from eval.compare import compare_with_baselines, print_table
 
 from .collator import MemoryCollator
@@ -47,10 +48,12 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     model, tokenizer = load_base_model(model_args)
     # the compressor reads contexts laid out as the collator lays them out (e.g. which tokens are the template's)
     compressor = compressor_cls(config, model).use_tokenizer(tokenizer)
+    start_from_export(compressor, script_args.init_from)
+    collator = MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens,
+                              with_queries=compressor_cls.uses_query)
     trainer = MemoryCompressorTrainer(
         model=compressor, args=training_args, processing_class=tokenizer,
-        train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed),
-        data_collator=MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens),
+        train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed), data_collator=collator,
         objective_weights=script_args.objective_weights, fused_lm_loss=script_args.fused_lm_loss)
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
@@ -60,6 +63,13 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     with process_local_models():
         return _evaluate_and_export(compressor_cls, config, script_args, training_args, model_args, trained,
                                     tokenizer, push)
+
+
+def start_from_export(compressor: Compressor, init_from: str | None) -> None:
+    """Load ``init_from``'s tensors into ``compressor`` (``--init_from``) and say which kept their initialisation."""
+    if init_from:
+        fresh = init_from_export(compressor, init_from)
+        print(f"started from {init_from}; initialised here: {', '.join(fresh) or 'none'}")
 
 
 def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorConfig,
@@ -74,7 +84,8 @@ def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorCon
         1, script_args.num_eval_samples)), tokenizer, training_args.seed)
     if script_args.num_eval_samples > 0:
         final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
-        untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0])
+        untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0]).use_tokenizer(tokenizer)
+        start_from_export(untrained, script_args.init_from)  # "untrained": before this run's training
         untrained.to(training_args.device)
         summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
                                            untrained=untrained, baselines=script_args.eval_baselines)

@@ -154,6 +154,9 @@ class CompressorScriptArguments:
     eval_baselines: bool = field(default=True, metadata={"help": "compare with untrained, truncation, full"})
     check_reload: bool = field(default=True, metadata={
         "help": "after the export, reload the folder and check that it generates what the trained compressor does"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "an exported compressor folder or Hub id whose own tensors start this one (QD-LCIRC from LCIRC); "
+                "tensors it lacks keep their initialisation"})
     fused_lm_loss: bool = field(default=False, metadata={
         "help": "compute the decoder's LM loss with Liger-Kernel's fused linear cross-entropy (Triton: a GPU, "
                 "or the CPU under TRITON_INTERPRET=1); the vocabulary's logits are never materialized"})
@@ -163,6 +166,15 @@ class CompressorScriptArguments:
         return {"sft": self.sft_weight, "autoencoding": self.autoencoding_weight,
                 "continuation": self.continuation_weight, "reconstruction": self.reconstruction_weight,
                 "instruction_reconstruction": self.instruction_reconstruction_weight}
+
+
+@dataclass
+class LCIRCScriptArguments(CompressorScriptArguments):
+    """The memory-compressor script arguments, and which of the two LCIRC compressors the recipe trains."""
+
+    query_dependent: bool = field(default=False, metadata={
+        "help": "train QD-LCIRC (a query mixer before each compression step; one memory per question), "
+                "usually with --init_from an LCIRC export; false: LCIRC"})
 
 
 def build_train_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTokenizerBase,

@@ -269,7 +269,7 @@ class EHPC(Compressor):
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio],
                                     query_ids=query_ids)[0]
 

@@ -34,7 +34,7 @@ class FullContext(Compressor):
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         mask = self.check_context(context_ids, attention_mask)
         lengths = mask.sum(-1).tolist()
         return self.new_memory(prefill_kv(self, context_ids, mask), source_tokens=lengths,

@@ -79,7 +79,7 @@ class SelectiveContext(Compressor):
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
 
     multi_ratio = True

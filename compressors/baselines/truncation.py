@@ -58,7 +58,7 @@ class Truncation(Compressor):
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         mask = self.check_context(context_ids, attention_mask)
         rows, lengths = [], mask.sum(-1).tolist()
         for row, length in enumerate(lengths):

@@ -189,7 +189,7 @@ class CSKVCompressor(Compressor):
     # ----- encoder ------------------------------------------------------------------------
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 query_ids: torch.Tensor | None = None) -> Memory:
+                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Prefill ``context_ids`` (left padding allowed) into the bi-branch cache; a ``latent_kv`` Memory."""
         attention_mask = self.check_context(context_ids, attention_mask)
         cache = self.new_cache(context_ids.shape[0])
