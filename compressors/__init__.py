@@ -18,6 +18,7 @@ from .lcirc import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
 from .memory import Memory
 from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
 from .rcc import RCCCompressor, RCCConfig
+from .softpromptcomp import SoftPromptCompCompressor, SoftPromptCompConfig
 from .wrapper import CompressedLM
 
 __version__ = "0.1.0"
@@ -26,6 +27,6 @@ __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
     "GistCompressor", "GistConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
-    "RCCConfig", "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
+    "RCCConfig", "SoftPromptCompCompressor", "SoftPromptCompConfig", "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
     "save_compressor",
 ]

@@ -250,7 +250,8 @@ class Compressor(nn.Module):
         """Compress the context, decode the target reading the memory, return the LM loss.
 
         Returns ``loss`` (mean over examples), ``per_example_loss`` (so that a trainer can weight
-        objectives per example) and the achieved ``ratio``. With ``lm_loss(hidden, head, labels)``
+        objectives per example), the achieved ``ratio`` and ``metrics`` (what the method reports about this
+        step, e.g. SoftPromptComp's gate values: ``memory.meta['metrics']``; the trainer logs their means). With ``lm_loss(hidden, head, labels)``
         (e.g. a fused linear cross-entropy) the decoder's logits are never made: the LM head passes
         its input through and ``lm_loss`` computes the per-example loss from the hidden states.
         """
@@ -261,7 +262,8 @@ class Compressor(nn.Module):
             step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False,
                                         prompt_lengths=prompt_lengths)
         losses = lm_loss(step.logits, head, labels) if lm_loss else per_example_lm_loss(step.logits, labels)
-        return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio}
+        return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio,
+                "metrics": dict(memory.meta.get("metrics", {}))}
 
 
 class EncoderAdapter:

@@ -64,7 +64,7 @@ from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
 from .compat import cache_of
 from .memory import Memory
 from .models import decoder_layers
-from .perceiver import GatedCrossAttentionBlock, PerceiverResampler
+from .perceiver import GatedCrossAttentionBlock, LearnedLatents, PerceiverResampler
 
 GRAD_SEGMENTS_AT = ("last", "random")
 
@@ -311,15 +311,3 @@ class QDLCIRCCompressor(LCIRCCompressor):
     compressor_type = "qd_lcirc"
     uses_query = True
     memory_per_query = True
-
-
-class LearnedLatents(nn.Module):
-    """The learned initial state ``h(0)``: ``[K, width]`` (a module, so that DeepSpeed ZeRO-3 gathers it when
-    it is read)."""
-
-    def __init__(self, count: int, width: int) -> None:
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(count, width) * 0.02)
-
-    def forward(self) -> torch.Tensor:
-        return self.latents

@@ -245,7 +245,8 @@ class KindRules:
 
     The default ratio is *context tokens per memory position*: ``sum(source_tokens) / sum(real_slots)``,
     real slots excluding padding (``slot_mask``) and averaged over layers when a method keeps a different
-    number per layer (``meta['layer_slots']``, PyramidKV).
+    number per layer (``meta['layer_slots']``, PyramidKV). A template prefix the decoder reads as text beside
+    the payload (``meta['prefix_ids']``: LCIRC, SoftPromptComp) counts as memory positions too.
     """
 
     kind: ClassVar[str] = ""
@@ -255,13 +256,14 @@ class KindRules:
         return torch.cat([first, second], dim=self.slot_axis if name != "slot_mask" else 1)
 
     def real_slots(self, memory: Memory) -> list[float]:
+        prefix = len(memory.meta.get("prefix_ids", []))
         layer_slots = memory.meta.get("layer_slots")
         if layer_slots:
-            return [sum(row) / len(row) for row in layer_slots]
+            return [prefix + sum(row) / len(row) for row in layer_slots]
         mask = memory.tensors.get("slot_mask")
         if mask is not None:
-            return [float(v) for v in mask.long().sum(-1).tolist()]
-        return [float(memory.slots)] * memory.batch_size
+            return [prefix + float(v) for v in mask.long().sum(-1).tolist()]
+        return [prefix + float(memory.slots)] * memory.batch_size
 
     def ratio(self, memory: Memory) -> float:
         return sum(memory.source_tokens) / max(1e-9, sum(self.real_slots(memory)))
@@ -317,14 +319,9 @@ class LayerStatesRules(KindRules):
 
 
 class LatentsRules(KindRules):
-    """``latents`` ``[batch, slots, width]``: read through cross-attention. A template prefix the decoder reads
-    as text (``meta['prefix_ids']``) counts as memory positions too."""
+    """``latents`` ``[batch, slots, width]``: read through cross-attention."""
 
     kind = "latents"
-
-    def real_slots(self, memory: Memory) -> list[float]:
-        prefix = len(memory.meta.get("prefix_ids", []))
-        return [prefix + n for n in super().real_slots(memory)]
 
 
 class PoolRules(KindRules):

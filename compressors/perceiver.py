@@ -4,12 +4,14 @@
   keys/values of a set can be computed once (``keys_values``) and reused by many forwards.
 - ``GatedCrossAttentionBlock``: Flamingo's ``x + tanh(a) * XAttn(LN(x), H)`` then ``x + tanh(b) * FFN(x)``,
   gates at zero at initialisation (the block is then exactly the identity).
+- ``LearnedLatents``: learned vectors (an initial state, learned queries) read through a module call;
 - ``PerceiverResampler``: latents attend to a segment of input vectors plus a learned position embedding
   sized by the longest segment, layer after layer (attention then feed-forward, both residual), then a
   final LayerNorm.
 
-LCIRC (``compressors.lcirc``) compresses with the resampler and injects with the gated blocks; any other
-method that needs learned queries over a set of vectors uses these same modules.
+LCIRC (``compressors.lcirc``) compresses with the resampler and injects with the gated blocks; SoftPromptComp
+(``compressors.softpromptcomp``) turns the frozen LM's hidden states into its soft vectors with the same
+resampler and learned queries.
 """
 
 from __future__ import annotations
@@ -88,12 +90,13 @@ class GatedCrossAttentionBlock(nn.Module):
 
 class PerceiverResampler(nn.Module):
     """Latents ``[batch, K, width]`` attend to a segment of input vectors ``[batch, n, width]`` (plus a
-    learned position embedding of ``max_inputs`` rows), ``num_layers`` times; returns the new latents."""
+    learned position embedding of ``max_inputs`` rows; ``max_inputs=0``: none, for inputs that carry their
+    positions already, e.g. an LM's hidden states), ``num_layers`` times; returns the new latents."""
 
     def __init__(self, width: int, num_layers: int, heads: int, head_dim: int, inner: int, max_inputs: int) -> None:
         super().__init__()
         self.max_inputs = max_inputs
-        self.positions = nn.Parameter(torch.randn(max_inputs, width) * 0.02)
+        self.positions = nn.Parameter(torch.randn(max_inputs, width) * 0.02) if max_inputs else None
         self.layers = nn.ModuleList(
             nn.ModuleList([CrossAttention(width, heads, head_dim, norm_inputs=True), feed_forward(width, inner)])
             for _ in range(num_layers))
@@ -101,11 +104,24 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, latents: torch.Tensor, inputs: torch.Tensor, input_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if inputs.shape[1] > self.max_inputs:
-            raise ValueError(f"a segment of {inputs.shape[1]} inputs is longer than the position table "
-                             f"({self.max_inputs} rows): cut it into segments of at most {self.max_inputs}")
-        inputs = inputs + self.positions[: inputs.shape[1]].to(inputs.dtype)
+        if self.positions is not None:
+            if inputs.shape[1] > self.max_inputs:
+                raise ValueError(f"a segment of {inputs.shape[1]} inputs is longer than the position table "
+                                 f"({self.max_inputs} rows): cut it into segments of at most {self.max_inputs}")
+            inputs = inputs + self.positions[: inputs.shape[1]].to(inputs.dtype)
         for attention, ff in self.layers:
             latents = latents + attention(latents, inputs, input_mask)
             latents = latents + ff(latents)
         return self.norm(latents)
+
+
+class LearnedLatents(nn.Module):
+    """``count`` learned vectors ``[count, width]`` (an initial state, or learned queries); a module, so that
+    DeepSpeed ZeRO-3 gathers them when they are read."""
+
+    def __init__(self, count: int, width: int) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(count, width) * 0.02)
+
+    def forward(self) -> torch.Tensor:
+        return self.latents

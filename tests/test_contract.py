@@ -34,6 +34,7 @@ def settings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         # gates open: with the paper's zero gates a fresh LCIRC is the base model and its memory changes nothing
         "lcirc": dict(num_latents=4, segment_length=16, perceiver_layers=1, gate_init=0.5),
         "qd_lcirc": dict(num_latents=4, segment_length=16, perceiver_layers=1, gate_init=0.5),
+        "softpromptcomp": dict(num_soft=4, summary_tokens=8, lora_r=2, summary_disk_cache=False),
         "color": dict(max_new_tokens=6, lora_r=2),
         "cskv": dict(density=0.5, window=4),
         "qfilters": dict(ratio=2.0, calibration_tokens=256, calibration_seq_len=128,
@@ -75,7 +76,7 @@ def build(name: str, config: dict, base) -> CompressedLM:
 @pytest.fixture
 def clm(request, base, tmp_path_factory):
     model, tokenizer = base
-    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc") else model
+    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp") else model
     # learned methods wrap or hook their own copy of the base; the training-free ones share one
     return build(request.param, settings(request.param, tmp_path_factory), (fresh, tokenizer))
 
@@ -97,7 +98,8 @@ ALL = sorted(COMPRESSORS)
 
 
 def test_every_registered_compressor_is_covered() -> None:
-    assert set(ALL) >= {"gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "full_context", "truncation", "snapkv"}
+    assert set(ALL) >= {"gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp", "full_context", "truncation",
+                        "snapkv"}
 
 
 @pytest.mark.parametrize("clm", ALL, indirect=True)

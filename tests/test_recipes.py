@@ -60,7 +60,7 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
     assert parsed[1].tokens_per_gist == 8
 
 
-RECIPES = ["gist", "color_dpo", "cskv", "rcc", "lcirc"]
+RECIPES = ["gist", "color_dpo", "cskv", "rcc", "lcirc", "softpromptcomp"]
 
 
 def field_helps(recipe: str) -> dict[tuple[str, str], str]:
@@ -254,4 +254,38 @@ def test_lcirc_then_qd_lcirc_from_its_export_one_step_each(tmp_path: Path) -> No
     assert "initialised here: mixer." in result.stdout
     assert json.loads((lcirc / "compressor_config.json").read_text())["compressor_type"] == "lcirc"
     assert json.loads((qd / "compressor_config.json").read_text())["compressor_type"] == "qd_lcirc"
+
+
+@pytest.mark.parametrize("ablation", [["--sources", "summary"], ["--weighting", "none"], ["--weighting", "per_vector"]])
+def test_softpromptcomp_recipe_one_step_logs_its_gates_and_reloads(tmp_path: Path, ablation: list[str]) -> None:
+    """The quickstart on the tiny model (summaries written by it, cached under a temporary CTXZIP_HOME): one
+    step of QA + continuation, the gate values in the training log, the export and the reload check."""
+    import json
+    import math
+    import os
+
+    out = tmp_path / "spc"
+    args = ["--config", str(ROOT / "recipes/configs/softpromptcomp/quickstart.yaml"), "--model_name_or_path",
+            "tiny-random-llama", "--train_samples_per_task", "2", "--context_tokens", "64", "--summary_tokens", "8",
+            "--per_device_train_batch_size", "2", "--max_steps", "1", "--logging_steps", "1", "--save_steps", "1",
+            "--num_eval_samples", "1", "--output_dir", str(out), *ablation]
+    env = {**os.environ, "CTXZIP_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "softpromptcomp.py"), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| trained |" in result.stdout and "reloads and generates identically" in result.stdout
+    log = next(e for e in json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+               if "loss" in e)
+    gates = {"gate_summary"} if "summary" in ablation else {"gate_summary", "gate_soft"}
+    assert gates <= set(log) if "none" not in ablation else not {"gate_summary", "gate_soft"} & set(log)
+    assert math.isfinite(log["loss"])
+    assert list((tmp_path / "home" / "summaries").rglob("*.json"))  # the summaries, cached for the next run
+
+
+def test_a_configuration_with_nothing_to_train_is_refused_clearly(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "recipes/configs/softpromptcomp/quickstart.yaml"), "--model_name_or_path",
+            "tiny-random-llama", "--sources", "summary", "--weighting", "none", "--output_dir", str(tmp_path)]
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "softpromptcomp.py"), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "no tensor to train" in result.stderr
 

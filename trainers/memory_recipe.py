@@ -49,6 +49,9 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     # the compressor reads contexts laid out as the collator lays them out (e.g. which tokens are the template's)
     compressor = compressor_cls(config, model).use_tokenizer(tokenizer)
     start_from_export(compressor, script_args.init_from)
+    if not any(p.requires_grad for p in compressor.parameters()):
+        raise ValueError(f"this {compressor.compressor_type} configuration has no tensor to train (e.g. SoftPromptComp "
+                         "with sources: summary and weighting: none, without LoRA): use it as it is, untrained")
     collator = MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens,
                               with_queries=compressor_cls.uses_query)
     trainer = MemoryCompressorTrainer(
