@@ -160,7 +160,7 @@ def test_softpromptcomp_soft_vectors_train_the_same_under_zero2_and_zero3(tiny_f
     """The soft-prompt generator and the gates (sources: soft: the summariser generates inside compress(), which
     ZeRO-3 refuses; a summary is no trained tensor)."""
     args = ["--config", str(ROOT / "recipes/configs/softpromptcomp/quickstart.yaml"), "--model_name_or_path",
-            str(tiny_folder), "--train_samples_per_task", "2", "--context_tokens", "40", "--sources", "soft",
+            str(tiny_folder), "--train_samples_per_task", "2", "--context_tokens", "80", "--sources", "soft",
             "--num_soft", "4", "--num_eval_samples", "0", "--check_reload", "false"]
     outs = check_runs("softpromptcomp", args, tmp_path)
     initial = initial_own_tensors("softpromptcomp", args, tmp_path)
