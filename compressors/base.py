@@ -98,6 +98,7 @@ class Compressor(nn.Module):
     prefill_is_own_cost: ClassVar[bool] = True  # shares_prefill: the shared prefill is what it would run alone
     compresses_passages: ClassVar[bool] = False
     reads_beyond_window: ClassVar[bool] = False  # compress() takes contexts longer than the base's positions
+    card_note: ClassVar[str] = ""  # what the model card says about the method (e.g. that it is an interpretation)
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:
         super().__init__()

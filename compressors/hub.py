@@ -84,6 +84,7 @@ def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBa
         "has_adapter": hasattr(compressor.model, "peft_config"),
         "adapters": sorted(getattr(compressor.model, "peft_config", {})),
         "ctxzip_version": CTXZIP_VERSION,
+        "method_note": compressor.card_note,
     }
 
 

@@ -54,6 +54,8 @@ The LoRA part, when present, is a standard PEFT adapter (`adapter_config.json`,
 {config}
 ```
 """
+    if meta.get("method_note"):
+        body += "\n## Method\n\n" + meta["method_note"] + "\n"
     if eval_results:
         body += "\n## Evaluation\n\n" + _eval_table(eval_results) + "\n"
     return "\n".join(header) + "\n" + body

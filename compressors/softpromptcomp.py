@@ -149,6 +149,11 @@ class SoftPromptCompCompressor(Compressor):
     compressor_type = "softpromptcomp"
     config_class = SoftPromptCompConfig
     memory_kind = "embeds"
+    card_note = ("**Our interpretation** of SoftPromptComp (Wang et al., arXiv 2404.04997): the paper has no public "
+                 "code and leaves the summariser, the soft-prompt generator and the weighting under-specified. Here "
+                 "the base LM writes a short summary of the context, learned queries over the frozen LM's hidden "
+                 "states give soft vectors, and learned gates scale both before the LM reads them as input "
+                 "embeddings (ctxzip's compressors/softpromptcomp.py says every choice).")
 
     def __init__(self, config: SoftPromptCompConfig, model: PreTrainedModel) -> None:
         if config.uses_summary and any(hasattr(p, "ds_id") for p in model.parameters()):

@@ -119,6 +119,7 @@ def test_an_export_reloads_and_generates_identically_and_refuses_another_width(t
                 parameter.normal_(std=0.5)
     expected = clm.generate("What is the pass key?", memory=clm.compress(CONTEXT), max_new_tokens=6)
     folder = clm.save_pretrained(tmp_path / "spc")
+    assert "Our interpretation" in (folder / "README.md").read_text()
     compressor, _ = load_compressor(folder, model=tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2),
                                     tokenizer=tokenizer)
     again = CompressedLM(compressor, tokenizer)
