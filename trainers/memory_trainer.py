@@ -43,7 +43,7 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
         weights = validate_weights(objective_weights or {"sft": 1.0})
         self.objective_weights = torch.tensor([weights[name] for name in OBJECTIVES])
         self._ratios: list[float] = []
-        self._metrics: dict[str, list[float]] = {}  # what the compressor reports per step (e.g. gate values)
+        self._compressor_metrics: dict[str, list[float]] = {}  # what the compressor reports per step (e.g. gate values)
         self._objective_losses: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -55,7 +55,7 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
         loss = (weights * per_example).sum() / weights.sum().clamp(min=1e-8)
         self._ratios.append(float(outputs["ratio"]))
         for name, value in outputs.get("metrics", {}).items():
-            self._metrics.setdefault(name, []).append(float(value))
+            self._compressor_metrics.setdefault(name, []).append(float(value))
         for index, value in zip(objective.tolist(), per_example.detach().tolist()):
             self._objective_losses[OBJECTIVES[index]].append(value)
         return (loss, outputs) if return_outputs else loss
@@ -68,11 +68,11 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
     def _window_metrics(self) -> dict[str, float]:
         """Mean compression ratio, per-objective losses and the compressor's own metrics since the last log,
         over every process."""
-        window = {"compression_ratio": self._ratios, **self._metrics,
+        window = {"compression_ratio": self._ratios, **self._compressor_metrics,
                   **{f"loss_{name}": values for name, values in self._objective_losses.items()}}
         means = means_over_processes(self.accelerator, window)
         self._ratios = []
-        self._metrics = {name: [] for name in self._metrics}
+        self._compressor_metrics = {name: [] for name in self._compressor_metrics}
         self._objective_losses = {name: [] for name in OBJECTIVES}
         return {name: round(value, 3 if name == "compression_ratio" else 4) for name, value in means.items()}
 
