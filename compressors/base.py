@@ -191,6 +191,28 @@ class Compressor(nn.Module):
             raise ContextTooLongError(f"context of {longest} tokens exceeds the base model's {limit} positions")
         return attention_mask
 
+    def template_rows(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      ) -> tuple[list[torch.Tensor], int]:
+        """Each row's real tokens and how many of them lead with the chat template's prefix, for a method that
+        keeps that prefix uncompressed (RCC, LCIRC, SoftPromptComp): the context is checked, and a row must hold
+        more than the prefix."""
+        if self.layout is None:  # which leading tokens are the template's depends on it
+            raise RuntimeError(f"bind the tokenizer first (compressor.use_tokenizer(tokenizer)): {self.compressor_type} "
+                               "keeps the chat template's prefix uncompressed, in training exactly as in CompressedLM")
+        attention_mask = self.check_context(context_ids, attention_mask)
+        rows = [ids[mask.bool()] for ids, mask in zip(context_ids, attention_mask)]
+        prefix = self.template_tokens
+        if any(len(row) <= prefix for row in rows):
+            raise ValueError("a context row holds only the chat template's prefix: nothing to compress")
+        return rows, prefix
+
+    def shared_template_prefix(self, rows: list[torch.Tensor], prefix: int) -> list[int]:
+        """The template prefix every row starts with (a method that keeps it as text once, in ``meta``)."""
+        prefixes = {tuple(row[:prefix].tolist()) for row in rows}
+        if len(prefixes) != 1:
+            raise ValueError("the rows of a batch start with different template prefixes")
+        return list(prefixes.pop())
+
     def new_memory(self, tensors: dict[str, torch.Tensor], source_tokens: list[int], slots: int,
                    position_offset: list[int], **extra: Any) -> Memory:
         return Memory(kind=self.memory_kind, tensors=tensors, source_tokens=source_tokens, slots=slots,

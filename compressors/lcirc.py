@@ -149,20 +149,11 @@ class LCIRCCompressor(Compressor):
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Latents of each row's context (after the template prefix), segment after segment."""
-        if self.layout is None:  # which leading tokens are the template's (kept as text) depends on it
-            raise RuntimeError("bind the tokenizer first (compressor.use_tokenizer(tokenizer)): LCIRC keeps the chat "
-                               "template's prefix as text, in training exactly as in CompressedLM")
-        attention_mask = self.check_context(context_ids, attention_mask)
-        prefix_length = self.template_tokens
-        rows = [ids[mask.bool()] for ids, mask in zip(context_ids, attention_mask)]
-        if any(len(row) <= prefix_length for row in rows):
-            raise ValueError("a context row holds only the chat template's prefix: nothing to compress")
-        prefixes = {tuple(row[:prefix_length].tolist()) for row in rows}
-        if len(prefixes) != 1:
-            raise ValueError("the rows of a batch start with different template prefixes")
+        rows, prefix_length = self.template_rows(context_ids, attention_mask)
+        prefix_ids = self.shared_template_prefix(rows, prefix_length)
         contexts = [row[prefix_length:] for row in rows]
         latents = self.recur([None] * len(rows), contexts, self._queries(query_ids, query_mask, len(rows)))
-        return self._memory(latents, [len(row) for row in rows], list(prefixes.pop()))
+        return self._memory(latents, [len(row) for row in rows], prefix_ids)
 
     def extend(self, memory: Memory, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
@@ -244,12 +235,7 @@ class LCIRCCompressor(Compressor):
         if not bool(mask.all()):
             tensors["slot_mask"] = mask
         return self.new_memory(tensors, source_tokens=source_tokens, slots=slots,
-                               position_offset=[len(prefix_ids)] * len(latents), prefix_ids=prefix_ids)
-
-    def new_memory(self, tensors: dict[str, torch.Tensor], source_tokens: list[int], slots: int,
-                   position_offset: list[int], prefix_ids: list[int] | None = None, **extra: Any) -> Memory:
-        return super().new_memory(tensors, source_tokens, slots, position_offset,
-                                  meta={"prefix_ids": list(prefix_ids or [])}, **extra)
+                               position_offset=[len(prefix_ids)] * len(latents), meta={"prefix_ids": list(prefix_ids)})
 
     # ----- decoder ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -242,14 +242,7 @@ class RCCCompressor(Compressor):
                  query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """Encode ``context_ids`` ([batch, length], left padding allowed) window by window; return the
         decoder's KV over [template prefix; placeholders] after injection (kind ``kv``)."""
-        if self.layout is None:  # which leading tokens are the template's (kept as they are) depends on it
-            raise RuntimeError("bind the tokenizer first (compressor.use_tokenizer(tokenizer)): RCC keeps the chat "
-                               "template's prefix uncompressed, in training exactly as in CompressedLM")
-        attention_mask = self.check_context(context_ids, attention_mask)
-        prefix = self.template_tokens
-        rows = [ids[mask.bool()] for ids, mask in zip(context_ids, attention_mask)]
-        if any(len(row) <= prefix for row in rows):
-            raise ValueError("a context row holds only the chat template's prefix: nothing to compress")
+        rows, prefix = self.template_rows(context_ids, attention_mask)
         states = self.encode_windows([row[prefix:] for row in rows])  # per row: [placeholders, L + 1, width]
         return self._decode_placeholders([row[:prefix] for row in rows], states, [len(row) for row in rows])
 

@@ -211,17 +211,9 @@ class SoftPromptCompCompressor(Compressor):
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         """The weighted summary embeddings and soft vectors of each row's context (after the template prefix)."""
-        if self.layout is None:
-            raise RuntimeError("bind the tokenizer first (compressor.use_tokenizer(tokenizer)): SoftPromptComp writes "
-                               "summaries in the chat layout and keeps the template's prefix as text")
-        attention_mask = self.check_context(context_ids, attention_mask)
-        config, prefix_length = self.compressor_config, self.template_tokens
-        rows = [ids[mask.bool()] for ids, mask in zip(context_ids, attention_mask)]
-        if any(len(row) <= prefix_length for row in rows):
-            raise ValueError("a context row holds only the chat template's prefix: nothing to compress")
-        prefixes = {tuple(row[:prefix_length].tolist()) for row in rows}
-        if len(prefixes) != 1:
-            raise ValueError("the rows of a batch start with different template prefixes")
+        config = self.compressor_config
+        rows, prefix_length = self.template_rows(context_ids, attention_mask)
+        prefix_ids = self.shared_template_prefix(rows, prefix_length)
         contexts = [row[prefix_length:] for row in rows]
         start = time.perf_counter()
         summaries, cached_s = self.summaries(contexts) if config.uses_summary else (None, 0.0)
@@ -229,7 +221,8 @@ class SoftPromptCompCompressor(Compressor):
         embed = self.base_lm.get_input_embeddings()
         summary_ids = [self._summary_ids(text, context) for text, context in zip(summaries, contexts)] \
             if summaries is not None else [context_ids.new_zeros(0) for _ in rows]
-        soft = self.soft_vectors(context_ids, attention_mask, prefix_length) if config.uses_soft else None
+        mask = torch.ones_like(context_ids) if attention_mask is None else attention_mask
+        soft = self.soft_vectors(context_ids, mask, prefix_length) if config.uses_soft else None
         pieces, visible = [], []
         for i, ids in enumerate(summary_ids):
             count = soft.shape[1] if soft is not None else 0
@@ -246,7 +239,7 @@ class SoftPromptCompCompressor(Compressor):
                                                  config.num_soft if config.uses_soft else 0)
             metrics = {f"gate_{name}": float(g.detach().float().mean())
                        for name, g in (("summary", gate_summary), ("soft", gate_soft)) if g.numel()}
-        memory = self._memory(pieces, visible, [len(row) for row in rows], list(prefixes.pop()), summaries)
+        memory = self._memory(pieces, visible, [len(row) for row in rows], prefix_ids, summaries)
         memory.meta.update(summary_s=summary_s + cached_s, cached_compute_s=cached_s)
         if metrics:
             memory.meta["metrics"] = metrics
@@ -285,11 +278,9 @@ class SoftPromptCompCompressor(Compressor):
         tensors = {"embeds": embeds}
         if not bool(mask.all()):
             tensors["slot_mask"] = mask
-        memory = self.new_memory(tensors, source_tokens=source_tokens, slots=slots,
-                                 position_offset=[len(prefix_ids)] * len(pieces))
-        memory.meta["prefix_ids"] = prefix_ids
-        memory.texts = summaries
-        return memory
+        return self.new_memory(tensors, source_tokens=source_tokens, slots=slots,
+                               position_offset=[len(prefix_ids)] * len(pieces), texts=summaries,
+                               meta={"prefix_ids": list(prefix_ids)})
 
     # ----- the summariser -------------------------------------------------------------------
     def summaries(self, contexts: list[torch.Tensor]) -> tuple[list[str], float]:
