@@ -14,6 +14,7 @@ from .errors import (
 )
 from .gist import GistCompressor, GistConfig
 from .hub import load_compressor, save_compressor
+from .incomes import InComeSCompressor, InComeSConfig
 from .lcirc import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
 from .memory import Memory
 from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
-    "GistCompressor", "GistConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
+    "GistCompressor", "GistConfig", "InComeSCompressor", "InComeSConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
     "RCCConfig", "SoftPromptCompCompressor", "SoftPromptCompConfig", "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
     "save_compressor",
 ]

@@ -81,7 +81,9 @@ class Compressor(nn.Module):
     ``multi_ratio`` (``compress_ratios``: several ratios from one pass), ``shares_prefill``
     (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
     ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
-    by passage), ``reads_beyond_window`` (``compress`` accepts contexts longer than the base model's position
+    by passage), ``pools_contexts`` (each context is an item of a ``pool`` memory, e.g. an edit:
+    ``compress`` still gives one row per context, and ``CompressedLM.compress`` of a list unites them into one
+    row, ``Memory.pooled()``), ``reads_beyond_window`` (``compress`` accepts contexts longer than the base model's position
     table, e.g. window by window; the method checks what its decoder needs itself). Every compressor gets the
     tokenizer through ``use_tokenizer`` (CompressedLM and the eval runner call it).
     """
@@ -98,6 +100,7 @@ class Compressor(nn.Module):
     prefill_is_own_cost: ClassVar[bool] = True  # shares_prefill: the shared prefill is what it would run alone
     compresses_passages: ClassVar[bool] = False
     reads_beyond_window: ClassVar[bool] = False  # compress() takes contexts longer than the base's positions
+    pools_contexts: ClassVar[bool] = False  # CompressedLM.compress([...]) unites the rows into one pool (InComeS)
     card_note: ClassVar[str] = ""  # what the model card says about the method (e.g. that it is an interpretation)
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:
@@ -356,6 +359,18 @@ class DecoderStep:
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     memory_tokens: list[float] = dataclasses.field(default_factory=list)
+
+
+def template_prefix_before(memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Input rows after the chat template's prefix a memory keeps as text (``meta['prefix_ids']``: LCIRC,
+    InComeS): ``(ids, attention mask, position ids, prefix length)`` of ``[prefix; input]`` for every row."""
+    batch = input_ids.shape[0]
+    prefix = torch.tensor(memory.meta.get("prefix_ids", []), dtype=input_ids.dtype, device=input_ids.device)
+    ids = torch.cat([prefix.expand(batch, -1), input_ids], dim=1)
+    mask = torch.cat([attention_mask.new_ones(batch, len(prefix)), attention_mask], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, len(prefix)
 
 
 def memory_prefix(memory: Memory, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

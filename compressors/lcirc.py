@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
+from .base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
 from .compat import cache_of
 from .memory import Memory
 from .models import decoder_layers
@@ -259,16 +259,12 @@ class LCIRCCompressor(Compressor):
                         use_cache: bool = True, prompt_lengths: torch.Tensor | None = None) -> DecoderStep:
         """The template prefix (as text), then the input rows, with the blocks attending to the latents."""
         self.check_memory(memory)
-        batch = input_ids.shape[0]
-        memory = memory.expand(batch)
-        prefix = torch.tensor(memory.meta.get("prefix_ids", []), dtype=input_ids.dtype, device=input_ids.device)
-        ids = torch.cat([prefix.expand(batch, -1), input_ids], dim=1)
-        mask = torch.cat([attention_mask.new_ones(batch, len(prefix)), attention_mask], dim=1)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        memory = memory.expand(input_ids.shape[0])
+        ids, mask, positions, prefix = template_prefix_before(memory, input_ids, attention_mask)
         reading = self.reading(memory) if self._reading is None else contextlib.nullcontext()
         with reading:
             out = self.base_lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
-        return DecoderStep(logits=out.logits[:, len(prefix):], cache=cache_of(out) if use_cache else None,
+        return DecoderStep(logits=out.logits[:, prefix:], cache=cache_of(out) if use_cache else None,
                            attention_mask=mask, next_position=positions[:, -1] + 1,
                            memory_tokens=memory.real_slots)
 

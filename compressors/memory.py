@@ -137,6 +137,11 @@ class Memory:
             source_tokens=[a + b for a, b in zip(self.source_tokens, other.source_tokens)],
             position_offset=list(other.position_offset))
 
+    def pooled(self) -> Memory:
+        """The rows of a ``pool`` memory united into one row: every real entry of every row (a union, so the
+        order of rows and entries never matters to a decoder)."""
+        return self.rules.pooled(self)
+
     @staticmethod
     def stack(memories: list[Memory]) -> Memory:
         """Join batch-1 memories with equal slot counts into one batch."""
@@ -271,6 +276,9 @@ class KindRules:
     def to_cache(self, memory: Memory) -> Any:
         raise ValueError(f"a {memory.kind!r} memory is not a KV cache; its compressor's decoder reads it")
 
+    def pooled(self, memory: Memory) -> Memory:
+        raise ValueError(f"a {memory.kind!r} memory is not a pool: its rows are separate contexts")
+
 
 class KVRules(KindRules):
     """``key.{layer}`` / ``value.{layer}``: ``[batch, kv_heads, slots, head_dim]``, rotated at their positions."""
@@ -325,9 +333,22 @@ class LatentsRules(KindRules):
 
 
 class PoolRules(KindRules):
-    """An unordered set of per-item KV entries; concatenation is a union, so order never matters."""
+    """An unordered set of per-item entries (InComeS: ``key.{layer}`` / ``value.{layer}`` ``[rows, entries,
+    kv_heads, head_dim]`` and ``edit_id`` ``[rows, entries]``); concatenation is a union, so order never matters.
+    The ratio is item tokens per entry (a template prefix the decoder reads as text is not an entry)."""
 
     kind = "pool"
+
+    def real_slots(self, memory: Memory) -> list[float]:
+        return [float(n) for n in memory.slot_mask().long().sum(-1).tolist()]
+
+    def pooled(self, memory: Memory) -> Memory:
+        keep = memory.slot_mask().bool()
+        tensors = {name: torch.cat([t[row][keep[row]] for row in range(memory.batch_size)])[None]
+                   for name, t in memory.tensors.items() if name != "slot_mask"}
+        return memory._replace(tensors=tensors, slots=int(keep.sum()), source_tokens=[sum(memory.source_tokens)],
+                               position_offset=memory.position_offset[:1], texts=None,
+                               meta=_select_meta(memory.meta, 0))
 
 
 class LatentKVRules(KindRules):

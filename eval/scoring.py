@@ -34,6 +34,7 @@ class TeacherForced:
     answer_logprob: float  # mean log-probability of the answer tokens
     token_accuracy: float  # fraction of answer tokens that are the argmax (partial credit)
     prediction: str  # the argmax tokens, decoded
+    predicted_ids: list[int]  # the argmax token of every answer position
 
 
 @dataclass
@@ -94,7 +95,8 @@ def teacher_forced(clm: CompressedLM, memory: Memory | None, question: str, answ
     predicted = logits.argmax(-1)
     hits = predicted[:-1] == target[:-1]  # the answer tokens; end-of-turn is not required
     return TeacherForced(correct=bool(hits.all()), answer_logprob=float(logprobs[:-1].mean()),
-                         token_accuracy=float(hits.float().mean()), prediction=clm.tokenizer.decode(predicted[:-1]))
+                         token_accuracy=float(hits.float().mean()), prediction=clm.tokenizer.decode(predicted[:-1]),
+                         predicted_ids=predicted[:-1].tolist())
 
 
 def score_rows(clm: CompressedLM, rows: Any, method: str, scoring: str = "loglik",

@@ -35,6 +35,7 @@ def settings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "lcirc": dict(num_latents=4, segment_length=16, perceiver_layers=1, gate_init=0.5),
         "qd_lcirc": dict(num_latents=4, segment_length=16, perceiver_layers=1, gate_init=0.5),
         "softpromptcomp": dict(num_soft=4, summary_tokens=8, lora_r=2, summary_disk_cache=False),
+        "incomes": dict(lora_r=2),
         "color": dict(max_new_tokens=6, lora_r=2),
         "cskv": dict(density=0.5, window=4),
         "qfilters": dict(ratio=2.0, calibration_tokens=256, calibration_seq_len=128,
@@ -76,7 +77,8 @@ def build(name: str, config: dict, base) -> CompressedLM:
 @pytest.fixture
 def clm(request, base, tmp_path_factory):
     model, tokenizer = base
-    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp") else model
+    fresh = sensitive_tiny(tokenizer) if request.param in ("gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp",
+                                                          "incomes") else model
     # learned methods wrap or hook their own copy of the base; the training-free ones share one
     return build(request.param, settings(request.param, tmp_path_factory), (fresh, tokenizer))
 
@@ -98,8 +100,8 @@ ALL = sorted(COMPRESSORS)
 
 
 def test_every_registered_compressor_is_covered() -> None:
-    assert set(ALL) >= {"gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp", "full_context", "truncation",
-                        "snapkv"}
+    assert set(ALL) >= {"gist", "color", "cskv", "rcc", "lcirc", "qd_lcirc", "softpromptcomp", "incomes", "full_context",
+                        "truncation", "snapkv"}
 
 
 @pytest.mark.parametrize("clm", ALL, indirect=True)
@@ -110,9 +112,22 @@ def test_generation_without_a_memory_is_plain_chat_generation(clm: CompressedLM)
     assert gen(clm, PROMPTS) == expected
 
 
+def memory_rows(clm: CompressedLM, contexts: list[str]) -> Memory:
+    """One memory row per context: ``CompressedLM.compress``, except for a method whose contexts are the items of
+    a pool (``pools_contexts``), where that unites them and the compressor itself gives the rows."""
+    if not clm.compressor.pools_contexts:
+        return clm.compress(contexts)
+    ids, mask = clm.tokenize_context(contexts)
+    with torch.no_grad(), clm.compressor.encoding():
+        rows = clm.compressor.compress(ids, mask).detach()
+    pool = clm.compress(contexts)
+    assert pool.batch_size == 1 and pool.slots == rows.batch_size * rows.slots  # one pool of every item
+    return rows
+
+
 @pytest.mark.parametrize("clm", ALL, indirect=True)
 def test_memory_round_trip_batch_rows_and_many_prompts(clm: CompressedLM, tmp_path) -> None:
-    batch = clm.compress(CONTEXTS)
+    batch = memory_rows(clm, CONTEXTS)
     assert batch.batch_size == 2 and batch.kind == clm.compressor.memory_kind
     assert batch.ratio > 0 and batch.nbytes > 0 and len(batch.real_slots) == 2
     single = clm.compress(CONTEXTS[0])

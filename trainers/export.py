@@ -111,7 +111,7 @@ def save_and_push(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, ou
 
 
 def check_export_reloads(final: Compressor, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike,
-                         context: str, dtype: str = "float32",
+                         context: str | list[str], dtype: str = "float32",
                          prompt: str = "Summarise the text in one sentence.", max_new_tokens: int = 12) -> str:
     """The exported ``folder`` must reload and generate exactly what the trained compressor generates
     (greedy, from a memory of ``context``); returns that generation, raises ``RuntimeError`` otherwise."""

@@ -6,9 +6,13 @@ A recipe is then its parser and one call: ``train_memory_compressor(GistCompress
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from transformers import TrainingArguments, set_seed
+import datasets
+from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from compressors import Compressor, CompressorConfig
 from compressors.hub import init_from_export
@@ -35,14 +39,34 @@ from .script_args import (
 )
 
 
+@dataclass
+class RecipeData:
+    """What a memory-compressor recipe trains and evaluates on: the long-context tasks (``long_context_data``)
+    by default; a method with its own task (InComeS: edits) brings its own."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    train_dataset: datasets.Dataset
+    # (trained compressor, untrained one) -> the evaluation rows of the model card (printed as it likes)
+    evaluate: Callable[[Compressor, Compressor], list[dict[str, Any]]] | None
+    reload_context: str | list[str]  # what the export's reload check compresses (a list: InComeS's pool of edits)
+    reload_prompt: str = "Summarise the text in one sentence."  # and what it then asks
+    objective_weights: dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
+    fused_lm_loss: bool = False
+
+
+DataBuilder = Callable[[PreTrainedTokenizerBase, int], RecipeData]  # (tokenizer, seed) -> RecipeData
+
+
 def train_memory_compressor(compressor_cls: type[Compressor], config: CompressorConfig,
-                            script_args: CompressorScriptArguments, training_args: TrainingArguments,
-                            model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
-    """Train ``compressor_cls(config, base)`` with ``MemoryCompressorTrainer`` on the script's tasks and
-    objectives (auto-resuming), then on the main process: rebuild it on a plain base, compare it with the
-    untrained compressor, truncation at its ratio, the full context and no context on held-out rows, export
-    it (and push when asked), and check that the export reloads and generates identically. Returns the
-    evaluation rows (``None`` on the other processes)."""
+                            script_args: Any, training_args: TrainingArguments,
+                            model_args: CompressorModelConfig, data: DataBuilder | None = None,
+                            ) -> list[dict[str, Any]] | None:
+    """Train ``compressor_cls(config, base)`` with ``MemoryCompressorTrainer`` on ``data`` (default: the
+    script's long-context tasks and objectives; auto-resuming), then on the main process: rebuild it on a plain
+    base, evaluate it (by default against the untrained compressor, truncation at its ratio, the full context and
+    no context on held-out rows), export it (and push when asked), and check that the export reloads and
+    generates identically. ``script_args`` needs ``init_from`` and ``check_reload``. Returns the evaluation rows
+    (``None`` on the other processes)."""
     push = prepare_training_args(training_args)
     set_seed(training_args.seed)
     model, tokenizer = load_base_model(model_args)
@@ -52,12 +76,12 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     if not any(p.requires_grad for p in compressor.parameters()):
         raise ValueError(f"this {compressor.compressor_type} configuration has no tensor to train (e.g. SoftPromptComp "
                          "with sources: summary and weighting: none, without LoRA): use it as it is, untrained")
-    collator = MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens,
-                              with_queries=compressor_cls.uses_query)
+    builder = data or partial(long_context_data, script_args, config, compressor_cls, model_args)
+    recipe_data = builder(tokenizer, training_args.seed)
     trainer = MemoryCompressorTrainer(
-        model=compressor, args=training_args, processing_class=tokenizer,
-        train_dataset=build_train_dataset(script_args, tokenizer, training_args.seed), data_collator=collator,
-        objective_weights=script_args.objective_weights, fused_lm_loss=script_args.fused_lm_loss)
+        model=compressor, args=training_args, processing_class=tokenizer, train_dataset=recipe_data.train_dataset,
+        data_collator=recipe_data.collator, objective_weights=recipe_data.objective_weights,
+        fused_lm_loss=recipe_data.fused_lm_loss)
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None
@@ -65,7 +89,30 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     # does not wait for the other processes, which transformers' generate would under ZeRO-3).
     with process_local_models():
         return _evaluate_and_export(compressor_cls, config, script_args, training_args, model_args, trained,
-                                    tokenizer, push)
+                                    tokenizer, push, recipe_data)
+
+
+def long_context_data(script_args: CompressorScriptArguments, config: CompressorConfig,
+                      compressor_cls: type[Compressor], model_args: CompressorModelConfig,
+                      tokenizer: PreTrainedTokenizerBase, seed: int) -> RecipeData:
+    """The synthetic long-context tasks: training rows of ``train_tasks``, and an evaluation on held-out rows of
+    ``eval_task`` beside the untrained compressor, truncation, the full context and no context."""
+    # at least one held-out row: the reload check compresses its context
+    eval_rows = build_eval_dataset(dataclasses.replace(script_args, num_eval_samples=max(
+        1, script_args.num_eval_samples)), tokenizer, seed)
+
+    def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
+        summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
+                                           untrained=untrained, baselines=script_args.eval_baselines)
+        print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
+        return [s.as_row() for s in summaries]
+
+    collator = MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens,
+                              with_queries=compressor_cls.uses_query)
+    return RecipeData(collator=collator, train_dataset=build_train_dataset(script_args, tokenizer, seed),
+                      evaluate=evaluate if script_args.num_eval_samples > 0 else None,
+                      reload_context=eval_rows[0]["context"], objective_weights=script_args.objective_weights,
+                      fused_lm_loss=script_args.fused_lm_loss)
 
 
 def start_from_export(compressor: Compressor, init_from: str | None) -> None:
@@ -75,27 +122,21 @@ def start_from_export(compressor: Compressor, init_from: str | None) -> None:
         print(f"started from {init_from}; initialised here: {', '.join(fresh) or 'none'}")
 
 
-def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorConfig,
-                         script_args: CompressorScriptArguments, training_args: TrainingArguments,
-                         model_args: CompressorModelConfig, trained: dict[str, Any], tokenizer: Any,
-                         push: bool) -> list[dict[str, Any]]:
+def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorConfig, script_args: Any,
+                         training_args: TrainingArguments, model_args: CompressorModelConfig, trained: dict[str, Any],
+                         tokenizer: Any, push: bool, recipe_data: RecipeData) -> list[dict[str, Any]]:
     plain = base_model_kwargs(model_args, quantized=False)
     final = rebuild_trained(compressor_cls, config, base_model_name(model_args), trained, **plain)
     rows: list[dict[str, Any]] = []
-    # at least one held-out row: the reload check compresses its context
-    eval_rows = build_eval_dataset(dataclasses.replace(script_args, num_eval_samples=max(
-        1, script_args.num_eval_samples)), tokenizer, training_args.seed)
-    if script_args.num_eval_samples > 0:
+    if recipe_data.evaluate is not None:
         final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
         untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0]).use_tokenizer(tokenizer)
         start_from_export(untrained, script_args.init_from)  # "untrained": before this run's training
         untrained.to(training_args.device)
-        summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
-                                           untrained=untrained, baselines=script_args.eval_baselines)
-        print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
-        rows = [s.as_row() for s in summaries]
+        rows = recipe_data.evaluate(final, untrained)
     folder = save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push,
                            training_args.hub_model_id)
     if script_args.check_reload:
-        check_export_reloads(final, tokenizer, folder, eval_rows[0]["context"], plain["dtype"])
+        check_export_reloads(final, tokenizer, folder, recipe_data.reload_context, plain["dtype"],
+                             prompt=recipe_data.reload_prompt)
     return rows

@@ -1,0 +1,140 @@
+"""InComeS training data: one pool of edits per batch, the student's queries, the teacher's edit-in-context rows.
+
+``EditCollator`` turns edit records (``data.edits``) into what ``InComeSCompressor.forward`` distils on: the
+pool's edits (the batch's own, plus distractor edits from the training set up to a pool size drawn per step from
+``pool_sizes``), each row's query and answer as the student reads them after the pool, and the same query and
+answer after the row's edit in the context as the frozen teacher reads them. Queries are the edit's question, or
+with ``rephrase_fraction`` its rephrase, or with ``locality_fraction`` one of its unrelated questions (the
+teacher reads the edit and answers as the base does: the pool must leave them alone). The composition is
+``CompressedLM``'s (``ConversationLayout``): the teacher's row is exactly the conversation of in-context
+editing, the student's the prompt after a memory.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from compressors import CompressedLM, Compressor
+from compressors.conversation import ConversationLayout
+from compressors.incomes import InComeSConfig
+from compressors.wrapper import left_pad
+from data.edits import build_edit_records, load_edit_records, validate_edit_record
+from eval.edits import evaluate_edits, markdown_table
+
+from .memory_recipe import RecipeData
+from .objectives import OBJECTIVES, build_target
+from .script_args import EditScriptArguments
+
+
+@dataclass
+class EditCollator:
+    """Edit records -> one InComeS distillation batch (see the module docstring)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    distractors: list[str]  # edits a pool may be filled with (the training set's)
+    pool_sizes: list[int]
+    max_edit_tokens: int = 128
+    max_target_tokens: int = 64
+    locality_fraction: float = 0.25
+    rephrase_fraction: float = 0.0
+    seed: int = 0
+    layout: ConversationLayout = field(init=False)
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = ConversationLayout(self.tokenizer)
+        self.rng = random.Random(self.seed)
+
+    def pool(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The batch's own edits (each once) and distractors up to a pool size drawn from ``pool_sizes``."""
+        own = list(dict.fromkeys(r["edit"] for r in rows))
+        size = self.rng.choice(self.pool_sizes)
+        taken = set(own)
+        candidates = [e for e in self.rng.sample(self.distractors, min(len(self.distractors), size + len(own)))
+                      if e not in taken]
+        return own + candidates[:max(0, size - len(own))]
+
+    def query(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(question, answer) the row asks: the rewrite, its rephrase, or one of its locality questions."""
+        draw = self.rng.random()
+        if draw < self.locality_fraction and row["locality"]:
+            item = self.rng.choice(row["locality"])
+            return item["question"], item["answer"]
+        if draw < self.locality_fraction + self.rephrase_fraction:
+            return row["rephrase"], row["answer"]
+        return row["question"], row["answer"]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id or 0
+        edits = [self.layout.encode(edit)[:self.max_edit_tokens] for edit in self.pool(rows)]
+        context_ids, context_mask = left_pad(edits, pad)
+        targets, teachers, offsets = [], [], []
+        for row in rows:
+            question, answer = self.query(row)
+            target = build_target(self.layout, {"question": question, "answer": answer}, self.max_target_tokens)
+            context = self.layout.context_ids(row["edit"])  # in-context editing: the template prefix, then the edit
+            targets.append(target)
+            teachers.append(context + target.input_ids)
+            offsets.append(len(context))
+        input_ids, attention_mask = right_pad([t.input_ids for t in targets], pad)
+        labels, _ = right_pad([t.labels for t in targets], -100)
+        teacher_ids, teacher_mask = right_pad(teachers, pad)
+        return {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
+                "attention_mask": attention_mask, "labels": labels, "teacher_ids": teacher_ids,
+                "teacher_mask": teacher_mask, "teacher_offsets": torch.tensor(offsets),
+                "prompt_lengths": torch.tensor([t.prompt_length for t in targets]),
+                "objective": torch.full((len(rows),), OBJECTIVES.index("sft"))}
+
+
+def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists with ``value`` into ``(ids, mask)``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+def edit_records(args: EditScriptArguments, split: str, count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` edit records of ``split`` (subjects never shared between train and test), each validated."""
+    if args.edit_source == "offline":
+        records = build_edit_records(count, seed=seed, split=split)
+    else:
+        records = list(load_edit_records(args.edit_source, split=split, num_samples=count, style=args.edit_style))
+    if len(records) < count:
+        raise ValueError(f"{args.edit_source} has {len(records)} {split} edit records, {count} were asked for")
+    for index, record in enumerate(records):
+        validate_edit_record(record, where=f"record {index} of {args.edit_source!r} ({split})")
+    return records
+
+
+def edit_data(args: EditScriptArguments, config: InComeSConfig) -> Any:
+    """The ``DataBuilder`` of the InComeS recipe: edit records, the collator, the edit evaluation."""
+
+    def build(tokenizer: PreTrainedTokenizerBase, seed: int) -> RecipeData:
+        train = edit_records(args, "train", args.num_train_edits, seed)
+        needed = max(args.num_eval_edits, max(args.eval_pool_sizes, default=1), 3)
+        held_out = edit_records(args, "test", needed, seed + 1)
+        collator = EditCollator(tokenizer, [r["edit"] for r in train], args.pool_sizes, config.max_context_tokens,
+                                args.max_target_tokens, args.locality_fraction, args.rephrase_fraction, seed)
+
+        def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
+            methods = {"InComeS (trained)": CompressedLM(final, tokenizer),
+                       "InComeS (untrained)": CompressedLM(untrained.eval(), tokenizer)}
+            summaries = evaluate_edits(methods, held_out, args.eval_pool_sizes, args.eval_queries,
+                                       args.eval_max_new_tokens)
+            print("\nheld-out edits (efficacy / generalisation / locality)\n" + markdown_table(summaries) + "\n")
+            return [s.as_row() for s in summaries]
+
+        return RecipeData(collator=collator, train_dataset=datasets.Dataset.from_list(train),
+                          evaluate=evaluate if args.eval_queries > 0 else None,
+                          reload_context=[r["edit"] for r in held_out[:3]], reload_prompt=held_out[0]["question"])
+
+    return build
