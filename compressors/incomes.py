@@ -121,10 +121,7 @@ class InComeSCompressor(Compressor):
             raise ValueError(f"gist_layers {config.gist_layers} must be decoder layers 0..{depth - 1}")
         teacher = None
         if config.train_mode == "upper":
-            if any(hasattr(p, "ds_id") for p in model.parameters()):
-                raise ValueError("train_mode upper keeps a frozen copy of the base as the teacher, which a model "
-                                 "partitioned by DeepSpeed ZeRO-3 cannot be copied into; use ZeRO-2 or train_mode lora")
-            teacher = copy.deepcopy(model).requires_grad_(False).eval()
+            teacher = frozen_copy(model)
             model.requires_grad_(False)
             layers = model.get_decoder().layers
             for i in gist_layers:
@@ -134,7 +131,8 @@ class InComeSCompressor(Compressor):
                                    config.lora_target_modules)
         super().__init__(config, model)
         self.gist_layers = gist_layers
-        self._teacher = [teacher]  # a list: not a submodule (never saved, never handed to the optimizer)
+        # a frozen submodule (train_mode upper): moved and partitioned with the compressor, never saved or trained
+        self.teacher_model = teacher
         base = self.base_lm.config
         embed = self.base_lm.get_input_embeddings()
         heads = base.num_attention_heads
@@ -144,9 +142,11 @@ class InComeSCompressor(Compressor):
         self.gist_embedding = nn.Embedding(1, embed.embedding_dim)
         with whole_parameters(embed.weight), torch.no_grad():
             self.gist_embedding.weight.copy_(embed.weight.float().mean(0, keepdim=True))
-        generator = torch.Generator().manual_seed(0)
-        self.zero_keys = nn.ParameterList(
-            nn.Parameter(torch.randn(kv_heads, head_dim, generator=generator)) for _ in gist_layers)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        # one zero-gist key per gist layer and KV head (randn, as the public code); an nn.Embedding read by calling
+        # it, like the gist embedding (a bare parameter read outside any forward is an empty shard under ZeRO-3)
+        self.zero_keys = nn.Embedding(len(gist_layers), kv_heads * head_dim)
+        nn.init.normal_(self.zero_keys.weight, generator=torch.Generator().manual_seed(0))
         self.gist_embedding.to(device=embed.weight.device, dtype=embed.weight.dtype)
         self.zero_keys.to(device=embed.weight.device, dtype=embed.weight.dtype)
         self._pool: Memory | None = None  # the pool the selection branch reads (inside reading())
@@ -176,17 +176,16 @@ class InComeSCompressor(Compressor):
     def teacher(self) -> Iterator[PreTrainedModel]:
         """The frozen base model that reads edits in context: the base without the LoRA adapter, or the copy
         kept by ``train_mode: upper``."""
-        if self._teacher[0] is not None:
-            yield self._teacher[0]
+        if self.teacher_model is not None:
+            yield self.teacher_model
             return
         with self.plain_base():
             yield self.base_lm
 
-    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> InComeSCompressor:
-        super()._apply(fn, *args, **kwargs)  # .to() / .cuda() / .half() reach the teacher copy too
-        if self._teacher[0] is not None:
-            self._teacher[0]._apply(fn, *args, **kwargs)
-        return self
+    def zero_key(self, index: int) -> torch.Tensor:
+        """The zero gist's key of gist layer ``index``: ``[kv_heads, head_dim]``."""
+        ids = torch.tensor([index], device=self.zero_keys.weight.device)
+        return self.zero_keys(ids).view(self.kv_heads, self.head_dim)
 
     # ----- encoder ------------------------------------------------------------------------
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -244,15 +243,10 @@ class InComeSCompressor(Compressor):
             for handle in hooks:
                 handle.remove()
 
-    @property
-    def head_dim(self) -> int:
-        return self.zero_keys[0].shape[-1]
-
     def empty_pool(self) -> Memory:
         """A pool of no edits: the decoder reading it is exactly the model without the selection branch."""
-        reference = self.zero_keys[0]
-        kv_heads, head_dim = reference.shape
-        tensors = {name: reference.new_zeros(1, 0, kv_heads, head_dim)
+        reference = self.gist_embedding.weight
+        tensors = {name: reference.new_zeros(1, 0, self.kv_heads, self.head_dim)
                    for layer in self.gist_layers for name in (f"key.{layer}", f"value.{layer}")}
         tensors["edit_id"] = torch.zeros(1, 0, dtype=torch.long, device=reference.device)
         prefix = self.layout.prefix_ids if self.layout is not None else []
@@ -286,14 +280,13 @@ class InComeSCompressor(Compressor):
     def _selection(self, index: int, layer: int, memory: Memory) -> Override:
         keys, values = memory.tensors[f"key.{layer}"], memory.tensors[f"value.{layer}"]
         mask = memory.slot_mask().bool()
-        zero_key = self.zero_keys[index]
 
         def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Any, fallback: Callable[..., Any], **kwargs: Any) -> Any:
             out, weights = fallback(module, query, key, value, attention_mask, **kwargs)
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             branch = selection_branch(query, keys.to(query.device), values.to(query.device), mask.to(query.device),
-                                      zero_key, scaling)
+                                      self.zero_key(index), scaling)
             return out + branch.transpose(1, 2).to(out.dtype), weights
 
         return attend
@@ -387,3 +380,13 @@ def edit_hash(token_ids: torch.Tensor) -> int:
     """A stable 63-bit id of an edit's tokens (which edit a pool entry came from)."""
     digest = hashlib.blake2b(bytes(str(token_ids.tolist()), "utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of ``model``: ``deepcopy``, or, for a model DeepSpeed ZeRO-3 partitioned at construction
+    (which cannot be copied), the same checkpoint loaded again (partitioned the same way)."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        copied = type(model).from_pretrained(model.config.name_or_path, dtype=model.dtype)
+    else:
+        copied = copy.deepcopy(model)
+    return copied.requires_grad_(False).eval()

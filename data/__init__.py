@@ -7,7 +7,14 @@
 This package must not import ``compressors``, ``trainers`` or ``eval``.
 """
 
-from .edits import EDIT_FEATURES, EDIT_FIELDS, build_edit_task, load_edit_records, validate_edit_record
+from .edits import (
+    EDIT_FEATURES,
+    EDIT_FIELDS,
+    build_edit_task,
+    edit_records,
+    load_edit_records,
+    validate_edit_record,
+)
 from .sources import Haystack, count_tokens, load_texts
 from .tasks import FEATURES, TASKS, TaskSpec, build_task, register_task
 
@@ -20,6 +27,7 @@ __all__ = [
     "TaskSpec",
     "build_edit_task",
     "build_task",
+    "edit_records",
     "count_tokens",
     "load_edit_records",
     "load_texts",

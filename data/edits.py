@@ -59,6 +59,7 @@ __all__ = [
     "EditRelation",
     "build_edit_records",
     "build_edit_task",
+    "edit_records",
     "load_edit_records",
     "validate_edit_record",
 ]
@@ -748,3 +749,14 @@ _CONVERTERS: dict[str, Callable[[Mapping[str, Any], str, str], dict[str, Any]]] 
     "zsre": _zsre,
     "counterfact": _counterfact,
 }
+
+
+def edit_records(source: str, split: str, count: int, seed: int = 0, style: str = "auto") -> list[dict[str, Any]]:
+    """Exactly ``count`` records of ``split`` from ``source``: ``"offline"`` (`build_edit_records`, seeded) or a file /
+    Hub dataset (`load_edit_records`); an error when the source has fewer."""
+    if source == "offline":
+        return build_edit_records(count, seed=seed, split=split)
+    records = list(load_edit_records(source, split=split, num_samples=count, style=style))
+    if len(records) < count:
+        raise ValueError(f"edit source {source!r} has {len(records)} {split} records, {count} were asked for")
+    return records

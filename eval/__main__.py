@@ -5,6 +5,9 @@
         --num-samples 50 --output-dir results/snapkv [--scoring loglik|generate]
     python -m eval --compare results/gist results/snapkv --output-dir results/compare
 
+    python -m eval --compressor out/incomes-smollm2 --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \\
+        --output-dir results/incomes          # model editing: efficacy / generalisation / locality per pool size
+
 ``--compressor`` takes a baseline name, a saved compressor folder or a Hub repo id, or several,
 comma-separated (they then share the full-context and truncation references).
 """
@@ -54,6 +57,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "memory (niah_multikey, fact_qa); the report gives accuracy by question")
     p.add_argument("--multi-turn", action="store_true",
                    help="shared-context mode: each question is a turn after the model's own earlier answers")
+    p.add_argument("--pool-sizes", type=_ints, default=[1, 8, 32, 128],
+                   help="--tasks edits: edits per pool (--num-samples queries are asked at each size)")
+    p.add_argument("--edit-source", default="offline",
+                   help="--tasks edits: offline (generated edits) or a zsRE / CounterFact-style file or Hub dataset")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -70,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.compressor:
             parser.error("give --compressor (or --compare DIR ...)")
+        compressors = [c.strip() for c in args.compressor.split(",") if c.strip()]
+        if args.tasks.strip() == "edits":
+            from .edits import run_edit_eval
+
+            output_dir = args.output_dir or f"results/{compressors[0].strip('/').split('/')[-1]}"
+            run_edit_eval(compressors, output_dir, args.pool_sizes, args.num_samples, args.edit_source,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                          references=not args.no_references)
+            print((__import__("pathlib").Path(output_dir) / "report.md").read_text())
+            return 0
+        if "edits" in args.tasks.split(","):
+            parser.error("--tasks edits is a task of its own (model editing): do not mix it with others")
         from .runner import EvalConfig, run
 
         cfg = EvalConfig(compressors=[c.strip() for c in args.compressor.split(",") if c.strip()],

@@ -19,9 +19,11 @@ model with an empty pool): adapter drift counts against it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from compressors import CompressedLM, Memory
@@ -167,3 +169,25 @@ def _score_pools(label: str, size: int, pools: list[tuple[list[str], list[dict]]
     return EditSummary(label, size, len(rows), mean("efficacy"), mean("generalisation"), mean("locality"),
                        mean("efficacy_generate"), mean("generalisation_generate"), mean("locality_generate"),
                        bytes_per_edit=sum(held) / len(held))
+
+
+def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Sequence[int], queries: int,
+                  source: str = "offline", style: str = "auto", seed: int = 0, max_new_tokens: int = 16,
+                  dtype: str = "float32", references: bool = True) -> list[EditSummary]:
+    """``python -m eval --tasks edits``: saved InComeS compressors (folders or Hub ids) on held-out edits at every
+    pool size, beside in-context editing and no editing; ``report.md`` and ``results.json`` in ``output_dir``."""
+    from data.edits import edit_records
+
+    if not pool_sizes or min(pool_sizes) < 1 or queries < 1:
+        raise ValueError(f"the edit evaluation needs pool sizes >= 1 and queries >= 1, got {pool_sizes}, {queries}")
+    needed = max(math.ceil(queries / size) * size for size in pool_sizes)
+    records = edit_records(source, "test", needed, seed + 1, style)
+    methods = {name: CompressedLM.from_pretrained(name, dtype=dtype) for name in compressors}
+    summaries = evaluate_edits(methods, records, pool_sizes, queries, max_new_tokens, references)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"# Held-out edits ({source}, seed {seed}): {queries} queries per pool size, greedy replies of "
+              f"{max_new_tokens} tokens\n\n")
+    (out / "report.md").write_text(header + markdown_table(summaries) + "\n")
+    (out / "results.json").write_text(json.dumps([s.as_row() for s in summaries], indent=1))
+    return summaries

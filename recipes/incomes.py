@@ -2,7 +2,7 @@
 read through a selection branch in the upper layers, learned by distillation from the model reading the edit.
 
     accelerate launch recipes/incomes.py --config recipes/configs/incomes/quickstart.yaml         # CPU, LoRA
-    accelerate launch --config_file accelerate_configs/zero2.yaml recipes/incomes.py \\
+    accelerate launch --config_file accelerate_configs/zero3.yaml recipes/incomes.py \\
         --config recipes/configs/incomes/gpu.yaml                                                   # upper half, full
 
 Edits come from the offline generator (``--edit_source offline``: counterfactual facts about invented entities and

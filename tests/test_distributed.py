@@ -107,7 +107,7 @@ def initial_own_tensors(recipe: str, args: list[str], tmp_path: Path) -> dict[st
 
     _, config, _, model_args = load_recipe(recipe).make_parser().parse_args_and_config(
         [*args, "--output_dir", str(tmp_path / "parsed")])
-    cls = next(compressor_class(name) for name in ("gist", "cskv", "rcc", "lcirc", "softpromptcomp")
+    cls = next(compressor_class(name) for name in ("gist", "cskv", "rcc", "lcirc", "softpromptcomp", "incomes")
                if isinstance(config, compressor_class(name).config_class))
     return cls(config, load_base(model_args.model_name_or_path)[0]).own_state_dict()
 
@@ -166,6 +166,20 @@ def test_softpromptcomp_soft_vectors_train_the_same_under_zero2_and_zero3(tiny_f
     initial = initial_own_tensors("softpromptcomp", args, tmp_path)
     for out in outs.values():
         assert first_log(out)["compression_ratio"] > 1
+        assert_own_tensors_trained(out, initial)
+
+
+def test_incomes_upper_layers_train_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_path: Path) -> None:
+    """gpu.yaml's mode: the upper layers, the gist embedding and the zero keys train beside a frozen copy of the
+    base as the teacher (under ZeRO-3 loaded again, partitioned like the student); each row's pool is the same in
+    every run (its draws depend on the batch's edits, not on the process)."""
+    args = ["--config", str(ROOT / "recipes/configs/incomes/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
+            "--num_train_edits", "4", "--pool_sizes", "3", "--eval_queries", "0", "--check_reload", "false",
+            "--train_mode", "upper"]
+    outs = check_runs("incomes", args, tmp_path)
+    initial = initial_own_tensors("incomes", args, tmp_path)
+    for out in outs.values():
+        assert first_log(out)["pool_entries"] == 3
         assert_own_tensors_trained(out, initial)
 
 

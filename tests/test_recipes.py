@@ -60,7 +60,7 @@ def test_cli_overrides_yaml(tmp_path: Path) -> None:
     assert parsed[1].tokens_per_gist == 8
 
 
-RECIPES = ["gist", "color_dpo", "cskv", "rcc", "lcirc", "softpromptcomp"]
+RECIPES = ["gist", "color_dpo", "cskv", "rcc", "lcirc", "softpromptcomp", "incomes"]
 
 
 def field_helps(recipe: str) -> dict[tuple[str, str], str]:
@@ -289,3 +289,22 @@ def test_a_configuration_with_nothing_to_train_is_refused_clearly(tmp_path: Path
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "no tensor to train" in result.stderr
 
+
+def test_incomes_recipe_one_step_distils_exports_and_reloads(tmp_path: Path) -> None:
+    """The quickstart on the tiny model: one distillation step on a pool of offline edits (finite loss, the
+    weighted CE and KL parts logged), the edit evaluation table, the export and the reload check."""
+    out = tmp_path / "incomes"
+    args = ["--config", str(ROOT / "recipes/configs/incomes/quickstart.yaml"), "--model_name_or_path",
+            "tiny-random-llama", "--num_train_edits", "8", "--num_eval_edits", "4", "--pool_sizes", "6",
+            "--per_device_train_batch_size", "2", "--max_steps", "1", "--logging_steps", "1", "--save_steps", "1",
+            "--eval_pool_sizes", "1", "2", "--eval_queries", "1", "--eval_max_new_tokens", "2", "--output_dir", str(out)]
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "incomes.py"), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| InComeS (trained) | 2 |" in result.stdout and "| in-context editing | 2 |" in result.stdout
+    assert "reloads and generates identically" in result.stdout
+    log = next(e for e in json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+               if "loss" in e)
+    assert {"weighted_ce", "kl", "pool_entries"} <= set(log) and log["pool_entries"] == 6
+    for name in ("compressor_config.json", "compressor.safetensors", "adapter_model.safetensors", "README.md"):
+        assert (out / name).is_file(), name

@@ -24,7 +24,7 @@ from compressors import CompressedLM, Compressor
 from compressors.conversation import ConversationLayout
 from compressors.incomes import InComeSConfig
 from compressors.wrapper import left_pad
-from data.edits import build_edit_records, load_edit_records, validate_edit_record
+from data.edits import edit_records
 from eval.edits import evaluate_edits, markdown_table
 
 from .memory_recipe import RecipeData
@@ -45,26 +45,31 @@ class EditCollator:
     rephrase_fraction: float = 0.0
     seed: int = 0
     layout: ConversationLayout = field(init=False)
-    rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self.layout = ConversationLayout(self.tokenizer)
-        self.rng = random.Random(self.seed)
+
+    def rng(self, *texts: str) -> random.Random:
+        """The random draws of a batch or a row are a function of its edits and the seed: a batch is the same
+        whichever process or micro-batch reads it, and after a resume."""
+        return random.Random("\x1f".join([str(self.seed), *texts]))
 
     def pool(self, rows: list[dict[str, Any]]) -> list[str]:
         """The batch's own edits (each once) and distractors up to a pool size drawn from ``pool_sizes``."""
         own = list(dict.fromkeys(r["edit"] for r in rows))
-        size = self.rng.choice(self.pool_sizes)
+        rng = self.rng(*own)
+        size = rng.choice(self.pool_sizes)
         taken = set(own)
-        candidates = [e for e in self.rng.sample(self.distractors, min(len(self.distractors), size + len(own)))
+        candidates = [e for e in rng.sample(self.distractors, min(len(self.distractors), size + len(own)))
                       if e not in taken]
         return own + candidates[:max(0, size - len(own))]
 
     def query(self, row: dict[str, Any]) -> tuple[str, str]:
         """(question, answer) the row asks: the rewrite, its rephrase, or one of its locality questions."""
-        draw = self.rng.random()
+        rng = self.rng(row["edit"], row["question"])
+        draw = rng.random()
         if draw < self.locality_fraction and row["locality"]:
-            item = self.rng.choice(row["locality"])
+            item = rng.choice(row["locality"])
             return item["question"], item["answer"]
         if draw < self.locality_fraction + self.rephrase_fraction:
             return row["rephrase"], row["answer"]
@@ -102,26 +107,13 @@ def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def edit_records(args: EditScriptArguments, split: str, count: int, seed: int) -> list[dict[str, Any]]:
-    """``count`` edit records of ``split`` (subjects never shared between train and test), each validated."""
-    if args.edit_source == "offline":
-        records = build_edit_records(count, seed=seed, split=split)
-    else:
-        records = list(load_edit_records(args.edit_source, split=split, num_samples=count, style=args.edit_style))
-    if len(records) < count:
-        raise ValueError(f"{args.edit_source} has {len(records)} {split} edit records, {count} were asked for")
-    for index, record in enumerate(records):
-        validate_edit_record(record, where=f"record {index} of {args.edit_source!r} ({split})")
-    return records
-
-
 def edit_data(args: EditScriptArguments, config: InComeSConfig) -> Any:
     """The ``DataBuilder`` of the InComeS recipe: edit records, the collator, the edit evaluation."""
 
     def build(tokenizer: PreTrainedTokenizerBase, seed: int) -> RecipeData:
-        train = edit_records(args, "train", args.num_train_edits, seed)
+        train = edit_records(args.edit_source, "train", args.num_train_edits, seed, args.edit_style)
         needed = max(args.num_eval_edits, max(args.eval_pool_sizes, default=1), 3)
-        held_out = edit_records(args, "test", needed, seed + 1)
+        held_out = edit_records(args.edit_source, "test", needed, seed + 1, args.edit_style)
         collator = EditCollator(tokenizer, [r["edit"] for r in train], args.pool_sizes, config.max_context_tokens,
                                 args.max_target_tokens, args.locality_fraction, args.rephrase_fraction, seed)
 
