@@ -113,6 +113,11 @@ class InComeSCompressor(Compressor):
     memory_kind = "pool"
     compresses_template = False  # an edit is read as bare text; the decoder keeps the template's prefix as text
     pools_contexts = True
+    card_note = ("InComeS (arXiv 2505.22156), for model editing: `clm.compress([edit, ...])` makes one `pool` memory "
+                 "of the edits (one gist key/value entry per edit in each upper layer), `pool.cat(clm.compress([...]))` "
+                 "adds edits, `clm.generate(question, memory=pool)` answers with them. Distilled from the frozen base "
+                 "reading each edit in context; what is and is not faithful to the paper is in ctxzip's "
+                 "`compressors/incomes.py`.")
 
     def __init__(self, config: InComeSConfig, model: PreTrainedModel) -> None:
         depth = model.config.num_hidden_layers
