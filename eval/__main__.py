@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir = args.output_dir or f"results/{compressors[0].strip('/').split('/')[-1]}"
             run_edit_eval(compressors, output_dir, args.pool_sizes, args.num_samples, args.edit_source,
                           seed=args.seed, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                          references=not args.no_references)
+                          references=not args.no_references, base_model=args.base_model)
             print((__import__("pathlib").Path(output_dir) / "report.md").read_text())
             return 0
         if "edits" in args.tasks.split(","):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from compressors import CompressedLM, Memory
+from compressors import COMPRESSORS, EMBEDDED_MODEL, CompressedLM, Memory
 from compressors.baselines import FullContext, FullContextConfig
 from compressors.tables import Column, missing
 from compressors.tables import markdown_table as render_table
@@ -171,18 +171,31 @@ def _score_pools(label: str, size: int, pools: list[tuple[list[str], list[dict]]
                        bytes_per_edit=sum(held) / len(held))
 
 
+def label_of(name: str) -> str:
+    return f"{name} (untrained)" if name in COMPRESSORS else name
+
+
+def load_method(name: str, base_model: str | None, dtype: str) -> CompressedLM:
+    """A saved compressor (folder or Hub id), or a registered type built fresh (untrained) on ``base_model``."""
+    if name in COMPRESSORS:
+        return CompressedLM.from_base(name, base_model=base_model or EMBEDDED_MODEL, dtype=dtype)
+    return CompressedLM.from_pretrained(name, base_model=base_model, dtype=dtype)
+
+
 def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Sequence[int], queries: int,
                   source: str = "offline", style: str = "auto", seed: int = 0, max_new_tokens: int = 16,
-                  dtype: str = "float32", references: bool = True) -> list[EditSummary]:
-    """``python -m eval --tasks edits``: saved InComeS compressors (folders or Hub ids) on held-out edits at every
-    pool size, beside in-context editing and no editing; ``report.md`` and ``results.json`` in ``output_dir``."""
+                  dtype: str = "float32", references: bool = True, base_model: str | None = None,
+                  ) -> list[EditSummary]:
+    """``python -m eval --tasks edits``: InComeS compressors (saved folders or Hub ids; ``incomes``: an untrained
+    one on ``base_model``) on held-out edits at every pool size, beside in-context editing and no editing;
+    ``report.md`` and ``results.json`` in ``output_dir``."""
     from data.edits import edit_records
 
     if not pool_sizes or min(pool_sizes) < 1 or queries < 1:
         raise ValueError(f"the edit evaluation needs pool sizes >= 1 and queries >= 1, got {pool_sizes}, {queries}")
     needed = max(math.ceil(queries / size) * size for size in pool_sizes)
     records = edit_records(source, "test", needed, seed + 1, style)
-    methods = {name: CompressedLM.from_pretrained(name, dtype=dtype) for name in compressors}
+    methods = {label_of(name): load_method(name, base_model, dtype) for name in compressors}
     summaries = evaluate_edits(methods, records, pool_sizes, queries, max_new_tokens, references)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -193,3 +193,18 @@ def test_edit_yardstick_reports_every_method_at_every_pool_size(tokenizer) -> No
     assert summaries[0].bytes_per_edit > 0 and "in-context editing" in markdown_table(summaries)
     with pytest.raises(ValueError, match="need 16 records"):
         pools_for(records, 16, 2)
+
+
+def test_python_m_eval_runs_the_edit_task(tmp_path, capsys) -> None:
+    import json
+
+    from eval.__main__ import main
+
+    args = ["--compressor", "incomes", "--base-model", TINY_MODEL, "--tasks", "edits", "--pool-sizes", "1,2",
+            "--num-samples", "1", "--max-new-tokens", "2", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| incomes (untrained) | 2 |" in report and "| no editing | 2 |" in report
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 6
+    with pytest.raises(SystemExit):
+        main([*args[:4], "--tasks", "edits,passkey"])
