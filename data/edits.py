@@ -61,6 +61,7 @@ __all__ = [
     "build_edit_task",
     "edit_records",
     "load_edit_records",
+    "locality_questions",
     "validate_edit_record",
 ]
 
@@ -84,6 +85,7 @@ _SPLITS = ("train", "test", "all")
 _SPLIT_SALT = "edits-heldout-1:"
 # Draws of a new subject before giving up (the test split keeps ~15% of them, so ~7 draws on average).
 _MAX_DRAWS = 10_000
+_LOCALITY_HELD_OUT = 0.25  # share of LOCALITY_QA kept for the test split
 
 # ---------------------------------------------------------------------------------------
 # vocabularies
@@ -411,15 +413,17 @@ def build_edit_records(
             ``0..i`` only, so a smaller ``num_samples`` gives a prefix.
         split: ``"train"``, ``"test"`` (held-out subjects, about `HELD_OUT_FRACTION` of them, decided
             by a stable hash of the subject) or ``"all"``; train and test never share a subject.
-        num_locality: locality questions per record, drawn without repetition from `LOCALITY_QA`
-            (shared by the splits: they are general knowledge, not edits).
+        num_locality: locality questions per record, drawn without repetition from the split's share of
+            `LOCALITY_QA` (`locality_questions`: a stable hash holds about a quarter of them out for
+            ``"test"``, so that a trained model is judged on unrelated questions it never trained on).
         relations: names of `RELATIONS` to draw from (default: all).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     _check_split(split, "the edit generator")
-    if not 0 <= num_locality <= len(LOCALITY_QA):
-        raise ValueError(f"num_locality must be in [0, {len(LOCALITY_QA)}], got {num_locality}")
+    questions = locality_questions(split)
+    if not 0 <= num_locality <= len(questions):
+        raise ValueError(f"num_locality must be in [0, {len(questions)}] for split {split!r}, got {num_locality}")
     by_kind = _relations_by_kind(relations)
     kinds = sorted(by_kind)
     pairs: set[tuple[str, str]] = set()
@@ -432,7 +436,7 @@ def build_edit_records(
         pairs.add((subject, relation.name))
         entity_of[subject] = relation.entity
         value = rng.choice(relation.values)
-        locality = [{"question": q, "answer": a} for q, a in rng.sample(LOCALITY_QA, num_locality)]
+        locality = [{"question": q, "answer": a} for q, a in rng.sample(questions, num_locality)]
         records.append(
             {
                 "edit": relation.edit.format(subject=subject, value=value),
@@ -461,6 +465,20 @@ def _relations_by_kind(names: Sequence[str] | None) -> dict[str, list[EditRelati
     for name in dict.fromkeys(names):  # de-duplicated, in the order given
         by_kind.setdefault(RELATIONS[name].kind, []).append(RELATIONS[name])
     return by_kind
+
+
+def locality_questions(split: str) -> list[tuple[str, str]]:
+    """The split's share of `LOCALITY_QA`: about a quarter of the questions (by a stable hash) are ``"test"``'s,
+    the rest ``"train"``'s; ``"all"`` has every one."""
+    _check_split(split, "the locality questions")
+    if split == "all":
+        return list(LOCALITY_QA)
+
+    def held_out(question: str) -> bool:
+        digest = hashlib.sha256((_SPLIT_SALT + "locality:" + question).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < _LOCALITY_HELD_OUT
+
+    return [qa for qa in LOCALITY_QA if held_out(qa[0]) == (split == "test")]
 
 
 def _invented_name(rng: random.Random, suffixes: Sequence[str]) -> str:

@@ -213,3 +213,12 @@ def test_dataset_concatenates_with_loaded_records(tmp_path: Path) -> None:
     loaded = load_edit_records(write_jsonl(tmp_path / "z.jsonl", ZSRE), split="all")
     both = datasets.concatenate_datasets([build_edit_task(3), loaded])
     assert len(both) == 5 and both.features == EDIT_FEATURES
+
+
+def test_locality_questions_of_the_test_split_are_held_out() -> None:
+    from data.edits import LOCALITY_QA, build_edit_records, locality_questions
+
+    train, test = locality_questions("train"), locality_questions("test")
+    assert train and test and not set(train) & set(test) and len(train) + len(test) == len(LOCALITY_QA)
+    asked = {item["question"] for record in build_edit_records(40, split="test") for item in record["locality"]}
+    assert asked <= {q for q, _ in test}
