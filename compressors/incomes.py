@@ -154,7 +154,6 @@ class InComeSCompressor(Compressor):
         nn.init.normal_(self.zero_keys.weight, generator=torch.Generator().manual_seed(0))
         self.gist_embedding.to(device=embed.weight.device, dtype=embed.weight.dtype)
         self.zero_keys.to(device=embed.weight.device, dtype=embed.weight.dtype)
-        self._pool: Memory | None = None  # the pool the selection branch reads (inside reading())
 
     # ----- what is saved and which model teaches ------------------------------------------------
     def own_state_dict(self) -> dict[str, torch.Tensor]:

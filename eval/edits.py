@@ -125,15 +125,17 @@ class _Scorer:
 
 def evaluate_edits(methods: dict[str, CompressedLM], records: Sequence[dict[str, Any]], pool_sizes: Sequence[int],
                    queries_per_size: int = 16, max_new_tokens: int = 16, references: bool = True,
-                   ) -> list[EditSummary]:
+                   unedited: CompressedLM | None = None) -> list[EditSummary]:
     """Every pool method in ``methods`` (label -> a CompressedLM whose compressor makes ``pool`` memories), and with
-    ``references`` in-context editing and no editing on the first method's plain base, at every pool size."""
+    ``references`` in-context editing and no editing, at every pool size. The unedited base (the locality reference,
+    in-context and no editing) is ``unedited``'s ``plain_base()``, by default the first method's: pass an untrained
+    compressor when a method trains the base's own weights (InComeS with ``train_mode: upper``)."""
     if not methods:
         raise ValueError("evaluate_edits needs at least one pool method")
     for label, clm in methods.items():
         if not clm.compressor.pools_contexts:
             raise ValueError(f"{label}: a {clm.compressor.compressor_type} compressor does not make pools of edits")
-    first = next(iter(methods.values()))
+    first = unedited or next(iter(methods.values()))
     plans = {size: pools_for(records, size, queries_per_size) for size in pool_sizes}
     scorer = _Scorer(first, [r for pools in plans.values() for _, asked in pools for r in asked], max_new_tokens)
     full = CompressedLM(FullContext(FullContextConfig(), first.model), first.tokenizer)
@@ -196,7 +198,11 @@ def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Se
     needed = max(math.ceil(queries / size) * size for size in pool_sizes)
     records = edit_records(source, "test", needed, seed + 1, style)
     methods = {label_of(name): load_method(name, base_model, dtype) for name in compressors}
-    summaries = evaluate_edits(methods, records, pool_sizes, queries, max_new_tokens, references)
+    untrained = [clm for name, clm in zip(compressors, methods.values()) if name in COMPRESSORS]
+    first = next(iter(methods.values())).compressor
+    # the unedited base: an untrained compressor's plain base (a trained one may have trained the base's own layers)
+    unedited = untrained[0] if untrained else load_method(first.compressor_type, base_model or first.base_name, dtype)
+    summaries = evaluate_edits(methods, records, pool_sizes, queries, max_new_tokens, references, unedited)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# Held-out edits ({source}, seed {seed}): {queries} queries per pool size, greedy replies of "

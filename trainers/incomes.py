@@ -118,10 +118,11 @@ def edit_data(args: EditScriptArguments, config: InComeSConfig) -> Any:
                                 args.max_target_tokens, args.locality_fraction, args.rephrase_fraction, seed)
 
         def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
-            methods = {"InComeS (trained)": CompressedLM(final, tokenizer),
-                       "InComeS (untrained)": CompressedLM(untrained.eval(), tokenizer)}
+            before = CompressedLM(untrained.eval(), tokenizer)
+            methods = {"InComeS (trained)": CompressedLM(final, tokenizer), "InComeS (untrained)": before}
+            # the untrained compressor's plain base is the unedited model (train_mode upper trains the base's layers)
             summaries = evaluate_edits(methods, held_out, args.eval_pool_sizes, args.eval_queries,
-                                       args.eval_max_new_tokens)
+                                       args.eval_max_new_tokens, unedited=before)
             print("\nheld-out edits (efficacy / generalisation / locality)\n" + markdown_table(summaries) + "\n")
             return [s.as_row() for s in summaries]
 
