@@ -5,7 +5,8 @@ pool's edits (the batch's own, plus distractor edits from the training set up to
 ``pool_sizes``), each row's query and answer as the student reads them after the pool, and the same query and
 answer after the row's edit in the context as the frozen teacher reads them. Queries are the edit's question, or
 with ``rephrase_fraction`` its rephrase, or with ``locality_fraction`` one of its unrelated questions (the
-teacher reads the edit and answers as the base does: the pool must leave them alone). The composition is
+teacher reads the edit, as the paper, or with ``locality_teacher: base`` the question alone: the pool must leave
+them alone). The composition is
 ``CompressedLM``'s (``ConversationLayout``): the teacher's row is exactly the conversation of in-context
 editing, the student's the prompt after a memory.
 """
@@ -44,6 +45,7 @@ class EditCollator:
     locality_fraction: float = 0.25
     rephrase_fraction: float = 0.0
     seed: int = 0
+    locality_teacher: str = "edit"  # base: an unrelated query's teacher reads it without the edit
     layout: ConversationLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,16 +66,16 @@ class EditCollator:
                       if e not in taken]
         return own + candidates[:max(0, size - len(own))]
 
-    def query(self, row: dict[str, Any]) -> tuple[str, str]:
-        """(question, answer) the row asks: the rewrite, its rephrase, or one of its locality questions."""
+    def query(self, row: dict[str, Any]) -> tuple[str, str, bool]:
+        """(question, answer, unrelated) the row asks: the rewrite, its rephrase, or one of its locality questions."""
         rng = self.rng(row["edit"], row["question"])
         draw = rng.random()
         if draw < self.locality_fraction and row["locality"]:
             item = rng.choice(row["locality"])
-            return item["question"], item["answer"]
+            return item["question"], item["answer"], True
         if draw < self.locality_fraction + self.rephrase_fraction:
-            return row["rephrase"], row["answer"]
-        return row["question"], row["answer"]
+            return row["rephrase"], row["answer"], False
+        return row["question"], row["answer"], False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
@@ -81,9 +83,12 @@ class EditCollator:
         context_ids, context_mask = left_pad(edits, pad)
         targets, teachers, offsets = [], [], []
         for row in rows:
-            question, answer = self.query(row)
+            question, answer, unrelated = self.query(row)
             target = build_target(self.layout, {"question": question, "answer": answer}, self.max_target_tokens)
-            context = self.layout.context_ids(row["edit"])  # in-context editing: the template prefix, then the edit
+            if unrelated and self.locality_teacher == "base":  # the unedited conversation: what the pool must keep
+                context = self.layout.prefix_ids
+            else:  # in-context editing: the template prefix, then the edit
+                context = self.layout.context_ids(row["edit"])
             targets.append(target)
             teachers.append(context + target.input_ids)
             offsets.append(len(context))
@@ -115,7 +120,8 @@ def edit_data(args: EditScriptArguments, config: InComeSConfig) -> Any:
         needed = max(args.num_eval_edits, max(args.eval_pool_sizes, default=1), 3)
         held_out = edit_records(args.edit_source, "test", needed, seed + 1, args.edit_style)
         collator = EditCollator(tokenizer, [r["edit"] for r in train], args.pool_sizes, config.max_context_tokens,
-                                args.max_target_tokens, args.locality_fraction, args.rephrase_fraction, seed)
+                                args.max_target_tokens, args.locality_fraction, args.rephrase_fraction, seed,
+                                args.locality_teacher)
 
         def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
             before = CompressedLM(untrained.eval(), tokenizer)

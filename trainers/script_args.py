@@ -235,6 +235,10 @@ class EditScriptArguments:
     locality_fraction: float = field(default=0.25, metadata={
         "help": "fraction of training queries that are one of their record's unrelated (locality) questions: the "
                 "teacher, reading the edit, answers them as the base does, so the pool must leave them alone"})
+    locality_teacher: str = field(default="edit", metadata={
+        "help": "what the teacher reads for an unrelated (locality) query: edit (the row's edit in context, as the paper: "
+                "every query is distilled from the model reading its edit) or base (the query alone: the target is the "
+                "unedited answer itself; a small base reading an edit in context drifts on unrelated questions)"})
     rephrase_fraction: float = field(default=0.0, metadata={
         "help": "fraction of training queries asked with the record's rephrased question (0: generalisation is "
                 "measured on wordings never trained on)"})
@@ -254,5 +258,7 @@ class EditScriptArguments:
         for name in ("locality_fraction", "rephrase_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.locality_teacher not in ("edit", "base"):
+            raise ValueError(f"locality_teacher must be 'edit' or 'base', got {self.locality_teacher!r}")
         if self.locality_fraction + self.rephrase_fraction > 1.0:
             raise ValueError("locality_fraction + rephrase_fraction must be at most 1")
