@@ -152,6 +152,12 @@ def test_training_step_reaches_the_gist_the_zero_keys_and_the_adapter(tokenizer)
         length = int(batch["attention_mask"][row].sum())
         offset = int(batch["teacher_offsets"][row])
         assert torch.equal(batch["teacher_ids"][row, offset:offset + length], batch["input_ids"][row, :length])
+    # --locality_teacher base: an unrelated query's teacher reads it without the edit (after the template prefix)
+    unedited = EditCollator(tokenizer, [r["edit"] for r in records], pool_sizes=[5], locality_fraction=1.0,
+                            locality_teacher="base")(records[:2])
+    assert unedited["teacher_offsets"].tolist() == [len(clm.layout.prefix_ids)] * 2
+    assert torch.equal(unedited["teacher_ids"][:, :len(clm.layout.prefix_ids)],
+                       torch.tensor([clm.layout.prefix_ids] * 2))
     compressor = clm.compressor.train()
     batch.pop("objective")
     out = compressor(**batch)
