@@ -28,7 +28,9 @@ The memory (kind ``pool``): ``key.{layer}`` / ``value.{layer}`` ``[rows, entries
 each gist layer, ``edit_id`` ``[rows, entries]`` (a stable 63-bit hash of each edit's tokens: which edit an
 entry came from) and ``slot_mask`` when rows hold different numbers of entries. ``compress`` gives one row
 per edit (the contract); ``CompressedLM.compress([...])`` unites the edits into one pool
-(``pools_contexts``). ``nbytes`` per edit on SmolLM2-135M (15 gist layers, 3 KV heads of 64) in fp32:
+(``pools_contexts``). A pool records the gist layers and ``gist_key_rope`` and is refused by a compressor
+configured otherwise (or built on another base); one made by a differently trained compressor of the same
+configuration is not detected. ``nbytes`` per edit on SmolLM2-135M (15 gist layers, 3 KV heads of 64) in fp32:
 15 x 2 x 3 x 64 x 4 + 8 = 23,048 bytes. Its ratio is edit tokens per entry.
 
 Training (``trainers.incomes``): one pool per batch (the batch's edits plus distractors, the pool size
@@ -211,10 +213,9 @@ class InComeSCompressor(Compressor):
         tensors = {name: t[:, None] for name, t in tensors.items()}  # [rows, 1 entry, kv_heads, head_dim]
         tensors["edit_id"] = torch.tensor([[edit_hash(ids[m.bool()])] for ids, m in zip(context_ids, attention_mask)],
                                           device=context_ids.device)
-        prefix = self.layout.prefix_ids if self.layout is not None else []
+        meta = self.pool_meta()
         return self.new_memory(tensors, source_tokens=attention_mask.sum(-1).tolist(), slots=1,
-                               position_offset=[len(prefix)] * batch,
-                               meta={"prefix_ids": list(prefix), "gist_layers": list(self.gist_layers)})
+                               position_offset=[len(meta["prefix_ids"])] * batch, meta=meta)
 
     @contextlib.contextmanager
     def _capturing_gists(self, captured: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -253,9 +254,16 @@ class InComeSCompressor(Compressor):
         tensors = {name: reference.new_zeros(1, 0, self.kv_heads, self.head_dim)
                    for layer in self.gist_layers for name in (f"key.{layer}", f"value.{layer}")}
         tensors["edit_id"] = torch.zeros(1, 0, dtype=torch.long, device=reference.device)
+        meta = self.pool_meta()
+        return self.new_memory(tensors, source_tokens=[0], slots=0, position_offset=[len(meta["prefix_ids"])],
+                               meta=meta)
+
+    def pool_meta(self) -> dict[str, Any]:
+        """What a pool records of the compressor that made it: the decoder's text prefix, and the configuration
+        its entries depend on (``check_memory`` refuses a pool whose configuration differs)."""
         prefix = self.layout.prefix_ids if self.layout is not None else []
-        return self.new_memory(tensors, source_tokens=[0], slots=0, position_offset=[len(prefix)],
-                               meta={"prefix_ids": list(prefix), "gist_layers": list(self.gist_layers)})
+        return {"prefix_ids": list(prefix), "gist_layers": list(self.gist_layers),
+                "gist_key_rope": self.compressor_config.gist_key_rope}
 
     # ----- decoder ------------------------------------------------------------------------
     def check_memory(self, memory: Memory) -> None:
@@ -263,6 +271,11 @@ class InComeSCompressor(Compressor):
         if memory.meta.get("gist_layers") != self.gist_layers:
             raise ValueError(f"this pool holds gists of layers {memory.meta.get('gist_layers')}, this InComeS "
                              f"compressor reads layers {self.gist_layers}: it was made by another configuration")
+        rope = memory.meta.get("gist_key_rope", self.compressor_config.gist_key_rope)  # (absent in older pools)
+        if rope != self.compressor_config.gist_key_rope:
+            raise ValueError(f"this pool's gist keys were taken {'after' if rope else 'before'} rotary embedding "
+                             f"(gist_key_rope={rope}), this compressor reads gist_key_rope="
+                             f"{self.compressor_config.gist_key_rope} keys: it was made by another configuration")
         if memory.slots > self.compressor_config.max_pool_entries:
             raise ValueError(f"a pool of {memory.slots} entries is larger than max_pool_entries="
                              f"{self.compressor_config.max_pool_entries} of this compressor (raise it in the config "

@@ -158,8 +158,14 @@ class Memory:
             texts=[t for m in memories for t in m.texts] if first.texts is not None else None)
 
     def _check_compatible(self, other: Memory) -> None:
-        if other.kind != self.kind or set(other.tensors) != set(self.tensors):
+        if other.kind != self.kind:
             raise ValueError(f"cannot combine a {self.kind!r} memory with a {other.kind!r} memory")
+        if set(other.tensors) != set(self.tensors):
+            raise ValueError(f"cannot combine two {self.kind!r} memories holding different tensors (only in one: "
+                             f"{sorted(set(self.tensors) ^ set(other.tensors))}): they were made by compressors "
+                             "of another configuration")
+        if self.base_signature and other.base_signature:
+            other.check_base(self.base_signature)
 
     def _replace(self, **changes: Any) -> Memory:
         fields = dict(kind=self.kind, tensors=self.tensors, source_tokens=list(self.source_tokens),

@@ -134,6 +134,11 @@ def test_distillation_loss_by_hand() -> None:
     expected = weighted_ce + (kl_prompt + kl_answer) / 2  # KL over every real next token
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert parts["weighted_ce"].item() == pytest.approx(weighted_ce, rel=1e-5)
+    # token 1 labelled too: the edit does not change its probability (0.6 both ways), so its weight is 0 and it
+    # counts neither in the sum nor in the #(w != 0) denominator
+    loss, parts = distillation_loss(student, with_edit, without, torch.tensor([[-100, 1, 2]]), mask)
+    assert parts["weighted_ce"].item() == pytest.approx(weighted_ce, rel=1e-5)
+    assert parts["weight_mean"].item() == pytest.approx(weight / 2, rel=1e-5)  # the mean over labelled tokens
     # no gain from the edit: no weighted term (0, never 0/0)
     loss, parts = distillation_loss(student, without, without, labels, mask)
     assert parts["weighted_ce"].item() == 0.0 and math.isfinite(loss.item())
@@ -177,6 +182,11 @@ def test_bad_input_is_refused_clearly(tokenizer) -> None:
     other_layers = build(tokenizer, gist_layers=[0])
     with pytest.raises(ValueError, match="layers"):
         clm.generate(QUESTION, memory=other_layers.compress(EDITS[:2]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"different tensors \(only in one: \['key.0'"):
+        clm.compress(EDITS[:1]).cat(other_layers.compress(EDITS[1:2]))
+    rotated = build(tokenizer, gist_key_rope=True)
+    with pytest.raises(ValueError, match="gist_key_rope=True"):
+        clm.generate(QUESTION, memory=rotated.compress(EDITS[:2]), max_new_tokens=2)
     wider = tiny_llama(vocab_size=len(tokenizer), hidden_size=32, head_dim=8)
     foreign = CompressedLM(InComeSCompressor(InComeSConfig(lora_r=2), wider).eval(), tokenizer)
     with pytest.raises(BaseModelMismatchError):

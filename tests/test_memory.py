@@ -223,6 +223,14 @@ def test_cat_refuses_incompatible_memories() -> None:
                     position_offset=[3, 3], compressor_type="t")
     with pytest.raises(ValueError, match="cannot combine"):
         kv_memory(batch=2).cat(embeds)
+    other = Memory(kind="embeds", tensors={"vectors": torch.zeros(2, 3, 64)}, source_tokens=[1, 1], slots=3,
+                   position_offset=[3, 3], compressor_type="t")
+    with pytest.raises(ValueError, match=r"different tensors \(only in one: \['embeds', 'vectors'\]\)"):
+        embeds.cat(other)
+    wider = Memory(kind="embeds", tensors={"embeds": torch.zeros(2, 3, 64)}, source_tokens=[1, 1], slots=3,
+                   position_offset=[3, 3], compressor_type="t", base_signature={"hidden_size": 64})
+    with pytest.raises(BaseModelMismatchError):
+        wider.cat(wider._replace(base_signature={"hidden_size": 32}))
 
 
 def test_embeds_memories_cat_on_dim_1() -> None:
