@@ -290,8 +290,9 @@ class SoftPromptCompCompressor(Compressor):
         config = self.compressor_config
         keys = [self._cache_key(context) for context in contexts]
         entries = {key: entry for key in set(keys) if (entry := self._cached(key)) is not None}
-        missing = list(dict.fromkeys(i for i, (key, context) in enumerate(zip(keys, contexts))
-                                     if key not in entries and len(context) > config.summary_tokens))
+        first_of = {key: i for i, key in reversed(list(enumerate(keys)))}  # a context repeated in the call: once
+        missing = [i for key, i in sorted(first_of.items(), key=lambda item: item[1])
+                   if key not in entries and len(contexts[i]) > config.summary_tokens]
         for first in range(0, len(missing), config.summary_batch):
             batch = missing[first:first + config.summary_batch]
             start = time.perf_counter()

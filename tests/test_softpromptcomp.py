@@ -48,22 +48,26 @@ def read(clm: CompressedLM, memory, prompt: str = "What is the pass key?") -> to
         return clm.compressor.decoder_forward(memory, ids, torch.ones_like(ids)).logits
 
 
+@pytest.mark.parametrize("hidden", ["summary", "soft"])
 @pytest.mark.parametrize("weighting", ["per_source", "per_vector"])
-def test_a_gate_at_zero_hides_its_source_completely(tokenizer, weighting) -> None:
+def test_a_gate_at_zero_hides_its_source_completely(tokenizer, weighting, hidden) -> None:
     both = build(tokenizer, weighting=weighting)
-    soft_only = build(tokenizer, sources="soft", weighting="none")
-    soft_only.compressor.load_state_dict({k: v for k, v in both.compressor.own_state_dict().items()
-                                          if not k.startswith("gates.")}, strict=False)
+    shown = "soft" if hidden == "summary" else "summary"
+    alone = build(tokenizer, sources=shown, weighting="none")  # the other source, unweighted
+    alone.compressor.load_state_dict({k: v for k, v in both.compressor.own_state_dict().items()
+                                      if not k.startswith("gates.")}, strict=False)
+    summary_gates, soft_gates = ([0], [1]) if weighting == "per_source" else (
+        slice(0, SMALL["summary_tokens"]), slice(SMALL["summary_tokens"], SMALL["summary_tokens"] + SMALL["num_soft"]))
     with torch.no_grad():
         gates = both.compressor.gates.gates
-        gates[0 if weighting == "per_source" else slice(0, SMALL["summary_tokens"])] = 0.0
-    hidden = both.compress(CONTEXT)
-    assert hidden.texts and int(hidden.slot_mask().sum()) == SMALL["num_soft"]  # the summary's slots are masked
-    torch.testing.assert_close(read(both, hidden), read(soft_only, soft_only.compress(CONTEXT)))
+        gates[summary_gates if hidden == "summary" else soft_gates] = 0.0
+    hidden_memory, reference = both.compress(CONTEXT), alone.compress(CONTEXT)
+    assert hidden_memory.texts and int(hidden_memory.slot_mask().sum()) == reference.slots  # its slots are masked
+    torch.testing.assert_close(read(both, hidden_memory), read(alone, reference))
     # and an open gate does change what is read
     with torch.no_grad():
         gates.fill_(1.0)
-    assert not torch.allclose(read(both, both.compress(CONTEXT)), read(soft_only, soft_only.compress(CONTEXT)))
+    assert not torch.allclose(read(both, both.compress(CONTEXT)), read(alone, reference))
 
 
 def test_summaries_are_written_once_then_reused_and_their_time_is_still_charged(tokenizer, monkeypatch,
@@ -89,6 +93,9 @@ def test_summaries_are_written_once_then_reused_and_their_time_is_still_charged(
     assert writes == [2, 1] and from_disk.texts == first.texts[1:2]
     assert from_disk.meta["cached_compute_s"] > 0  # what writing it cost, charged to this memory
     assert len(list((tmp_path / "summaries").rglob("*.json"))) == 3
+    repeated = CONTEXT.replace("48213", "33333")
+    twice = clm.compress([repeated, contexts[0], repeated])
+    assert writes == [2, 1, 1] and twice.texts[0] == twice.texts[2]  # a context repeated in one call: written once
 
 
 def test_a_context_within_the_budget_is_its_own_summary(tokenizer, monkeypatch) -> None:
