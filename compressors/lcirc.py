@@ -42,7 +42,10 @@ paper's every third layer and the last); the QD mixer as a gated block over the 
 each step; truncated BPTT (depth 1 for LCIRC, random segments for QD-LCIRC in ``gpu.yaml``); the LM frozen.
 Not faithful: the position embedding is sized by the segment length (the public code's is ``width x
 width``, which caps a segment at the model width); fp32 on CPU and the training dtype elsewhere (the public
-code hard-codes bf16); training segments have a fixed length (the paper draws random lengths); the base
+code hard-codes bf16); training segments have a fixed length (the paper draws random lengths); the
+continuation loss is taken once per row, on the tokens after the whole context (the public code takes one after
+every segment i, on the tokens that follow it, so every compression step gets a loss of its own; here, with
+``grad_segments: 1``, only the last step of a row is trained by each row); the base
 model (SmolLM2-135M-Instruct, not Llama-2-7B), the data (offline text and synthetic tasks, or any
 ``datasets`` corpus, not fineweb-edu-long / fineweb-LQA) and the scale; no cap on the latents kept (the
 paper keeps the last 50K).
@@ -207,8 +210,9 @@ class LCIRCCompressor(Compressor):
                     ids[i, :len(piece)], mask[i, :len(piece)] = piece, 1
                 inputs = embed(ids).detach()  # the frozen vocabulary: no gradient to it
                 latents = torch.stack([current[row] for row in active])
-                if queries is not None:
-                    latents = self.mixer(latents, queries[0][active], queries[1][active])
+                if queries is not None:  # a row with an empty query (mask all 0) is not mixed, as query=None
+                    asked = queries[1][active].bool().any(-1)[:, None, None]
+                    latents = torch.where(asked, self.mixer(latents, queries[0][active], queries[1][active]), latents)
                 new = self.resampler(latents, inputs, mask)
             for i, row in enumerate(active):
                 state = new[i] if with_grad and step in keep[row] else new[i].detach()

@@ -96,6 +96,33 @@ def test_query_changes_a_qd_memory_and_never_an_lcirc_one(tokenizer) -> None:
                        fresh.compress(CONTEXT).tensors["latents"])
 
 
+def test_an_empty_query_row_is_not_mixed(tokenizer) -> None:
+    # the collator gives a row without a question an all-masked query: that row must get the query-agnostic memory
+    qd = build(tokenizer, QDLCIRCCompressor, gate_init=0.5)
+    ids, mask = qd.tokenize_context(CONTEXT)
+    asked = torch.tensor([qd.layout.encode("the key?")] * 2)
+    query_mask = torch.tensor([[1] * asked.shape[1], [0] * asked.shape[1]])
+    with torch.no_grad():
+        both = qd.compressor.compress(ids.expand(2, -1), mask.expand(2, -1), query_ids=asked, query_mask=query_mask)
+        alone = qd.compressor.compress(ids, mask)
+        with_query = qd.compressor.compress(ids, mask, query_ids=asked[:1])
+    torch.testing.assert_close(both.tensors["latents"][1:], alone.tensors["latents"])
+    torch.testing.assert_close(both.tensors["latents"][:1], with_query.tensors["latents"])
+
+
+def test_block_keys_values_are_computed_once_per_generation(tokenizer, monkeypatch) -> None:
+    clm = build(tokenizer, gate_init=0.5)
+    memory = clm.compress(CONTEXT)
+    calls = []
+    original = CrossAttention.keys_values
+    monkeypatch.setattr(CrossAttention, "keys_values", lambda self, inputs: calls.append(1) or original(self, inputs))
+    clm.generate("What is the pass key?", memory=memory, max_new_tokens=6)
+    assert len(calls) == len(clm.compressor.blocks)  # once per block, not once per decoded token
+    calls.clear()
+    clm.answer_many(memory, ["What is the pass key?", "What colour is the sky?"], max_new_tokens=3)
+    assert len(calls) == len(clm.compressor.blocks)  # one batch of prompts: once
+
+
 def grads_of_initial_latents(tokenizer, grad_segments: int, at: str = "last") -> torch.Tensor | None:
     clm = build(tokenizer, gate_init=0.5, grad_segments=grad_segments, grad_segments_at=at).compressor.train()
     ids, mask = CompressedLM(clm, tokenizer).tokenize_context(CONTEXT)

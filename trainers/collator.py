@@ -59,7 +59,7 @@ class MemoryCollator:
         batch = {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
                  "attention_mask": attention_mask, "labels": labels, "objective": objective,
                  "prompt_lengths": torch.tensor([t.prompt_length for t in targets])}
-        if self.with_queries:  # a row without a question gets an empty query (mask 0): no mixing
+        if self.with_queries:  # a row without a question gets an empty query (mask 0): QD-LCIRC does not mix it
             queries = [self.layout.encode(r["question"]) if r.get("question") else [] for r in rows]
             batch["query_ids"] = torch.full((len(rows), max(1, *map(len, queries))), pad, dtype=torch.long)
             batch["query_mask"] = torch.zeros_like(batch["query_ids"])
