@@ -45,7 +45,7 @@ width``, which caps a segment at the model width); fp32 on CPU and the training 
 code hard-codes bf16); training segments have a fixed length (the paper draws random lengths); the
 continuation loss is taken once per row, on the tokens after the whole context (the public code takes one after
 every segment i, on the tokens that follow it, so every compression step gets a loss of its own; here, with
-``grad_segments: 1``, only the last step of a row is trained by each row); the base
+``grad_segments: 1``, only the last compression step of a row gets gradients); the base
 model (SmolLM2-135M-Instruct, not Llama-2-7B), the data (offline text and synthetic tasks, or any
 ``datasets`` corpus, not fineweb-edu-long / fineweb-LQA) and the scale; no cap on the latents kept (the
 paper keeps the last 50K).
