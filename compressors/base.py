@@ -101,6 +101,8 @@ class Compressor(nn.Module):
     compresses_passages: ClassVar[bool] = False
     reads_beyond_window: ClassVar[bool] = False  # compress() takes contexts longer than the base's positions
     pools_contexts: ClassVar[bool] = False  # CompressedLM.compress([...]) unites the rows into one pool (InComeS)
+    # training with the base model's gradient checkpointing gives the right gradients (False: recipes refuse it)
+    supports_gradient_checkpointing: ClassVar[bool] = True
     card_note: ClassVar[str] = ""  # what the model card says about the method (e.g. that it is an interpretation)
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:

@@ -42,7 +42,12 @@ Not faithful: the base model (SmolLM2-135M-Instruct, not Pythia-1.4B), the data 
 synthetic tasks, not the Pile / PwC / HotpotQA) and the scale; the projections start at E = identity and
 A_i = 0 by default (the decoder starts as the base model reading every c-th token's embedding; the public
 code uses nn.Linear's random init: ``projection_init: random``); the paper's 1M-token passkey setup is not
-described in its code and is not reproduced.
+described in its code and is not reproduced; the chat template's prefix stays uncompressed ahead of the
+placeholders (the public code has no chat layout); reconstruction spans are 64 tokens by default
+(``--reconstruction_span_tokens``; the public code's 512 in ``gpu.yaml``).
+
+Gradient checkpointing is refused by the recipes: the injection hooks read states that are set only while the
+decoder's forward runs, so a recomputed layer would add nothing and its gradients would be wrong.
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class RCCCompressor(Compressor):
     config_class = RCCConfig
     memory_kind = "kv"
     reads_beyond_window = True
+    supports_gradient_checkpointing = False  # the injected states exist only during the forward (see above)
     ENCODER: ClassVar[str] = "encoder"
     DECODER: ClassVar[str] = "decoder"
 

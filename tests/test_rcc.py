@@ -209,3 +209,15 @@ def test_reconstruction_loss_falls_when_overfitting_one_batch(tokenizer) -> None
     changed = {n for n, p in compressor.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     for part in (".encoder.", ".decoder.", "layer_projections.", "embed_projection."):
         assert any(part in n for n in changed), f"no {part} parameter was trained"
+
+
+def test_recipes_refuse_gradient_checkpointing(tmp_path) -> None:
+    # the injection hooks read states that exist only during the decoder's forward: a recomputed layer would add
+    # nothing, so training with checkpointing would silently compute wrong gradients
+    from transformers import TrainingArguments
+
+    from trainers.memory_recipe import train_memory_compressor
+
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="rcc cannot train with --gradient_checkpointing"):
+        train_memory_compressor(RCCCompressor, RCCConfig(), script_args=None, training_args=args, model_args=None)

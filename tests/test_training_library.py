@@ -246,3 +246,16 @@ def test_instruction_reconstruction_compresses_the_question_and_the_reply_repeat
     target = build_target(layout, copy, 128)
     assert target.input_ids[:target.prompt_length] == layout.prompt_ids("Repeat the text.", "one two three")
     assert tokenizer.decode([t for t in target.labels if t != -100], skip_special_tokens=True) == " four five six"
+
+
+def test_recipe_arguments_set_the_span_and_continuation_lengths(tiny) -> None:
+    from trainers.script_args import CompressorScriptArguments, build_eval_dataset, build_train_dataset
+
+    _, tokenizer = tiny()
+    args = CompressorScriptArguments(train_tasks=["reconstruction", "continuation"], train_samples_per_task=2,
+                                     context_tokens=96, reconstruction_span_tokens=40, continuation_tokens=12,
+                                     eval_task="continuation", num_eval_samples=1)
+    rows = build_train_dataset(args, tokenizer, seed=0)
+    meta = {row["task"]: json.loads(row["metadata"]) for row in rows}
+    assert meta["reconstruction"]["span_tokens"] == 40 and meta["continuation"]["answer_tokens"] == 12
+    assert json.loads(build_eval_dataset(args, tokenizer, seed=0)[0]["metadata"])["answer_tokens"] == 12

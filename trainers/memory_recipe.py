@@ -67,6 +67,9 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     no context on held-out rows), export it (and push when asked), and check that the export reloads and
     generates identically. ``script_args`` needs ``init_from`` and ``check_reload``. Returns the evaluation rows
     (``None`` on the other processes)."""
+    if training_args.gradient_checkpointing and not compressor_cls.supports_gradient_checkpointing:
+        raise ValueError(f"{compressor_cls.compressor_type} cannot train with --gradient_checkpointing (see "
+                         f"{compressor_cls.__name__}'s docstring): leave it off")
     push = prepare_training_args(training_args)
     set_seed(training_args.seed)
     model, tokenizer = load_base_model(model_args)

@@ -135,6 +135,11 @@ class CompressorScriptArguments:
     context_tokens: int = field(default=128, metadata={"help": "tokens of context (haystack) in every row"})
     max_target_tokens: int = field(default=256, metadata={
         "help": "longest decoder target (prompt + answer) in tokens; longer targets are truncated"})
+    reconstruction_span_tokens: int = field(default=64, metadata={
+        "help": "tokens of each reconstruction row's span (cued by its first 10-20 tokens; the public RCC code "
+                "copies 512)"})
+    continuation_tokens: int = field(default=32, metadata={
+        "help": "tokens each continuation row predicts after its context"})
     sft_weight: float = field(default=1.0, metadata={
         "help": "weight of the instruction objective (answer the row's question from the memory)"})
     autoencoding_weight: float = field(default=1.0, metadata={
@@ -183,7 +188,7 @@ def build_train_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTo
     as many rows again of each question-answering task (other samples) marked for that objective."""
     def rows(task: str, task_seed: int) -> datasets.Dataset:
         return build_task(task, tokenizer, num_samples=args.train_samples_per_task, context_tokens=args.context_tokens,
-                          seed=task_seed, split="train", source=args.data_source)
+                          seed=task_seed, split="train", source=args.data_source, **task_options(args, task))
 
     parts = [rows(task, seed) for task in args.train_tasks]
     if args.instruction_reconstruction_weight > 0:
@@ -200,7 +205,14 @@ def build_eval_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTok
                        seed: int) -> datasets.Dataset:
     """Held-out rows: filler from the test split of the text source."""
     return build_task(args.eval_task, tokenizer, num_samples=args.num_eval_samples,
-                      context_tokens=args.context_tokens, seed=seed + 1, split="test", source=args.data_source)
+                      context_tokens=args.context_tokens, seed=seed + 1, split="test", source=args.data_source,
+                      **task_options(args, args.eval_task))
+
+
+def task_options(args: CompressorScriptArguments, task: str) -> dict[str, int]:
+    """The options of ``task`` that the recipe's arguments set (span and target lengths)."""
+    return {"reconstruction": {"span_tokens": args.reconstruction_span_tokens},
+            "continuation": {"answer_tokens": args.continuation_tokens}}.get(task, {})
 
 
 def prepare_training_args(training_args: TrainingArguments) -> bool:
