@@ -47,8 +47,10 @@ PERPLEXITY_COLUMNS = (
     Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
     Column("achieved ratio", "achieved_ratio", digits=2), Column("continuation perplexity", "perplexity", digits=2),
     Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1), Column("compress s", "compress_s"))
-TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)),
+TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
                 Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
+SCORING_NOTES = {"loglik": "teacher-forced: correct when every answer token is the model's argmax",
+                 "generate": "greedy generation, whole-word contains match"}
 
 
 REFERENCE_METHODS = ("full_context", "no_context", "truncation")
@@ -92,6 +94,7 @@ def headline(summaries: list[dict[str, Any]]) -> str:
             learned = [s for s in rows if _learned(s)]
             table.append({
                 "task": task + (" (perplexity)" if task == "continuation" else ""), "length": length,
+                "scoring": ", ".join(sorted({str(s.get("scoring", "-")) for s in rows})),
                 "full context": fmt(_score(ceiling), digits) if ceiling else "-",
                 "no context": fmt(_score(by[("no_context", 0.0)]), digits) if ("no_context", 0.0) in by else "-",
                 "truncation 4x / 16x": " / ".join(fmt(_score(by[("truncation", r)]), digits)
@@ -110,10 +113,12 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
         lines += [f"- base model: `{config.get('base_model')}`",
                   f"- samples per configuration: {config.get('num_samples')}, seed {config.get('seed')}, "
                   f"split `{config.get('split')}`",
-                  f"- scoring: **{config.get('scoring')}** "
-                  + ("(teacher-forced: correct when every answer token is the model's argmax)"
-                     if config.get("scoring") == "loglik" else "(greedy generation, whole-word contains match)"),
+                  f"- scoring: **{config.get('scoring')}** ({SCORING_NOTES.get(config.get('scoring'), '')})",
                   f"- dtype: `{config.get('dtype')}`", ""]
+    elif summaries:  # a comparison of several runs: say how each scoring present was done
+        scorings = sorted({str(s.get("scoring")) for s in summaries if s.get("scoring")})
+        lines += ["- scoring: " + "; ".join(f"**{name}** ({SCORING_NOTES.get(name, '')})" for name in scorings)
+                  + " (each row's own in its scoring column)", ""]
     if summaries:
         lines += ["## At a glance", "", "Accuracy (continuation: perplexity, lower is better) per task and length; "
                   "a task whose full-context ceiling is under " f"{BEYOND_THE_MODEL} is beyond the model there and "
