@@ -155,7 +155,9 @@ class CompressorScriptArguments:
                 "regenerates the question, then answers"})
     eval_task: str = field(default="passkey", metadata={"help": "held-out task of the final evaluation table"})
     num_eval_samples: int = field(default=50, metadata={"help": "held-out rows evaluated after training (0 = none)"})
-    eval_scoring: str = field(default="loglik", metadata={"help": "loglik (fast) or generate"})
+    eval_scoring: str = field(default="generate", metadata={
+        "help": "generate (greedy replies containing the answer: what a user sees) or loglik (teacher-forced, "
+                "fast; under-reads passkey, whose reply form varies)"})
     eval_baselines: bool = field(default=True, metadata={"help": "compare with untrained, truncation, full"})
     check_reload: bool = field(default=True, metadata={
         "help": "after the export, reload the folder and check that it generates what the trained compressor does"})
