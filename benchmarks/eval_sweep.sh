@@ -36,9 +36,13 @@ if [ "$part" = learned ] || [ "$part" = all ]; then
   # trained compressors (folders from the recipes: bash scripts/quickstart.sh for the gist one) on the same
   # samples, then one table with the baselines (their references are the answers part's)
   python -m eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
-    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024 --num-samples 10 --timing-samples 0 \
+    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024,2048 --num-samples 10 --timing-samples 0 \
     --output-dir "$out/learned" "$@"
-  python -m eval --compare "$out/answers" "$out/learned" --output-dir "$out/combined"
+  # and the shared-context mode: one memory of each context answers 4 questions
+  python -m eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
+    --tasks niah_multikey,fact_qa --num-questions 4 --context-length 1024 --num-samples 5 --timing-samples 0 \
+    --output-dir "$out/learned_shared" "$@"
+  python -m eval --compare "$out/answers" "$out/learned" "$out/shared" "$out/learned_shared" --output-dir "$out/combined"
 fi
 if [ "$part" = timing ] || [ "$part" = all ]; then
   python -m eval --compressor "$baselines" "${common[@]}" --tasks passkey --context-length 1024,2048 \

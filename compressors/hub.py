@@ -78,7 +78,6 @@ def compressor_metadata(compressor: Compressor, tokenizer: PreTrainedTokenizerBa
         "memory_kind": compressor.memory_kind,
         "config": compressor.compressor_config.to_dict(),
         "base_model": public_model_id(compressor.base_name),  # the Hub id, not the embedded alias
-        "base_revision": getattr(base.config, "_commit_hash", None),
         "base_signature": model_signature(base.config),
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "has_adapter": hasattr(compressor.model, "peft_config"),

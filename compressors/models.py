@@ -211,7 +211,7 @@ def model_signature(config: Any) -> dict[str, Any]:
 
 def base_model_id(model: PreTrainedModel) -> str:
     """The name a base model was loaded under (Hub id, folder, or embedded name; see ``public_model_id``)."""
-    return str(getattr(model.config, "_name_or_path", "") or "")
+    return str(model.config.name_or_path or "")
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -43,7 +43,7 @@ def base_config(smoke: bool) -> LlamaConfig:
     params = dict(TINY if smoke else SMOLLM2)
     rope_theta = params.pop("rope_theta")
     config = LlamaConfig(**params, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-    config._name_or_path = "smollm2-135m-architecture-random"
+    config.name_or_path = "smollm2-135m-architecture-random"
     return config
 
 
