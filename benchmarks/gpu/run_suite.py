@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     def training(record: dict) -> None:
         from suite_training import section_training
 
-        section_training(record, results, clock, device, smoke, deadline_s=clock.elapsed() + (600 if smoke else 150))
+        section_training(record, results, clock, device, smoke, deadline_s=clock.elapsed() + (600 if smoke else 200))
         rows = {r["variant"]: r for r in record.get("rows", []) if "step_ms" in r}
         if "gist" in rows:
             gist_step_s[0] = rows["gist"]["step_ms"] / 1e3

@@ -9,7 +9,12 @@ architecture with random weights (fp32 master weights, bf16 autocast: the recipe
   shapes (the same tokens: the context is compressed, the target decoded from the memory);
 - ``..._fused_ce``: the same with Liger-Kernel's fused linear cross-entropy (``trainers.fused_loss``);
 - ``cskv``: ``CSKVCompressor`` + ``CSKVTrainer`` (layer-wise K/V reconstruction) with
-  ``recipes/configs/cskv/gpu.yaml``'s shapes (no logits at all, so no fused variant).
+  ``recipes/configs/cskv/gpu.yaml``'s shapes (no logits at all, so no fused variant);
+- ``rcc``, ``lcirc``, ``softpromptcomp_soft``: each compressor with its own ``gpu.yaml`` settings
+  (window and rate; latents, segments and Perceiver layers; soft vectors) + ``MemoryCompressorTrainer`` on
+  the gist rows (the same tokens as LoRA SFT, so each ratio to it is direct). SoftPromptComp runs its
+  soft-vector source only: the summary is written by generation, which random weights cannot time honestly.
+  InComeS is not here (its rows are pools of edits with a teacher pass; not the same tokens).
 A step's time is the interval between consecutive ends of optimizer steps (data, forward, backward,
 clipping, optimizer, logging: everything a real run pays); peak memory is over the timed steps.
 """
@@ -57,6 +62,7 @@ class Shapes:
     gist: dict[str, Any]
     lora: dict[str, Any]
     cskv: dict[str, Any]
+    memory_methods: dict[str, dict[str, Any]]  # registered type -> its config (from its gpu.yaml)
     cskv_tokens: int
     cskv_batch: int
     warmup: int
@@ -70,6 +76,9 @@ def shapes(smoke: bool) -> Shapes:
         return Shapes(batch=2, context=32, target=16,
                       gist=dict(tokens_per_gist=4, segment_length=16, lora_r=4, lora_alpha=8),
                       lora=dict(r=4, alpha=8), cskv=dict(density=0.5, window=4, quant_bits=4, quant_group_size=8),
+                      memory_methods={"rcc": dict(window=16, rate=4, lora_r=4, lora_alpha=8),
+                                      "lcirc": dict(num_latents=4, segment_length=16, perceiver_layers=1),
+                                      "softpromptcomp": dict(sources="soft", num_soft=4, perceiver_layers=1)},
                       cskv_tokens=48, cskv_batch=2, warmup=1, timed=2,
                       # one chunk: the interpreter pays per kernel launch (tests/test_fused_loss.py covers chunking)
                       fused_chunk=64)
@@ -83,10 +92,36 @@ def shapes(smoke: bool) -> Shapes:
         lora=dict(r=int(gist.get("lora_r", 32)), alpha=int(gist.get("lora_alpha", 64))),
         cskv={k: cskv[k] for k in ("density", "value_density", "window", "quant_bits", "quant_group_size",
                                    "max_context_tokens") if k in cskv},
+        memory_methods={"rcc": recipe_config("rcc"), "lcirc": recipe_config("lcirc"),
+                        "softpromptcomp": {**recipe_config("softpromptcomp"), "sources": "soft"}},
         cskv_tokens=int(cskv["train_tokens"]), cskv_batch=int(cskv["per_device_train_batch_size"]),
         warmup=3, timed=8,
         notes=["gradient_accumulation_steps=1 (the recipes accumulate 2-4 micro-batches per optimizer step; "
                "tokens/s per micro-batch is what is compared)"])
+
+
+def recipe_config(method: str) -> dict[str, Any]:
+    """The compressor settings of ``recipes/configs/<method>/gpu.yaml`` (its config class's fields only)."""
+    import dataclasses
+
+    from compressors import compressor_class
+
+    values = yaml.safe_load((ROOT / f"recipes/configs/{method}/gpu.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(compressor_class(method).config_class)}
+    return {k: v for k, v in values.items() if k in fields}
+
+
+def layout_tokenizer() -> Any:
+    """A three-token word-level tokenizer built in memory: these compressors lay their memory out in a
+    conversation, and throughput needs no real vocabulary (the plain-text layout: no template prefix, which
+    would add some 25 tokens per row with SmolLM2's chat template)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
 
 
 # ----- data -----------------------------------------------------------------------------------------
@@ -290,12 +325,24 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
+    def memory_method(method: str) -> Any:
+        def build() -> tuple[Any, Any, dict[str, Any], str]:
+            from compressors import compressor_class
+
+            cls = compressor_class(method)
+            compressor = cls(cls.config_class(**sh.memory_methods[method]), base())
+            compressor.use_tokenizer(layout_tokenizer(), use_chat_template=False)
+            return compressor, MemoryCompressorTrainer, {"objective_weights": {"sft": 1.0}}, "MemoryCompressorTrainer"
+        return build
+
     return [
         ("lora_sft", lora(False), sft_rows, sh.batch, per_step),
         ("lora_sft_fused_ce", lora(True), sft_rows, sh.batch, per_step),
         ("gist", gist(False), comp_rows, sh.batch, per_step),
         ("gist_fused_ce", gist(True), comp_rows, sh.batch, per_step),
         ("cskv_reconstruction", cskv, cskv_rows, sh.cskv_batch, sh.cskv_batch * sh.cskv_tokens),
+        *[("softpromptcomp_soft" if method == "softpromptcomp" else method, memory_method(method), comp_rows, sh.batch,
+           per_step) for method in sh.memory_methods],
     ]
 
 
@@ -308,6 +355,7 @@ def section_training(record: dict[str, Any], results: Results, clock: Clock, dev
                         "precision": "fp32 weights + bf16 autocast" if device == "cuda" else "fp32",
                         "batch": sh.batch, "context_tokens": sh.context, "target_tokens": sh.target,
                         "gist": sh.gist, "lora": sh.lora, "cskv": sh.cskv, "cskv_tokens": sh.cskv_tokens,
+                        "memory_methods": sh.memory_methods,
                         "warmup_steps": sh.warmup, "timed_steps": sh.timed}
     rows: list[dict[str, Any]] = []
     record["rows"] = rows
@@ -341,7 +389,8 @@ def section_training(record: dict[str, Any], results: Results, clock: Clock, dev
             record[f"{fused}_speedup"] = b["tokens_per_s"] / a["tokens_per_s"]
             if "peak_mem_gib" in a and "peak_mem_gib" in b:
                 record[f"{fused}_peak_mem_saved_gib"] = a["peak_mem_gib"] - b["peak_mem_gib"]
-    if "gist" in by_name and "lora_sft" in by_name:
-        record["gist_vs_lora_sft_tokens_per_s"] = by_name["gist"]["tokens_per_s"] / by_name["lora_sft"]["tokens_per_s"]
+    for name in ("gist", "rcc", "lcirc", "softpromptcomp_soft"):
+        if name in by_name and "lora_sft" in by_name:
+            record[f"{name}_vs_lora_sft_tokens_per_s"] = by_name[name]["tokens_per_s"] / by_name["lora_sft"]["tokens_per_s"]
     if any("error" in str(r.get("note", "")) for r in rows):
         record["status"] = "partial"
