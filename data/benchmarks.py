@@ -4,8 +4,9 @@ Each loader reads its benchmark's published format through ``datasets`` (a Hub n
 local file) and returns a ``datasets.Dataset`` with ``data.tasks.FEATURES``, so ``eval.scoring.score_rows``
 and the eval runner read it like a synthetic task:
 
-- ``load_longbench``: LongBench (THUDM/LongBench; ``input`` is the question, ``context`` the document,
-  ``answers`` the accepted answers).
+- ``load_longbench``: LongBench (``input`` is the question, ``context`` the document, ``answers`` the accepted
+  answers). THUDM/LongBench on the Hub ships a loading script, which ``datasets`` >= 4 no longer runs: pass a
+  local jsonl / parquet export of a subset, or a Hub mirror that stores data files.
 - ``load_ruler``: RULER's prepared ``.jsonl`` (``input`` is the whole templated prompt, ``outputs`` the
   accepted answers, ``answer_prefix`` how the reply starts). RULER does not store the context apart from
   the question: the question is the prompt's last line (RULER's templates end with it), the context is
@@ -127,7 +128,7 @@ def is_benchmark(spec: str) -> bool:
 
 
 def load_benchmark(spec: str, tokenizer: PreTrainedTokenizerBase, limit: int | None = None) -> datasets.Dataset:
-    """The rows of ``spec`` (``longbench:THUDM/LongBench:hotpotqa``, ``ruler:niah.jsonl``,
+    """The rows of ``spec`` (``longbench:hotpotqa.jsonl``, ``ruler:niah.jsonl``,
     ``scbench:microsoft/SCBench:multi_turn_kv``, or local files)."""
     kind, _, rest = spec.partition(":")
     if kind not in LOADERS or not rest:

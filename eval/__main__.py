@@ -40,7 +40,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressor", help="baseline name(s), saved folder(s) or Hub id(s), comma-separated")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="merge the metrics of finished runs")
     p.add_argument("--base-model", default=None, help="base model (default: the one a saved compressor names)")
-    p.add_argument("--tasks", default="passkey,niah_multikey,fact_qa")
+    p.add_argument("--tasks", default="passkey,niah_multikey,fact_qa", help=(
+        "comma-separated: synthetic tasks (data.TASKS), edits (InComeS), or benchmarks read through datasets: "
+        "longbench:SOURCE[:SUBSET], ruler:FILE.jsonl, scbench:SOURCE[:SUBSET]"))
     p.add_argument("--context-length", type=_ints, default=[2048], help="one or more, comma-separated")
     p.add_argument("--ratios", type=_floats, default=[2.0, 4.0, 8.0, 16.0])
     p.add_argument("--num-samples", type=int, default=50)

@@ -173,15 +173,23 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
         budget = max_new_tokens if task not in GENERATION_TASKS else len(clm.layout.encode(row["answer"])) + 8
         prediction = str(clm.generate(row["question"], memory=memory, max_new_tokens=budget,
                                       reply_prefix=row.get("answer_prefix") or ""))
-        metrics = text_metrics(prediction, row["answer"])
-        out.update(metrics, prediction=prediction, answer_logprob=float("nan"),
-                   correct=metrics["exact_match"] if task in GENERATION_TASKS else metrics["substring_match"])
+        key = "exact_match" if task in GENERATION_TASKS else "substring_match"
+        # a benchmark row may accept several answers (LongBench, RULER: metadata["answers"]): the best one counts
+        metrics = max((text_metrics(prediction, answer) for answer in accepted_answers(row)),
+                      key=lambda m: (m[key], m.get("rouge_l", 0.0)))
+        out.update(metrics, prediction=prediction, answer_logprob=float("nan"), correct=metrics[key])
     else:
         scored = teacher_forced(clm, memory, row["question"], row["answer"], row.get("answer_prefix") or "")
         out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
                    token_accuracy=scored.token_accuracy, prediction=scored.prediction)
     out["answer_s"] = time.perf_counter() - start
     return out
+
+
+def accepted_answers(row: dict[str, Any]) -> list[str]:
+    """Every answer a row accepts: ``metadata["answers"]`` when the row has several, else its ``answer``."""
+    answers = json.loads(row["metadata"]).get("answers") if row.get("metadata") else None
+    return [str(a) for a in answers] if answers else [row["answer"]]
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:

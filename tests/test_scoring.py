@@ -1,5 +1,6 @@
 """eval.scoring: teacher-forced log-likelihood and generation scoring, summaries and the markdown table."""
 
+import json
 import math
 
 import pytest
@@ -112,6 +113,11 @@ def test_score_rows_generate(clm: CompressedLM) -> None:
     assert [p["correct"] for p in predictions] == [True, False]
     assert summary.accuracy == 0.5 and summary.scoring == "generate"
     assert all(math.isnan(p["answer_logprob"]) for p in predictions)
+    # a benchmark row accepting several answers (LongBench's ``answers``): any of them counts
+    several = {"context": CONTEXT, "question": QUESTION, "answer": "zebra",
+               "metadata": json.dumps({"answers": ["zebra", greedy.upper()]})}
+    _, predictions = score_rows(clm, [several], method="full", scoring="generate", max_new_tokens=2)
+    assert predictions[0]["correct"]
 
 
 def test_score_rows_reports_the_achieved_ratio_of_a_smaller_memory(tiny) -> None:
