@@ -47,7 +47,8 @@ def settings(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 RATIO_ONE = {"full_context": {}, "truncation": {"ratio": 1.0}, "snapkv": {"ratio": 1.0, "window": 4},
              "streaming_llm": {"ratio": 1.0}, "chunkkv": {"ratio": 1.0, "window": 4},
-             "pyramidkv": {"ratio": 1.0, "window": 4}, "selective_context": {"ratio": 1.0}}
+             "pyramidkv": {"ratio": 1.0, "window": 4}, "selective_context": {"ratio": 1.0},
+             "qfilters": {"ratio": 1.0}, "ehpc": {"ratio": 1.0}}  # (their calibration settings: settings())
 
 
 def sensitive_tiny(tokenizer):
@@ -178,14 +179,61 @@ def test_decoder_reports_what_it_read_and_declared_capabilities_hold(clm: Compre
 
 
 @pytest.mark.parametrize("name", sorted(RATIO_ONE))
-def test_ratio_one_generates_exactly_what_plain_generation_does(name: str, base) -> None:
-    clm = build(name, RATIO_ONE[name], base)
+def test_ratio_one_generates_exactly_what_plain_generation_does(name: str, base, tmp_path_factory) -> None:
+    calibrated = name in ("qfilters", "ehpc")
+    clm = build(name, {**(settings(name, tmp_path_factory) if calibrated else {}), **RATIO_ONE[name]}, base)
     memory = clm.compress(CONTEXTS[0])
     assert memory.ratio == pytest.approx(1.0)
     layout = ConversationLayout(clm.tokenizer)
     expected = [plain_generate(clm.model, layout.conversation_ids(p, CONTEXTS[0]), 8) for p in PROMPTS]
     assert [gen(clm, [p], memory, 8)[0] for p in PROMPTS] == expected  # single
     assert gen(clm, PROMPTS, memory, 8) == expected  # batched, padded
+
+
+def test_generation_arguments_reach_transformers_generate(base) -> None:
+    """GenerationConfig, repetition_penalty, sampling, stop_strings and a streamer through CompressedLM with the
+    full-context memory give what plain generate gives on the same conversation with the same arguments."""
+    from transformers import GenerationConfig, TextStreamer
+
+    model, tokenizer = base
+    clm = build("full_context", {}, base)
+    memory = clm.compress(CONTEXTS[0])
+    ids = torch.tensor([clm.layout.conversation_ids(PROMPTS[0], CONTEXTS[0])])
+
+    def plain(**kwargs) -> list[int]:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=2, **kwargs)
+        return out[0, ids.shape[1]:].tolist()
+
+    def ours(**kwargs) -> list[int]:
+        return clm.generate_ids([PROMPTS[0]], memory, **kwargs)[0]
+
+    config = GenerationConfig(max_new_tokens=7, min_new_tokens=7, do_sample=False)
+    assert ours(generation_config=config) == plain(generation_config=config)
+    penalised = dict(max_new_tokens=8, min_new_tokens=8, repetition_penalty=3.0)
+    assert ours(**penalised) == plain(**penalised)
+    greedy = plain(max_new_tokens=8, min_new_tokens=8)
+    banned = dict(max_new_tokens=8, min_new_tokens=8, bad_words_ids=[[greedy[0]]])  # a field that must change it
+    assert ours(**banned) == plain(**banned) != greedy
+    torch.manual_seed(0)
+    sampled = ours(do_sample=True, temperature=0.7, top_k=20, max_new_tokens=6, min_new_tokens=6)
+    torch.manual_seed(0)
+    assert sampled == plain(do_sample=True, temperature=0.7, top_k=20, max_new_tokens=6, min_new_tokens=6)
+    full = tokenizer.decode(plain(max_new_tokens=12, min_new_tokens=12))
+    stop = full.strip()[3:6]  # a string the greedy reply passes through
+    assert stop in tokenizer.decode(ours(max_new_tokens=12, stop_strings=[stop]))
+    assert len(ours(max_new_tokens=12, stop_strings=[stop])) < 12  # it stopped there
+
+    class Collect(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True)
+            self.text = ""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.text += text
+
+    streamer = Collect()
+    reply = clm.generate(PROMPTS[0], memory=memory, max_new_tokens=6, min_new_tokens=6, streamer=streamer)
+    assert streamer.text.strip() == reply
 
 
 def test_cskv_at_full_rank_with_a_window_over_the_context_is_plain_generation(base) -> None:
