@@ -121,7 +121,11 @@ class ConversationLayout:
         return self.encode(prefix) + self.encode(rest) + self.encode(reply_prefix)
 
     def conversation_ids(self, prompt: Prompt, context: str | None = None, reply_prefix: str = "") -> list[int]:
-        """The whole conversation as plain generation reads it (no compression): the reference of ratio 1."""
+        """The whole conversation as plain generation reads it (no compression): the reference of ratio 1.
+
+        It equals the chat template's tokenization of the user turn ``context + separator + prompt`` except
+        where the context's last characters would merge with the separator into one token (trailing
+        whitespace): the context is tokenized on its own, since a memory is made before any prompt exists."""
         if context is None:
             return self.plain_prompt_ids(prompt, reply_prefix)
         return self.context_ids(context) + self.prompt_ids(prompt, reply_prefix)

@@ -384,3 +384,18 @@ def test_unknown_repo_is_a_clear_error(local_hub) -> None:
 
     with pytest.raises(CtxzipError, match="neither a local folder nor a Hub repo"):
         CompressedLM.from_pretrained("test-user/never-pushed")
+
+
+@pytest.mark.parametrize("context", ["The pass key is 48213. Remember it.", "Grass is green\nand the sky is blue"])
+def test_the_conversation_is_what_the_chat_template_tokenizes(tiny, context: str) -> None:
+    """Ratio 1's reference is the tokenizer's own chat template over the user turn context + separator + prompt.
+    (The context is tokenized on its own, since a memory is made before any prompt exists: where its last
+    characters would merge with the separator into one token, e.g. trailing whitespace, the two differ there.)"""
+    from compressors.conversation import SEPARATOR, ConversationLayout
+
+    _, tokenizer = tiny()
+    layout = ConversationLayout(tokenizer)
+    question = "What is the pass key?"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": context + SEPARATOR + question}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert layout.conversation_ids(question, context) == layout.encode(rendered)
