@@ -41,7 +41,11 @@ class CSKVScriptArguments:
 
 @dataclass
 class TokenChunkCollator:
-    """Rows with a ``text`` column -> right-padded ``input_ids`` / ``attention_mask`` of at most ``max_tokens``."""
+    """Rows with a ``text`` column -> right-padded ``input_ids`` / ``attention_mask`` of at most ``max_tokens``.
+
+    Bare text, not the conversation layout the other recipes train in: CSKV's objective reconstructs each
+    layer's keys/values token by token, whatever the text is, and at inference the template's tokens are
+    compressed like any other (its memory is the whole conversation prefix's cache)."""
 
     tokenizer: PreTrainedTokenizerBase
     max_tokens: int = 512
