@@ -219,21 +219,26 @@ def test_resume_from_checkpoint_path_continues_that_run(tmp_path: Path) -> None:
     assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_rcc_recipe_one_step_exports_both_adapters_and_reloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_rcc_recipe_one_step_exports_and_reloads(tmp_path: Path, train_mode: str) -> None:
     """The RCC quickstart on the tiny model: a reconstruction + passkey step with both objectives, the export
-    (projections, the encoder's and decoder's PEFT adapters) and the reload check the recipe runs itself."""
+    (projections, and the encoder's and decoder's PEFT adapters, or with ``train_mode: full`` (gpu.yaml's) the
+    encoder's and decoder's own weights) and the reload check the recipe runs itself."""
     out = tmp_path / "rcc"
     args = ["--config", str(ROOT / "recipes/configs/rcc/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
             "--train_samples_per_task", "4", "--context_tokens", "80", "--window", "32", "--rate", "8",
             "--per_device_train_batch_size", "4", "--max_steps", "1", "--num_eval_samples", "1",
-            "--eval_task", "passkey", "--output_dir", str(out)]
+            "--eval_task", "passkey", "--train_mode", train_mode, "--output_dir", str(out)]
     result = subprocess.run([sys.executable, str(ROOT / "recipes" / "rcc.py"), *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| trained |" in result.stdout and "reloads and generates identically" in result.stdout
-    for name in ("compressor_config.json", "compressor.safetensors", "encoder/adapter_model.safetensors",
-                 "decoder/adapter_model.safetensors", "README.md"):
+    adapters = ["encoder/adapter_model.safetensors", "decoder/adapter_model.safetensors"]
+    for name in ["compressor_config.json", "compressor.safetensors", "README.md",
+                 *(adapters if train_mode == "lora" else [])]:
         assert (out / name).is_file(), name
+    if train_mode == "full":
+        assert not any((out / name).exists() for name in adapters)
 
 
 def test_lcirc_then_qd_lcirc_from_its_export_one_step_each(tmp_path: Path) -> None:
