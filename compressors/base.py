@@ -151,6 +151,9 @@ class Compressor(nn.Module):
             return 0
         return len(self.layout.prefix_ids)
 
+    def release_training_state(self) -> None:
+        """Free what only training needs (e.g. a frozen teacher copy); called on a compressor loaded for use."""
+
     # ----- optional capabilities (declared by the class attributes above) -----------------------
     def prepare(self) -> None:
         """Compute or load a calibration artifact once (``needs_preparation``); a no-op otherwise."""

@@ -203,6 +203,7 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
     _load_own_weights(compressor, folder)
     if meta.get("has_adapter"):
         _load_adapter(compressor, folder, meta.get("adapters") or ["default"])
+    compressor.release_training_state()
     compressor.eval()
     return compressor, tokenizer  # type: ignore[return-value]
 

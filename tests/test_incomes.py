@@ -103,6 +103,26 @@ def test_a_saved_pool_answers_the_same(tokenizer, tmp_path) -> None:
                                                                                    max_new_tokens=6)
 
 
+def test_an_upper_mode_export_reloads_without_its_teacher_copy(tokenizer, tmp_path) -> None:
+    from compressors.hub import load_compressor
+
+    clm = build(tokenizer, train_mode="upper")
+    assert clm.compressor.teacher_model is not None  # training reads it
+    with torch.no_grad():
+        for p in clm.compressor.model.get_decoder().layers[clm.compressor.gist_layers[0]].parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a trained gist layer
+    clm.save_pretrained(tmp_path / "upper")
+    loaded, _ = load_compressor(tmp_path / "upper", model=tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2),
+                                tokenizer=tokenizer)
+    assert loaded.teacher_model is None  # half the weights held at inference
+    reloaded = CompressedLM(loaded, tokenizer)
+    pool = clm.compress(EDITS)
+    assert reloaded.generate(QUESTION, memory=reloaded.compress(EDITS), max_new_tokens=6) == clm.generate(
+        QUESTION, memory=pool, max_new_tokens=6)
+    with pytest.raises(RuntimeError, match="released its teacher copy"), loaded.teacher():
+        pass
+
+
 def test_gist_keys_are_taken_before_rotary_embedding_unless_flagged(tokenizer) -> None:
     unrotated, rotated = build(tokenizer), build(tokenizer, gist_key_rope=True)
     plain, turned = unrotated.compress(EDITS[0]), rotated.compress(EDITS[0])
