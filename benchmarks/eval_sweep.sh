@@ -7,7 +7,8 @@
 #   2. shared context (SCBench-style): 4 questions about different facts of ONE 1k context, answered
 #      from one memory (multi-key NIAH, fact QA), accuracy by question, at 4x and 16x;
 #   3. learned: trained compressors ($LEARNED, comma-separated folders; default out/gist-smollm2) on the
-#      answers part's 1k samples, merged with it into combined/;
+#      answers part's 1k samples, those of $LEARNED_2K also at 2k, and in the shared-context mode, merged
+#      with parts 1 and 2 into combined/;
 #   4. timing: N=10 prompts about one context timed end to end (compress once + answers, the prefix
 #      cache, re-reading), prompt and decode time. Run it with nothing else on the CPU.
 # Parts 1 to 3 time nothing (--timing-samples 0), so they may share the machine. Outputs land in
@@ -36,13 +37,22 @@ if [ "$part" = learned ] || [ "$part" = all ]; then
   # trained compressors (folders from the recipes: bash scripts/quickstart.sh for the gist one) on the same
   # samples, then one table with the baselines (their references are the answers part's)
   python -m eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
-    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024,2048 --num-samples 10 --timing-samples 0 \
+    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024 --num-samples 10 --timing-samples 0 \
     --output-dir "$out/learned" "$@"
+  # at 2k, the compressors that take 2k-token contexts (the quickstart gist compressor's max_context_tokens is 2048
+  # with the template's tokens: it refuses them), e.g. LEARNED_2K=out/cskv-smollm2
+  if [ -n "${LEARNED_2K:-}" ]; then
+    python -m eval --compressor "$LEARNED_2K" "${common[@]}" --no-references \
+      --tasks passkey,niah_multikey,fact_qa,continuation --context-length 2048 --num-samples 10 --timing-samples 0 \
+      --output-dir "$out/learned_2k" "$@"
+  fi
   # and the shared-context mode: one memory of each context answers 4 questions
   python -m eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
     --tasks niah_multikey,fact_qa --num-questions 4 --context-length 1024 --num-samples 5 --timing-samples 0 \
     --output-dir "$out/learned_shared" "$@"
-  python -m eval --compare "$out/answers" "$out/learned" "$out/shared" "$out/learned_shared" --output-dir "$out/combined"
+  parts=("$out/answers" "$out/learned" "$out/shared" "$out/learned_shared")
+  [ -d "$out/learned_2k" ] && parts+=("$out/learned_2k")
+  python -m eval --compare "${parts[@]}" --output-dir "$out/combined"
 fi
 if [ "$part" = timing ] || [ "$part" = all ]; then
   python -m eval --compressor "$baselines" "${common[@]}" --tasks passkey --context-length 1024,2048 \
