@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from compressors.conversation import ConversationLayout
-from compressors.wrapper import left_pad
+from compressors.wrapper import left_pad, right_pad
 
 from .objectives import OBJECTIVES, build_target, memory_context, objective_of
 
@@ -47,22 +47,13 @@ class MemoryCollator:
         pad = self.tokenizer.pad_token_id or 0
         context_ids, context_mask = left_pad([self.context_ids(memory_context(r)) for r in rows], pad)
         targets = [build_target(self.layout, r, self.max_target_tokens) for r in rows]
-        length = max(len(t.input_ids) for t in targets)
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, t in enumerate(targets):
-            input_ids[i, : len(t.input_ids)] = torch.tensor(t.input_ids)
-            attention_mask[i, : len(t.input_ids)] = 1
-            labels[i, : len(t.labels)] = torch.tensor(t.labels)
+        input_ids, attention_mask = right_pad([t.input_ids for t in targets], pad)
+        labels, _ = right_pad([t.labels for t in targets], -100, width=input_ids.shape[1])
         objective = torch.tensor([OBJECTIVES.index(objective_of(r)) for r in rows])
         batch = {"context_ids": context_ids, "context_mask": context_mask, "input_ids": input_ids,
                  "attention_mask": attention_mask, "labels": labels, "objective": objective,
                  "prompt_lengths": torch.tensor([t.prompt_length for t in targets])}
         if self.with_queries:  # a row without a question gets an empty query (mask 0): QD-LCIRC does not mix it
             queries = [self.layout.encode(r["question"]) if r.get("question") else [] for r in rows]
-            batch["query_ids"] = torch.full((len(rows), max(1, *map(len, queries))), pad, dtype=torch.long)
-            batch["query_mask"] = torch.zeros_like(batch["query_ids"])
-            for i, query in enumerate(queries):
-                batch["query_ids"][i, :len(query)], batch["query_mask"][i, :len(query)] = torch.tensor(query), 1
+            batch["query_ids"], batch["query_mask"] = right_pad(queries, pad)
         return batch

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from compressors import CompressedLM, Compressor
 from compressors.conversation import ConversationLayout
 from compressors.incomes import InComeSConfig
-from compressors.wrapper import left_pad
+from compressors.wrapper import left_pad, right_pad
 from data.edits import edit_records
 from eval.edits import evaluate_edits, markdown_table
 
@@ -100,16 +100,6 @@ class EditCollator:
                 "teacher_mask": teacher_mask, "teacher_offsets": torch.tensor(offsets),
                 "prompt_lengths": torch.tensor([t.prompt_length for t in targets]),
                 "objective": torch.full((len(rows),), OBJECTIVES.index("sft"))}
-
-
-def right_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists with ``value`` into ``(ids, mask)``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
 
 
 def edit_data(args: EditScriptArguments, config: InComeSConfig) -> Any:
