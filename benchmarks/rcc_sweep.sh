@@ -7,9 +7,9 @@
 #      achieved ratio (the same memory: every method here holds a KV cache of as many positions), the full
 #      context and no context.
 #   3. passkey: 2k, 8k and 32k-token contexts (32k is beyond the base model's 8192 positions: RCC and truncation
-#      run there, the full context and SnapKV cannot), RCC c = 8 and c = 32 beside truncation and SnapKV at the
-#      same memory (ratios 8 and 32; RCC's achieved ratios at 2k are 7.4 and 23.5, since the template prefix is
-#      kept whole) and the references.
+#      run there, the full context and SnapKV cannot), RCC c = 8 and c = 32 beside truncation and SnapKV at
+#      ratios 8 and 32 and at exactly RCC's memory (its achieved ratios: 7.4 / 23.55 at 2k, 7.8 / 29.3 at 8k,
+#      8.0 / 31.3 at 32k, below c since the template prefix is kept whole) and the references.
 # Every part resumes (finished configurations are skipped). Outputs: benchmarks/results/rcc_cpu/.
 #   bash benchmarks/rcc_sweep.sh [train|reconstruction|passkey|all] [extra python -m eval flags]
 set -euo pipefail
@@ -43,5 +43,14 @@ if [ "$part" = passkey ] || [ "$part" = all ]; then
   # context and SnapKV are measured at 8000 tokens (the longest that fits with the prompt's margin)
   python -m eval --compressor snapkv --base-model smollm2-135m-instruct "${common[@]}" --tasks passkey \
     --context-length 8000 --ratios 8,32 --num-samples 6 --output-dir "$out/passkey_L8000" "$@"
-  python -m eval --compare "$out"/passkey_L* --output-dir "$out/passkey"
+  # the same memory as RCC exactly: truncation / SnapKV at RCC's achieved ratios at each length
+  for run in 2048:8:truncation,snapkv:7.4,23.55 8192:6:truncation:7.8,29.3 8000:6:snapkv:7.8,29.3 \
+             32768:3:truncation:8.0,31.3; do
+    IFS=: read -r length samples methods ratios <<< "$run"
+    python -m eval --compressor "$methods" --base-model smollm2-135m-instruct "${common[@]}" --tasks passkey \
+      --context-length "$length" --ratios "$ratios" --num-samples "$samples" \
+      --output-dir "$out/passkey_matched_L$length" "$@"
+  done
+  python -m eval --compare "$out"/passkey_L2048 "$out"/passkey_L8000 "$out"/passkey_L8192 "$out"/passkey_L32768 \
+    "$out"/passkey_matched_L* --output-dir "$out/passkey"
 fi
