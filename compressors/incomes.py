@@ -140,7 +140,6 @@ class InComeSCompressor(Compressor):
         self.gist_layers = gist_layers
         # a frozen submodule (train_mode upper): moved and partitioned with the compressor, never saved or trained
         self.teacher_model = teacher
-        self.teacher_released = False  # release_training_state() on a loaded compressor
         base = self.base_lm.config
         embed = self.base_lm.get_input_embeddings()
         heads = base.num_attention_heads
@@ -182,9 +181,7 @@ class InComeSCompressor(Compressor):
     def release_training_state(self) -> None:
         """A loaded ``train_mode: upper`` compressor drops its frozen copy of the base (only training reads it):
         half the weights held at inference."""
-        if self.teacher_model is not None:
-            self.teacher_model = None
-            self.teacher_released = True
+        self.teacher_model = None
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[PreTrainedModel]:
@@ -193,7 +190,7 @@ class InComeSCompressor(Compressor):
         if self.teacher_model is not None:
             yield self.teacher_model
             return
-        if self.teacher_released:
+        if self.compressor_config.train_mode == "upper":  # its copy was released (release_training_state)
             raise RuntimeError("this train_mode: upper compressor was loaded for use and released its teacher copy; "
                                "to train it further, start a new one from the export (--init_from)")
         with self.plain_base():

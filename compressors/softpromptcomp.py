@@ -290,9 +290,10 @@ class SoftPromptCompCompressor(Compressor):
         config = self.compressor_config
         keys = [self._cache_key(context) for context in contexts]
         entries = {key: entry for key in set(keys) if (entry := self._cached(key)) is not None}
-        first_of = {key: i for i, key in reversed(list(enumerate(keys)))}  # a context repeated in the call: once
-        missing = [i for key, i in sorted(first_of.items(), key=lambda item: item[1])
-                   if key not in entries and len(contexts[i]) > config.summary_tokens]
+        first_of: dict[str, int] = {}  # a context repeated in the call is written once
+        for i, key in enumerate(keys):
+            first_of.setdefault(key, i)
+        missing = [i for key, i in first_of.items() if key not in entries and len(contexts[i]) > config.summary_tokens]
         for first in range(0, len(missing), config.summary_batch):
             batch = missing[first:first + config.summary_batch]
             start = time.perf_counter()

@@ -161,7 +161,8 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
     task = row.get("task", "")
     start = time.perf_counter()
     out: dict[str, Any] = {}
-    questions = json.loads(row["metadata"]).get("questions") if row.get("metadata") else None
+    meta = json.loads(row["metadata"]) if row.get("metadata") else {}
+    questions = meta.get("questions")
     if questions:
         per_query = memory is not None and clm.compressor.memory_per_query
         out.update(score_shared(clm, memory, questions, scoring, max_new_tokens, multi_turn,
@@ -175,7 +176,7 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
                                       reply_prefix=row.get("answer_prefix") or ""))
         key = "exact_match" if task in GENERATION_TASKS else "substring_match"
         # a benchmark row may accept several answers (LongBench, RULER: metadata["answers"]): the best one counts
-        metrics = max((text_metrics(prediction, answer) for answer in accepted_answers(row)),
+        metrics = max((text_metrics(prediction, str(answer)) for answer in meta.get("answers") or [row["answer"]]),
                       key=lambda m: (m[key], m.get("rouge_l", 0.0)))
         out.update(metrics, prediction=prediction, answer_logprob=float("nan"), correct=metrics[key])
     else:
@@ -184,12 +185,6 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
                    token_accuracy=scored.token_accuracy, prediction=scored.prediction)
     out["answer_s"] = time.perf_counter() - start
     return out
-
-
-def accepted_answers(row: dict[str, Any]) -> list[str]:
-    """Every answer a row accepts: ``metadata["answers"]`` when the row has several, else its ``answer``."""
-    answers = json.loads(row["metadata"]).get("answers") if row.get("metadata") else None
-    return [str(a) for a in answers] if answers else [row["answer"]]
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
