@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from compressors import CompressedLM
-from compressors.io import write_json_atomic
-from data import build_task
-from eval.metrics import normalize
+from ctxzip.compressors import CompressedLM
+from ctxzip.compressors.io import write_json_atomic
+from ctxzip.data import build_task
+from ctxzip.eval.metrics import normalize
 
 
 def plain_reply(clm: CompressedLM, content: str, max_new_tokens: int) -> str:

@@ -34,11 +34,11 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressors import CompressedLM, load_base, load_compressor  # noqa: E402
-from compressors.compat import with_cache  # noqa: E402
-from compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig  # noqa: E402
-from compressors.cskv.attention import use_kernel  # noqa: E402
-from compressors.cskv.quant import store  # noqa: E402
+from ctxzip.compressors import CompressedLM, load_base, load_compressor  # noqa: E402
+from ctxzip.compressors.compat import with_cache  # noqa: E402
+from ctxzip.compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig  # noqa: E402
+from ctxzip.compressors.cskv.attention import use_kernel  # noqa: E402
+from ctxzip.compressors.cskv.quant import store  # noqa: E402
 
 
 def machine() -> str:
@@ -141,7 +141,7 @@ class Capture:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        from compressors.cskv.reference import rotate_half
+        from ctxzip.compressors.cskv.reference import rotate_half
 
         captured: list[list[torch.Tensor]] = []
         hooks = []
@@ -193,16 +193,16 @@ def load_source(source: str, density: float, bits: int | None, window: int, base
 
 
 def load_compressor_config(folder: str) -> CSKVConfig:
-    from compressors.hub import read_metadata, resolve_folder
+    from ctxzip.compressors.hub import read_metadata, resolve_folder
 
     return CSKVConfig.from_dict(read_metadata(resolve_folder(folder))["config"])
 
 
 def quality(args: argparse.Namespace) -> None:
-    from compressors.baselines import FullContext, FullContextConfig
-    from data import build_task
-    from eval.scoring import score_continuation
-    from trainers.cskv_trainer import TokenChunkCollator, build_text_dataset, calibration_batches
+    from ctxzip.compressors.baselines import FullContext, FullContextConfig
+    from ctxzip.data import build_task
+    from ctxzip.eval.scoring import score_continuation
+    from ctxzip.trainers.cskv_trainer import TokenChunkCollator, build_text_dataset, calibration_batches
 
     torch.manual_seed(0)
     model, tokenizer = load_base(args.base_model, dtype=args.dtype)

@@ -5,12 +5,12 @@
 #      unrelated query reads the row's edit in context (--locality_teacher edit, the paper's) or the query alone
 #      (--locality_teacher base). Each recipe's own table compares it with the untrained compressor at pools of 1
 #      and 8 edits (train_<variant>.log).
-#   2. python -m eval --tasks edits: efficacy / generalisation / locality on held-out subjects (and held-out locality
+#   2. python -m ctxzip.eval --tasks edits: efficacy / generalisation / locality on held-out subjects (and held-out locality
 #      questions) at pools of 1, 8, 32 and 128 edits, by teacher-forced token accuracy and by greedy generation, the
 #      trained and the untrained compressor beside in-context editing (all the pool's edits in the context) and no
 #      editing; bytes held per edit.
 # Outputs: benchmarks/results/incomes_cpu/.
-#   bash benchmarks/incomes_sweep.sh [train|eval|all] [extra python -m eval flags]
+#   bash benchmarks/incomes_sweep.sh [train|eval|all] [extra python -m ctxzip.eval flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
@@ -28,7 +28,7 @@ for teacher in edit base; do
     rm -f "$out/train_$teacher.full.log"
   fi
   if [ "$part" = eval ] || [ "$part" = all ]; then
-    python -m eval --compressor "$trained,incomes" --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \
+    python -m ctxzip.eval --compressor "$trained,incomes" --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \
       --max-new-tokens 16 --dtype float32 --output-dir "$out/edits_locality_teacher_$teacher" --no-progress "$@"
   fi
 done

@@ -10,7 +10,7 @@
 #      tokens, 32 at 2048; those hold ~20x its bytes: at its bytes a K/V cache holds 2 positions, less than the
 #      chat template). Compression time includes writing the summary.
 # Every part resumes. Outputs: benchmarks/results/softpromptcomp_cpu/.
-#   bash benchmarks/softpromptcomp_sweep.sh [train|eval|all] [extra python -m eval flags]
+#   bash benchmarks/softpromptcomp_sweep.sh [train|eval|all] [extra python -m ctxzip.eval flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-all}"
@@ -27,15 +27,15 @@ fi
 if [ "$part" = eval ] || [ "$part" = all ]; then
   methods="$base,$base-unweighted,$base-summary,$base-soft,snapkv"
   common=(--dtype float32 --scoring generate --timing-samples 0 --max-new-tokens 12 --tasks fact_qa,niah_multikey)
-  python -m eval --compressor "$methods" "${common[@]}" --context-length 512 --ratios 8 --num-samples 8 \
+  python -m ctxzip.eval --compressor "$methods" "${common[@]}" --context-length 512 --ratios 8 --num-samples 8 \
     --output-dir "$out/L512" "$@"
-  python -m eval --compressor "$methods" "${common[@]}" --context-length 2048 --ratios 32 --num-samples 8 \
+  python -m ctxzip.eval --compressor "$methods" "${common[@]}" --context-length 2048 --ratios 32 --num-samples 8 \
     --output-dir "$out/L2048" "$@"
   # the training-free methods at each ablation's achieved ratio (both 8.4 / 32.4, summary only 9.6 / 37,
   # soft only 16.8 / 64.8), Selective Context (text, like the summary) beside truncation and SnapKV
   baselines=(--compressor truncation,snapkv,selective_context --base-model smollm2-135m-instruct)
-  python -m eval "${baselines[@]}" "${common[@]}" --context-length 512 --ratios 8.4,9.6,16.8 --num-samples 8 \
+  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 512 --ratios 8.4,9.6,16.8 --num-samples 8 \
     --output-dir "$out/L512_matched" "$@"
-  python -m eval "${baselines[@]}" "${common[@]}" --context-length 2048 --ratios 32.4,37,64.8 --num-samples 8 \
+  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 2048 --ratios 32.4,37,64.8 --num-samples 8 \
     --output-dir "$out/L2048_matched" "$@"
 fi

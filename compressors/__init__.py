@@ -1,5 +1,7 @@
 """ctxzip's library: memories, compressors, the shared inference wrapper, base models and hub I/O."""
 
+from ctxzip import __version__  # noqa: F401  (one version, the distribution's)
+
 from . import baselines  # noqa: F401  (registers the training-free compressors)
 from .base import COMPRESSORS, Compressor, CompressorConfig, compressor_class, register_compressor
 from .color import ColorCompressor, ColorConfig  # noqa: F401  (registers the CoLoR compressor)
@@ -21,8 +23,6 @@ from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
 from .rcc import RCCCompressor, RCCConfig
 from .softpromptcomp import SoftPromptCompCompressor, SoftPromptCompConfig
 from .wrapper import CompressedLM
-
-__version__ = "0.1.0"
 
 __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",

@@ -239,7 +239,7 @@ class ColorCompressor(EncoderAdapter, Compressor):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise NotImplementedError("the color compressor is trained on preference pairs by "
-                                  "trainers.color_dpo.ColorDPOTrainer (recipes/color_dpo.py), not by forward()")
+                                  "ctxzip.trainers.color_dpo.ColorDPOTrainer (recipes/color_dpo.py), not by forward()")
 
 
 def prompt_parts(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[list[int], list[int]]:

@@ -37,7 +37,7 @@ compact `{meta['memory_kind']}` memory once; the base model then answers many pr
 ## Load and use
 
 ```python
-from compressors import CompressedLM, Memory
+from ctxzip.compressors import CompressedLM, Memory
 
 clm = CompressedLM.from_pretrained("<this folder or repo id>")   # loads base model {hub_base!r}
 mem = clm.compress(long_text)          # Memory: .ratio, .nbytes, .slots

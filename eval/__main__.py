@@ -1,11 +1,11 @@
-"""``python -m eval``: evaluate compressors on synthetic long-context tasks, or compare runs.
+"""``python -m ctxzip.eval``: evaluate compressors on synthetic long-context tasks, or compare runs.
 
-    python -m eval --compressor snapkv --base-model smollm2-135m-instruct \\
+    python -m ctxzip.eval --compressor snapkv --base-model smollm2-135m-instruct \\
         --tasks passkey,niah_multikey,fact_qa --context-length 2048 --ratios 2,4,8,16 \\
         --num-samples 50 --output-dir results/snapkv [--scoring loglik|generate]
-    python -m eval --compare results/gist results/snapkv --output-dir results/compare
+    python -m ctxzip.eval --compare results/gist results/snapkv --output-dir results/compare
 
-    python -m eval --compressor out/incomes-smollm2 --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \\
+    python -m ctxzip.eval --compressor out/incomes-smollm2 --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \\
         --output-dir results/incomes          # model editing: efficacy / generalisation / locality per pool size
 
 ``--compressor`` takes a baseline name, a saved compressor folder or a Hub repo id, or several,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from compressors.errors import CtxzipError
+from ctxzip.compressors.errors import CtxzipError
 
 
 def _floats(text: str) -> list[float]:
@@ -35,7 +35,7 @@ def _ints(text: str) -> list[int]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ctxzip.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compressor", help="baseline name(s), saved folder(s) or Hub id(s), comma-separated")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="merge the metrics of finished runs")
@@ -110,5 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``ctxzip-eval`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

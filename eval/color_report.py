@@ -14,9 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from compressors import ColorCompressor
-from compressors.io import write_json_atomic
-from data.retrieval import RetrievalCorpus, corpus_texts
+from ctxzip.compressors import ColorCompressor
+from ctxzip.compressors.io import write_json_atomic
+from ctxzip.data.retrieval import RetrievalCorpus, corpus_texts
 
 from .retrieval import RetrievalResult, build_reader, evaluate_corpus, markdown_table
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from compressors import CompressedLM, Compressor
-from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
+from ctxzip.compressors import CompressedLM, Compressor
+from ctxzip.compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
 
 from .scoring import Summary, markdown_table, score_rows
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from compressors import CompressedLM, Compressor
-from compressors.tables import Column, markdown_table
+from ctxzip.compressors import CompressedLM, Compressor
+from ctxzip.compressors.tables import Column, markdown_table
 
 from .scoring import score_continuation
 

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from compressors import COMPRESSORS, EMBEDDED_MODEL, CompressedLM, Memory
-from compressors.baselines import FullContext, FullContextConfig
-from compressors.tables import Column, missing
-from compressors.tables import markdown_table as render_table
+from ctxzip.compressors import COMPRESSORS, EMBEDDED_MODEL, CompressedLM, Memory
+from ctxzip.compressors.baselines import FullContext, FullContextConfig
+from ctxzip.compressors.tables import Column, missing
+from ctxzip.compressors.tables import markdown_table as render_table
 
 from .metrics import substring_match
 from .scoring import teacher_forced
@@ -188,10 +188,10 @@ def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Se
                   source: str = "offline", style: str = "auto", seed: int = 0, max_new_tokens: int = 16,
                   dtype: str = "float32", references: bool = True, base_model: str | None = None,
                   ) -> list[EditSummary]:
-    """``python -m eval --tasks edits``: InComeS compressors (saved folders or Hub ids; ``incomes``: an untrained
+    """``python -m ctxzip.eval --tasks edits``: InComeS compressors (saved folders or Hub ids; ``incomes``: an untrained
     one on ``base_model``) on held-out edits at every pool size, beside in-context editing and no editing;
     ``report.md`` and ``results.json`` in ``output_dir``."""
-    from data.edits import edit_records
+    from ctxzip.data.edits import edit_records
 
     if not pool_sizes or min(pool_sizes) < 1 or queries < 1:
         raise ValueError(f"the edit evaluation needs pool sizes >= 1 and queries >= 1, got {pool_sizes}, {queries}")

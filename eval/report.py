@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from compressors.baselines import BASELINES
-from compressors.io import write_json_atomic
-from compressors.tables import Column, fmt, markdown_table, missing
+from ctxzip.compressors.baselines import BASELINES
+from ctxzip.compressors.io import write_json_atomic
+from ctxzip.compressors.tables import Column, fmt, markdown_table, missing
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
 

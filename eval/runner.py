@@ -1,4 +1,4 @@
-"""The evaluation runner behind ``python -m eval``: methods x tasks x ratios, resumable.
+"""The evaluation runner behind ``python -m ctxzip.eval``: methods x tasks x ratios, resumable.
 
 A *configuration* is one (task, context length, method, requested ratio). A task's pending
 configurations run sample by sample: each sample's context is prefilled ONCE (``shared_prefill``)
@@ -31,15 +31,22 @@ from typing import Any
 
 import torch
 
-from compressors import COMPRESSORS, CompressedLM, Compressor, compressor_class, load_base, load_compressor
-from compressors.baselines import BASELINES, FullContext, FullContextConfig
-from compressors.baselines.selection import ContextPrefill, prefill_context
-from compressors.conversation import ConversationLayout
-from compressors.errors import ContextTooLongError, UnknownCompressorError
-from compressors.io import write_json_atomic
-from data import TASKS, build_task
-from data.benchmarks import is_benchmark, load_benchmark
-from data.tasks import layout_passages
+from ctxzip.compressors import (
+    COMPRESSORS,
+    CompressedLM,
+    Compressor,
+    compressor_class,
+    load_base,
+    load_compressor,
+)
+from ctxzip.compressors.baselines import BASELINES, FullContext, FullContextConfig
+from ctxzip.compressors.baselines.selection import ContextPrefill, prefill_context
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.errors import ContextTooLongError, UnknownCompressorError
+from ctxzip.compressors.io import write_json_atomic
+from ctxzip.data import TASKS, build_task
+from ctxzip.data.benchmarks import is_benchmark, load_benchmark
+from ctxzip.data.tasks import layout_passages
 
 from .report import write_outputs
 from .scoring import (
@@ -129,7 +136,7 @@ def label_for(name: str) -> str:
     kind = kind_of_method(name)
     if kind == "baseline":
         return name
-    from compressors.hub import read_metadata, resolve_folder
+    from ctxzip.compressors.hub import read_metadata, resolve_folder
 
     label = Path(name).name if kind == "saved" else name
     compressor_type = read_metadata(resolve_folder(name, None))["compressor_type"]
@@ -285,7 +292,7 @@ def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
         learned = [c for c in cfg.compressors if kind_of_method(c) != "baseline"]
         if not learned:
             raise ValueError("--base-model is required when only baselines are evaluated")
-        from compressors.hub import read_metadata, resolve_folder
+        from ctxzip.compressors.hub import read_metadata, resolve_folder
 
         base = read_metadata(resolve_folder(learned[0], None))["base_model"]
     model, tokenizer = load_base(base, dtype=cfg.dtype)

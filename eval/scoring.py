@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers.generation import BaseStreamer
 
-from compressors import CompressedLM, Memory
-from compressors.tables import Column, missing
-from compressors.tables import markdown_table as render_table
+from ctxzip.compressors import CompressedLM, Memory
+from ctxzip.compressors.tables import Column, missing
+from ctxzip.compressors.tables import markdown_table as render_table
 
 from .metrics import substring_match, text_metrics
 
@@ -39,7 +39,7 @@ class TeacherForced:
 
 @dataclass
 class Summary:
-    """One method's results on a set of rows, under the names ``python -m eval``'s summaries use."""
+    """One method's results on a set of rows, under the names ``python -m ctxzip.eval``'s summaries use."""
 
     method: str
     scoring: str

@@ -30,14 +30,14 @@ from typing import Any
 from transformers import set_seed
 from trl import TrlParser
 
-from compressors import ColorCompressor, ColorConfig
-from compressors.models import config_for, load_tokenizer
-from eval.color_report import ReaderPool, compress_corpus, evaluate_compressions, report
-from trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
-from trainers.color_pipeline import Writer, local_base_loader, prepare_data
-from trainers.distributed import process_group_closed
-from trainers.export import rebuild_trained, save_and_push, train_resumable
-from trainers.script_args import (
+from ctxzip.compressors import ColorCompressor, ColorConfig
+from ctxzip.compressors.models import config_for, load_tokenizer
+from ctxzip.eval.color_report import ReaderPool, compress_corpus, evaluate_compressions, report
+from ctxzip.trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
+from ctxzip.trainers.color_pipeline import Writer, local_base_loader, prepare_data
+from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.export import rebuild_trained, save_and_push, train_resumable
+from ctxzip.trainers.script_args import (
     CompressorModelConfig,
     base_model_kwargs,
     base_model_name,

@@ -25,29 +25,29 @@ from typing import Any
 from transformers import TrainingArguments, set_seed
 from trl import TrlParser
 
-from compressors import Compressor
-from compressors.baselines import FullContext, FullContextConfig
-from compressors.cskv import CSKVCompressor, CSKVConfig
-from compressors.hub import load_exact
-from compressors.models import whole_parameters
-from data import build_task
-from eval.cskv_report import evaluate_perplexity, print_results
-from trainers.cskv_trainer import (
+from ctxzip.compressors import Compressor
+from ctxzip.compressors.baselines import FullContext, FullContextConfig
+from ctxzip.compressors.cskv import CSKVCompressor, CSKVConfig
+from ctxzip.compressors.hub import load_exact
+from ctxzip.compressors.models import whole_parameters
+from ctxzip.data import build_task
+from ctxzip.eval.cskv_report import evaluate_perplexity, print_results
+from ctxzip.trainers.cskv_trainer import (
     CSKVScriptArguments,
     CSKVTrainer,
     TokenChunkCollator,
     build_text_dataset,
     calibration_batches,
 )
-from trainers.distributed import process_group_closed
-from trainers.export import (
+from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.export import (
     check_export_reloads,
     process_local_models,
     rebuild_trained,
     save_and_push,
     train_resumable,
 )
-from trainers.script_args import (
+from ctxzip.trainers.script_args import (
     CompressorModelConfig,
     base_model_kwargs,
     base_model_name,

@@ -23,10 +23,10 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from compressors import GistCompressor, GistConfig
-from trainers.distributed import process_group_closed
-from trainers.memory_recipe import train_memory_compressor
-from trainers.script_args import CompressorModelConfig, CompressorScriptArguments
+from ctxzip.compressors import GistCompressor, GistConfig
+from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.memory_recipe import train_memory_compressor
+from ctxzip.trainers.script_args import CompressorModelConfig, CompressorScriptArguments
 
 
 def make_parser() -> TrlParser:

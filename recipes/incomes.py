@@ -21,11 +21,11 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from compressors import InComeSCompressor, InComeSConfig
-from trainers.distributed import process_group_closed
-from trainers.incomes import edit_data
-from trainers.memory_recipe import train_memory_compressor
-from trainers.script_args import CompressorModelConfig, EditScriptArguments
+from ctxzip.compressors import InComeSCompressor, InComeSConfig
+from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.incomes import edit_data
+from ctxzip.trainers.memory_recipe import train_memory_compressor
+from ctxzip.trainers.script_args import CompressorModelConfig, EditScriptArguments
 
 
 def make_parser() -> TrlParser:

@@ -20,10 +20,10 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from compressors import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
-from trainers.distributed import process_group_closed
-from trainers.memory_recipe import train_memory_compressor
-from trainers.script_args import CompressorModelConfig, LCIRCScriptArguments
+from ctxzip.compressors import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
+from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.memory_recipe import train_memory_compressor
+from ctxzip.trainers.script_args import CompressorModelConfig, LCIRCScriptArguments
 
 
 def make_parser() -> TrlParser:

@@ -39,4 +39,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   DS_BUILD_OPS=0 pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
-python -c "from compressors.models import embedded_model_dir; print('embedded model ready at', embedded_model_dir())"
+python -c "from ctxzip.compressors.models import embedded_model_dir; print('embedded model ready at', embedded_model_dir())"

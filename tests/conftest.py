@@ -79,8 +79,8 @@ def tiny():
     With no overrides the model equals ``compressors.load_base("tiny-random-llama")`` (seeded,
     deterministic); overrides (``hidden_size=32, head_dim=8``, ``seed=1``, ...) give other shapes.
     """
-    import compressors
-    from compressors.models import tiny_llama
+    import ctxzip.compressors as compressors
+    from ctxzip.compressors.models import tiny_llama
 
     _, tokenizer = compressors.load_base(compressors.TINY_MODEL)
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from compressors import CompressedLM, compressor_class, load_base
-from compressors.attention import QueryCapture
-from compressors.baselines import FullContext, FullContextConfig
-from compressors.baselines.pyramidkv import pyramid_budgets
-from compressors.baselines.selection import window_scores
-from compressors.baselines.streaming_llm import sink_and_recent
-from compressors.compat import cache_of
-from compressors.generation import generate_from_memory
+from ctxzip.compressors import CompressedLM, compressor_class, load_base
+from ctxzip.compressors.attention import QueryCapture
+from ctxzip.compressors.baselines import FullContext, FullContextConfig
+from ctxzip.compressors.baselines.pyramidkv import pyramid_budgets
+from ctxzip.compressors.baselines.selection import window_scores
+from ctxzip.compressors.baselines.streaming_llm import sink_and_recent
+from ctxzip.compressors.compat import cache_of
+from ctxzip.compressors.generation import generate_from_memory
 
 SELECTION = ("streaming_llm", "snapkv", "chunkkv", "pyramidkv")
 TEXT = "The pass key is 48213. Remember it. " + "Grass is green and the sky is blue. " * 12
@@ -107,7 +107,7 @@ def test_shared_prefill_matches_separate_compression(tiny):
 def test_one_prefill_serves_every_method_as_its_own_compression(tiny):
     """The eval runner's shared prefill (widest window, token NLL) gives each method exactly the
     memories it builds alone."""
-    from compressors.baselines.selection import prefill_context
+    from ctxzip.compressors.baselines.selection import prefill_context
 
     model, tokenizer = tiny
     ids, mask = context(tokenizer)
@@ -212,7 +212,7 @@ def test_selective_context_budget_and_ratio_one(tiny):
 
 
 def test_selective_context_keeps_whole_informative_units():
-    from compressors.baselines.selective_context import select_units, word_units
+    from ctxzip.compressors.baselines.selective_context import select_units, word_units
 
     pieces = ["The", " pass", "key", " is", " 4", "8", "2", "."]
     units = word_units(pieces)
@@ -224,7 +224,7 @@ def test_selective_context_keeps_whole_informative_units():
 
 
 def test_pooling_keeps_the_windows_scores_out_of_the_positions_before_it():
-    from compressors.baselines.selection import pool
+    from ctxzip.compressors.baselines.selection import pool
 
     scores = torch.tensor([[[0.1, 0.2, 0.1, 0.1, 0.1, 9.0, 9.0]]])  # the last two: the observation window
     pooled = pool(scores, kernel_size=5, kind="max", window=2)

@@ -9,19 +9,19 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from compressors import (
+from ctxzip.compressors import (
     BaseModelMismatchError,
     CompressedLM,
     CorruptArtifactError,
     compressor_class,
     load_base,
 )
-from compressors.attention import QueryCapture
-from compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters, calibration
-from compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
-from compressors.baselines.qfilters import compute_qfilters
-from compressors.baselines.selection import keep_template, pool, protect_window
-from compressors.generation import generate_from_memory
+from ctxzip.compressors.attention import QueryCapture
+from ctxzip.compressors.baselines import EHPC, FullContext, FullContextConfig, QFilters, calibration
+from ctxzip.compressors.baselines.ehpc import build_probes, evaluator_heads, find_evaluator_heads
+from ctxzip.compressors.baselines.qfilters import compute_qfilters
+from ctxzip.compressors.baselines.selection import keep_template, pool, protect_window
+from ctxzip.compressors.generation import generate_from_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +104,7 @@ def test_budget_is_exact_and_memory_is_real(tiny_model, artifacts, name, ratio):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_shared_prefill_gives_the_same_memories(tiny_model, artifacts, name):
     """What the eval runner does: score from ONE prefill made for every method (wider window)."""
-    from compressors.baselines.selection import prefill_context
+    from ctxzip.compressors.baselines.selection import prefill_context
 
     model, tokenizer = tiny_model
     ids, mask = context(tokenizer)
@@ -190,7 +190,7 @@ def test_qfilters_artifact_is_saved_reused_and_checked(tiny_model, tiny, tmp_pat
     filters = first.filters
     assert path.is_file() and first.filters_file == path
     calibration._MEMO.clear()  # force a read from disk, and no recomputation
-    monkeypatch.setattr("compressors.baselines.qfilters.compute_qfilters", _boom)
+    monkeypatch.setattr("ctxzip.compressors.baselines.qfilters.compute_qfilters", _boom)
     again = build("qfilters", model, tokenizer, tmp_path, filters_path=str(path))
     assert torch.equal(again.filters, filters)
     other, _ = tiny(hidden_size=32, head_dim=8)  # another shape: a clear error, not garbage
@@ -307,7 +307,7 @@ def test_ehpc_heads_artifact_is_reused_and_checked(tiny_model, tiny, tmp_path, m
     scores = first.prepare()
     assert path.is_file() and scores.shape == (2, 4)
     calibration._MEMO.clear()
-    monkeypatch.setattr("compressors.baselines.ehpc.find_evaluator_heads", _boom)
+    monkeypatch.setattr("ctxzip.compressors.baselines.ehpc.find_evaluator_heads", _boom)
     assert torch.equal(build("ehpc", model, tokenizer, tmp_path, heads_path=str(path)).prepare(), scores)
     other, _ = tiny(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     with pytest.raises(BaseModelMismatchError, match="num_attention_heads"):
@@ -318,8 +318,8 @@ def test_ehpc_heads_artifact_is_reused_and_checked(tiny_model, tiny, tmp_path, m
 
 # ----- through the eval CLI --------------------------------------------------------------------
 def test_eval_cli_runs_the_calibrated_baselines_and_a_saved_gist_folder(tiny, tmp_path, monkeypatch):
-    from compressors import GistCompressor, GistConfig, save_compressor
-    from eval.__main__ import main
+    from ctxzip.compressors import GistCompressor, GistConfig, save_compressor
+    from ctxzip.eval.__main__ import main
 
     monkeypatch.setattr(calibration, "ctxzip_home", lambda: tmp_path / "home")
     model, tokenizer = tiny()

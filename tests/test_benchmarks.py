@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from data.benchmarks import load_longbench, load_ruler, load_scbench
-from data.tasks import FEATURES
+from ctxzip.data.benchmarks import load_longbench, load_ruler, load_scbench
+from ctxzip.data.tasks import FEATURES
 
 CONTEXT = "Passage 1: The capital of Veloria is Tarsen.\nPassage 2: The river of Veloria is the Ambra."
 
@@ -17,7 +17,7 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def tok():
-    from compressors import TINY_MODEL, load_base
+    from ctxzip.compressors import TINY_MODEL, load_base
 
     return load_base(TINY_MODEL)[1]
 

@@ -13,8 +13,8 @@ import transformers
 from packaging.version import Version
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from compressors import compat
-from compressors.attention import QueryCapture, attention_modules, block_keys, overriding_attention
+from ctxzip.compressors import compat
+from ctxzip.compressors.attention import QueryCapture, attention_modules, block_keys, overriding_attention
 
 
 def test_cache_argument_matches_this_release() -> None:
@@ -101,7 +101,7 @@ def test_block_keys_keeps_the_mask_format() -> None:
 
 
 def test_missing_triton_on_a_gpu_machine_warns_once(monkeypatch) -> None:
-    from compressors.cskv import attention
+    from ctxzip.compressors.cskv import attention
 
     real_import = builtins.__import__
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressors import COMPRESSORS, CompressedLM, Memory, compressor_class, load_base
-from compressors.baselines.selection import prefill_context
-from compressors.conversation import ConversationLayout
-from compressors.models import tiny_llama
+from ctxzip.compressors import COMPRESSORS, CompressedLM, Memory, compressor_class, load_base
+from ctxzip.compressors.baselines.selection import prefill_context
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def sensitive_tiny(tokenizer):
 
 @pytest.fixture(scope="module")
 def base():
-    from compressors import TINY_MODEL
+    from ctxzip.compressors import TINY_MODEL
 
     _, tokenizer = load_base(TINY_MODEL)
     return sensitive_tiny(tokenizer), tokenizer
@@ -271,7 +271,7 @@ def test_clm_model_is_the_decoder_and_the_encoders_adapter_is_on_only_while_comp
 def test_methods_that_re_encode_their_kept_tokens_keep_the_template_prefix(name: str, base, tmp_path_factory) -> None:
     """The kept tokens are re-read as the user turn's content: the turn's opening must survive any ratio. The
     memory's first slots then hold exactly the KV of the template prefix read alone (causal attention)."""
-    from compressors.baselines.full_context import prefill_kv
+    from ctxzip.compressors.baselines.full_context import prefill_kv
 
     clm = build(name, {**settings(name, tmp_path_factory), "ratio": 3.0}, base)
     memory = clm.compress(CONTEXTS[0] * 3)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from compressors import BaseModelMismatchError, CompressedLM, Memory, load_compressor, save_compressor
-from compressors.compat import cache_of, with_cache
-from compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig
-from compressors.cskv.quant import dequantize, quantize, store
+from ctxzip.compressors import BaseModelMismatchError, CompressedLM, Memory, load_compressor, save_compressor
+from ctxzip.compressors.compat import cache_of, with_cache
+from ctxzip.compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig
+from ctxzip.compressors.cskv.quant import dequantize, quantize, store
 
 ROOT = Path(__file__).resolve().parents[1]
 

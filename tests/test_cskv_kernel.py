@@ -46,11 +46,11 @@ def test_kernel_cases_in_a_fresh_interpreter() -> None:
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
-from compressors.cskv import attention  # noqa: E402
-from compressors.cskv.kernel import _cos_sin, decode_attention_triton, plan_splits  # noqa: E402
-from compressors.cskv.reference import decode_attention_reference  # noqa: E402
-from compressors.cskv.testing import KERNEL_CASES as CASES  # noqa: E402
-from compressors.cskv.testing import kernel_inputs  # noqa: E402
+from ctxzip.compressors.cskv import attention  # noqa: E402
+from ctxzip.compressors.cskv.kernel import _cos_sin, decode_attention_triton, plan_splits  # noqa: E402
+from ctxzip.compressors.cskv.reference import decode_attention_reference  # noqa: E402
+from ctxzip.compressors.cskv.testing import KERNEL_CASES as CASES  # noqa: E402
+from ctxzip.compressors.cskv.testing import kernel_inputs  # noqa: E402
 
 
 def inputs(*shape, seed=0):
@@ -168,8 +168,8 @@ def test_default_splits_fill_the_device_without_a_tail_wave() -> None:
 def test_model_decoding_through_the_kernel_matches_the_reference_path(tiny, monkeypatch) -> None:
     """The CompressedLM decode path with the kernel (forced on, interpreted) generates what the
     reference path generates, logits within float tolerance."""
-    from compressors.compat import with_cache
-    from compressors.cskv import CSKVCompressor, CSKVConfig
+    from ctxzip.compressors.compat import with_cache
+    from ctxzip.compressors.cskv import CSKVCompressor, CSKVConfig
 
     model, _ = tiny()
     compressor = CSKVCompressor(CSKVConfig(density=0.5, window=3, quant_bits=4, quant_group_size=8), model).eval()
@@ -200,7 +200,7 @@ def test_model_decoding_through_the_kernel_matches_the_reference_path(tiny, monk
 
     reference = run()
     monkeypatch.setattr(attention, "use_kernel", lambda device: True)
-    monkeypatch.setattr("compressors.cskv.kernel.decode_attention_triton", counted)
+    monkeypatch.setattr("ctxzip.compressors.cskv.kernel.decode_attention_triton", counted)
     kernel = run()
     assert len(calls) == 2 * 2  # every decode step of both layers went through the kernel
     torch.testing.assert_close(kernel, reference, atol=1e-4, rtol=1e-4)

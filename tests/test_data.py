@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from data import TASKS, Haystack, build_task, load_texts
+from ctxzip.data import TASKS, Haystack, build_task, load_texts
 
 # Tasks whose context is filler text sized to the target.  The count is always measured,
 # and the budget corrected, but a needle or a cut can make a token merge differently at a
@@ -287,8 +287,8 @@ def test_local_source_for_tasks(tmp_path, tok) -> None:
 def test_passage_retrieval_has_one_gold_passage_and_its_id_is_the_answer():
     import json
 
-    from compressors.models import load_tokenizer
-    from data.tasks import layout_passages
+    from ctxzip.compressors.models import load_tokenizer
+    from ctxzip.data.tasks import layout_passages
 
     tokenizer = load_tokenizer("tiny-random-llama")
     rows = build_task("passage_retrieval", tokenizer, num_samples=3, context_tokens=600, seed=1)

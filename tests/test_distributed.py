@@ -103,7 +103,7 @@ def initial_own_tensors(recipe: str, args: list[str], tmp_path: Path) -> dict[st
     """The untrained compressor's own tensors, built from the config the recipe parses from ``args``."""
     from test_recipes import load_recipe
 
-    from compressors import compressor_class, load_base
+    from ctxzip.compressors import compressor_class, load_base
 
     _, config, _, model_args = load_recipe(recipe).make_parser().parse_args_and_config(
         [*args, "--output_dir", str(tmp_path / "parsed")])

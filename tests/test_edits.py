@@ -11,8 +11,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from data import EDIT_FIELDS, build_edit_task, load_edit_records, validate_edit_record
-from data.edits import EDIT_FEATURES, LOCALITY_QA, RELATIONS, build_edit_records
+from ctxzip.data import EDIT_FIELDS, build_edit_task, load_edit_records, validate_edit_record
+from ctxzip.data.edits import EDIT_FEATURES, LOCALITY_QA, RELATIONS, build_edit_records
 
 # --------------------------------------------------------------------------- generator
 
@@ -204,7 +204,7 @@ def test_loader_argument_errors(tmp_path: Path) -> None:
 
 
 def test_data_package_does_not_import_the_other_packages() -> None:
-    code = ("import sys, data, data.edits; bad = [m for m in ('compressors', 'trainers', 'eval') "
+    code = ("import sys, ctxzip.data, ctxzip.data.edits; bad = [m for m in ('ctxzip.compressors', 'ctxzip.trainers', 'ctxzip.eval') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -216,7 +216,7 @@ def test_dataset_concatenates_with_loaded_records(tmp_path: Path) -> None:
 
 
 def test_locality_questions_of_the_test_split_are_held_out() -> None:
-    from data.edits import LOCALITY_QA, build_edit_records, locality_questions
+    from ctxzip.data.edits import LOCALITY_QA, build_edit_records, locality_questions
 
     train, test = locality_questions("train"), locality_questions("test")
     assert train and test and not set(train) & set(test) and len(train) + len(test) == len(LOCALITY_QA)

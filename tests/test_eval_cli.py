@@ -1,4 +1,4 @@
-"""``python -m eval``: outputs, resume without recomputation, clear errors; the text metrics."""
+"""``python -m ctxzip.eval``: outputs, resume without recomputation, clear errors; the text metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from eval import bleu, exact_match, rouge_l, substring_match
-from eval.__main__ import main
+from ctxzip.eval import bleu, exact_match, rouge_l, substring_match
+from ctxzip.eval.__main__ import main
 
 TINY = ["--base-model", "tiny-random-llama", "--no-progress", "--num-samples", "2", "--context-length", "96",
         "--n-prompts", "2"]
@@ -52,7 +52,7 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
     assert "Full-context ceiling" in report and "no context (the question alone)" in report
     assert "Beyond the model at this length" in report  # a random tiny model answers nothing
 
-    import eval.runner as runner
+    import ctxzip.eval.runner as runner
 
     def boom(*a, **k):
         raise AssertionError("a finished configuration was recomputed")
@@ -72,7 +72,7 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
 
 
 def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch):
-    import eval.runner as runner
+    import ctxzip.eval.runner as runner
 
     out = tmp_path / "run"
     args = ["--compressor", "streaming_llm", "--tasks", "passkey", "--ratios", "4", "--output-dir", str(out),
@@ -126,7 +126,7 @@ def test_beyond_the_base_window_only_the_methods_that_read_beyond_it_run(tmp_pat
 
 @pytest.mark.parametrize("multi_turn", [False, True])
 def test_shared_context_mode_answers_every_question_from_one_memory(tmp_path, monkeypatch, multi_turn):
-    from eval import runner, scoring
+    from ctxzip.eval import runner, scoring
 
     memories, answered = [], []
     original_memories, original_shared = runner.Method.memories, scoring.score_shared
@@ -181,9 +181,9 @@ def test_continuation_rows_give_the_perplexity_with_memory_full_and_no_context(t
 
     import torch
 
-    from compressors import CompressedLM, load_base
-    from compressors.baselines import FullContext, FullContextConfig
-    from eval.scoring import score_continuation
+    from ctxzip.compressors import CompressedLM, load_base
+    from ctxzip.compressors.baselines import FullContext, FullContextConfig
+    from ctxzip.eval.scoring import score_continuation
 
     out = tmp_path / "continuation"
     args = ["--compressor", "streaming_llm", "--tasks", "continuation", "--ratios", "4", "--output-dir", str(out)]
@@ -210,7 +210,7 @@ def test_continuation_rows_give_the_perplexity_with_memory_full_and_no_context(t
 
 
 def test_a_method_that_makes_a_memory_per_question_gets_one_for_each_and_the_tables_say_so(tmp_path, monkeypatch):
-    from compressors import CompressedLM, LCIRCConfig, QDLCIRCCompressor, load_base
+    from ctxzip.compressors import CompressedLM, LCIRCConfig, QDLCIRCCompressor, load_base
 
     model, tokenizer = load_base("tiny-random-llama")
     config = LCIRCConfig(num_latents=4, segment_length=32, perceiver_layers=1, gate_init=0.5)

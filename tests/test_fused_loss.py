@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from compressors.base import hidden_states_as_logits, per_example_lm_loss
-from compressors.gist import GistCompressor, GistConfig
-from compressors.models import tiny_llama
-from trainers.fused_loss import (
+from ctxzip.compressors.base import hidden_states_as_logits, per_example_lm_loss
+from ctxzip.compressors.gist import GistCompressor, GistConfig
+from ctxzip.compressors.models import tiny_llama
+from ctxzip.trainers.fused_loss import (
     causal_lm_loss,
     compressor_lm_loss,
     liger_available,
@@ -128,10 +128,10 @@ def test_causal_lm_loss_fused_path_matches_transformers_loss() -> None:
 _INTERPRETED_CHECK = r"""
 import json, torch
 from torch import nn
-from compressors.base import hidden_states_as_logits, per_example_lm_loss
-from compressors.gist import GistCompressor, GistConfig
-from compressors.models import tiny_llama
-from trainers.fused_loss import compressor_lm_loss, per_example_lm_loss_from_hidden
+from ctxzip.compressors.base import hidden_states_as_logits, per_example_lm_loss
+from ctxzip.compressors.gist import GistCompressor, GistConfig
+from ctxzip.compressors.models import tiny_llama
+from ctxzip.trainers.fused_loss import compressor_lm_loss, per_example_lm_loss_from_hidden
 
 out = {}
 torch.manual_seed(0)
@@ -182,7 +182,7 @@ def _trainer(tiny, tmp_path: Path, **kwargs):
     import datasets
     from transformers import TrainingArguments
 
-    from trainers import MemoryCollator, MemoryCompressorTrainer
+    from ctxzip.trainers import MemoryCollator, MemoryCompressorTrainer
 
     model, tokenizer = tiny()
     compressor = GistCompressor(GistConfig(segment_length=16, tokens_per_gist=4, lora_r=2), model)
@@ -212,7 +212,7 @@ def test_trainer_flag_routes_the_loss_through_hidden_states(tiny, tmp_path) -> N
 
 
 def test_trainer_flag_without_liger_is_a_clear_error(tiny, tmp_path, monkeypatch) -> None:
-    import trainers.memory_trainer as memory_trainer
+    import ctxzip.trainers.memory_trainer as memory_trainer
 
     monkeypatch.setattr(memory_trainer, "liger_available", lambda: False)
     with pytest.raises(ImportError, match="fused_lm_loss needs Liger-Kernel"):

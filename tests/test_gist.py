@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from compressors import ContextTooLongError, EmptyInputError, GistCompressor, GistConfig, Memory
-from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
-from compressors.baselines.truncation import kept_indices
-from compressors.compat import cache_of, with_cache
-from compressors.generation import generate_from_memory
-from compressors.wrapper import left_pad
+from ctxzip.compressors import ContextTooLongError, EmptyInputError, GistCompressor, GistConfig, Memory
+from ctxzip.compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
+from ctxzip.compressors.baselines.truncation import kept_indices
+from ctxzip.compressors.compat import cache_of, with_cache
+from ctxzip.compressors.generation import generate_from_memory
+from ctxzip.compressors.wrapper import left_pad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

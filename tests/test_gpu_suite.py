@@ -69,7 +69,7 @@ def test_kernel_sections_measure(smoke: dict) -> None:
 
 
 def test_training_section_measures_every_variant(smoke: dict) -> None:
-    from trainers.fused_loss import liger_available
+    from ctxzip.trainers.fused_loss import liger_available
 
     rows = {r["variant"]: r for r in smoke["data"]["sections"]["training_throughput"]["rows"]}
     expected = ["lora_sft", "gist", "cskv_reconstruction"]
@@ -181,8 +181,8 @@ def test_suite_shapes_are_the_embedded_models() -> None:
     import suite_kernels
     import suite_training
 
-    from compressors.cskv.config import rank_for
-    from compressors.models import EMBEDDED_MODEL, config_for, model_signature
+    from ctxzip.compressors.cskv.config import rank_for
+    from ctxzip.compressors.models import EMBEDDED_MODEL, config_for, model_signature
 
     try:
         embedded = config_for(EMBEDDED_MODEL)
@@ -200,8 +200,8 @@ def test_gpu_mode_kernel_cases_build_and_the_reference_runs_on_them() -> None:
     import suite_kernels
     import torch
 
-    from compressors.cskv.reference import decode_attention_reference
-    from compressors.cskv.testing import kernel_inputs
+    from ctxzip.compressors.cskv.reference import decode_attention_reference
+    from ctxzip.compressors.cskv.testing import kernel_inputs
 
     cases = suite_kernels.correctness_cases(smoke=False)
     assert {c[2] for c in cases} == {torch.float16, torch.bfloat16}
@@ -216,7 +216,7 @@ def test_gpu_mode_speed_inputs_and_byte_counts() -> None:
     import suite_kernels
     import torch
 
-    from compressors.cskv.reference import decode_attention_reference
+    from ctxzip.compressors.cskv.reference import decode_attention_reference
 
     shape = suite_kernels.cskv_gpu_shape()
     for bits in (None, 8, 4):
@@ -236,8 +236,8 @@ def test_gpu_mode_speed_inputs_and_byte_counts() -> None:
 def test_gpu_mode_training_shapes_build_the_recipes_configs() -> None:
     import suite_training
 
-    from compressors.cskv import CSKVConfig
-    from compressors.gist import GistConfig
+    from ctxzip.compressors.cskv import CSKVConfig
+    from ctxzip.compressors.gist import GistConfig
 
     sh = suite_training.shapes(smoke=False)
     assert (sh.batch, sh.context, sh.target) == (8, 2048, 512)

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from compressors import CompressedLM, EmptyInputError, Memory, load_base
-from compressors.errors import BaseModelMismatchError
-from compressors.incomes import InComeSCompressor, InComeSConfig, distillation_loss, selection_branch
-from compressors.models import TINY_MODEL, tiny_llama
+from ctxzip.compressors import CompressedLM, EmptyInputError, Memory, load_base
+from ctxzip.compressors.errors import BaseModelMismatchError
+from ctxzip.compressors.incomes import InComeSCompressor, InComeSConfig, distillation_loss, selection_branch
+from ctxzip.compressors.models import TINY_MODEL, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +104,7 @@ def test_a_saved_pool_answers_the_same(tokenizer, tmp_path) -> None:
 
 
 def test_an_upper_mode_export_reloads_without_its_teacher_copy(tokenizer, tmp_path) -> None:
-    from compressors.hub import load_compressor
+    from ctxzip.compressors.hub import load_compressor
 
     clm = build(tokenizer, train_mode="upper")
     assert clm.compressor.teacher_model is not None  # training reads it
@@ -165,8 +165,8 @@ def test_distillation_loss_by_hand() -> None:
 
 
 def test_training_step_reaches_the_gist_the_zero_keys_and_the_adapter(tokenizer) -> None:
-    from data.edits import build_edit_records
-    from trainers.incomes import EditCollator
+    from ctxzip.data.edits import build_edit_records
+    from ctxzip.trainers.incomes import EditCollator
 
     clm = build(tokenizer)
     records = build_edit_records(6, seed=0)
@@ -216,8 +216,8 @@ def test_bad_input_is_refused_clearly(tokenizer) -> None:
 
 
 def test_edit_yardstick_reports_every_method_at_every_pool_size(tokenizer) -> None:
-    from data.edits import build_edit_records
-    from eval.edits import IN_CONTEXT, NO_EDIT, evaluate_edits, markdown_table, pools_for
+    from ctxzip.data.edits import build_edit_records
+    from ctxzip.eval.edits import IN_CONTEXT, NO_EDIT, evaluate_edits, markdown_table, pools_for
 
     records = build_edit_records(8, seed=3, split="test", num_locality=1)
     summaries = evaluate_edits({"incomes": build(tokenizer)}, records, [1, 4], queries_per_size=2, max_new_tokens=3)
@@ -234,7 +234,7 @@ def test_edit_yardstick_reports_every_method_at_every_pool_size(tokenizer) -> No
 def test_python_m_eval_runs_the_edit_task(tmp_path, capsys) -> None:
     import json
 
-    from eval.__main__ import main
+    from ctxzip.eval.__main__ import main
 
     args = ["--compressor", "incomes", "--base-model", TINY_MODEL, "--tasks", "edits", "--pool-sizes", "1,2",
             "--num-samples", "1", "--max-new-tokens", "2", "--output-dir", str(tmp_path), "--no-progress"]

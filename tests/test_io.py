@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from compressors.io import atomic_path, atomic_write, write_json_atomic, write_text_atomic
+from ctxzip.compressors.io import atomic_path, atomic_write, write_json_atomic, write_text_atomic
 
 
 def _leftovers(folder: Path, keep: set[str]) -> set[str]:

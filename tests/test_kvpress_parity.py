@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from compressors import compressor_class
-from compressors.baselines.calibration import save_artifact
-from compressors.baselines.selection import prefill_context
+from ctxzip.compressors import compressor_class
+from ctxzip.compressors.baselines.calibration import save_artifact
+from ctxzip.compressors.baselines.selection import prefill_context
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kvpress"
 RATIO = 4.0  # kvpress compression_ratio 0.75

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressors import (
+from ctxzip.compressors import (
     BaseModelMismatchError,
     CompressedLM,
     LCIRCCompressor,
@@ -15,9 +15,9 @@ from compressors import (
     QDLCIRCCompressor,
     load_base,
 )
-from compressors.hub import init_from_export, load_compressor
-from compressors.models import TINY_MODEL, tiny_llama
-from compressors.perceiver import CrossAttention, PerceiverResampler
+from ctxzip.compressors.hub import init_from_export, load_compressor
+from ctxzip.compressors.models import TINY_MODEL, tiny_llama
+from ctxzip.compressors.perceiver import CrossAttention, PerceiverResampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

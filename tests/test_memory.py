@@ -8,8 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import compressors
-from compressors import BaseModelMismatchError, CorruptArtifactError, GistCompressor, GistConfig, Memory
+import ctxzip.compressors as compressors
+from ctxzip.compressors import (
+    BaseModelMismatchError,
+    CorruptArtifactError,
+    GistCompressor,
+    GistConfig,
+    Memory,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

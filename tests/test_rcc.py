@@ -6,11 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressors import BaseModelMismatchError, CompressedLM, ContextTooLongError, RCCCompressor, RCCConfig
-from compressors.baselines.full_context import prefill_kv
-from compressors.hub import load_compressor
-from compressors.models import tiny_llama
-from compressors.rcc import kept_positions
+from ctxzip.compressors import (
+    BaseModelMismatchError,
+    CompressedLM,
+    ContextTooLongError,
+    RCCCompressor,
+    RCCConfig,
+)
+from ctxzip.compressors.baselines.full_context import prefill_kv
+from ctxzip.compressors.hub import load_compressor
+from ctxzip.compressors.models import tiny_llama
+from ctxzip.compressors.rcc import kept_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +26,7 @@ PROMPT = "What is the pass key?"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from compressors import TINY_MODEL, load_base
+    from ctxzip.compressors import TINY_MODEL, load_base
 
     return load_base(TINY_MODEL)[1]
 
@@ -96,7 +102,7 @@ def test_zero_projections_are_the_base_model_reading_zero_vectors(tokenizer) -> 
     inputs = torch.cat([embeds, torch.zeros(1, placeholders, embeds.shape[-1])], dim=1)
     with torch.no_grad():
         out = clm.model(inputs_embeds=inputs, use_cache=True)
-    from compressors.compat import cache_of
+    from ctxzip.compressors.compat import cache_of
 
     for layer, item in enumerate(cache_of(out).layers):
         torch.testing.assert_close(memory.tensors[f"key.{layer}"], item.keys)
@@ -113,7 +119,7 @@ def test_a_context_beyond_the_base_models_positions_is_compressed_window_by_wind
     assert memory.slots == len(clm.layout.prefix_ids) + 2 * windows
     assert memory.ratio > 20
     assert isinstance(clm.generate(PROMPT, memory=memory, max_new_tokens=3), str)
-    from compressors.baselines import FullContext, FullContextConfig
+    from ctxzip.compressors.baselines import FullContext, FullContextConfig
 
     with pytest.raises(ContextTooLongError):
         CompressedLM(FullContext(FullContextConfig(max_context_tokens=1 << 20), clm.model), tokenizer).compress(words)
@@ -181,8 +187,8 @@ def test_full_mode_trains_both_copies_but_not_the_vocabulary(tokenizer) -> None:
 
 
 def test_reconstruction_loss_falls_when_overfitting_one_batch(tokenizer) -> None:
-    from data import build_task
-    from trainers import MemoryCollator
+    from ctxzip.data import build_task
+    from ctxzip.trainers import MemoryCollator
 
     torch.manual_seed(0)
     rows = list(build_task("reconstruction", tokenizer, num_samples=2, context_tokens=48, seed=0,
@@ -216,7 +222,7 @@ def test_recipes_refuse_gradient_checkpointing(tmp_path) -> None:
     # nothing, so training with checkpointing would silently compute wrong gradients
     from transformers import TrainingArguments
 
-    from trainers.memory_recipe import train_memory_compressor
+    from ctxzip.trainers.memory_recipe import train_memory_compressor
 
     args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="rcc cannot train with --gradient_checkpointing"):

@@ -83,8 +83,8 @@ def test_every_recipe_field_has_a_help(recipe: str) -> None:
 def test_model_config_is_trl_model_config_defaulting_to_the_embedded_model(recipe: str, tmp_path: Path) -> None:
     from trl import ModelConfig
 
-    from compressors.models import EMBEDDED_MODEL
-    from trainers.script_args import base_model_kwargs
+    from ctxzip.compressors.models import EMBEDDED_MODEL
+    from ctxzip.trainers.script_args import base_model_kwargs
 
     yaml_file = tmp_path / "no_model.yaml"
     yaml_file.write_text("dtype: float32\n")  # the YAML does not name the base model
@@ -97,7 +97,7 @@ def test_model_config_is_trl_model_config_defaulting_to_the_embedded_model(recip
 
 
 def test_load_in_4bit_and_8bit_go_through_trl_quantization_config(tmp_path: Path) -> None:
-    from trainers.script_args import base_model_kwargs, quantization_name
+    from ctxzip.trainers.script_args import base_model_kwargs, quantization_name
 
     parser = load_recipe("gist").make_parser()
     config = str(ROOT / "recipes/configs/gist/quickstart.yaml")
@@ -129,7 +129,7 @@ def test_model_config_peft_fields_and_the_old_keys_are_errors(recipe: str, key: 
 def test_lora_flags_set_the_compressor_config_and_a_plain_model_config_with_peft_is_refused(tmp_path: Path) -> None:
     from trl import ModelConfig
 
-    from trainers.script_args import CompressorModelConfig, base_model_kwargs, check_model_args
+    from ctxzip.trainers.script_args import CompressorModelConfig, base_model_kwargs, check_model_args
 
     parsed = load_recipe("gist").make_parser().parse_args_and_config(
         ["--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--output_dir", str(tmp_path),
@@ -165,7 +165,7 @@ def test_gist_recipe_one_step_exports_a_loadable_compressor(tmp_path: Path) -> N
     assert "| trained |" in result.stdout and "| truncation |" in result.stdout
     for name in ("compressor_config.json", "compressor.safetensors", "adapter_model.safetensors", "README.md"):
         assert (out / name).is_file(), name
-    from compressors import CompressedLM
+    from ctxzip.compressors import CompressedLM
 
     clm = CompressedLM.from_pretrained(out)
     memory = clm.compress("The pass key is 12345. Remember it.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eval.report import headline, markdown
+from ctxzip.eval.report import headline, markdown
 
 
 def summary(task: str, method: str, ratio: float, accuracy: float = float("nan"), source: str | None = None,

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from compressors import CompressedLM
-from compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
-from eval.metrics import normalize
-from eval.scoring import Summary, markdown_table, reply_ids, score_loglik, score_rows
+from ctxzip.compressors import CompressedLM
+from ctxzip.compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
+from ctxzip.eval.metrics import normalize
+from ctxzip.eval.scoring import Summary, markdown_table, reply_ids, score_loglik, score_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,7 +187,7 @@ def test_score_rows_without_context_reads_the_question_alone(clm: CompressedLM) 
     ("Tarsen", "tarsen", True),
 ])
 def test_contains_match_on_known_replies(reply: str, answer: str, expected: bool) -> None:
-    from eval.metrics import substring_match
+    from ctxzip.eval.metrics import substring_match
 
     assert bool(substring_match(reply, answer)) is expected
 
@@ -209,7 +209,7 @@ def test_loglik_and_generate_agree_after_an_answer_prefix(clm: CompressedLM) -> 
 
 
 def test_many_prompts_compress_once_and_rereading_compresses_for_every_prompt(clm: CompressedLM, monkeypatch) -> None:
-    from eval.scoring import time_many_prompts, time_rereading
+    from ctxzip.eval.scoring import time_many_prompts, time_rereading
 
     calls = []
     original = clm.compress

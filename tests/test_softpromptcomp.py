@@ -8,16 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import compressors.softpromptcomp as spc
-from compressors import (
+import ctxzip.compressors.softpromptcomp as spc
+from ctxzip.compressors import (
     BaseModelMismatchError,
     CompressedLM,
     SoftPromptCompCompressor,
     SoftPromptCompConfig,
     load_base,
 )
-from compressors.hub import load_compressor
-from compressors.models import TINY_MODEL, tiny_llama
+from ctxzip.compressors.hub import load_compressor
+from ctxzip.compressors.models import TINY_MODEL, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

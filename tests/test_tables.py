@@ -2,7 +2,7 @@
 
 import math
 
-from compressors.tables import Column, fmt, markdown_table
+from ctxzip.compressors.tables import Column, fmt, markdown_table
 
 
 def test_columns_format_keys_cells_and_missing_values() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import trainers
-import trainers.compat as compat
+import ctxzip.trainers as trainers
+import ctxzip.trainers.compat as compat
 
 
 def test_every_private_hook_fits_the_installed_libraries() -> None:

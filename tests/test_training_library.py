@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressors import GistCompressor, GistConfig
-from compressors.hub import StateMismatchError, load_exact
+from ctxzip.compressors import GistCompressor, GistConfig
+from ctxzip.compressors.hub import StateMismatchError, load_exact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def test_load_exact_names_missing_unexpected_and_misshapen_keys(tiny, change: st
 
 
 def test_rebuild_trained_refuses_a_state_with_an_extra_tensor(tiny, monkeypatch) -> None:
-    import trainers.export as export
+    import ctxzip.trainers.export as export
 
     monkeypatch.setattr(export, "load_base", lambda name, dtype="float32": tiny())
     config = GistConfig(segment_length=8, tokens_per_gist=4, lora_r=2)
@@ -68,8 +68,8 @@ def test_rebuild_trained_refuses_a_state_with_an_extra_tensor(tiny, monkeypatch)
 def test_a_saved_compressor_with_an_extra_tensor_is_refused(tiny, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from compressors import load_compressor, save_compressor
-    from compressors.hub import WEIGHTS_NAME
+    from ctxzip.compressors import load_compressor, save_compressor
+    from ctxzip.compressors.hub import WEIGHTS_NAME
 
     model, tokenizer = tiny()
     folder = save_compressor(GistCompressor(GistConfig(segment_length=8, tokens_per_gist=4, lora_r=0), model),
@@ -85,7 +85,7 @@ def memory_trainer(tiny, tmp_path: Path, **overrides):
     import datasets
     from transformers import TrainingArguments
 
-    from trainers import MemoryCollator, MemoryCompressorTrainer
+    from ctxzip.trainers import MemoryCollator, MemoryCompressorTrainer
 
     model, tokenizer = tiny()
     compressor = GistCompressor(GistConfig(segment_length=16, tokens_per_gist=4, lora_r=2), model)
@@ -101,7 +101,7 @@ def memory_trainer(tiny, tmp_path: Path, **overrides):
 
 
 def test_a_nan_loss_stops_the_run_before_its_checkpoint(tiny, tmp_path: Path) -> None:
-    from trainers.guards import NonFiniteLossError
+    from ctxzip.trainers.guards import NonFiniteLossError
 
     trainer = memory_trainer(tiny, tmp_path)
     with torch.no_grad():  # what ZeRO-3 did to the gist table (an empty shard's mean is NaN)
@@ -112,10 +112,10 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tiny, tmp_path: Path) ->
 
 
 def test_every_recipe_trainer_has_the_guard() -> None:
-    from trainers.color_dpo import ColorDPOTrainer
-    from trainers.cskv_trainer import CSKVTrainer
-    from trainers.guards import FiniteLossMixin
-    from trainers.memory_trainer import MemoryCompressorTrainer
+    from ctxzip.trainers.color_dpo import ColorDPOTrainer
+    from ctxzip.trainers.cskv_trainer import CSKVTrainer
+    from ctxzip.trainers.guards import FiniteLossMixin
+    from ctxzip.trainers.memory_trainer import MemoryCompressorTrainer
 
     for cls in (MemoryCompressorTrainer, CSKVTrainer, ColorDPOTrainer):
         assert issubclass(cls, FiniteLossMixin), cls.__name__
@@ -168,7 +168,7 @@ def checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_resume_from_checkpoint_values(tmp_path: Path) -> None:
-    from trainers.export import resolve_resume
+    from ctxzip.trainers.export import resolve_resume
 
     assert resolve_resume(tmp_path, None) is None and resolve_resume(tmp_path / "absent", None) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -191,7 +191,7 @@ def test_process_local_models_restore_the_same_zero3_config() -> None:
     from transformers.integrations import deepspeed as hf_deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from trainers.export import process_local_models
+    from ctxzip.trainers.export import process_local_models
 
     settings = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     config = HfDeepSpeedConfig(settings)
@@ -213,7 +213,7 @@ def test_process_local_models_restore_the_same_zero3_config() -> None:
 def test_main_process_first_runs_the_block_in_a_single_process(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
-    from trainers.distributed import main_process_first
+    from ctxzip.trainers.distributed import main_process_first
 
     ran = []
     with main_process_first(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])):
@@ -224,9 +224,9 @@ def test_main_process_first_runs_the_block_in_a_single_process(tmp_path: Path) -
 def test_instruction_reconstruction_compresses_the_question_and_the_reply_repeats_it(tiny) -> None:
     """The memory holds context + question; the decoder is asked to repeat the question, then answers it: labels
     on that whole reply. A reconstruction row's cue ends the prompt (labels on the rest of the span only)."""
-    from compressors.conversation import SEPARATOR
-    from trainers import MemoryCollator
-    from trainers.objectives import INSTRUCTION_RECONSTRUCTION_PROMPT, build_target, memory_context
+    from ctxzip.compressors.conversation import SEPARATOR
+    from ctxzip.trainers import MemoryCollator
+    from ctxzip.trainers.objectives import INSTRUCTION_RECONSTRUCTION_PROMPT, build_target, memory_context
 
     _, tokenizer = tiny()
     collator = MemoryCollator(tokenizer, max_context_tokens=512, max_target_tokens=128)
@@ -249,7 +249,7 @@ def test_instruction_reconstruction_compresses_the_question_and_the_reply_repeat
 
 
 def test_recipe_arguments_set_the_span_and_continuation_lengths(tiny) -> None:
-    from trainers.script_args import CompressorScriptArguments, build_eval_dataset, build_train_dataset
+    from ctxzip.trainers.script_args import CompressorScriptArguments, build_eval_dataset, build_train_dataset
 
     _, tokenizer = tiny()
     args = CompressorScriptArguments(train_tasks=["reconstruction", "continuation"], train_samples_per_task=2,

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
-from compressors import (
+from ctxzip.compressors import (
     BaseModelMismatchError,
     CompressedLM,
     CorruptArtifactError,
@@ -224,8 +224,8 @@ def test_embedded_base_is_named_by_its_public_id_and_loads_offline(tmp_path) -> 
     """The artifact of an embedded-model compressor names the base HuggingFaceTB/SmolLM2-135M-Instruct (card,
     compressor_config, adapter_config: what AutoPeftModelForCausalLM resolves), and ctxzip loads that id from the
     embedded copy without the Hub (HF_ENDPOINT is the test LocalHub, which does not hold it)."""
-    from compressors import load_base
-    from compressors.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL, local_model_name, public_model_id
+    from ctxzip.compressors import load_base
+    from ctxzip.compressors.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL, local_model_name, public_model_id
 
     assert public_model_id(EMBEDDED_MODEL) == EMBEDDED_HUB_ID and public_model_id("a/b") == "a/b"
     assert local_model_name(EMBEDDED_HUB_ID) == EMBEDDED_MODEL == local_model_name(EMBEDDED_HUB_ID.lower())
@@ -369,7 +369,7 @@ def test_push_to_hub_then_from_pretrained_round_trips(local_hub, saved) -> None:
 
 
 def test_push_uploads_only_artifact_files(local_hub, tmp_path, saved) -> None:
-    from compressors.hub import push_folder
+    from ctxzip.compressors.hub import push_folder
 
     folder = Path(shutil.copytree(saved[0], tmp_path / "output_dir"))
     (folder / "checkpoint-1").mkdir()
@@ -380,7 +380,7 @@ def test_push_uploads_only_artifact_files(local_hub, tmp_path, saved) -> None:
 
 
 def test_unknown_repo_is_a_clear_error(local_hub) -> None:
-    from compressors import CtxzipError
+    from ctxzip.compressors import CtxzipError
 
     with pytest.raises(CtxzipError, match="neither a local folder nor a Hub repo"):
         CompressedLM.from_pretrained("test-user/never-pushed")
@@ -391,7 +391,7 @@ def test_the_conversation_is_what_the_chat_template_tokenizes(tiny, context: str
     """Ratio 1's reference is the tokenizer's own chat template over the user turn context + separator + prompt.
     (The context is tokenized on its own, since a memory is made before any prompt exists: where its last
     characters would merge with the separator into one token, e.g. trailing whitespace, the two differ there.)"""
-    from compressors.conversation import SEPARATOR, ConversationLayout
+    from ctxzip.compressors.conversation import SEPARATOR, ConversationLayout
 
     _, tokenizer = tiny()
     layout = ConversationLayout(tokenizer)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from compressors.conversation import ConversationLayout
-from compressors.wrapper import left_pad, right_pad
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.wrapper import left_pad, right_pad
 
 from .objectives import OBJECTIVES, build_target, memory_context, objective_of
 

@@ -260,7 +260,7 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
 
     def probe_length(self) -> float:
         """Mean length (tokens) of the policy's greedy compressions of the probe prompts."""
-        from compressors.color import generate_completions
+        from ctxzip.compressors.color import generate_completions
 
         model = self.accelerator.unwrap_model(self.model)
         max_new = getattr(self.args, "length_probe_max_new_tokens", 48)

@@ -19,11 +19,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl import ModelConfig
 
-from compressors import ColorCompressor, ColorConfig
-from compressors.color import prompt_parts
-from compressors.conversation import ConversationLayout
-from compressors.errors import ContextTooLongError, CtxzipError
-from data.retrieval import (
+from ctxzip.compressors import ColorCompressor, ColorConfig
+from ctxzip.compressors.color import prompt_parts
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.errors import ContextTooLongError, CtxzipError
+from ctxzip.data.retrieval import (
     PairRules,
     RetrievalCorpus,
     Variant,

@@ -16,7 +16,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from data import build_task
+from ctxzip.data import build_task
 
 from .distributed import means_over_processes
 from .memory_trainer import MemoryCompressorTrainer

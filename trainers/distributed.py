@@ -10,7 +10,7 @@ from accelerate import Accelerator, PartialState
 from torch import nn
 from transformers import TrainingArguments
 
-from compressors.models import whole_parameters
+from ctxzip.compressors.models import whole_parameters
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import deepspeed_config, unset_hf_deepspeed_config
 
-from compressors import Compressor, CompressorConfig, load_base, save_compressor
-from compressors.hub import load_exact, push_folder
+from ctxzip.compressors import Compressor, CompressorConfig, load_base, save_compressor
+from ctxzip.compressors.hub import load_exact, push_folder
 
 from .memory_trainer import last_complete_checkpoint
 
@@ -115,7 +115,7 @@ def check_export_reloads(final: Compressor, tokenizer: PreTrainedTokenizerBase, 
                          prompt: str = "Summarise the text in one sentence.", max_new_tokens: int = 12) -> str:
     """The exported ``folder`` must reload and generate exactly what the trained compressor generates
     (greedy, from a memory of ``context``); returns that generation, raises ``RuntimeError`` otherwise."""
-    from compressors import CompressedLM
+    from ctxzip.compressors import CompressedLM
 
     before = CompressedLM(final, tokenizer)
     expected = before.generate(prompt, memory=before.compress(context), max_new_tokens=max_new_tokens)

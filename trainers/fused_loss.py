@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressors.base import hidden_states_as_logits
+from ctxzip.compressors.base import hidden_states_as_logits
 
 BACKENDS = ("liger", "torch")
 

@@ -21,12 +21,12 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from compressors import CompressedLM, Compressor
-from compressors.conversation import ConversationLayout
-from compressors.incomes import InComeSConfig
-from compressors.wrapper import left_pad, right_pad
-from data.edits import edit_records
-from eval.edits import evaluate_edits, markdown_table
+from ctxzip.compressors import CompressedLM, Compressor
+from ctxzip.compressors.conversation import ConversationLayout
+from ctxzip.compressors.incomes import InComeSConfig
+from ctxzip.compressors.wrapper import left_pad, right_pad
+from ctxzip.data.edits import edit_records
+from ctxzip.eval.edits import evaluate_edits, markdown_table
 
 from .memory_recipe import RecipeData
 from .objectives import OBJECTIVES, build_target

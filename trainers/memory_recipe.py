@@ -14,9 +14,9 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from compressors import Compressor, CompressorConfig
-from compressors.hub import init_from_export
-from eval.compare import compare_with_baselines, print_table
+from ctxzip.compressors import Compressor, CompressorConfig
+from ctxzip.compressors.hub import init_from_export
+from ctxzip.eval.compare import compare_with_baselines, print_table
 
 from .collator import MemoryCollator
 from .export import (

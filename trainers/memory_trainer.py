@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from compressors.hub import load_exact
-from compressors.io import atomic_path
+from ctxzip.compressors.hub import load_exact
+from ctxzip.compressors.io import atomic_path
 
 from .compat import TrainedTensorsResume
 from .distributed import means_over_processes, trainable_state

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from compressors.conversation import SEPARATOR, ConversationLayout, continuation_text
+from ctxzip.compressors.conversation import SEPARATOR, ConversationLayout, continuation_text
 
 OBJECTIVES = ("autoencoding", "continuation", "sft", "reconstruction", "instruction_reconstruction")
 AUTOENCODING_PROMPT = "Repeat the text."

@@ -18,8 +18,8 @@ import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 from trl import ModelConfig, get_quantization_config
 
-from compressors.models import EMBEDDED_MODEL, load_base, local_model_name
-from data import build_task
+from ctxzip.compressors.models import EMBEDDED_MODEL, load_base, local_model_name
+from ctxzip.data import build_task
 
 from .objectives import INSTRUCTION_RECONSTRUCTION_TASK, objective_of
 

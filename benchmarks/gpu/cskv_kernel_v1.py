@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compressors.cskv.quant import LatentStore
+from ctxzip.compressors.cskv.quant import LatentStore
 
 _NEG_INF = float("-inf")
 

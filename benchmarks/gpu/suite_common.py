@@ -30,10 +30,17 @@ WHEELS = CACHE / "wheels"
 
 # ----- bootstrap ------------------------------------------------------------------------------------
 def add_paths() -> None:
-    """The repository root (the code is not pip-installed on the GPU machine) and this folder."""
+    """The repository root (the code is not pip-installed on the GPU machine) and this folder.
+
+    Installed, ``ctxzip.compressors`` etc. are mapped onto the repository's top-level folders (pyproject's
+    package-dir); from a bare checkout the same mapping is ``ctxzip``'s package path extended with the root."""
     for path in (str(HERE), str(ROOT)):
         if path not in sys.path:
             sys.path.insert(0, path)
+    import ctxzip
+
+    if str(ROOT) not in ctxzip.__path__:
+        ctxzip.__path__.append(str(ROOT))
 
 
 def _wheel_top_levels(wheel: zipfile.ZipFile) -> list[str]:

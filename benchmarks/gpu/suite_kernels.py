@@ -25,10 +25,10 @@ import torch
 import yaml
 from suite_common import ROOT, Clock, Results, bench
 
-from compressors.cskv.config import rank_for
-from compressors.cskv.quant import LatentStore, store
-from compressors.cskv.reference import decode_attention_reference
-from compressors.cskv.testing import KERNEL_CASES, kernel_inputs
+from ctxzip.compressors.cskv.config import rank_for
+from ctxzip.compressors.cskv.quant import LatentStore, store
+from ctxzip.compressors.cskv.reference import decode_attention_reference
+from ctxzip.compressors.cskv.testing import KERNEL_CASES, kernel_inputs
 
 # Pass: max |kernel - reference| <= TOLERANCE * max |reference|. The kernel rounds q, the reconstructed
 # keys / values and the probabilities to the dtype before each dot product (fp32 accumulation), so its
@@ -119,7 +119,7 @@ def _smollm2_case(dtype: torch.dtype, bits: int | None, length: int, window: int
 
 
 def section_correctness(record: dict[str, Any], results: Results, clock: Clock, device: str, smoke: bool) -> None:
-    from compressors.cskv.kernel import decode_attention_triton
+    from ctxzip.compressors.cskv.kernel import decode_attention_triton
 
     rows: list[dict[str, Any]] = []
     record["rows"] = rows
@@ -256,7 +256,7 @@ def section_speed(record: dict[str, Any], results: Results, clock: Clock, device
     then sweep the kernel's knobs at ``SWEEP_POINTS`` until ``deadline_s``."""
     from cskv_kernel_v1 import decode_attention_triton as kernel_v1
 
-    from compressors.cskv.kernel import decode_attention_triton
+    from ctxzip.compressors.cskv.kernel import decode_attention_triton
 
     cuda = device == "cuda"
     cskv = cskv_gpu_shape()
@@ -371,7 +371,7 @@ def _sweep(record: dict[str, Any], rows: list[dict[str, Any]], results: Results,
 
 def _compiled_info() -> str:
     """Registers, spills and shared memory of the main kernel's latest compile ('' when unknown)."""
-    from compressors.cskv import kernel
+    from ctxzip.compressors.cskv import kernel
 
     compiled = kernel.LAST_COMPILED.get("main")
     try:

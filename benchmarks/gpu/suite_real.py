@@ -47,7 +47,7 @@ def weights_present(record: dict[str, Any], clock: Clock) -> bool:
 
 def convert(record: dict[str, Any]) -> None:
     """The embedded model's safetensors folder, converted from the GGUF by the library on first use."""
-    from compressors.models import embedded_model_dir
+    from ctxzip.compressors.models import embedded_model_dir
 
     started = time.monotonic()
     folder = embedded_model_dir()
@@ -102,8 +102,8 @@ def section_real(record: dict[str, Any], results: Results, clock: Clock, device:
     import yaml
     from transformers import TrainerCallback
 
+    import ctxzip.trainers.memory_recipe as body  # the recipe's body: where its trainer and comparison are looked up
     import recipes.gist as recipe
-    import trainers.memory_recipe as body  # the recipe's body: where its trainer and comparison are looked up
 
     config_path = ROOT / "recipes/configs/gist/gpu.yaml"
     cfg = yaml.safe_load(config_path.read_text())

@@ -104,7 +104,7 @@ def recipe_config(method: str) -> dict[str, Any]:
     """The compressor settings of ``recipes/configs/<method>/gpu.yaml`` (its config class's fields only)."""
     import dataclasses
 
-    from compressors import compressor_class
+    from ctxzip.compressors import compressor_class
 
     values = yaml.safe_load((ROOT / f"recipes/configs/{method}/gpu.yaml").read_text())
     fields = {f.name for f in dataclasses.fields(compressor_class(method).config_class)}
@@ -147,7 +147,7 @@ def _ids(gen: torch.Generator, length: int, vocab: int) -> torch.Tensor:
 
 
 def compressor_rows(count: int, context: int, target: int, vocab: int) -> RandomRows:
-    from trainers.objectives import OBJECTIVES
+    from ctxzip.trainers.objectives import OBJECTIVES
 
     gen = torch.Generator().manual_seed(0)
     sft = OBJECTIVES.index("sft")
@@ -186,7 +186,7 @@ class FusedCompressorLoss(nn.Module):
         return self.compressor.config
 
     def forward(self, **batch: Any) -> dict[str, Any]:
-        from trainers.fused_loss import compressor_lm_loss
+        from ctxzip.trainers.fused_loss import compressor_lm_loss
 
         return compressor_lm_loss(self.compressor, batch, fused=True, chunk_mem_const=self.chunk_mem_const)
 
@@ -204,7 +204,7 @@ class CausalLMLoss(nn.Module):
         return self.model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        from trainers.fused_loss import causal_lm_loss
+        from ctxzip.trainers.fused_loss import causal_lm_loss
 
         loss = causal_lm_loss(self.model, input_ids, attention_mask, labels, fused=True,
                               chunk_mem_const=self.chunk_mem_const)
@@ -277,9 +277,9 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
     """``(name, build, dataset, batch, tokens per step)`` of every variant."""
     from peft import LoraConfig, get_peft_model
 
-    from compressors.cskv import CSKVCompressor, CSKVConfig
-    from compressors.gist import GistCompressor, GistConfig
-    from trainers.memory_trainer import MemoryCompressorTrainer
+    from ctxzip.compressors.cskv import CSKVCompressor, CSKVConfig
+    from ctxzip.compressors.gist import GistCompressor, GistConfig
+    from ctxzip.trainers.memory_trainer import MemoryCompressorTrainer
 
     count = (sh.warmup + sh.timed) * max(sh.batch, sh.cskv_batch)
     comp_rows = compressor_rows(count, sh.context, sh.target, vocab)
@@ -310,7 +310,7 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
     def cskv() -> tuple[Any, Any, dict[str, Any], str]:
         compressor = CSKVCompressor(CSKVConfig(**sh.cskv), base())
         try:
-            from trainers.cskv_trainer import CSKVTrainer
+            from ctxzip.trainers.cskv_trainer import CSKVTrainer
 
             return compressor, CSKVTrainer, {}, "CSKVTrainer"
         except ImportError as exc:  # trainers.cskv_trainer imports `datasets` at module level
@@ -327,7 +327,7 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
 
     def memory_method(method: str) -> Any:
         def build() -> tuple[Any, Any, dict[str, Any], str]:
-            from compressors import compressor_class
+            from ctxzip.compressors import compressor_class
 
             cls = compressor_class(method)
             compressor = cls(cls.config_class(**sh.memory_methods[method]), base())

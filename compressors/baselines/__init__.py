@@ -11,7 +11,7 @@ from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM, StreamingLLMConfig
 from .truncation import Truncation, TruncationConfig
 
-#: Baselines ``python -m eval --compressor <name>`` accepts (each takes a ``ratio``).
+#: Baselines ``python -m ctxzip.eval --compressor <name>`` accepts (each takes a ``ratio``).
 BASELINES = ("truncation", "streaming_llm", "snapkv", "chunkkv", "pyramidkv", "qfilters", "selective_context",
              "ehpc")
 
