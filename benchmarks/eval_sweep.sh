@@ -6,7 +6,7 @@
 #   1. answers: passkey, multi-key NIAH, fact QA, and the continuation-perplexity row;
 #   2. shared context (SCBench-style): 4 questions about different facts of ONE 1k context, answered
 #      from one memory (multi-key NIAH, fact QA), accuracy by question, at 4x and 16x;
-#   3. learned: trained compressors ($LEARNED, comma-separated folders; default out/gist-smollm2) on the
+#   3. learned: trained compressors ($LEARNED, space-separated folders; default out/gist-smollm2) on the
 #      answers part's 1k samples, those of $LEARNED_2K also at 2k, and in the shared-context mode, merged
 #      with parts 1 and 2 into combined/;
 #   4. timing: N=10 prompts about one context timed end to end (compress once + answers, the prefix
@@ -19,43 +19,43 @@ cd "$(dirname "$0")/.."
 part="${1:-all}"
 [ $# -gt 0 ] && shift
 out=benchmarks/results/eval_sweep
-baselines=streaming_llm,snapkv,chunkkv,pyramidkv,selective_context,qfilters,ehpc
+baselines=(streaming_llm snapkv chunkkv pyramidkv selective_context qfilters ehpc)
 # fp32: on a CPU without avx512_bf16 (this one) bf16 matmuls are 6x slower than fp32 (a 1k prefill: 49 s vs
 # 8 s on one thread); pass --dtype bfloat16 where the CPU has it. 12 new tokens hold every answer (a 7-digit
 # key, a word) and its end of turn.
 common=(--base-model smollm2-135m-instruct --dtype float32 --scoring generate --max-new-tokens 12
         --ratios 2,4,8,16)
 if [ "$part" = answers ] || [ "$part" = all ]; then
-  python -m ctxzip.eval --compressor "$baselines" "${common[@]}" --tasks passkey,niah_multikey,fact_qa,continuation \
-    --context-length 1024,2048 --num-samples 10 --timing-samples 0 --output-dir "$out/answers" "$@"
+  python -m ctxzip.eval --compressor "${baselines[@]}" "${common[@]}" --tasks passkey niah_multikey fact_qa continuation \
+    --context-length 1024 2048 --num-samples 10 --timing-samples 0 --output-dir "$out/answers" "$@"
 fi
 if [ "$part" = shared ] || [ "$part" = all ]; then
-  python -m ctxzip.eval --compressor "$baselines" "${common[@]}" --tasks niah_multikey,fact_qa --num-questions 4 \
-    --context-length 1024 --ratios 4,16 --num-samples 5 --timing-samples 0 --output-dir "$out/shared" "$@"
+  python -m ctxzip.eval --compressor "${baselines[@]}" "${common[@]}" --tasks niah_multikey fact_qa --num-questions 4 \
+    --context-length 1024 --ratios 4 16 --num-samples 5 --timing-samples 0 --output-dir "$out/shared" "$@"
 fi
 if [ "$part" = learned ] || [ "$part" = all ]; then
   # trained compressors (folders from the recipes: bash scripts/quickstart.sh for the gist one) on the same
   # samples, then one table with the baselines (their references are the answers part's)
-  python -m ctxzip.eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
-    --tasks passkey,niah_multikey,fact_qa,continuation --context-length 1024 --num-samples 10 --timing-samples 0 \
+  python -m ctxzip.eval --compressor ${LEARNED:-out/gist-smollm2} "${common[@]}" --no-references \
+    --tasks passkey niah_multikey fact_qa continuation --context-length 1024 --num-samples 10 --timing-samples 0 \
     --output-dir "$out/learned" "$@"
   # at 2k, the compressors that take 2k-token contexts (the quickstart gist compressor's max_context_tokens is 2048
   # with the template's tokens: it refuses them), e.g. LEARNED_2K=out/cskv-smollm2
   if [ -n "${LEARNED_2K:-}" ]; then
-    python -m ctxzip.eval --compressor "$LEARNED_2K" "${common[@]}" --no-references \
-      --tasks passkey,niah_multikey,fact_qa,continuation --context-length 2048 --num-samples 10 --timing-samples 0 \
+    python -m ctxzip.eval --compressor $LEARNED_2K "${common[@]}" --no-references \
+      --tasks passkey niah_multikey fact_qa continuation --context-length 2048 --num-samples 10 --timing-samples 0 \
       --output-dir "$out/learned_2k" "$@"
   fi
   # and the shared-context mode: one memory of each context answers 4 questions
-  python -m ctxzip.eval --compressor "${LEARNED:-out/gist-smollm2}" "${common[@]}" --no-references \
-    --tasks niah_multikey,fact_qa --num-questions 4 --context-length 1024 --num-samples 5 --timing-samples 0 \
+  python -m ctxzip.eval --compressor ${LEARNED:-out/gist-smollm2} "${common[@]}" --no-references \
+    --tasks niah_multikey fact_qa --num-questions 4 --context-length 1024 --num-samples 5 --timing-samples 0 \
     --output-dir "$out/learned_shared" "$@"
   parts=("$out/answers" "$out/learned" "$out/shared" "$out/learned_shared")
   [ -d "$out/learned_2k" ] && parts+=("$out/learned_2k")
   python -m ctxzip.eval --compare "${parts[@]}" --output-dir "$out/combined"
 fi
 if [ "$part" = timing ] || [ "$part" = all ]; then
-  python -m ctxzip.eval --compressor "$baselines" "${common[@]}" --tasks passkey --context-length 1024,2048 \
+  python -m ctxzip.eval --compressor "${baselines[@]}" "${common[@]}" --tasks passkey --context-length 1024 2048 \
     --num-samples 1 --timing-samples 1 \
     --n-prompts 10 --output-dir "$out/timing" "$@"
 fi

@@ -28,7 +28,7 @@ for teacher in edit base; do
     rm -f "$out/train_$teacher.full.log"
   fi
   if [ "$part" = eval ] || [ "$part" = all ]; then
-    python -m ctxzip.eval --compressor "$trained,incomes" --tasks edits --pool-sizes 1,8,32,128 --num-samples 16 \
+    python -m ctxzip.eval --compressor "$trained" incomes --tasks edits --pool-sizes 1 8 32 128 --num-samples 16 \
       --max-new-tokens 16 --dtype float32 --output-dir "$out/edits_locality_teacher_$teacher" --no-progress "$@"
   fi
 done

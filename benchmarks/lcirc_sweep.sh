@@ -24,18 +24,18 @@ if [ "$part" = train ] || [ "$part" = all ]; then
   python recipes/lcirc.py --config recipes/configs/lcirc/quickstart_qd.yaml
 fi
 if [ "$part" = continuation ] || [ "$part" = all ]; then
-  python -m ctxzip.eval --compressor out/lcirc-smollm2,snapkv "${common[@]}" --tasks continuation \
-    --context-length 512,2048 --ratios 4,80 --num-samples 12 --output-dir "$out/continuation" "$@"
+  python -m ctxzip.eval --compressor out/lcirc-smollm2 snapkv "${common[@]}" --tasks continuation \
+    --context-length 512 2048 --ratios 4 80 --num-samples 12 --output-dir "$out/continuation" "$@"
   # 16k tokens, beyond SmolLM2's positions: LCIRC, truncation and no context (the full context cannot run)
   python -m ctxzip.eval --compressor out/lcirc-smollm2 "${common[@]}" --tasks continuation --context-length 16384 \
-    --ratios 4,80 --num-samples 6 --output-dir "$out/continuation_L16384" "$@"
+    --ratios 4 80 --num-samples 6 --output-dir "$out/continuation_L16384" "$@"
 fi
 if [ "$part" = retrieval ] || [ "$part" = all ]; then
-  python -m ctxzip.eval --compressor out/lcirc-smollm2,out/qd-lcirc-smollm2,snapkv "${common[@]}" --scoring generate \
-    --tasks niah_multikey,fact_qa --context-length 2048 --ratios 4,80 --num-samples 8 \
+  python -m ctxzip.eval --compressor out/lcirc-smollm2 out/qd-lcirc-smollm2 snapkv "${common[@]}" --scoring generate \
+    --tasks niah_multikey fact_qa --context-length 2048 --ratios 4 80 --num-samples 8 \
     --output-dir "$out/retrieval_L2048" "$@"
   # fewer samples at 16k: on 2 CPU cores every method reads 16k tokens per sample
-  python -m ctxzip.eval --compressor out/lcirc-smollm2,out/qd-lcirc-smollm2 "${common[@]}" --scoring generate \
-    --tasks niah_multikey,fact_qa --context-length 16384 --ratios 4,80 --num-samples 4 \
+  python -m ctxzip.eval --compressor out/lcirc-smollm2 out/qd-lcirc-smollm2 "${common[@]}" --scoring generate \
+    --tasks niah_multikey fact_qa --context-length 16384 --ratios 4 80 --num-samples 4 \
     --output-dir "$out/retrieval_L16384" "$@"
 fi

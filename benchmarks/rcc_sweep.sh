@@ -27,22 +27,22 @@ if [ "$part" = train ] || [ "$part" = all ]; then
 fi
 if [ "$part" = reconstruction ] || [ "$part" = all ]; then
   # achieved ratios at 256 tokens + the 24-token template prefix: c=4 3.18, c=8 5.0, c=32 8.75
-  python -m ctxzip.eval --compressor out/rcc-smollm2-c4,out/rcc-smollm2,out/rcc-smollm2-c32,truncation,snapkv \
-    "${common[@]}" --tasks reconstruction --context-length 256 --ratios 3.18,5,8.75 --num-samples 12 \
+  python -m ctxzip.eval --compressor out/rcc-smollm2-c4 out/rcc-smollm2 out/rcc-smollm2-c32 truncation snapkv \
+    "${common[@]}" --tasks reconstruction --context-length 256 --ratios 3.18 5 8.75 --num-samples 12 \
     --output-dir "$out/reconstruction" "$@"
 fi
 if [ "$part" = passkey ] || [ "$part" = all ]; then
   # fewer samples at the longer lengths: on 2 CPU cores a 32k-token sample takes minutes per method
   for run in 2048:8 8192:6 32768:3; do
     length=${run%%:*}
-    python -m ctxzip.eval --compressor out/rcc-smollm2,out/rcc-smollm2-c32,truncation,snapkv "${common[@]}" \
-      --tasks passkey --context-length "$length" --ratios 8,32 --num-samples "${run##*:}" \
+    python -m ctxzip.eval --compressor out/rcc-smollm2 out/rcc-smollm2-c32 truncation snapkv "${common[@]}" \
+      --tasks passkey --context-length "$length" --ratios 8 32 --num-samples "${run##*:}" \
       --output-dir "$out/passkey_L$length" "$@"
   done
   # 8192 tokens + the prompt do not fit SmolLM2's 8192 positions, so at 8192 only RCC and truncation run: the full
   # context and SnapKV are measured at 8000 tokens (the longest that fits with the prompt's margin)
   python -m ctxzip.eval --compressor snapkv --base-model smollm2-135m-instruct "${common[@]}" --tasks passkey \
-    --context-length 8000 --ratios 8,32 --num-samples 6 --output-dir "$out/passkey_L8000" "$@"
+    --context-length 8000 --ratios 8 32 --num-samples 6 --output-dir "$out/passkey_L8000" "$@"
   # the same memory as RCC exactly: truncation / SnapKV at RCC's achieved ratios at each length
   for run in 2048:8:truncation,snapkv:7.4,23.55 8192:6:truncation:7.8,29.3 8000:6:snapkv:7.8,29.3 \
              32768:3:truncation:8.0,31.3; do

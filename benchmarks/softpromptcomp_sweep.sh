@@ -25,17 +25,17 @@ if [ "$part" = train ] || [ "$part" = all ]; then
   python recipes/softpromptcomp.py --config "$config" --sources soft --output_dir "$base-soft"
 fi
 if [ "$part" = eval ] || [ "$part" = all ]; then
-  methods="$base,$base-unweighted,$base-summary,$base-soft,snapkv"
-  common=(--dtype float32 --scoring generate --timing-samples 0 --max-new-tokens 12 --tasks fact_qa,niah_multikey)
-  python -m ctxzip.eval --compressor "$methods" "${common[@]}" --context-length 512 --ratios 8 --num-samples 8 \
+  methods=("$base" "$base-unweighted" "$base-summary" "$base-soft" snapkv)
+  common=(--dtype float32 --scoring generate --timing-samples 0 --max-new-tokens 12 --tasks fact_qa niah_multikey)
+  python -m ctxzip.eval --compressor "${methods[@]}" "${common[@]}" --context-length 512 --ratios 8 --num-samples 8 \
     --output-dir "$out/L512" "$@"
-  python -m ctxzip.eval --compressor "$methods" "${common[@]}" --context-length 2048 --ratios 32 --num-samples 8 \
+  python -m ctxzip.eval --compressor "${methods[@]}" "${common[@]}" --context-length 2048 --ratios 32 --num-samples 8 \
     --output-dir "$out/L2048" "$@"
   # the training-free methods at each ablation's achieved ratio (both 8.4 / 32.4, summary only 9.6 / 37,
   # soft only 16.8 / 64.8), Selective Context (text, like the summary) beside truncation and SnapKV
-  baselines=(--compressor truncation,snapkv,selective_context --base-model smollm2-135m-instruct)
-  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 512 --ratios 8.4,9.6,16.8 --num-samples 8 \
+  baselines=(--compressor truncation snapkv selective_context --base-model smollm2-135m-instruct)
+  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 512 --ratios 8.4 9.6 16.8 --num-samples 8 \
     --output-dir "$out/L512_matched" "$@"
-  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 2048 --ratios 32.4,37,64.8 --num-samples 8 \
+  python -m ctxzip.eval "${baselines[@]}" "${common[@]}" --context-length 2048 --ratios 32.4 37 64.8 --num-samples 8 \
     --output-dir "$out/L2048_matched" "$@"
 fi

@@ -30,6 +30,19 @@ def register_compressor(cls: type[Compressor]) -> type[Compressor]:
     return cls
 
 
+#: Evaluation tasks a method package brings beyond the shared synthetic tasks and benchmarks (task name ->
+#: module path, imported only by ``python -m ctxzip.eval``). The module defines ``Arguments``, a dataclass of the
+#: task's own flags (they join ``EvalConfig``'s in the CLI and its ``--help``), and ``run(config, arguments)``,
+#: which evaluates ``config.compressors`` on the task, writes ``report.md`` into ``config.output_dir`` and
+#: returns the report's path.
+EVAL_TASKS: dict[str, str] = {}
+
+
+def register_eval_task(name: str, module: str) -> None:
+    """Make ``python -m ctxzip.eval --tasks <name>`` run the evaluation defined in ``module`` (see ``EVAL_TASKS``)."""
+    EVAL_TASKS[name] = module
+
+
 def compressor_class(compressor_type: str) -> type[Compressor]:
     if compressor_type not in COMPRESSORS:
         raise UnknownCompressorError(

@@ -27,7 +27,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ from ctxzip.compressors import (
     load_base,
     load_compressor,
 )
+from ctxzip.compressors.base import EVAL_TASKS
 from ctxzip.compressors.baselines import BASELINES, FullContext, FullContextConfig
 from ctxzip.compressors.baselines.selection import ContextPrefill, prefill_context
 from ctxzip.compressors.conversation import ConversationLayout
@@ -68,30 +69,58 @@ PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the
 
 @dataclass
 class EvalConfig:
-    compressors: list[str]
-    base_model: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_multikey", "fact_qa"])
-    context_lengths: list[int] = field(default_factory=lambda: [2048])
-    ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
-    num_samples: int = 50
-    output_dir: str = "results/eval"
-    scoring: str = "generate"  # the headline accuracy; "loglik" is the fast teacher-forced proxy
-    seed: int = 0
-    split: str = "test"
-    max_new_tokens: int = 16
-    timing_samples: int = 1
-    decode_steps: int = 8
-    n_prompts: int = 10
-    references: bool = True
-    dtype: str = "float32"
-    num_questions: int = 1  # > 1: the shared-context mode (SCBench): k questions about one memory
-    multi_turn: bool = False  # shared-context mode: each question is a turn after the earlier answers
+    """What ``python -m ctxzip.eval`` evaluates and how: every field is a command-line flag (``--num_samples``
+    or ``--num-samples``) and a key of a YAML file given with ``--config`` (the flags override it; an unknown
+    key is an error). A finished run writes its own ``config.yaml``, which ``--config`` takes back."""
+
+    compressors: list[str] = field(default_factory=list, metadata={"aliases": ["--compressor"], "help": (
+        "the methods to evaluate: training-free baseline names (snapkv, truncation, ...), saved compressor "
+        "folders, Hub repo ids, or a registered learned type built untrained; several share the full-context, "
+        "no-context and truncation references")})
+    compare: list[str] | None = field(default=None, metadata={"help": (
+        "instead of evaluating: merge the metrics of these finished run folders into one report (in --output_dir)")})
+    base_model: str | None = field(default=None, metadata={"help": (
+        "the base model (Hub id, folder or embedded name); default: the one the first saved compressor names")})
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_multikey", "fact_qa"], metadata={"help": (
+        "synthetic tasks (ctxzip.data.TASKS), a method's own evaluation task (see the registered ones in the "
+        "error message of an unknown task), or benchmarks read through datasets: longbench:SOURCE[:SUBSET], "
+        "ruler:FILE.jsonl, scbench:SOURCE[:SUBSET]")})
+    context_lengths: list[int] = field(default_factory=lambda: [2048], metadata={
+        "aliases": ["--context_length", "--context-length"],
+        "help": "context lengths in tokens (a benchmark keeps its own rows' lengths)"})
+    ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0], metadata={"help": (
+        "compression ratios requested from the training-free methods (a learned compressor's ratio is its own)")})
+    num_samples: int = field(default=50, metadata={"help": "samples per task and context length"})
+    output_dir: str | None = field(default=None, metadata={"help": (
+        "where the results go (default results/<first compressor's name>); a rerun resumes there")})
+    scoring: Literal["generate", "loglik"] = field(default="generate", metadata={"help": (
+        "generate: greedy replies scored against the answer (the headline, what a user sees); loglik: the "
+        "teacher-forced answer likelihood (a fast proxy)")})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic samples"})
+    split: Literal["train", "test"] = field(default="test", metadata={"help": (
+        "the synthetic tasks' split: test draws held-out filler text and its own random stream")})
+    max_new_tokens: int = field(default=16, metadata={"help": "longest generated reply"})
+    timing_samples: int = field(default=1, metadata={"help": (
+        "samples per configuration whose decoding and many-prompt answering are timed")})
+    decode_steps: int = field(default=8, metadata={"help": "decode steps timed per timing sample"})
+    n_prompts: int = field(default=10, metadata={"help": (
+        "N of the compress-once, answer-N-prompts timing (beside the reused full cache and re-reading)")})
+    references: bool = field(default=True, metadata={"help": (
+        "also run the full context (the ceiling), no context (the floor) and truncation; --no_references skips them")})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the base model (float32, bfloat16, float16)"})
+    num_questions: int = field(default=1, metadata={"help": (
+        "shared-context mode (SCBench): ask this many questions about each context, all from ONE memory "
+        "(niah_multikey, fact_qa); the report gives accuracy by question")})
+    multi_turn: bool = field(default=False, metadata={"help": (
+        "shared-context mode: each question is a turn after the model's own earlier answers")})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress hides it)"})
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS and not is_benchmark(t)]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}, or a benchmark "
-                             "(longbench:SOURCE[:SUBSET], ruler:FILE, scbench:SOURCE[:SUBSET])")
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(sorted(TASKS))}; a method's own "
+                             f"evaluation, run alone: {', '.join(sorted(EVAL_TASKS)) or 'none registered'}; or a "
+                             "benchmark (longbench:SOURCE[:SUBSET], ruler:FILE, scbench:SOURCE[:SUBSET])")
         bad = [r for r in self.ratios if not r >= 1]
         if bad:
             raise ValueError(f"compression ratios must be >= 1, got {bad}")
@@ -105,6 +134,8 @@ class EvalConfig:
         if self.multi_turn and (self.num_questions < 2 or self.scoring != "generate"):
             raise ValueError("--multi-turn needs --num-questions >= 2 and --scoring generate (each turn follows "
                              "the model's own earlier answers)")
+        if not self.compressors:
+            raise ValueError("give at least one --compressor")
         if self.num_samples < 1 or any(n < 1 for n in self.context_lengths):
             raise ValueError("num_samples and context lengths must be >= 1")
         for name in self.compressors:
@@ -112,18 +143,31 @@ class EvalConfig:
 
 
 def kind_of_method(name: str) -> str:
-    """``baseline`` (a registered training-free name), ``saved`` (a folder) or ``hub`` (a repo id)."""
+    """``baseline`` (a registered training-free name), ``untrained`` (a registered learned type, built fresh on
+    the base model: the floor a trained one is read against), ``saved`` (a folder) or ``hub`` (a repo id)."""
     if name in BASELINES or name in ("full_context", NO_CONTEXT):
         return "baseline"
+    if name in COMPRESSORS:
+        return "untrained"
     if Path(name).is_dir():
         return "saved"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
         return "hub"
     known = sorted(set(BASELINES) | {"full_context", NO_CONTEXT})
-    hint = " (it is a learned type: pass a saved folder or Hub id)" if name in COMPRESSORS else ""
+    learned = sorted(set(COMPRESSORS) - set(BASELINES))
     raise UnknownCompressorError(
-        f"unknown compressor {name!r}{hint}: not a baseline ({', '.join(known)}), "
-        "not a saved compressor folder, not a Hub repo id")
+        f"unknown compressor {name!r}: not a baseline ({', '.join(known)}), not a learned type "
+        f"({', '.join(learned)}), not a saved compressor folder, not a Hub repo id")
+
+
+def load_learned(name: str, base_model: str | None, dtype: str) -> Compressor:
+    """A learned method on its own copy of the base model: a saved folder or Hub id, or a registered type
+    built untrained on ``base_model``."""
+    if kind_of_method(name) == "untrained":
+        if base_model is None:
+            raise ValueError(f"--base_model is required to build an untrained {name!r} compressor")
+        return CompressedLM.from_base(name, base_model=base_model, dtype=dtype).compressor
+    return load_compressor(name, base_model=base_model, dtype=dtype)[0]
 
 
 PER_QUESTION = " (a memory per question)"
@@ -138,8 +182,11 @@ def label_for(name: str) -> str:
         return name
     from ctxzip.compressors.hub import read_metadata, resolve_folder
 
-    label = Path(name).name if kind == "saved" else name
-    compressor_type = read_metadata(resolve_folder(name, None))["compressor_type"]
+    if kind == "untrained":
+        label, compressor_type = f"{name} (untrained)", name
+    else:
+        label = Path(name).name if kind == "saved" else name
+        compressor_type = read_metadata(resolve_folder(name, None))["compressor_type"]
     return label + PER_QUESTION if compressor_class(compressor_type).memory_per_query else label
 
 
@@ -174,7 +221,7 @@ class Method:
         if kind_of_method(name) != "baseline":
             # its own copy of the base model: a LoRA adapter injected into the shared model would
             # otherwise also change what the baselines read
-            self.learned, _ = load_compressor(name, base_model=base, dtype=dtype)
+            self.learned = load_learned(name, base, dtype)
         elif name not in ("full_context", NO_CONTEXT):
             # calibrated baselines (Q-Filters, EHPC) compute or load their artifact here, once,
             # so that it is not counted in the first sample's compression time
@@ -289,9 +336,9 @@ def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
 def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
     base = cfg.base_model
     if base is None:
-        learned = [c for c in cfg.compressors if kind_of_method(c) != "baseline"]
+        learned = [c for c in cfg.compressors if kind_of_method(c) in ("saved", "hub")]
         if not learned:
-            raise ValueError("--base-model is required when only baselines are evaluated")
+            raise ValueError("--base_model is required unless a saved compressor (which names its base) is evaluated")
         from ctxzip.compressors.hub import read_metadata, resolve_folder
 
         base = read_metadata(resolve_folder(learned[0], None))["base_model"]
@@ -299,7 +346,7 @@ def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, base
 
 
-def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
+def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Evaluate every pending configuration, then write ``metrics.json``, ``predictions.jsonl``,
     ``config.yaml``, ``report.md`` and the plots. Returns the summaries of all configurations."""
     from tqdm.auto import tqdm
@@ -325,7 +372,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
                 if pending:
                     plan.append((task, length, method, pending))
     total = sum(len(ratios) for _, _, _, ratios in plan) * cfg.num_samples
-    bar = tqdm(total=total, desc="eval", unit="answer", disable=not progress)
+    bar = tqdm(total=total, desc="eval", unit="answer", disable=not cfg.progress)
     by_task: dict[tuple[str, int], list[tuple[Method, list[float]]]] = {}
     for task, length, method, ratios in plan:
         by_task.setdefault((task, length), []).append((method, ratios))

@@ -326,7 +326,7 @@ def test_eval_cli_runs_the_calibrated_baselines_and_a_saved_gist_folder(tiny, tm
     gist = GistCompressor(GistConfig(tokens_per_gist=4, segment_length=32, lora_r=4), model).eval()
     folder = save_compressor(gist, tmp_path / "gist_tiny", tokenizer)
     out = tmp_path / "run"
-    args = ["--compressor", f"qfilters,ehpc,{folder}", "--tasks", "passkey", "--ratios", "2,4",
+    args = ["--compressor", "qfilters", "ehpc", str(folder), "--tasks", "passkey", "--ratios", "2", "4",
             "--num-samples", "1", "--context-length", "64", "--output-dir", str(out), "--no-progress"]
     assert main(args) == 0  # no --base-model: it is read from the saved gist folder
     results = json.loads((out / "metrics.json").read_text())["results"]

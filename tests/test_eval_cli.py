@@ -29,7 +29,7 @@ def test_metrics_on_known_inputs():
 
 def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    args = ["--compressor", "snapkv,streaming_llm", "--tasks", "passkey", "--ratios", "2,4", "--output-dir", str(out)]
+    args = ["--compressor", "snapkv", "streaming_llm", "--tasks", "passkey", "--ratios", "2", "4", "--output-dir", str(out)]
     assert main(args + TINY) == 0
     for name in ("predictions.jsonl", "metrics.json", "config.yaml", "report.md", "accuracy_vs_ratio.png",
                  "latency_vs_context.png", "memory_vs_context.png"):
@@ -63,7 +63,7 @@ def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path, monkeypatc
     calls = []
     original = runner.score_row
     monkeypatch.setattr(runner, "score_row", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--ratios", "2,8", "--output-dir", str(out)]
+    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--ratios", "2", "8", "--output-dir", str(out)]
                 + TINY) == 0
     assert len(calls) == 4  # 2 samples x the 2 new configurations (snapkv, 8) and (truncation, 8)
     capsys.readouterr()
@@ -102,7 +102,7 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
 @pytest.mark.parametrize("args, message", [
     (["--compressor", "snapkv", "--tasks", "no_such_task"], "unknown task"),
     (["--compressor", "no_such_baseline"], "unknown compressor"),
-    (["--compressor", "snapkv", "--ratios", "0.5,2"], "ratios must be >= 1"),
+    (["--compressor", "snapkv", "--ratios", "0.5", "2"], "ratios must be >= 1"),
     (["--compressor", "snapkv", "--context-length", "5000", "--no-references"],
      "exceeds the base model's 4096 positions"),
 ])
@@ -112,9 +112,47 @@ def test_clear_errors(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_help_names_every_field_with_its_help(capsys):
+    from dataclasses import fields
+
+    from ctxzip.eval.runner import EvalConfig
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--help"])
+    assert exit_code.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (also after a hyphen)
+    for f in fields(EvalConfig):
+        assert f"--{f.name}" in text and "".join(f.metadata["help"].split()) in text, f.name
+
+
+def test_a_yaml_config_sets_defaults_flags_override_and_a_run_config_reruns(tmp_path, monkeypatch):
+    import ctxzip.eval.runner as runner
+
+    out = tmp_path / "run"
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"compressors: [streaming_llm]\ntasks: [passkey]\nratios: [4]\nbase_model: tiny-random-llama\n"
+                      f"num_samples: 5\ncontext_lengths: [96]\nn_prompts: 2\nprogress: false\noutput_dir: {out}\n")
+    assert main(["--config", str(config), "--num_samples", "1"]) == 0  # the flag overrides the file
+    written = (out / "config.yaml").read_text()
+    assert "num_samples: 1" in written and "streaming_llm" in written
+    monkeypatch.setattr(runner, "score_row", lambda *a, **k: pytest.fail("a finished configuration was rescored"))
+    assert main(["--config", str(out / "config.yaml")]) == 0  # the run's own config.yaml is a valid --config
+
+
+def test_unknown_yaml_keys_and_flags_are_refused(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("compressors: [snapkv]\nnum_sample: 3\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(config)])
+    assert "num_sample" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--compressor", "snapkv", "--num_sample", "3"])
+    assert "num_sample" in capsys.readouterr().err
+
+
 def test_beyond_the_base_window_only_the_methods_that_read_beyond_it_run(tmp_path, capsys):
     out = tmp_path / "long"
-    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--context-length", "256,5000", "--ratios", "4",
+    assert main(["--compressor", "snapkv", "--tasks", "passkey", "--context-length", "256", "5000", "--ratios", "4",
                  "--num-samples", "1", "--n-prompts", "2", "--base-model", "tiny-random-llama", "--output-dir", str(out),
                  "--no-progress"]) == 0
     assert "snapkv, full_context cannot run there" in capsys.readouterr().out.replace("full_context, snapkv",
