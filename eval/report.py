@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from ctxzip.compressors.baselines import BASELINES
-from ctxzip.compressors.io import write_json_atomic
+from ctxzip.compressors.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ctxzip.compressors.tables import Column, fmt, markdown_table, missing
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
@@ -251,12 +251,9 @@ def read_predictions(out: Path) -> list[dict[str, Any]]:
 
 def write_outputs(out: Path, summaries: list[dict[str, Any]], config: dict[str, Any]) -> None:
     write_json_atomic(out / "metrics.json", {"config": config, "results": summaries}, indent=1, default=float)
-    with open(out / "predictions.jsonl.tmp", "w") as f:
-        for row in read_predictions(out):
-            f.write(json.dumps(row, default=float) + "\n")
-    (out / "predictions.jsonl.tmp").replace(out / "predictions.jsonl")
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (out / "report.md").write_text(markdown(summaries, f"ctxzip evaluation: {out.name}", config))
+    write_jsonl_atomic(out / "predictions.jsonl", read_predictions(out), default=float)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(out / "report.md", markdown(summaries, f"ctxzip evaluation: {out.name}", config))
     plot(summaries, out)
 
 
@@ -282,6 +279,6 @@ def compare(dirs: list[str], output_dir: str | None = None) -> str:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "metrics.json", {"config": {"compare": dirs}, "results": merged}, indent=1,
                           default=float)
-        (out / "report.md").write_text(text)
+        write_text_atomic(out / "report.md", text)
         plot(merged, out)
     return text

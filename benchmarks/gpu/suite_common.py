@@ -163,9 +163,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from ctxzip.compressors.io import write_text_atomic  # after add_paths(); torch is imported by then
+
+    write_text_atomic(path, text)
 
 
 def run_section(results: Results, clock: Clock, name: str, fn: Callable[[dict[str, Any]], None],
