@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,3 +71,11 @@ def write_json_atomic(path: str | os.PathLike, payload: Any, indent: int | None 
                       **json_kwargs: Any) -> Path:
     """Serialize ``payload`` first (an unserializable payload never touches ``path``), then write it atomically."""
     return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys, **json_kwargs))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Any], **json_kwargs: Any) -> Path:
+    """Write ``records`` as JSON Lines (one ``json.dumps`` per line, each ending with a newline) atomically.
+
+    Every record is serialized first (an unserializable record never touches ``path``); returns the path.
+    """
+    return write_text_atomic(path, "".join(json.dumps(r, **json_kwargs) + "\n" for r in records))

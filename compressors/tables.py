@@ -1,7 +1,7 @@
 """The one markdown renderer of evaluation results: rows of dicts, columns that say how to show them.
 
-Every results table of the project (``eval.report``, ``eval.scoring``, ``eval.retrieval``,
-``eval.cskv_report``, the model card's evaluation) is a list of ``Column``s over result rows; a missing or NaN value shows as ``-``.
+Every results table of the project (``eval.report``, ``eval.scoring``, ``compressors.color.evaluation``,
+``compressors.cskv.evaluation``, the model card's evaluation) is a list of ``Column``s over result rows; a missing or NaN value shows as ``-``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
-from .retrieval import load_table
+from .sources import load_table
 from .tasks import FEATURES
 
 if TYPE_CHECKING:

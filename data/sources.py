@@ -4,6 +4,8 @@
 ``"pydoc"`` (the topic help that ships with CPython), a local ``.txt`` / ``.jsonl`` /
 ``.json`` file or a folder of them, or anything ``datasets.load_dataset`` accepts.
 `Haystack` concatenates such texts into filler of a requested number of tokens.
+`load_table` reads one split of a table (a local .jsonl / .json / .csv / .parquet file, a Hub
+dataset or a ``datasets.Dataset``) for loaders that need whole rows rather than texts.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["HELD_OUT_FRACTION", "Haystack", "count_tokens", "load_texts"]
+__all__ = ["HELD_OUT_FRACTION", "Haystack", "count_tokens", "load_table", "load_texts"]
 
 #: Hash threshold: the expected share of pydoc topics (and local texts) held out as "test".
 HELD_OUT_FRACTION = 0.15
@@ -85,6 +88,26 @@ def load_texts(
             f"({len(texts)} texts before filtering)"
         )
     return kept
+
+
+def load_table(source: str | datasets.Dataset, split: str, what: str, subset: str | None = None) -> datasets.Dataset:
+    """One split of a table: a ``Dataset`` as it is, a local .jsonl/.json/.csv/.parquet file (whole), or
+    anything ``datasets.load_dataset(source, subset, split=split)`` accepts (a Hub name, a folder).
+    ``what`` names the table in error messages."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{what} file {str(path)!r}: use .jsonl, .json, .csv or .parquet")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    table = datasets.load_dataset(str(source), subset, split=split)
+    if not isinstance(table, datasets.Dataset):
+        raise ValueError(f"{what} {source!r} did not give one split; pass a split name")
+    return table
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:

@@ -256,15 +256,15 @@ RETRIEVAL_QUESTION = "Query: {query}\nWhich passage answers the query? Reply wit
 
 def layout_passages(passages: Sequence[str]) -> str:
     """The corpus as the retrieval task shows it: one ``ID: i | CONTENT: ... | END ID: i`` line
-    per passage (CoLoR's layout); a passage compressor is evaluated on the same layout of its
-    compressed passages."""
+    per passage (a corpus given in context); a passage compressor is evaluated on the same layout of
+    its compressed passages."""
     return "\n".join(PASSAGE_LINE.format(id=i, passage=p) for i, p in enumerate(passages))
 
 
 @register_task("passage_retrieval")
 def passage_retrieval(rng: random.Random, spec: TaskSpec, *, passage_tokens: int = 64) -> Sample:
     """A corpus of real paragraphs, each holding one templated fact about a distinct person
-    (CoLoR-style retrieval); the question asks one fact and the answer is its passage's ID.
+    (retrieval from a corpus in context); the question asks one fact and the answer is its passage's ID.
     As many passages as fit in ``context_tokens``; the passages are in ``metadata['passages']``."""
     per_passage = passage_tokens + spec.count(PASSAGE_LINE.format(id=99, passage="")) + 1
     count = spec.context_tokens // per_passage

@@ -30,11 +30,12 @@ from typing import Any
 from transformers import set_seed
 from trl import TrlParser
 
-from ctxzip.compressors import ColorCompressor, ColorConfig
+from ctxzip.compressors.color import ColorCompressor, ColorConfig
+from ctxzip.compressors.color.evaluation import ReaderPool, compress_corpus, evaluate_compressions, report
+from ctxzip.compressors.color.pipeline import Writer, local_base_loader, prepare_data
+from ctxzip.compressors.color.script_args import ColorScriptArguments
+from ctxzip.compressors.color.trainer import ColorDPOConfig, ColorDPOTrainer
 from ctxzip.compressors.models import config_for, load_tokenizer
-from ctxzip.eval.color_report import ReaderPool, compress_corpus, evaluate_compressions, report
-from ctxzip.trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer, ColorScriptArguments
-from ctxzip.trainers.color_pipeline import Writer, local_base_loader, prepare_data
 from ctxzip.trainers.distributed import process_group_closed
 from ctxzip.trainers.export import rebuild_trained, save_and_push, train_resumable
 from ctxzip.trainers.script_args import (

@@ -71,3 +71,15 @@ def test_a_table_without_the_columns_is_refused(tmp_path, tok) -> None:
         load_longbench(path, tok)
     assert len(load_longbench(write_jsonl(tmp_path / "two.jsonl", [
         {"input": "q", "context": "c", "answers": ["a"], "_id": str(i)} for i in range(3)]), tok, limit=2)) == 2
+
+
+def test_load_table_reads_a_local_file_whole_and_passes_a_dataset_through(tmp_path) -> None:
+    """``data.sources.load_table``, the generic reader behind these loaders (and CoLoR's corpora)."""
+    from ctxzip.data.sources import load_table
+
+    table = load_table(write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}, {"a": 2}]), "test", "rows table")
+    assert table.column_names == ["a"] and table["a"] == [1, 2]  # a local file is read whole, whatever the split
+    assert load_table(table, "train", "rows table") is table
+    (tmp_path / "rows.txt").write_text("a\n1\n")
+    with pytest.raises(ValueError, match=r"rows table file .*rows\.txt.*use \.jsonl, \.json, \.csv or \.parquet"):
+        load_table(str(tmp_path / "rows.txt"), "train", "rows table")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ----- losses on hand-computed examples ---------------------------------------------------
 def test_length_scale_is_the_gap_times_coef_clamped_at_one() -> None:
-    from ctxzip.trainers.color_dpo import length_scale
+    from ctxzip.compressors.color.trainer import length_scale
 
     chosen = torch.tensor([10, 10, 30, 10])
     rejected = torch.tensor([50, 15, 10, 20])
@@ -27,7 +27,7 @@ def test_length_scale_is_the_gap_times_coef_clamped_at_one() -> None:
 
 
 def test_length_penalized_dpo_loss_sign_and_scale() -> None:
-    from ctxzip.trainers.color_dpo import length_penalized_dpo_loss
+    from ctxzip.compressors.color.trainer import length_penalized_dpo_loss
 
     # chosen gains 1 nat over the reference, rejected loses 1: margin 2; beta 0.1
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
@@ -45,7 +45,7 @@ def test_length_penalized_dpo_loss_sign_and_scale() -> None:
 
 
 def test_length_penalized_orpo_loss_on_known_odds() -> None:
-    from ctxzip.trainers.color_dpo import length_penalized_orpo_loss, log_odds_ratio
+    from ctxzip.compressors.color.trainer import length_penalized_orpo_loss, log_odds_ratio
 
     # p(y_w) = 1/2 (odds 1) and p(y_l) = 1/4 (odds 1/3): log odds ratio = log 3
     mean_w, mean_l = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
@@ -64,7 +64,7 @@ def test_length_penalized_orpo_loss_on_known_odds() -> None:
 
 
 def test_config_refuses_unknown_loss() -> None:
-    from ctxzip.trainers.color_dpo import ColorDPOConfig
+    from ctxzip.compressors.color.trainer import ColorDPOConfig
 
     with pytest.raises(ValueError, match="color_loss"):
         ColorDPOConfig(output_dir="/tmp/x", color_loss="simpo")
@@ -76,7 +76,7 @@ def cand(text: str, tokens: int, success: bool, variant: str = "v") -> dict:
 
 
 def test_pairs_shortest_success_vs_longest_failure() -> None:
-    from ctxzip.data.retrieval import make_pair
+    from ctxzip.compressors.color.data import make_pair
 
     cands = [cand("a", 30, True), cand("b", 12, True), cand("c", 40, False), cand("d", 5, False)]
     pair = make_pair(cands)
@@ -87,7 +87,7 @@ def test_pairs_shortest_success_vs_longest_failure() -> None:
 
 
 def test_pairs_when_all_succeed_or_all_fail() -> None:
-    from ctxzip.data.retrieval import PairRules, make_pair
+    from ctxzip.compressors.color.data import PairRules, make_pair
 
     wins = [cand("a", 30, True), cand("b", 12, True), cand("c", 20, True)]
     pair = make_pair(wins)
@@ -107,7 +107,7 @@ def test_pairs_when_all_succeed_or_all_fail() -> None:
 
 
 def test_variants_parse_and_refuse_nonsense() -> None:
-    from ctxzip.data.retrieval import parse_variants
+    from ctxzip.compressors.color.data import parse_variants
 
     v = parse_variants(["greedy", "words:0.25", "sample:0.8"])
     assert v[1].words_fraction == 0.25 and v[2].do_sample and v[2].temperature == 0.8
@@ -125,7 +125,7 @@ TOY_QUERIES = ["What kind of animal is the pet of Alice Moreno?", "In which city
 
 
 def test_dense_reader_retrieves_the_toy_corpus() -> None:
-    from ctxzip.eval.retrieval import DenseReader, retrieval_metrics
+    from ctxzip.compressors.color.evaluation import DenseReader, retrieval_metrics
 
     reader = DenseReader()
     rankings = reader.rank(TOY, TOY_QUERIES)
@@ -136,8 +136,8 @@ def test_dense_reader_retrieves_the_toy_corpus() -> None:
 
 
 def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:
+    from ctxzip.compressors.color.evaluation import LMReader
     from ctxzip.compressors.errors import ContextTooLongError
-    from ctxzip.eval.retrieval import LMReader
 
     model, tokenizer = tiny()
     reader = LMReader(model, tokenizer)
@@ -164,8 +164,8 @@ def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_t
 
 
 def test_lm_reader_and_dense_reader_share_the_labels_interface(tiny, one_thread, tmp_path) -> None:
-    from ctxzip.data.retrieval import RetrievalCorpus, Variant, label_candidates
-    from ctxzip.eval.retrieval import LMReader
+    from ctxzip.compressors.color.data import RetrievalCorpus, Variant, label_candidates
+    from ctxzip.compressors.color.evaluation import LMReader
 
     corpus = toy_corpus()
     candidates = [{"passage_id": p["passage_id"], "variant": "greedy", "text": p["passage"][:40], "ids": [1],
@@ -179,7 +179,7 @@ def test_lm_reader_and_dense_reader_share_the_labels_interface(tiny, one_thread,
 
 # ----- cached stages resume --------------------------------------------------------------
 def toy_corpus():
-    from ctxzip.data.retrieval import _windowed
+    from ctxzip.compressors.color.data import _windowed
 
     passages = [{"passage_id": f"p{i}", "passage": t} for i, t in enumerate(TOY)]
     queries = [{"query_id": f"q{i}", "query": q, "gold_id": f"p{i}"} for i, q in enumerate(TOY_QUERIES)]
@@ -191,7 +191,7 @@ class Boom(Exception):
 
 
 def test_candidates_stage_resumes_after_a_crash(tmp_path) -> None:
-    from ctxzip.data.retrieval import Variant, generate_candidates
+    from ctxzip.compressors.color.data import Variant, generate_candidates
 
     corpus, variants = toy_corpus(), [Variant("greedy"), Variant("sample:1", do_sample=True)]
     calls = []
@@ -219,7 +219,7 @@ def test_candidates_stage_resumes_after_a_crash(tmp_path) -> None:
 
 
 def test_labels_and_pairs_stages_resume(tmp_path) -> None:
-    from ctxzip.data.retrieval import Variant, label_candidates, make_pairs
+    from ctxzip.compressors.color.data import Variant, label_candidates, make_pairs
 
     corpus, variants = toy_corpus(), [Variant("a"), Variant("b")]
     candidates = [{"passage_id": p["passage_id"], "variant": v.name, "text": f"{v.name}:{p['passage']}",
@@ -268,8 +268,8 @@ def test_labels_and_pairs_stages_resume(tmp_path) -> None:
 
 
 def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> None:
+    from ctxzip.compressors.color.data import offline_corpus
     from ctxzip.compressors.models import load_tokenizer
-    from ctxzip.data.retrieval import offline_corpus
     from ctxzip.data.tasks import FIRST_NAMES, LAST_NAMES
 
     tokenizer = load_tokenizer("tiny-random-llama")
@@ -292,7 +292,7 @@ def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> 
 
 # ----- datasets and errors ---------------------------------------------------------------
 def test_hub_or_local_dataset_and_missing_columns(tmp_path) -> None:
-    from ctxzip.data.retrieval import load_corpus
+    from ctxzip.compressors.color.data import load_corpus
 
     good = tmp_path / "corpus.jsonl"
     good.write_text("".join(json.dumps({"passage_id": i, "passage": t, "query": q, "gold_id": i}) + "\n"
@@ -312,9 +312,9 @@ def test_hub_or_local_dataset_and_missing_columns(tmp_path) -> None:
 
 def test_passage_longer_than_the_context_is_refused(tiny, one_thread) -> None:
     from ctxzip.compressors import ColorCompressor, ColorConfig
+    from ctxzip.compressors.color.data import _windowed
+    from ctxzip.compressors.color.pipeline import check_passages
     from ctxzip.compressors.errors import ContextTooLongError
-    from ctxzip.data.retrieval import _windowed
-    from ctxzip.trainers.color_pipeline import check_passages
 
     model, tokenizer = tiny(max_position_embeddings=96)
     compressor = ColorCompressor(ColorConfig(max_new_tokens=8), model).use_tokenizer(tokenizer)
@@ -410,7 +410,7 @@ def test_trainer_dpo_step_starts_at_log2_and_trains_only_lora(tiny, one_thread, 
     import datasets
 
     from ctxzip.compressors import ColorConfig
-    from ctxzip.trainers.color_dpo import ColorDPOConfig, ColorDPOTrainer
+    from ctxzip.compressors.color.trainer import ColorDPOConfig, ColorDPOTrainer
 
     model, tokenizer = tiny()
     rows = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 2], "rejected_ids": [11, 12, 13, 14, 15, 2]},
@@ -437,7 +437,7 @@ def test_trainer_dpo_step_starts_at_log2_and_trains_only_lora(tiny, one_thread, 
 def test_cpu_only_machine_runs_the_trainer_on_cpu(tmp_path, monkeypatch) -> None:
     """Under DeepSpeed on a CPU-only machine, accelerate counts one process per rank unless the
     arguments say CPU; the config says so itself where no GPU exists."""
-    from ctxzip.trainers.color_dpo import ColorDPOConfig
+    from ctxzip.compressors.color.trainer import ColorDPOConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ColorDPOConfig(output_dir=str(tmp_path)).use_cpu is True

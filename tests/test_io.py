@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from ctxzip.compressors.io import atomic_path, atomic_write, write_json_atomic, write_text_atomic
+from ctxzip.compressors.io import (
+    atomic_path,
+    atomic_write,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 
 def _leftovers(folder: Path, keep: set[str]) -> set[str]:
@@ -43,6 +51,29 @@ def test_unserializable_json_never_touches_the_file(tmp_path) -> None:
         write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1} and _leftovers(tmp_path, {"meta.json"}) == set()
 
+
+def test_jsonl_lines_are_whole_and_unserializable_records_never_touch_the_file(tmp_path) -> None:
+    path = tmp_path / "part-00000.jsonl"
+    records = [{"a": 1, "ids": [1, 2]}, {"a": "x"}]
+    write_jsonl_atomic(path, records)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+    with pytest.raises(TypeError):
+        write_jsonl_atomic(path, [{"a": 2}, {"b": object()}])
+    assert path.read_text().count("\n") == 2 and _leftovers(tmp_path, {"part-00000.jsonl"}) == set()
+    write_jsonl_atomic(path, [])
+    assert path.read_text() == ""
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        write_jsonl_atomic(tmp_path / "b.jsonl", [{}])
+        for name in ("a.txt", "b.jsonl"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    finally:
+        os.umask(umask)
 
 def test_atomic_path_for_a_writer_that_takes_a_filename(tmp_path) -> None:
     import torch

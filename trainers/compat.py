@@ -8,8 +8,9 @@ with a message naming the library version when an installed version changes one 
   resumes from its own checkpoint) loads model weights. Compressor checkpoints hold only the trained
   tensors (``trainable.safetensors``, written through the public ``save_model``), a format the
   default loader refuses ("Can't find a valid checkpoint").
-- ``DPOTrainer._prepare_dataset``: TRL tokenizes every preference dataset from text; CoLoR's rows are
-  the token ids the policy generated, which re-tokenizing their decoded text does not give back.
+- ``DPOTrainer._prepare_dataset``: TRL tokenizes every preference dataset from text; pre-tokenized
+  preference rows (``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``, e.g. the exact token ids a policy
+  generated) must be used as they are, and re-tokenizing their decoded text does not give them back.
   TRL 1.16 skips this step only for vision datasets, with no option to skip it otherwise.
 
 Everything else (losses, saving, logging, DeepSpeed state) goes through public APIs.

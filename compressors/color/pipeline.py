@@ -1,10 +1,10 @@
 """CoLoR's data stages: corpora -> candidate compressions -> reader labels -> preference pairs.
 
-Each stage is cached under the run's cache folder and resumable (``data.retrieval``). ``prepare_data``
+Each stage is cached under the run's cache folder and resumable (``compressors.color.data``). ``prepare_data``
 runs them all on the main process first (the others then read the finished stages: a barrier bounded by
 ``ddp_timeout``). The untrained policy that writes the candidates (``Writer``) and the reader that labels
-them are built only when a stage has work to do. Readers come from the caller (the recipe passes an
-``eval.color_report.ReaderPool``): this module only needs ``readers.lazy(name)``.
+them are built only when a stage has work to do. Readers come from the caller (the recipe passes a
+``compressors.color.evaluation.ReaderPool``): this module only needs ``readers.lazy(name)``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl import ModelConfig
 
-from ctxzip.compressors import ColorCompressor, ColorConfig
-from ctxzip.compressors.color import prompt_parts
-from ctxzip.compressors.conversation import ConversationLayout
-from ctxzip.compressors.errors import ContextTooLongError, CtxzipError
-from ctxzip.data.retrieval import (
+from ctxzip.trainers.distributed import main_process_first
+from ctxzip.trainers.export import process_local_models
+from ctxzip.trainers.script_args import base_fingerprint, load_base_model
+
+from ..conversation import ConversationLayout
+from ..errors import ContextTooLongError, CtxzipError
+from .compressor import ColorCompressor, prompt_parts
+from .config import ColorConfig
+from .data import (
     PairRules,
     RetrievalCorpus,
     Variant,
@@ -35,11 +39,7 @@ from ctxzip.data.retrieval import (
     parse_variants,
     stage_fingerprint,
 )
-
-from .color_dpo import ColorScriptArguments
-from .distributed import main_process_first
-from .export import process_local_models
-from .script_args import base_fingerprint, load_base_model
+from .script_args import ColorScriptArguments
 
 WORDS_PROMPT = ("Rewrite the passage below in at most {words} words. Keep every name, number and fact in it.\n\n"
                 "Passage:\n{passage}")

@@ -17,7 +17,8 @@ renames (a killed run never leaves half a file), and resumes where it stopped:
    the longest failed one; the released CoLoR code's variants cover passages with no failure
    (shortest vs longest) and with no success (skipped, its "hard" setting, or shortest vs longest).
 
-This module imports neither ``compressors`` nor ``eval``: generators and readers are passed in.
+This module imports neither the compressor nor the readers (``evaluation``): generators and readers
+are passed in. Tables are read with the generic ``data.sources.load_table``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import datasets
 
-from .sources import Haystack, load_texts
-from .tasks import FACT_RELATIONS, FIRST_NAMES, LAST_NAMES, TaskSpec, _needles_in_filler
+from ctxzip.data.sources import Haystack, load_table, load_texts
+from ctxzip.data.tasks import FACT_RELATIONS, FIRST_NAMES, LAST_NAMES, TaskSpec, _needles_in_filler
+
+from ..io import write_json_atomic, write_jsonl_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,18 +61,6 @@ QUERY_COLUMNS = ("query", "gold_id")
 
 def _fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Stage:
@@ -97,8 +87,8 @@ class Stage:
                     print(f"[{name}] cached stage in {self.dir} was made with other settings: recomputing it")
                 shutil.rmtree(self.dir)
         if not manifest.is_file():
-            _write_atomic(manifest, json.dumps({"fingerprint": self.fingerprint, "config": config,
-                                                "complete": False}, indent=1, default=str))
+            write_json_atomic(manifest, {"fingerprint": self.fingerprint, "config": config, "complete": False},
+                              indent=1, default=str)
 
     @property
     def complete(self) -> bool:
@@ -125,13 +115,13 @@ class Stage:
                 continue
             batch = list(items[start:start + batch_size])
             records = fn(batch)
-            _write_atomic(self._part(index), "".join(json.dumps(r) + "\n" for r in records))
+            write_jsonl_atomic(self._part(index), records)
             bar.update(len(batch))
         bar.close()
         manifest = json.loads((self.dir / "stage.json").read_text())
         if not manifest.get("complete"):
             manifest.update(complete=True, parts=len(starts))
-            _write_atomic(self.dir / "stage.json", json.dumps(manifest, indent=1, default=str))
+            write_json_atomic(self.dir / "stage.json", manifest, indent=1, default=str)
         return self.records(len(starts))
 
     def records(self, parts: int | None = None) -> list[dict[str, Any]]:
@@ -232,23 +222,6 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"]}
                for r in rows]
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
-
-
-def load_table(source: str | datasets.Dataset, split: str, what: str, subset: str | None = None) -> datasets.Dataset:
-    """One split of a table: a ``Dataset`` as it is, a local .jsonl/.json/.csv/.parquet file (whole), or
-    anything ``datasets.load_dataset(source, subset, split=split)`` accepts (a Hub name, a folder)."""
-    if isinstance(source, datasets.Dataset):
-        return source
-    path = Path(source).expanduser()
-    if path.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{what} file {str(path)!r}: use .jsonl, .json, .csv or .parquet")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    table = datasets.load_dataset(str(source), subset, split=split)
-    if not isinstance(table, datasets.Dataset):
-        raise ValueError(f"{what} {source!r} did not give one split; pass a split name")
-    return table
 
 
 def check_columns(table: datasets.Dataset, needed: Sequence[str], what: str, name: str) -> None:
@@ -366,7 +339,7 @@ def generate_candidates(corpus: RetrievalCorpus, variants: Sequence[Variant], ge
 
 
 class Retriever(Protocol):
-    """What the labels stage needs from a reader (``eval.retrieval`` has the real ones)."""
+    """What the labels stage needs from a reader (``evaluation`` has the real ones)."""
 
     name: str
 

@@ -12,7 +12,7 @@ original / compressed tokens. The decoder reads the memory where the context wou
 conversation (``compressors.conversation``): the chat template's prefix, then the rewrite, then the prompt,
 with the LoRA adapter disabled: the reader is the unchanged base model. The writer receives the bare
 context (``compresses_template = False``): the template is the reader's, not something to rewrite. Training is
-``trainers.color_dpo.ColorDPOTrainer`` driven by ``recipes/color_dpo.py``.
+``compressors.color.trainer.ColorDPOTrainer`` driven by ``recipes/color_dpo.py``.
 
 Faithful: a decoder-only LM writes the compression from a fixed instruction; preference pairs are
 labelled by whether a reader still retrieves the passage from the compressed corpus (chosen = the
@@ -28,57 +28,20 @@ a few passages. The instruction wording is ours.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .base import Compressor, CompressorConfig, DecoderStep, EncoderAdapter, register_compressor
-from .compat import cache_of
-from .conversation import stop_token_ids
-from .errors import ContextTooLongError, CtxzipError, EmptyInputError
-from .memory import Memory
-from .models import load_tokenizer
+from ..base import Compressor, DecoderStep, EncoderAdapter, register_compressor
+from ..compat import cache_of
+from ..conversation import stop_token_ids
+from ..errors import ContextTooLongError, CtxzipError, EmptyInputError
+from ..memory import Memory
+from ..models import load_tokenizer
+from .config import ColorConfig
 
-DEFAULT_PROMPT = ("Rewrite the passage below as briefly as possible. Keep every name, number and fact in it.\n\n"
-                  "Passage:\n{passage}")
 _MARK = "\x00CTXZIP_PASSAGE\x00"
-
-
-@dataclass
-class ColorConfig(CompressorConfig):
-    """Hyper-parameters of the CoLoR compressor (the writer's prompt, generation and LoRA)."""
-
-    prompt_template: str = field(default=DEFAULT_PROMPT,
-                                 metadata={"help": "compression instruction; must contain {passage}"})
-    max_new_tokens: int = field(default=48, metadata={"help": "longest compression, in tokens"})
-    do_sample: bool = field(default=False, metadata={"help": "sample the compression (False: greedy)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with do_sample)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with do_sample)"})
-    generation_batch_size: int = field(default=8, metadata={"help": "passages compressed per generate call"})
-    lora_r: int = field(default=8, metadata={"help": "rank of the writer's LoRA adapter, saved with the compressor"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           metadata={"help": "modules of the base model that get LoRA layers"})
-
-    def __post_init__(self) -> None:
-        if "{passage}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain the placeholder {passage}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.lora_r < 1:
-            raise ValueError("CoLoR trains a LoRA adapter: lora_r must be >= 1")
-        if self.generation_batch_size < 1:
-            raise ValueError("generation_batch_size must be >= 1")
-
-    def lora_config(self) -> Any:
-        """The PEFT ``LoraConfig`` of the writer (the same for the trainer and the exported compressor)."""
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 @register_compressor
@@ -239,7 +202,7 @@ class ColorCompressor(EncoderAdapter, Compressor):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise NotImplementedError("the color compressor is trained on preference pairs by "
-                                  "ctxzip.trainers.color_dpo.ColorDPOTrainer (recipes/color_dpo.py), not by forward()")
+                                  "ctxzip.compressors.color.trainer.ColorDPOTrainer (recipes/color_dpo.py), not by forward()")
 
 
 def prompt_parts(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[list[int], list[int]]:

@@ -45,9 +45,11 @@ from transformers.trainer_utils import SchedulerType
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from .compat import PretokenizedPreferences
-from .distributed import trainable_state
-from .guards import FiniteLossMixin
+from ctxzip.trainers.compat import PretokenizedPreferences
+from ctxzip.trainers.distributed import trainable_state
+from ctxzip.trainers.guards import FiniteLossMixin
+
+from .compressor import generate_completions
 
 COLOR_LOSSES = ("orpo", "dpo")
 
@@ -149,7 +151,7 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
     """``DPOTrainer`` whose loss is CoLoR's length-penalised ORPO or DPO (see the module docstring).
 
     Train a LoRA adapter: pass the base model with ``peft_config`` (optionally 4-bit). Rows may be
-    pre-tokenized (``prompt_ids``/``chosen_ids``/``rejected_ids``, as ``data.retrieval.make_pairs``
+    pre-tokenized (``prompt_ids``/``chosen_ids``/``rejected_ids``, as ``compressors.color.data.make_pairs``
     writes them: the exact tokens the policy generated) or TRL's text preference format.
     ``length_probe`` is a list of prompt token-id lists for the compressed-length probe.
     """
@@ -260,8 +262,6 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
 
     def probe_length(self) -> float:
         """Mean length (tokens) of the policy's greedy compressions of the probe prompts."""
-        from ctxzip.compressors.color import generate_completions
-
         model = self.accelerator.unwrap_model(self.model)
         max_new = getattr(self.args, "length_probe_max_new_tokens", 48)
         rows = generate_completions(model, self.length_probe, self.processing_class, max_new_tokens=max_new)
@@ -271,31 +271,3 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained (LoRA) tensors, gathered from every process when sharded (ZeRO-3): a collective."""
         return trainable_state(self.accelerator.unwrap_model(self.model))
-
-
-@dataclass
-class ColorScriptArguments:
-    """Data, readers and evaluation of the CoLoR recipe (defaults: the CPU quickstart; the base model:
-    ``trainers.script_args.CompressorModelConfig``)."""
-
-    corpus_dataset: str | None = field(default=None, metadata={
-        "help": "passages (passage_id, passage): a Hub id or a .jsonl/.json/.csv/.parquet file; None = offline"})
-    queries_dataset: str | None = field(default=None, metadata={
-        "help": "queries (query, gold_id); default: corpus_dataset"})
-    train_split: str = field(default="train", metadata={"help": "split of corpus_dataset the policy trains on"})
-    eval_split: str = field(default="test", metadata={
-        "help": "split of the held-out passages (the same as train_split: the passages after the training ones)"})
-    data_source: str = field(default="pydoc", metadata={"help": "offline corpus: text the facts are embedded in"})
-    num_train_passages: int = field(default=32, metadata={"help": "passages the preference pairs are built from"})
-    num_eval_passages: int = field(default=16, metadata={"help": "held-out passages of the final evaluation"})
-    passage_tokens: int = field(default=64, metadata={"help": "offline corpus: tokens per passage"})
-    corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
-    candidate_variants: list[str] = field(default_factory=lambda: ["greedy", "words:0.25", "sample:0.8"],
-                                          metadata={"help": "greedy | words:F | sample:T"})
-    label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
-    eval_readers: list[str] = field(default_factory=lambda: ["dense", "lm"], metadata={
-        "help": "readers of the final held-out table: dense and/or lm (none: no evaluation)"})
-    pairs_all_success: str = field(default="shortest_vs_longest", metadata={"help": "shortest_vs_longest or skip"})
-    pairs_all_failed: str = field(default="skip", metadata={"help": "skip or shortest_vs_longest"})
-    length_probe_size: int = field(default=4, metadata={"help": "held-out prompts for the compressed-length probe"})
-    cache_dir: str | None = field(default=None, metadata={"help": "data stage cache (default <output_dir>/color_data)"})

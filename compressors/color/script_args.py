@@ -1,0 +1,34 @@
+"""The arguments of ``recipes/color_dpo.py`` beyond the compressor, the trainer and the base model:
+where the passages come from, how candidates are written and labelled, and which readers evaluate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ColorScriptArguments:
+    """Data, readers and evaluation of the CoLoR recipe (defaults: the CPU quickstart; the base model:
+    ``trainers.script_args.CompressorModelConfig``)."""
+
+    corpus_dataset: str | None = field(default=None, metadata={
+        "help": "passages (passage_id, passage): a Hub id or a .jsonl/.json/.csv/.parquet file; None = offline"})
+    queries_dataset: str | None = field(default=None, metadata={
+        "help": "queries (query, gold_id); default: corpus_dataset"})
+    train_split: str = field(default="train", metadata={"help": "split of corpus_dataset the policy trains on"})
+    eval_split: str = field(default="test", metadata={
+        "help": "split of the held-out passages (the same as train_split: the passages after the training ones)"})
+    data_source: str = field(default="pydoc", metadata={"help": "offline corpus: text the facts are embedded in"})
+    num_train_passages: int = field(default=32, metadata={"help": "passages the preference pairs are built from"})
+    num_eval_passages: int = field(default=16, metadata={"help": "held-out passages of the final evaluation"})
+    passage_tokens: int = field(default=64, metadata={"help": "offline corpus: tokens per passage"})
+    corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
+    candidate_variants: list[str] = field(default_factory=lambda: ["greedy", "words:0.25", "sample:0.8"],
+                                          metadata={"help": "greedy | words:F | sample:T"})
+    label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
+    eval_readers: list[str] = field(default_factory=lambda: ["dense", "lm"], metadata={
+        "help": "readers of the final held-out table: dense and/or lm (none: no evaluation)"})
+    pairs_all_success: str = field(default="shortest_vs_longest", metadata={"help": "shortest_vs_longest or skip"})
+    pairs_all_failed: str = field(default="skip", metadata={"help": "skip or shortest_vs_longest"})
+    length_probe_size: int = field(default=4, metadata={"help": "held-out prompts for the compressed-length probe"})
+    cache_dir: str | None = field(default=None, metadata={"help": "data stage cache (default <output_dir>/color_data)"})
