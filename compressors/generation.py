@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 from .base import Compressor
 from .compat import with_cache
 from .memory import Memory
+from .padding import left_pad
 
 
 def generation_config_for(stop_ids: list[int], pad_id: int | None, config: GenerationConfig | None = None,
@@ -40,6 +41,30 @@ def generation_config_for(stop_ids: list[int], pad_id: int | None, config: Gener
     if settings.pad_token_id is None:
         settings.pad_token_id = pad_id if pad_id is not None else stop_ids[0]
     return settings, rest
+
+
+def cut_at_stops(rows: list[list[int]], stop_ids: int | list[int] | None) -> list[list[int]]:
+    """Each row of new tokens up to, and without, its first stop token."""
+    stops = set(stop_ids if isinstance(stop_ids, list) else [] if stop_ids is None else [stop_ids])
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+@torch.no_grad()
+def generate_rows(model: Any, prompts: list[list[int]], generation_config: GenerationConfig,
+                  **generate_kwargs: Any) -> list[list[int]]:
+    """The new tokens of each prompt row from plain ``model.generate`` (no memory): the rows are left-padded
+    with the config's pad id, generated in eval mode (the model's mode comes back after), and cut at the config's
+    eos ids. The one helper for a model that writes text (a summariser, a rewriter policy)."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, generation_config.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config,
+                             **generate_kwargs)
+    finally:
+        model.train(was_training)
+    return cut_at_stops(out[:, ids.shape[1]:].tolist(), generation_config.eos_token_id)
 
 
 @torch.no_grad()

@@ -61,7 +61,7 @@ from .adapters import add_named_lora
 from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
 from .compat import cache_of
 from .conversation import ConversationLayout, stop_token_ids
-from .generation import generation_config_for
+from .generation import generate_rows, generation_config_for
 from .io import write_json_atomic
 from .memory import Memory
 from .models import ctxzip_home, load_base, whole_parameters
@@ -345,31 +345,17 @@ class SoftPromptCompCompressor(Compressor):
     @torch.no_grad()
     def _write(self, contexts: list[torch.Tensor]) -> list[str]:
         """Greedy summaries of a batch of contexts, by the summariser, in its chat layout."""
-        from .wrapper import left_pad
-
         model, tokenizer, layout = self.summariser()
         own = model is self.base_lm
         rows = []
         for context in contexts:
             ids = context.tolist() if own else layout.encode(self.tokenizer.decode(context.tolist()))
             rows.append(layout.prefix_ids + ids + layout.prompt_ids(self.compressor_config.summary_instruction))
-        device = next(model.parameters()).device
-        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
         settings, _ = generation_config_for(stop_token_ids(tokenizer, model.generation_config, layout),
                                             tokenizer.pad_token_id, max_new_tokens=self.compressor_config.summary_tokens)
-        was_training = model.training
-        model.eval()
-        try:
-            with self.plain_base() if own else contextlib.nullcontext():
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        finally:
-            model.train(was_training)
-        stops = set(settings.eos_token_id)
-        texts = []
-        for row in out[:, ids.shape[1]:].tolist():
-            kept = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-        return texts
+        with self.plain_base() if own else contextlib.nullcontext():
+            replies = generate_rows(model, rows, settings)
+        return [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
 
     def summariser(self) -> tuple[Any, Any, ConversationLayout]:
         """``(model, tokenizer, layout)`` of the LM that writes summaries (loaded once when it is not the base)."""

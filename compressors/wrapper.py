@@ -13,10 +13,11 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .base import Compressor, compressor_class
 from .conversation import ConversationLayout, Prompt, is_single_prompt, stop_token_ids
 from .errors import EmptyInputError
-from .generation import generate_from_memory, generation_config_for
+from .generation import cut_at_stops, generate_from_memory, generation_config_for
 from .hub import load_compressor, push_folder, save_compressor
 from .memory import Memory
 from .models import load_base
+from .padding import left_pad
 
 
 class CompressedLM:
@@ -152,8 +153,7 @@ class CompressedLM:
             extra.setdefault("tokenizer", self.tokenizer)
         memory = memory.to(self.device) if memory is not None else None
         tokens = generate_from_memory(self.compressor, memory, ids, mask, settings, **extra).tolist()
-        stops = settings.eos_token_id if isinstance(settings.eos_token_id, list) else [settings.eos_token_id]
-        return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in tokens]
+        return cut_at_stops(tokens, settings.eos_token_id)
 
     # ----- artifacts ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -165,28 +165,3 @@ class CompressedLM:
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message)
-
-
-def left_pad(rows: list[list[int]], pad_id: int | None, device: torch.device | str = "cpu",
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(ids, mask)``: the last real token of every row is aligned."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id or 0, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def right_pad(rows: list[list[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists with ``value`` into ``(ids, mask)`` of ``width`` columns (default: the longest
-    row; at least 1, so that rows that are all empty still make a tensor)."""
-    width = max(1, width if width is not None else max((len(r) for r in rows), default=0))
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask

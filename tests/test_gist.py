@@ -11,7 +11,7 @@ from ctxzip.compressors.baselines import FullContext, FullContextConfig, Truncat
 from ctxzip.compressors.baselines.truncation import kept_indices
 from ctxzip.compressors.compat import cache_of, with_cache
 from ctxzip.compressors.generation import generate_from_memory
-from ctxzip.compressors.wrapper import left_pad
+from ctxzip.compressors.padding import left_pad
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ctxzip.compressors.conversation import ConversationLayout
-from ctxzip.compressors.wrapper import left_pad, right_pad
+from ctxzip.compressors.padding import left_pad, right_pad
 
 from .objectives import OBJECTIVES, build_target, memory_context, objective_of
 

@@ -37,6 +37,7 @@ from ..base import Compressor, DecoderStep, EncoderAdapter, register_compressor
 from ..compat import cache_of
 from ..conversation import stop_token_ids
 from ..errors import ContextTooLongError, CtxzipError, EmptyInputError
+from ..generation import generate_rows
 from ..memory import Memory
 from ..models import load_tokenizer
 from .config import ColorConfig
@@ -225,29 +226,11 @@ def generate_completions(model: Any, prompts: list[list[int]], tokenizer: PreTra
                          max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                          top_p: float = 1.0) -> list[list[int]]:
     """Generate from left-padded prompt rows with ``model.generate``; new tokens up to (not incl.) the end."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
     ends = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=ends,
                                 pad_token_id=pad, **({"temperature": temperature, "top_p": top_p, "top_k": 0}
                                                      if do_sample else {}))
-    was_training = model.training
-    model.eval()
-    try:
-        # synced_gpus=False: this generation is always process-local (unsharded weights, one rank);
-        # transformers would otherwise turn it on under a ZeRO-3 launch and wait for the other ranks.
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings,
-                             synced_gpus=False)
-    finally:
-        model.train(was_training)
-    rows = []
-    for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in ends), len(row))
-        rows.append(row[:cut])
-    return rows
+    # synced_gpus=False: this generation is always process-local (unsharded weights, one rank);
+    # transformers would otherwise turn it on under a ZeRO-3 launch and wait for the other ranks.
+    return generate_rows(model, prompts, settings, synced_gpus=False)
