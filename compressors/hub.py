@@ -9,6 +9,7 @@ several named adapters) and a model card ``README.md``. Safetensors only, no pic
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -144,12 +145,14 @@ def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision))
     except (RepositoryNotFoundError, HFValidationError) as exc:
         raise CtxzipError(f"{name_or_path!r} is neither a local folder nor a Hub repo: {exc}") from exc
+    except RevisionNotFoundError as exc:  # not a RepositoryNotFoundError: the repo exists
+        raise CtxzipError(f"the Hub repo {name_or_path!r} has no revision {revision!r}: {exc}") from exc
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -260,11 +263,16 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     """Create ``repo_id`` if needed and upload exactly the artifact folder; returns the commit URL."""
     from huggingface_hub import HfApi
 
+    meta = read_metadata(Path(folder))  # before creating the repo: refuse a folder that is no artifact
+    # Only the artifact files, each by its exact path: an output_dir also holds checkpoints and logs that must
+    # stay local, and a PEFT checkpoint (checkpoint-N/adapter_model.safetensors) looks like a named adapter's
+    # subfolder, so the adapters are the ones the artifact lists, never a "*/" pattern.
+    adapters = (meta.get("adapters") or ["default"]) if meta.get("has_adapter") else []
+    artifact = [WEIGHTS_NAME, "README.md", CONFIG_NAME] + [
+        glob.escape((adapter_folder(Path(), name) / file).as_posix()) for name in adapters
+        for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    # Only the artifact files: an output_dir also holds checkpoints and logs that must stay local.
-    artifact = [WEIGHTS_NAME, ADAPTER_WEIGHTS, ADAPTER_CONFIG, f"*/{ADAPTER_WEIGHTS}", f"*/{ADAPTER_CONFIG}",
-                "README.md", CONFIG_NAME]
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                              allow_patterns=artifact)
     return str(getattr(info, "commit_url", info))

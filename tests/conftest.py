@@ -1,9 +1,10 @@
-"""Shared pytest setup. Sections: (1) Hub environment, (2) local Hub fixture; add new fixtures below."""
+"""Shared pytest setup. Sections: (1) Hub environment, (2) fake Hub fixture; add new fixtures below."""
 
 # =============================================================================================
 # 1. Hub environment: MUST run before anything imports huggingface_hub, transformers or peft.
 #    huggingface_hub reads HF_ENDPOINT, HF_HOME and friends once, when it is imported, so the
 #    values below are set at import time of this conftest (pytest imports it before test modules).
+#    The tests never reach a Hub: Hub push / pull is tested against the fake below.
 # =============================================================================================
 import atexit
 import os
@@ -13,15 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# hub_server.py sits beside this file; make it importable whatever pytest's import mode is.
+# fake_hub.py sits beside this file; make it importable whatever pytest's import mode is.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
-
-from hub_server import LocalHub, free_port  # noqa: E402
-
-HUB_PORT = free_port()
-HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
 
 # A throwaway HF_HOME: downloads, tree caches and token files never touch the user's own cache.
 _HF_HOME = tempfile.mkdtemp(prefix="ctxzip-tests-hf-home-")
@@ -29,39 +25,35 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 os.environ.update(
     {
-        "HF_ENDPOINT": HUB_URL,  # every Hub call goes to LocalHub, never to huggingface.co
-        "HF_TOKEN": "hf_dummy_token_for_tests",  # push calls need *a* token; LocalHub accepts any
+        "HF_HUB_OFFLINE": "1",  # any Hub call that is not faked fails at once instead of going online
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # and even a call that ignored it could not reach huggingface.co
+        "HF_TOKEN": "hf_dummy_token_for_tests",  # never the user's own token
         "HF_HOME": _HF_HOME,
         "HF_HUB_CACHE": os.path.join(_HF_HOME, "hub"),  # would otherwise win over HF_HOME if set
         "HF_XET_CACHE": os.path.join(_HF_HOME, "xet"),
-        "HF_HUB_DISABLE_XET": "1",  # hf_xet is installed; LocalHub speaks plain HTTP only
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_ETAG_TIMEOUT": "3",  # seconds for the metadata HEAD; LocalHub answers in ms
-        "HF_HUB_OFFLINE": "0",  # LocalHub is the only reachable endpoint, so "online" is safe
     }
 )
-os.environ.pop("TRANSFORMERS_OFFLINE", None)  # also read by huggingface_hub as offline mode
 
 import pytest  # noqa: E402
+from fake_hub import FakeHub  # noqa: E402  (imports huggingface_hub: after the environment above)
 
 
 # =============================================================================================
-# 2. Local Hub fixture
+# 2. Fake Hub fixture
 # =============================================================================================
-@pytest.fixture(scope="session")
-def local_hub() -> Iterator[LocalHub]:
-    """A running LocalHub at HF_ENDPOINT, shared by the whole session: use unique repo names."""
-    import huggingface_hub.constants
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    """A FakeHub (tests/fake_hub.py) standing in for ``huggingface_hub.HfApi`` and
+    ``huggingface_hub.snapshot_download``, where ctxzip looks them up; empty for each test."""
+    import huggingface_hub
 
-    # If something imported huggingface_hub before this conftest, it would still target huggingface.co.
-    assert huggingface_hub.constants.ENDPOINT == HUB_URL, (
-        f"huggingface_hub uses {huggingface_hub.constants.ENDPOINT}, not {HUB_URL}: it was imported "
-        "before tests/conftest.py set HF_ENDPOINT"
-    )
-    with LocalHub(HUB_PORT) as hub:
-        yield hub
+    hub = FakeHub(tmp_path / "fake-hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.HfApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    return hub
 
 
 # =============================================================================================

@@ -1,5 +1,6 @@
 """CompressedLM (compress once, answer many), artifact folders, PEFT interop, load errors, Hub push / pull."""
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,8 @@ import peft
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, hf_hub_download
+from fake_hub import ENDPOINT, FakeHfApi, FakeHub
+from huggingface_hub import HfApi, snapshot_download
 from safetensors.torch import load_file
 
 from ctxzip.compressors import (
@@ -223,7 +225,7 @@ def test_adapter_loads_with_plain_peft(saved, tiny) -> None:
 def test_embedded_base_is_named_by_its_public_id_and_loads_offline(tmp_path) -> None:
     """The artifact of an embedded-model compressor names the base HuggingFaceTB/SmolLM2-135M-Instruct (card,
     compressor_config, adapter_config: what AutoPeftModelForCausalLM resolves), and ctxzip loads that id from the
-    embedded copy without the Hub (HF_ENDPOINT is the test LocalHub, which does not hold it)."""
+    embedded copy without the Hub (the tests run with HF_HUB_OFFLINE=1, see tests/conftest.py)."""
     from ctxzip.compressors import load_base
     from ctxzip.compressors.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL, local_model_name, public_model_id
 
@@ -348,19 +350,23 @@ def test_from_base_builds_a_fresh_compressor() -> None:
         CompressedLM.from_base("gist", base_model="tiny-random-llama", tokens_per_gits=8)
 
 
-# ----- Hub ---------------------------------------------------------------------------------------------
-def test_push_to_hub_then_from_pretrained_round_trips(local_hub, saved) -> None:
+# ----- Hub (against tests/fake_hub.py: huggingface_hub's public calls, faked in-process) -------------------
+def test_push_to_hub_then_from_pretrained_round_trips(fake_hub: FakeHub, saved) -> None:
     folder, clm = saved
     repo_id = "test-user/gist-tiny"
-    url = clm.push_to_hub(repo_id)
-    assert repo_id in url
-    api = HfApi()
-    assert set(api.list_repo_files(repo_id)) == ARTIFACT_FILES | {".gitattributes"}
-    for name in ARTIFACT_FILES:  # the pushed bytes are exactly what save_pretrained writes
-        assert Path(hf_hub_download(repo_id, name)).read_bytes() == (folder / name).read_bytes(), name
-    assert not [r for r in local_hub.requests if "lfs" in r or "xet" in r]
+    url = clm.push_to_hub(repo_id, private=True, token="hf_pusher", commit_message="Add the gist compressor")
+    oid = fake_hub.commits[repo_id][-1]
+    assert url == f"{ENDPOINT}/{repo_id}/commit/{oid}"  # the CommitInfo's commit_url
+    assert fake_hub.called("HfApi") == [{"endpoint": None, "token": "hf_pusher"}]
+    assert fake_hub.called("create_repo") == [{"repo_id": repo_id, "token": None, "private": True, "exist_ok": True}]
+    [upload] = fake_hub.called("upload_folder")
+    assert upload["repo_id"] == repo_id and upload["commit_message"] == "Add the gist compressor"
+    assert fake_hub.private[repo_id] is True
+    # The pushed bytes are exactly what save_pretrained writes.
+    assert fake_hub.files(repo_id) == {name: (folder / name).read_bytes() for name in ARTIFACT_FILES}
 
     pulled = CompressedLM.from_pretrained(repo_id)
+    assert fake_hub.called("snapshot_download") == [{"repo_id": repo_id, "revision": None}]
     memory = clm.compress(CONTEXT)
     pulled_memory = pulled.compress(CONTEXT)
     assert torch.equal(prompt_logits(pulled, pulled_memory), prompt_logits(clm, memory))
@@ -368,22 +374,91 @@ def test_push_to_hub_then_from_pretrained_round_trips(local_hub, saved) -> None:
         clm.generate(PROMPTS[0], memory=memory, max_new_tokens=5)
 
 
-def test_push_uploads_only_artifact_files(local_hub, tmp_path, saved) -> None:
+def test_push_again_reuses_the_repo_and_a_revision_loads_that_commit(fake_hub: FakeHub, saved, tiny) -> None:
+    folder, clm = saved
+    repo_id = "test-user/gist-twice"
+    clm.push_to_hub(repo_id)
+    first = fake_hub.commits[repo_id][-1]
+    other = make_clm(tiny)
+    randomize(other.compressor, seed=1)
+    other.push_to_hub(repo_id)  # exist_ok: the second push is a new commit of the same repo
+    assert [c["private"] for c in fake_hub.called("create_repo")] == [None, None]
+    assert fake_hub.called("HfApi") == [{"endpoint": None, "token": None}] * 2
+    assert fake_hub.commits[repo_id][-1] != first
+    memory = clm.compress(CONTEXT)
+    pinned = CompressedLM.from_pretrained(repo_id, revision=first)
+    assert fake_hub.called("snapshot_download") == [{"repo_id": repo_id, "revision": first}]
+    assert torch.equal(prompt_logits(pinned, pinned.compress(CONTEXT)), prompt_logits(clm, memory))
+    newest = CompressedLM.from_pretrained(repo_id)
+    assert not torch.equal(newest.compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
+    assert torch.equal(newest.compressor.gist_embeddings.weight, other.compressor.gist_embeddings.weight)
+
+
+def test_push_uploads_only_artifact_files(fake_hub: FakeHub, tmp_path, saved) -> None:
+    """An output_dir holds checkpoints (a PEFT one too, whose adapter files look like a named adapter's) and
+    logs: only the artifact goes up, with the named adapters its compressor_config.json lists."""
     from ctxzip.compressors.hub import push_folder
 
     folder = Path(shutil.copytree(saved[0], tmp_path / "output_dir"))
-    (folder / "checkpoint-1").mkdir()
-    (folder / "checkpoint-1" / "trainable.safetensors").write_bytes(b"x")
+    checkpoint = folder / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainable.safetensors").write_bytes(b"x")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(folder / name, checkpoint / name)
+        (folder / "second").mkdir(exist_ok=True)
+        shutil.copyfile(folder / name, folder / "second" / name)
     (folder / "trainer_log.txt").write_text("log")
-    push_folder(folder, "test-user/gist-tiny-output-dir")
-    assert set(HfApi().list_repo_files("test-user/gist-tiny-output-dir")) == ARTIFACT_FILES | {".gitattributes"}
+    meta = json.loads((folder / "compressor_config.json").read_text())
+    meta["adapters"] = ["default", "second"]
+    (folder / "compressor_config.json").write_text(json.dumps(meta))
+    url = push_folder(folder, "test-user/gist-tiny-output-dir", commit_message="from an output_dir")
+    [upload] = fake_hub.called("upload_folder")
+    assert upload["folder_path"] == str(folder) and upload["commit_message"] == "from an output_dir"
+    expected = ARTIFACT_FILES | {"second/adapter_model.safetensors", "second/adapter_config.json"}
+    assert fake_hub.files("test-user/gist-tiny-output-dir") == {n: (folder / n).read_bytes() for n in expected}
+    assert url.endswith(fake_hub.commits["test-user/gist-tiny-output-dir"][-1])
+
+    (tmp_path / "not-an-artifact").mkdir()
+    (tmp_path / "not-an-artifact" / "README.md").write_text("hello")
+    with pytest.raises(CorruptArtifactError, match="compressor_config.json"):
+        push_folder(tmp_path / "not-an-artifact", "test-user/nothing")
+    assert "test-user/nothing" not in fake_hub.commits  # refused before the repo is created
 
 
-def test_unknown_repo_is_a_clear_error(local_hub) -> None:
+def test_unknown_repo_or_revision_is_a_clear_error(fake_hub: FakeHub, saved) -> None:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     from ctxzip.compressors import CtxzipError
 
-    with pytest.raises(CtxzipError, match="neither a local folder nor a Hub repo"):
+    with pytest.raises(CtxzipError, match="neither a local folder nor a Hub repo") as excinfo:
         CompressedLM.from_pretrained("test-user/never-pushed")
+    assert isinstance(excinfo.value.__cause__, RepositoryNotFoundError)
+    saved[1].push_to_hub("test-user/gist-tiny")
+    with pytest.raises(CtxzipError, match="'test-user/gist-tiny' has no revision 'v9'") as excinfo:
+        CompressedLM.from_pretrained("test-user/gist-tiny", revision="v9")
+    assert isinstance(excinfo.value.__cause__, RevisionNotFoundError)
+    assert [c["revision"] for c in fake_hub.called("snapshot_download")] == [None, "v9"]
+
+
+def test_the_fake_hub_has_the_signatures_of_huggingface_hub() -> None:
+    """Every argument the fake takes, the installed huggingface_hub takes too, in the same position or as a
+    keyword as there, with the same default; and the fake takes every argument huggingface_hub requires. So a call
+    that the fake accepts is one huggingface_hub accepts: the fake cannot drift from the public API."""
+    def parameters(function) -> dict[str, inspect.Parameter]:
+        return {n: p for n, p in inspect.signature(function).parameters.items() if n != "self"}
+
+    for fake, real in [(FakeHub.HfApi, HfApi.__init__), (FakeHfApi.create_repo, HfApi.create_repo),
+                       (FakeHfApi.upload_folder, HfApi.upload_folder),
+                       (FakeHub.snapshot_download, snapshot_download)]:
+        ours, theirs = parameters(fake), parameters(real)
+        assert set(ours) <= set(theirs), f"{fake.__qualname__}: {sorted(set(ours) - set(theirs))} not in huggingface_hub"
+        for name, parameter in ours.items():
+            assert (parameter.kind, parameter.default) == (theirs[name].kind, theirs[name].default), \
+                f"{fake.__qualname__}({name}) differs from huggingface_hub's {theirs[name]}"
+        positional = [n for n, p in theirs.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        assert [n for n, p in ours.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD] == \
+            positional[:len([p for p in ours.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD])]
+        assert {n for n, p in theirs.items() if p.default is inspect.Parameter.empty} <= set(ours), fake.__qualname__
 
 
 @pytest.mark.parametrize("context", ["The pass key is 48213. Remember it.", "Grass is green\nand the sky is blue"])
