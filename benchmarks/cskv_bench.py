@@ -200,9 +200,9 @@ def load_compressor_config(folder: str) -> CSKVConfig:
 
 def quality(args: argparse.Namespace) -> None:
     from ctxzip.compressors.baselines import FullContext, FullContextConfig
+    from ctxzip.compressors.cskv.trainer import TokenChunkCollator, build_text_dataset, calibration_batches
     from ctxzip.data import build_task
     from ctxzip.eval.scoring import score_continuation
-    from ctxzip.trainers.cskv_trainer import TokenChunkCollator, build_text_dataset, calibration_batches
 
     torch.manual_seed(0)
     model, tokenizer = load_base(args.base_model, dtype=args.dtype)

@@ -1,27 +1,47 @@
-"""LoRA adapters of the learned compressors, through PEFT's public API (one place builds them)."""
+"""LoRA adapters of the learned compressors, through PEFT's public API: the one place their fields are declared
+(``LoraSettings``, a base of every config that trains an adapter) and their ``LoraConfig`` is built."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedModel
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_PROJECTIONS = (*ATTENTION_PROJECTIONS, "gate_proj", "up_proj", "down_proj")
 
-def add_named_lora(model: PreTrainedModel, ranks: dict[str, int], alpha: int, dropout: float,
-                   target_modules: list[str]) -> Any:
-    """``model`` wrapped as a ``PeftModel`` with one LoRA adapter per name in ``ranks`` (name -> rank), all on
-    ``target_modules``; the first is active. PEFT freezes every non-LoRA weight; every adapter is trainable
-    (a method that runs several in one step, e.g. an encoder and a decoder, switches them itself)."""
-    from peft import LoraConfig, get_peft_model
 
-    def config(rank: int) -> LoraConfig:
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+@dataclass
+class LoraSettings:
+    """The LoRA fields of a compressor config. A method whose adapter differs redeclares a field with its own
+    default and help (dataclass fields keep their place); ``lora_config`` is the one ``LoraConfig`` builder."""
+
+    lora_r: int = field(default=8, metadata={"help": "rank of the compressor's LoRA adapter"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS),
+                                           metadata={"help": "modules of the base model that get LoRA layers"})
+
+    def lora_config(self, rank: int | None = None) -> Any:
+        """PEFT's ``LoraConfig`` for an adapter of ``rank`` (default ``lora_r``) with these settings."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r if rank is None else rank, lora_alpha=self.lora_alpha,
+                          lora_dropout=self.lora_dropout, target_modules=list(self.lora_target_modules),
                           bias="none", task_type="CAUSAL_LM")
 
+
+def add_named_lora(model: PreTrainedModel, ranks: dict[str, int], settings: LoraSettings) -> Any:
+    """``model`` wrapped as a ``PeftModel`` with one LoRA adapter per name in ``ranks`` (name -> rank), all with
+    ``settings``; the first is active. PEFT freezes every non-LoRA weight; every adapter is trainable (a method
+    that runs several in one step, e.g. an encoder and a decoder, switches them itself)."""
+    from peft import get_peft_model
+
     (first, first_rank), *rest = ranks.items()
-    peft_model = get_peft_model(model, config(first_rank), adapter_name=first)
+    peft_model = get_peft_model(model, settings.lora_config(first_rank), adapter_name=first)
     for name, rank in rest:
-        peft_model.add_adapter(name, config(rank))
+        peft_model.add_adapter(name, settings.lora_config(rank))
     if rest:
         peft_model.set_requires_grad(list(ranks), requires_grad=True)
     return peft_model

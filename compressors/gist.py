@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import add_named_lora
+from .adapters import LoraSettings, add_named_lora
 from .base import Compressor, CompressorConfig, EncoderAdapter, register_compressor
 from .compat import cache_of, with_cache
 from .memory import Memory
@@ -38,7 +38,7 @@ from .models import whole_parameters
 
 
 @dataclass
-class GistConfig(CompressorConfig):
+class GistConfig(CompressorConfig, LoraSettings):
     """Hyper-parameters of the gist compressor."""
 
     tokens_per_gist: int = field(default=4, metadata={
@@ -48,10 +48,6 @@ class GistConfig(CompressorConfig):
     lora_r: int = field(default=8, metadata={
         "help": "rank of the encoder's LoRA adapter, saved with the compressor (0 = train only the gist "
                 "embeddings)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           metadata={"help": "modules of the base model that get LoRA layers"})
     lora_in_decoder: bool = field(default=False, metadata={
         "help": "keep the LoRA on while the decoder reads the memory (ICAE / 500xCompressor keep the decoder "
                 "frozen: False)"})
@@ -79,8 +75,7 @@ class GistCompressor(EncoderAdapter, Compressor):
 
     def __init__(self, config: GistConfig, model: PreTrainedModel) -> None:
         if config.lora_r > 0 and not hasattr(model, "peft_config"):
-            model = add_named_lora(model, {"default": config.lora_r}, config.lora_alpha, config.lora_dropout,
-                                   config.lora_target_modules)
+            model = add_named_lora(model, {"default": config.lora_r}, config)
         elif config.lora_r == 0:
             model.requires_grad_(False)
         super().__init__(config, model)

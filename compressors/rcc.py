@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import add_named_lora
+from .adapters import ALL_PROJECTIONS, LoraSettings, add_named_lora
 from .base import Compressor, CompressorConfig, register_compressor
 from .compat import cache_of
 from .errors import ContextTooLongError
@@ -75,7 +75,7 @@ PROJECTION_INITS = ("identity", "zero", "random")
 
 
 @dataclass
-class RCCConfig(CompressorConfig):
+class RCCConfig(CompressorConfig, LoraSettings):
     """Hyper-parameters of the RCC compressor."""
 
     max_context_tokens: int = field(default=1 << 20, metadata={
@@ -94,11 +94,8 @@ class RCCConfig(CompressorConfig):
     lora_r: int = field(default=8, metadata={"help": "rank of the encoder's LoRA adapter (train_mode lora)"})
     decoder_lora_r: int = field(default=0, metadata={
         "help": "rank of the decoder's LoRA adapter (train_mode lora; 0 = the decoder is the frozen base model)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / rank)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "modules of the base model that get LoRA layers (both adapters)"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata={
+        "help": "modules of the base model that get LoRA layers (both adapters)"})
     projection_init: str = field(default="identity", metadata={
         "help": "identity: E = I and every A_i = 0 (starts as the base reading every c-th token's embedding); "
                 "zero: all projections 0; random: nn.Linear's init, as the public code"})
@@ -147,8 +144,7 @@ class RCCCompressor(Compressor):
             adapters = {self.ENCODER: config.lora_r}
             if config.decoder_lora_r > 0:
                 adapters[self.DECODER] = config.decoder_lora_r
-            model = add_named_lora(model, adapters, config.lora_alpha, config.lora_dropout,
-                                   config.lora_target_modules)
+            model = add_named_lora(model, adapters, config)
         super().__init__(config, model)
         self.encoder = encoder
         width, depth = self.base_lm.config.hidden_size, self.base_lm.config.num_hidden_layers

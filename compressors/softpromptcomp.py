@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import add_named_lora
+from .adapters import LoraSettings, add_named_lora
 from .base import Compressor, CompressorConfig, DecoderStep, register_compressor
 from .compat import cache_of
 from .conversation import ConversationLayout, stop_token_ids
@@ -73,7 +73,7 @@ SUMMARY_INSTRUCTION = "Summarize the text above in a few short sentences, keepin
 
 
 @dataclass
-class SoftPromptCompConfig(CompressorConfig):
+class SoftPromptCompConfig(CompressorConfig, LoraSettings):
     """Hyper-parameters of the SoftPromptComp compressor (our interpretation of the paper)."""
 
     sources: str = field(default="both", metadata={
@@ -102,10 +102,6 @@ class SoftPromptCompConfig(CompressorConfig):
     gate_init: float = field(default=1.0, metadata={"help": "initial value of every gate"})
     lora_r: int = field(default=0, metadata={
         "help": "rank of an optional LoRA adapter on the LM while it reads memories (0: the LM stays frozen)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / rank)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           metadata={"help": "modules of the base model that get LoRA layers"})
 
     def __post_init__(self) -> None:
         if self.sources not in SOURCES:
@@ -162,8 +158,7 @@ class SoftPromptCompCompressor(Compressor):
                              "ZeRO-3 cannot do process by process; use ZeRO-2 (accelerate_configs/zero2.yaml), or "
                              "sources: soft")
         if config.lora_r > 0 and not hasattr(model, "peft_config"):
-            model = add_named_lora(model, {"default": config.lora_r}, config.lora_alpha, config.lora_dropout,
-                                   config.lora_target_modules)
+            model = add_named_lora(model, {"default": config.lora_r}, config)
         elif config.lora_r == 0:
             model.requires_grad_(False)  # the LM stays frozen: only the compressor's own modules train
         super().__init__(config, model)

@@ -28,17 +28,17 @@ from trl import TrlParser
 from ctxzip.compressors import Compressor
 from ctxzip.compressors.baselines import FullContext, FullContextConfig
 from ctxzip.compressors.cskv import CSKVCompressor, CSKVConfig
-from ctxzip.compressors.hub import load_exact
-from ctxzip.compressors.models import whole_parameters
-from ctxzip.data import build_task
-from ctxzip.eval.cskv_report import evaluate_perplexity, print_results
-from ctxzip.trainers.cskv_trainer import (
-    CSKVScriptArguments,
+from ctxzip.compressors.cskv.evaluation import evaluate_perplexity, print_results
+from ctxzip.compressors.cskv.script_args import CSKVScriptArguments
+from ctxzip.compressors.cskv.trainer import (
     CSKVTrainer,
     TokenChunkCollator,
     build_text_dataset,
     calibration_batches,
 )
+from ctxzip.compressors.hub import load_exact
+from ctxzip.compressors.models import whole_parameters
+from ctxzip.data import build_task
 from ctxzip.trainers.distributed import process_group_closed
 from ctxzip.trainers.export import (
     check_export_reloads,

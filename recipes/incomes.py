@@ -21,11 +21,12 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from ctxzip.compressors import InComeSCompressor, InComeSConfig
+from ctxzip.compressors.incomes import InComeSCompressor, InComeSConfig
+from ctxzip.compressors.incomes.script_args import EditScriptArguments
+from ctxzip.compressors.incomes.trainer import edit_data
 from ctxzip.trainers.distributed import process_group_closed
-from ctxzip.trainers.incomes import edit_data
 from ctxzip.trainers.memory_recipe import train_memory_compressor
-from ctxzip.trainers.script_args import CompressorModelConfig, EditScriptArguments
+from ctxzip.trainers.script_args import CompressorModelConfig
 
 
 def make_parser() -> TrlParser:

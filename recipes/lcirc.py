@@ -20,10 +20,11 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from ctxzip.compressors import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
+from ctxzip.compressors.lcirc import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
+from ctxzip.compressors.lcirc.script_args import LCIRCScriptArguments
 from ctxzip.trainers.distributed import process_group_closed
 from ctxzip.trainers.memory_recipe import train_memory_compressor
-from ctxzip.trainers.script_args import CompressorModelConfig, LCIRCScriptArguments
+from ctxzip.trainers.script_args import CompressorModelConfig
 
 
 def make_parser() -> TrlParser:

@@ -10,7 +10,8 @@ import torch
 
 from ctxzip.compressors import CompressedLM, EmptyInputError, Memory, load_base
 from ctxzip.compressors.errors import BaseModelMismatchError
-from ctxzip.compressors.incomes import InComeSCompressor, InComeSConfig, distillation_loss, selection_branch
+from ctxzip.compressors.incomes import InComeSCompressor, InComeSConfig
+from ctxzip.compressors.incomes.compressor import distillation_loss, selection_branch
 from ctxzip.compressors.models import TINY_MODEL, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,8 +166,8 @@ def test_distillation_loss_by_hand() -> None:
 
 
 def test_training_step_reaches_the_gist_the_zero_keys_and_the_adapter(tokenizer) -> None:
-    from ctxzip.data.edits import build_edit_records
-    from ctxzip.trainers.incomes import EditCollator
+    from ctxzip.compressors.incomes.data import build_edit_records
+    from ctxzip.compressors.incomes.trainer import EditCollator
 
     clm = build(tokenizer)
     records = build_edit_records(6, seed=0)
@@ -216,8 +217,14 @@ def test_bad_input_is_refused_clearly(tokenizer) -> None:
 
 
 def test_edit_yardstick_reports_every_method_at_every_pool_size(tokenizer) -> None:
-    from ctxzip.data.edits import build_edit_records
-    from ctxzip.eval.edits import IN_CONTEXT, NO_EDIT, evaluate_edits, markdown_table, pools_for
+    from ctxzip.compressors.incomes.data import build_edit_records
+    from ctxzip.compressors.incomes.evaluation import (
+        IN_CONTEXT,
+        NO_EDIT,
+        evaluate_edits,
+        markdown_table,
+        pools_for,
+    )
 
     records = build_edit_records(8, seed=3, split="test", num_locality=1)
     summaries = evaluate_edits({"incomes": build(tokenizer)}, records, [1, 4], queries_per_size=2, max_new_tokens=3)
@@ -236,11 +243,11 @@ def test_python_m_eval_runs_the_edit_task(tmp_path, capsys) -> None:
 
     from ctxzip.eval.__main__ import main
 
-    args = ["--compressor", "incomes", "--base-model", TINY_MODEL, "--tasks", "edits", "--pool-sizes", "1,2",
+    args = ["--compressor", "incomes", "--base-model", TINY_MODEL, "--tasks", "edits", "--pool-sizes", "1", "2",
             "--num-samples", "1", "--max-new-tokens", "2", "--output-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| incomes (untrained) | 2 |" in report and "| no editing | 2 |" in report
     assert len(json.loads((tmp_path / "results.json").read_text())) == 6
     with pytest.raises(SystemExit):
-        main([*args[:4], "--tasks", "edits,passkey"])
+        main([*args[:4], "--tasks", "edits", "passkey"])

@@ -112,8 +112,8 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tiny, tmp_path: Path) ->
 
 
 def test_every_recipe_trainer_has_the_guard() -> None:
-    from ctxzip.trainers.color_dpo import ColorDPOTrainer
-    from ctxzip.trainers.cskv_trainer import CSKVTrainer
+    from ctxzip.compressors.color.trainer import ColorDPOTrainer
+    from ctxzip.compressors.cskv.trainer import CSKVTrainer
     from ctxzip.trainers.guards import FiniteLossMixin
     from ctxzip.trainers.memory_trainer import MemoryCompressorTrainer
 

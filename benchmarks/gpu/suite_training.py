@@ -310,10 +310,10 @@ def variants(sh: Shapes, device: str, vocab: int, smoke: bool) -> list[tuple[str
     def cskv() -> tuple[Any, Any, dict[str, Any], str]:
         compressor = CSKVCompressor(CSKVConfig(**sh.cskv), base())
         try:
-            from ctxzip.trainers.cskv_trainer import CSKVTrainer
+            from ctxzip.compressors.cskv.trainer import CSKVTrainer
 
             return compressor, CSKVTrainer, {}, "CSKVTrainer"
-        except ImportError as exc:  # trainers.cskv_trainer imports `datasets` at module level
+        except ImportError as exc:  # compressors.cskv.trainer imports `datasets` at module level
             return compressor, _ReconstructionTrainer, {}, f"MemoryCompressorTrainer + CSKV loss ({exc.name} missing)"
 
     class _ReconstructionTrainer(MemoryCompressorTrainer):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..adapters import LoraSettings
 from ..base import CompressorConfig
 
 DEFAULT_PROMPT = ("Rewrite the passage below as briefly as possible. Keep every name, number and fact in it.\n\n"
@@ -12,7 +12,7 @@ DEFAULT_PROMPT = ("Rewrite the passage below as briefly as possible. Keep every 
 
 
 @dataclass
-class ColorConfig(CompressorConfig):
+class ColorConfig(CompressorConfig, LoraSettings):
     """Hyper-parameters of the CoLoR compressor (the writer's prompt, generation and LoRA)."""
 
     prompt_template: str = field(default=DEFAULT_PROMPT,
@@ -23,10 +23,6 @@ class ColorConfig(CompressorConfig):
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with do_sample)"})
     generation_batch_size: int = field(default=8, metadata={"help": "passages compressed per generate call"})
     lora_r: int = field(default=8, metadata={"help": "rank of the writer's LoRA adapter, saved with the compressor"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           metadata={"help": "modules of the base model that get LoRA layers"})
 
     def __post_init__(self) -> None:
         if "{passage}" not in self.prompt_template:
@@ -37,10 +33,3 @@ class ColorConfig(CompressorConfig):
             raise ValueError("CoLoR trains a LoRA adapter: lora_r must be >= 1")
         if self.generation_batch_size < 1:
             raise ValueError("generation_batch_size must be >= 1")
-
-    def lora_config(self) -> Any:
-        """The PEFT ``LoraConfig`` of the writer (the same for the trainer and the exported compressor)."""
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_target_modules), bias="none", task_type="CAUSAL_LM")

@@ -2,7 +2,9 @@
 
 ``CSKVConfig`` / ``CSKVCompressor`` (``compressor_type="cskv"``, ``latent_kv`` memories), the
 bi-branch ``CSKVCache``, the PyTorch reference (``reference``) and the fused Triton decode kernel
-(``kernel``, imported only where it runs).
+(``kernel``, imported only where it runs). The recipe's pieces, imported only by it (they need the
+trainers and eval packages): ``trainer`` (``CSKVTrainer``, its text data and collator), ``evaluation``
+(held-out perplexity and KV bytes) and ``script_args`` (``CSKVScriptArguments``).
 """
 
 from .cache import CSKVCache

@@ -63,11 +63,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
-from .compat import cache_of
-from .memory import Memory
-from .models import decoder_layers
-from .perceiver import GatedCrossAttentionBlock, LearnedLatents, PerceiverResampler
+from ..base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
+from ..compat import cache_of
+from ..memory import Memory
+from ..models import decoder_layers
+from ..perceiver import GatedCrossAttentionBlock, LearnedLatents, PerceiverResampler
 
 GRAD_SEGMENTS_AT = ("last", "random")
 

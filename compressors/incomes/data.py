@@ -47,7 +47,7 @@ from typing import Any
 
 import datasets
 
-from .sources import HELD_OUT_FRACTION
+from ctxzip.data.sources import HELD_OUT_FRACTION
 
 __all__ = [
     "EDIT_FEATURES",

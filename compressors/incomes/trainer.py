@@ -1,14 +1,13 @@
 """InComeS training data: one pool of edits per batch, the student's queries, the teacher's edit-in-context rows.
 
-``EditCollator`` turns edit records (``data.edits``) into what ``InComeSCompressor.forward`` distils on: the
-pool's edits (the batch's own, plus distractor edits from the training set up to a pool size drawn per step from
-``pool_sizes``), each row's query and answer as the student reads them after the pool, and the same query and
-answer after the row's edit in the context as the frozen teacher reads them. Queries are the edit's question, or
-with ``rephrase_fraction`` its rephrase, or with ``locality_fraction`` one of its unrelated questions (the
-teacher reads the edit, as the paper, or with ``locality_teacher: base`` the question alone: the pool must leave
-them alone). The composition is
-``CompressedLM``'s (``ConversationLayout``): the teacher's row is exactly the conversation of in-context
-editing, the student's the prompt after a memory.
+``EditCollator`` turns edit records (``compressors.incomes.data``) into what ``InComeSCompressor.forward``
+distils on: the pool's edits (the batch's own, plus distractor edits from the training set up to a pool size
+drawn per step from ``pool_sizes``), each row's query and answer as the student reads them after the pool, and
+the same query and answer after the row's edit in the context as the frozen teacher reads them. Queries are the
+edit's question, or with ``rephrase_fraction`` its rephrase, or with ``locality_fraction`` one of its unrelated
+questions (the teacher reads the edit, as the paper, or with ``locality_teacher: base`` the question alone: the
+pool must leave them alone). The composition is ``CompressedLM``'s (``ConversationLayout``): the teacher's row is
+exactly the conversation of in-context editing, the student's the prompt after a memory.
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from ctxzip.compressors import CompressedLM, Compressor
 from ctxzip.compressors.conversation import ConversationLayout
-from ctxzip.compressors.incomes import InComeSConfig
-from ctxzip.compressors.wrapper import left_pad, right_pad
-from ctxzip.data.edits import edit_records
-from ctxzip.eval.edits import evaluate_edits, markdown_table
+from ctxzip.compressors.padding import left_pad, right_pad
+from ctxzip.trainers.memory_recipe import RecipeData
+from ctxzip.trainers.objectives import OBJECTIVES, build_target
 
-from .memory_recipe import RecipeData
-from .objectives import OBJECTIVES, build_target
+from .compressor import InComeSConfig
+from .data import edit_records
+from .evaluation import evaluate_edits, markdown_table
 from .script_args import EditScriptArguments
 
 

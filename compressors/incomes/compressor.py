@@ -33,7 +33,7 @@ configured otherwise (or built on another base); one made by a differently train
 configuration is not detected. ``nbytes`` per edit on SmolLM2-135M (15 gist layers, 3 KV heads of 64) in fp32:
 15 x 2 x 3 x 64 x 4 + 8 = 23,048 bytes. Its ratio is edit tokens per entry.
 
-Training (``trainers.incomes``): one pool per batch (the batch's edits plus distractors, the pool size
+Training (``compressors.incomes.trainer``): one pool per batch (the batch's edits plus distractors, the pool size
 drawn per step), shared by its queries, as the public code's chunks; the loss is the paper's
 ``sum_t w_t CE_t / #(w_t != 0) + KL(p_teacher || p_student)`` with ``w_t = 0.5 relu(log pT(x_t | edit) -
 log pT(x_t))``, the teacher being the frozen base reading the edit in context (``distillation_loss``).
@@ -65,18 +65,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import add_named_lora
-from .attention import Override, attention_modules, overriding_attention
-from .base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
-from .compat import cache_of
-from .memory import Memory
-from .models import whole_parameters
+from ..adapters import ALL_PROJECTIONS, LoraSettings, add_named_lora
+from ..attention import Override, attention_modules, overriding_attention
+from ..base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
+from ..compat import cache_of
+from ..memory import Memory
+from ..models import whole_parameters
 
 TRAIN_MODES = ("lora", "upper")
 
 
 @dataclass
-class InComeSConfig(CompressorConfig):
+class InComeSConfig(CompressorConfig, LoraSettings):
     """Hyper-parameters of the InComeS compressor."""
 
     max_context_tokens: int = field(default=128, metadata={
@@ -94,10 +94,8 @@ class InComeSConfig(CompressorConfig):
                 "fully (a frozen copy of the base is the teacher)"})
     lora_r: int = field(default=16, metadata={"help": "rank of the LoRA adapter (train_mode lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / rank)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input during training"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "modules of the base model that get LoRA layers"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata={
+        "help": "modules of the base model that get LoRA layers"})
 
     def __post_init__(self) -> None:
         if self.train_mode not in TRAIN_MODES:
@@ -119,7 +117,7 @@ class InComeSCompressor(Compressor):
                  "of the edits (one gist key/value entry per edit in each upper layer), `pool.cat(clm.compress([...]))` "
                  "adds edits, `clm.generate(question, memory=pool)` answers with them. Distilled from the frozen base "
                  "reading each edit in context; what is and is not faithful to the paper is in ctxzip's "
-                 "`compressors/incomes.py`.")
+                 "`compressors/incomes/compressor.py`.")
 
     def __init__(self, config: InComeSConfig, model: PreTrainedModel) -> None:
         depth = model.config.num_hidden_layers
@@ -134,8 +132,7 @@ class InComeSCompressor(Compressor):
             for i in gist_layers:
                 layers[i].requires_grad_(True)
         elif not hasattr(model, "peft_config"):
-            model = add_named_lora(model, {"default": config.lora_r}, config.lora_alpha, config.lora_dropout,
-                                   config.lora_target_modules)
+            model = add_named_lora(model, {"default": config.lora_r}, config)
         super().__init__(config, model)
         self.gist_layers = gist_layers
         # a frozen submodule (train_mode upper): moved and partitioned with the compressor, never saved or trained
@@ -336,7 +333,7 @@ class InComeSCompressor(Compressor):
         as context, then the same prompt + reply from ``teacher_offsets``) by the frozen teacher."""
         if teacher_ids is None or teacher_mask is None or teacher_offsets is None:
             raise ValueError("InComeS trains by distillation: the batch needs teacher_ids, teacher_mask and "
-                             "teacher_offsets (trainers.incomes.EditCollator makes them)")
+                             "teacher_offsets (compressors.incomes.trainer.EditCollator makes them)")
         with self.encoding():
             pool = self.compress(context_ids, context_mask).pooled()
         with self.reading(pool):

@@ -19,20 +19,20 @@ model with an empty pool): adapter drift counts against it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctxzip.compressors import COMPRESSORS, EMBEDDED_MODEL, CompressedLM, Memory
+from ctxzip.compressors import EMBEDDED_MODEL, CompressedLM, Memory
 from ctxzip.compressors.baselines import FullContext, FullContextConfig
+from ctxzip.compressors.io import write_json_atomic, write_text_atomic
 from ctxzip.compressors.tables import Column, missing
 from ctxzip.compressors.tables import markdown_table as render_table
-
-from .metrics import substring_match
-from .scoring import teacher_forced
+from ctxzip.eval.metrics import substring_match
+from ctxzip.eval.runner import kind_of_method, label_for
+from ctxzip.eval.scoring import teacher_forced
 
 IN_CONTEXT = "in-context editing"
 NO_EDIT = "no editing"
@@ -173,15 +173,35 @@ def _score_pools(label: str, size: int, pools: list[tuple[list[str], list[dict]]
                        bytes_per_edit=sum(held) / len(held))
 
 
-def label_of(name: str) -> str:
-    return f"{name} (untrained)" if name in COMPRESSORS else name
-
-
 def load_method(name: str, base_model: str | None, dtype: str) -> CompressedLM:
-    """A saved compressor (folder or Hub id), or a registered type built fresh (untrained) on ``base_model``."""
-    if name in COMPRESSORS:
+    """A saved compressor (folder or Hub id), or a registered type built fresh (untrained) on ``base_model``:
+    the names ``python -m ctxzip.eval`` accepts (``ctxzip.eval.runner.kind_of_method``)."""
+    if kind_of_method(name) in ("untrained", "baseline"):
         return CompressedLM.from_base(name, base_model=base_model or EMBEDDED_MODEL, dtype=dtype)
     return CompressedLM.from_pretrained(name, base_model=base_model, dtype=dtype)
+
+
+@dataclass
+class Arguments:
+    """The edit evaluation's own flags of ``python -m ctxzip.eval --tasks edits`` (beside ``EvalConfig``'s:
+    ``--num_samples`` queries are asked at each pool size)."""
+
+    pool_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128], metadata={
+        "help": "--tasks edits: edits per pool (each pool is compressed once; its first queries are asked)"})
+    edit_source: str = field(default="offline", metadata={
+        "help": "--tasks edits: offline (generated counterfactual edits) or a zsRE / CounterFact-style file or "
+                "Hub dataset"})
+    edit_style: str = field(default="auto", metadata={
+        "help": "--tasks edits: the records' format: auto (detected from the columns), native, zsre, counterfact"})
+
+
+def run(config: Any, arguments: Arguments) -> Path:
+    """``python -m ctxzip.eval --tasks edits``: ``run_edit_eval`` with the CLI's settings; returns the report."""
+    run_edit_eval(config.compressors, config.output_dir, arguments.pool_sizes, config.num_samples,
+                  arguments.edit_source, arguments.edit_style, seed=config.seed,
+                  max_new_tokens=config.max_new_tokens, dtype=config.dtype, references=config.references,
+                  base_model=config.base_model)
+    return Path(config.output_dir) / "report.md"
 
 
 def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Sequence[int], queries: int,
@@ -191,14 +211,14 @@ def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Se
     """``python -m ctxzip.eval --tasks edits``: InComeS compressors (saved folders or Hub ids; ``incomes``: an untrained
     one on ``base_model``) on held-out edits at every pool size, beside in-context editing and no editing;
     ``report.md`` and ``results.json`` in ``output_dir``."""
-    from ctxzip.data.edits import edit_records
+    from .data import edit_records
 
     if not pool_sizes or min(pool_sizes) < 1 or queries < 1:
         raise ValueError(f"the edit evaluation needs pool sizes >= 1 and queries >= 1, got {pool_sizes}, {queries}")
     needed = max(math.ceil(queries / size) * size for size in pool_sizes)
     records = edit_records(source, "test", needed, seed + 1, style)
-    methods = {label_of(name): load_method(name, base_model, dtype) for name in compressors}
-    untrained = [clm for name, clm in zip(compressors, methods.values()) if name in COMPRESSORS]
+    methods = {label_for(name): load_method(name, base_model, dtype) for name in compressors}
+    untrained = [clm for name, clm in zip(compressors, methods.values()) if kind_of_method(name) == "untrained"]
     first = next(iter(methods.values())).compressor
     # the unedited base: an untrained compressor's plain base (a trained one may have trained the base's own layers)
     unedited = untrained[0] if untrained else load_method(first.compressor_type, base_model or first.base_name, dtype)
@@ -207,6 +227,6 @@ def run_edit_eval(compressors: list[str], output_dir: str | Path, pool_sizes: Se
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# Held-out edits ({source}, seed {seed}): {queries} queries per pool size, greedy replies of "
               f"{max_new_tokens} tokens\n\n")
-    (out / "report.md").write_text(header + markdown_table(summaries) + "\n")
-    (out / "results.json").write_text(json.dumps([s.as_row() for s in summaries], indent=1))
+    write_text_atomic(out / "report.md", header + markdown_table(summaries) + "\n")
+    write_json_atomic(out / "results.json", [s.as_row() for s in summaries], indent=1)
     return summaries

@@ -15,8 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ctxzip.compressors import CompressedLM, Compressor
 from ctxzip.compressors.tables import Column, markdown_table
-
-from .scoring import score_continuation
+from ctxzip.eval.scoring import score_continuation
 
 
 @torch.no_grad()

@@ -5,11 +5,13 @@ model's keys / values and their low-rank reconstructions from the same inputs, s
 Only the factors train. The trainer reuses ``MemoryCompressorTrainer`` for everything that is not
 the loss: checkpoints that hold only the trained tensors (atomic), resume, and gathering the
 trained state under DeepSpeed ZeRO-3, so it runs under ``accelerate launch`` like every recipe.
+Its data: running texts of a text source (``build_text_dataset``), batched as bare tokens
+(``TokenChunkCollator``), a few of them for ASVD calibration (``calibration_batches``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -17,26 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ctxzip.data import build_task
-
-from .distributed import means_over_processes
-from .memory_trainer import MemoryCompressorTrainer
-
-
-@dataclass
-class CSKVScriptArguments:
-    """Data and evaluation settings of the CSKV recipe (the base model: ``trainers.script_args.CompressorModelConfig``)."""
-
-    data_source: str = field(default="pydoc", metadata={"help": "text source: pydoc, a file, or a Hub dataset"})
-    train_samples: int = field(default=512, metadata={"help": "training texts"})
-    train_tokens: int = field(default=256, metadata={"help": "tokens per training text"})
-    calibration_samples: int = field(default=32, metadata={"help": "training texts used for ASVD calibration"})
-    skip_training: bool = field(default=False, metadata={"help": "export the SVD / ASVD init without training"})
-    num_eval_samples: int = field(default=16, metadata={"help": "held-out continuations (0 = no evaluation)"})
-    eval_context_tokens: int = field(default=512, metadata={
-        "help": "tokens of held-out context compressed into the cache before each continuation"})
-    eval_answer_tokens: int = field(default=64, metadata={"help": "tokens of each held-out continuation scored"})
-    eval_baselines: bool = field(default=True, metadata={"help": "also evaluate the full cache and the untrained init"})
-    check_reload: bool = field(default=True, metadata={"help": "reload the export and compare generations"})
+from ctxzip.trainers.distributed import means_over_processes
+from ctxzip.trainers.memory_trainer import MemoryCompressorTrainer
 
 
 @dataclass
