@@ -327,7 +327,7 @@ def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
             raise ContextTooLongError(
                 f"context length {length} (+{PROMPT_MARGIN} tokens for the question and answer) exceeds the base "
                 f"model's {model.config.max_position_embeddings} positions, and none of the methods reads beyond "
-                "them (RCC and truncation do)")
+                f"them (those that do: {', '.join(sorted(n for n, c in COMPRESSORS.items() if c.reads_beyond_window))})")
         skipped = [m.label for m in methods if not m.reads_beyond_window]
         print(f"context length {length} is beyond the base model's {model.config.max_position_embeddings} "
               f"positions: {', '.join(skipped) or 'no method'} cannot run there (skipped); {', '.join(able)} can")
