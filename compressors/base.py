@@ -88,17 +88,36 @@ class Compressor(nn.Module):
     encoder has its own adapter enables it only inside ``encoding()`` once ``as_decoder()`` was called
     (CompressedLM does).
 
-    **Optional capabilities**, declared (never discovered by ``hasattr``): ``uses_query`` (``compress``
-    reads ``query_ids``), ``memory_per_query`` (the memory is meant to be made for one question: the eval
-    runner compresses the context once per question and charges that time), ``needs_preparation`` (``prepare()`` computes a calibration artifact once),
-    ``multi_ratio`` (``compress_ratios``: several ratios from one pass), ``shares_prefill``
-    (``prefill_needs`` / ``compress_from``: memories from a shared prefill of the context, see
-    ``baselines.selection``), ``compresses_passages`` (``compress_passages``: a corpus compressed passage
-    by passage), ``pools_contexts`` (each context is an item of a ``pool`` memory, e.g. an edit:
-    ``compress`` still gives one row per context, and ``CompressedLM.compress`` of a list unites them into one
-    row, ``Memory.pooled()``), ``reads_beyond_window`` (``compress`` accepts contexts longer than the base model's position
-    table, e.g. window by window; the method checks what its decoder needs itself). Every compressor gets the
-    tokenizer through ``use_tokenizer`` (CompressedLM and the eval runner call it).
+    **Kinds of memory and of method are types, not flags.** What a memory's kind implies is its ``KindRules``
+    (``memory.KIND_RULES``): e.g. a compressor whose ``memory_kind`` is ``pool`` (InComeS) makes one row per
+    context, each an item of a pool, and ``CompressedLM.compress`` of a list unites them into one row
+    (``Memory.pooled()``). A training-free method whose memories come from one full prefill of the context
+    (the full context, the KV-selection methods, Selective Context, EHPC) is a
+    ``baselines.selection.PrefillSelection``: memories from a shared prefill (``prefill_needs`` /
+    ``compress_from``), several ratios from one pass (``compress_ratios``), and how a memory made from a shared
+    prefill is timed (``prefill_is_own_cost``). ``prepare()`` computes or loads what a method needs before its
+    first compression (a calibration artifact: Q-Filters, EHPC), once; it is a no-op by default and the eval
+    runner calls it for every method it builds. Every compressor gets the tokenizer through ``use_tokenizer``
+    (CompressedLM and the eval runner call it).
+
+    **Declared facts** (class attributes, never discovered by ``hasattr``), and why each is one and not a type
+    (mostly: it cuts across the types above, so no type could say it):
+
+    - ``memory_kind``: the name of the Memory kind it makes (the kind's ``KindRules`` are the type);
+    - ``compresses_template``: ``False`` for a method that receives the bare context and whose decoder puts the
+      template's prefix before what the memory holds (CoLoR's text, InComeS's pool: two kinds, one fact);
+    - ``uses_query``: ``compress`` reads ``query_ids`` (EHPC, a selection method; QD-LCIRC, a learned one);
+    - ``memory_per_query``: the memory is meant to be made for one question, so the eval runner compresses the
+      context once per question and charges that time (QD-LCIRC; EHPC reads a question when given one but
+      makes one memory for many prompts: a use of the method, not what it can read);
+    - ``compresses_passages``: ``compress_passages`` compresses a corpus passage by passage (CoLoR), which the
+      eval runner does on a corpus task; not the same fact as the ``text`` kind (a text memory can be made of a
+      whole context: CoLoR's own ``compress`` does);
+    - ``reads_beyond_window``: ``compress`` accepts contexts longer than the base model's position table
+      (truncation, RCC, LCIRC: training-free and learned alike); the method checks what its decoder needs itself;
+    - ``supports_gradient_checkpointing``: training with the base model's gradient checkpointing gives the
+      right gradients (``False``: recipes refuse it; RCC), a fact about training, not about memories;
+    - ``card_note``: what the model card says about the method (text, not a capability).
     """
 
     compressor_type: ClassVar[str] = ""
@@ -106,17 +125,11 @@ class Compressor(nn.Module):
     memory_kind: ClassVar[str] = "kv"
     compresses_template: ClassVar[bool] = True
     uses_query: ClassVar[bool] = False
-    memory_per_query: ClassVar[bool] = False  # uses_query, and one memory per question is how it is used
-    needs_preparation: ClassVar[bool] = False
-    multi_ratio: ClassVar[bool] = False
-    shares_prefill: ClassVar[bool] = False
-    prefill_is_own_cost: ClassVar[bool] = True  # shares_prefill: the shared prefill is what it would run alone
+    memory_per_query: ClassVar[bool] = False  # implies uses_query: one memory per question is how it is used
     compresses_passages: ClassVar[bool] = False
-    reads_beyond_window: ClassVar[bool] = False  # compress() takes contexts longer than the base's positions
-    pools_contexts: ClassVar[bool] = False  # CompressedLM.compress([...]) unites the rows into one pool (InComeS)
-    # training with the base model's gradient checkpointing gives the right gradients (False: recipes refuse it)
+    reads_beyond_window: ClassVar[bool] = False
     supports_gradient_checkpointing: ClassVar[bool] = True
-    card_note: ClassVar[str] = ""  # what the model card says about the method (e.g. that it is an interpretation)
+    card_note: ClassVar[str] = ""
 
     def __init__(self, config: CompressorConfig, model: PreTrainedModel) -> None:
         super().__init__()
@@ -167,22 +180,10 @@ class Compressor(nn.Module):
     def release_training_state(self) -> None:
         """Free what only training needs (e.g. a frozen teacher copy); called on a compressor loaded for use."""
 
-    # ----- optional capabilities (declared by the class attributes above) -----------------------
-    def prepare(self) -> None:
-        """Compute or load a calibration artifact once (``needs_preparation``); a no-op otherwise."""
-
-    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        ratios: list[float]) -> list[Memory]:
-        """Memories at several ratios from one pass (``multi_ratio``)."""
-        raise NotImplementedError(f"{self.compressor_type} does not declare multi_ratio")
-
-    def prefill_needs(self) -> tuple[int, bool]:
-        """(observation window, whether token self-information is needed) of a shared prefill."""
-        raise NotImplementedError(f"{self.compressor_type} does not declare shares_prefill")
-
-    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
-        """Memories at ``ratios`` from a shared ``baselines.selection.ContextPrefill`` (``shares_prefill``)."""
-        raise NotImplementedError(f"{self.compressor_type} does not declare shares_prefill")
+    # ----- preparation and passages ---------------------------------------------------------
+    def prepare(self) -> Any:
+        """Compute or load what the method needs before its first compression (a calibration artifact), once:
+        a second call does no work. A no-op by default."""
 
     def compress_passages(self, passages: list[str], layout: Callable[[list[str]], str]) -> Memory:
         """A corpus compressed passage by passage, laid out by ``layout`` (``compresses_passages``)."""

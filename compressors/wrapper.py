@@ -88,15 +88,15 @@ class CompressedLM:
 
     @torch.no_grad()
     def compress(self, texts: str | list[str], query: str | None = None) -> Memory:
-        """Compress one context (or a batch, one memory row each) into a Memory. A method whose contexts are
-        the items of a pool (``pools_contexts``: InComeS's edits) unites a list into one pool row instead."""
+        """Compress one context (or a batch, one memory row each) into a Memory. A method whose memory kind is
+        ``pool`` (InComeS: each context is an item, e.g. an edit) unites a list into one pool row instead."""
         ids, mask = self.tokenize_context(texts)
         query_ids = None
         if query is not None:
             query_ids = torch.tensor([self.layout.encode(query)], device=self.device)
         with self.compressor.encoding():
             memory = self.compressor.compress(ids, mask, query_ids=query_ids).detach()
-        return memory.pooled() if self.compressor.pools_contexts else memory
+        return memory.pooled() if memory.kind == "pool" else memory
 
     # ----- prompts ------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt, memory: bool = True, reply_prefix: str = "") -> list[int]:

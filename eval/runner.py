@@ -2,7 +2,7 @@
 
 A *configuration* is one (task, context length, method, requested ratio). A task's pending
 configurations run sample by sample: each sample's context is prefilled ONCE (``shared_prefill``)
-for every method that can start from a prefill (``compress_from``: KV selection, the full context,
+for every method that can start from a prefill (a ``PrefillSelection``: KV selection, the full context,
 Selective Context, EHPC), and the rows of every configuration are checkpointed after each sample
 (``<output_dir>/partial/``), so a killed run resumes at the sample where it stopped. A finished
 configuration's rows and summary go to ``<output_dir>/configs/<key>.json`` (atomic) and are never
@@ -25,7 +25,7 @@ import functools
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from ctxzip.compressors import (
     load_compressor,
 )
 from ctxzip.compressors.base import EVAL_TASKS
-from ctxzip.compressors.baselines import BASELINES, FullContext, FullContextConfig
+from ctxzip.compressors.baselines import BASELINES, FullContext, FullContextConfig, PrefillSelection
 from ctxzip.compressors.baselines.selection import ContextPrefill, prefill_context
 from ctxzip.compressors.conversation import ConversationLayout
 from ctxzip.compressors.errors import ContextTooLongError, UnknownCompressorError
@@ -60,10 +60,12 @@ from .scoring import (
     time_rereading,
 )
 
-REFERENCES = ("full_context", "no_context", "truncation")
-NATIVE_LENGTH = 0  # an external benchmark's rows keep their own context lengths
-SHARED_CONTEXT_TASKS = ("niah_multikey", "fact_qa")  # several facts per context: k questions about one memory
+FULL_CONTEXT = "full_context"  # every context token kept: the ceiling, and the reference of the N-prompt timings
 NO_CONTEXT = "no_context"  # the question alone, no memory: the floor every method is read against
+REFERENCES = (FULL_CONTEXT, NO_CONTEXT, "truncation")
+NATIVE_LENGTH = 0  # an external benchmark's rows keep their own context lengths
+NATIVE_RATIO = 0.0  # the ratio a configuration is keyed by when the method's ratio is its own (learned ones)
+SHARED_CONTEXT_TASKS = ("niah_multikey", "fact_qa")  # several facts per context: k questions about one memory
 PROMPT_MARGIN = 128  # tokens reserved for the question and the answer after the context
 
 
@@ -145,7 +147,7 @@ class EvalConfig:
 def kind_of_method(name: str) -> str:
     """``baseline`` (a registered training-free name), ``untrained`` (a registered learned type, built fresh on
     the base model: the floor a trained one is read against), ``saved`` (a folder) or ``hub`` (a repo id)."""
-    if name in BASELINES or name in ("full_context", NO_CONTEXT):
+    if name in BASELINES or name == NO_CONTEXT:
         return "baseline"
     if name in COMPRESSORS:
         return "untrained"
@@ -153,7 +155,7 @@ def kind_of_method(name: str) -> str:
         return "saved"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
         return "hub"
-    known = sorted(set(BASELINES) | {"full_context", NO_CONTEXT})
+    known = sorted({*BASELINES, NO_CONTEXT})
     learned = sorted(set(COMPRESSORS) - set(BASELINES))
     raise UnknownCompressorError(
         f"unknown compressor {name!r}: not a baseline ({', '.join(known)}), not a learned type "
@@ -211,89 +213,136 @@ def task_lengths(cfg: EvalConfig, task: str) -> list[int]:
 
 
 class Method:
-    """One evaluated method: builds a compressor per ratio on a shared base model."""
+    """One evaluated method on a shared base model: builds its compressor per ratio and makes the memories of a
+    context with the time one compression costs. ``method_for`` picks the type that says how (this one: one
+    compression per ratio; ``FromPrefill``: a ``PrefillSelection`` baseline; ``NoContext``: the floor)."""
 
-    def __init__(self, name: str, model: Any, tokenizer: Any, base: str | None = None,
-                 dtype: str = "float32", label: str | None = None) -> None:
+    def __init__(self, name: str, model: Any, tokenizer: Any, learned: Compressor | None = None,
+                 label: str | None = None) -> None:
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.label = label or label_for(name)
-        self.learned: Compressor | None = None
-        if kind_of_method(name) != "baseline":
-            # its own copy of the base model: a LoRA adapter injected into the shared model would
-            # otherwise also change what the baselines read
-            self.learned = load_learned(name, base, dtype)
-        elif name not in ("full_context", NO_CONTEXT):
-            # calibrated baselines (Q-Filters, EHPC) compute or load their artifact here, once,
-            # so that it is not counted in the first sample's compression time
-            made = self.compressor(1.0)
-            if made.needs_preparation:
-                made.prepare()
+        # a learned method runs on its own copy of the base model (``method_for`` loads it): a LoRA adapter
+        # injected into the shared model would otherwise also change what the baselines read
+        self.learned = learned
+        # a calibrated baseline (Q-Filters, EHPC) computes or loads its artifact here, once, so that it is not
+        # counted in the first sample's compression time (a no-op for the others)
+        self.compressor(1.0).prepare()
 
     @property
-    def ratio_free(self) -> bool:
-        """Methods whose ratio is fixed by their own config (learned ones, the full and no context)."""
-        return self.name in ("full_context", NO_CONTEXT) or self.learned is not None
+    def takes_ratio(self) -> bool:
+        """Whether the evaluated ratios are this method's own setting (a training-free method with a ``ratio``)."""
+        return self.learned is None and any(f.name == "ratio" for f in fields(COMPRESSORS[self.name].config_class))
+
+    def ratios(self, requested: list[float]) -> list[float]:
+        """The ratios its configurations run at: the requested ones when it takes a ratio; else one, keyed
+        ``NATIVE_RATIO`` for a learned method (its ratio is its own config's), and 1 for a training-free one
+        without a ratio (the full context)."""
+        if self.takes_ratio:
+            return list(requested)
+        return [NATIVE_RATIO] if self.learned is not None else [1.0]
 
     @property
     def reads_beyond_window(self) -> bool:
-        """Whether the method runs on contexts longer than the base model's positions (no context always does)."""
-        if self.name == NO_CONTEXT:
-            return True
-        if self.learned is not None:
-            return self.learned.reads_beyond_window
-        return COMPRESSORS[self.name].reads_beyond_window
+        """Whether the method runs on contexts longer than the base model's positions."""
+        return (self.learned if self.learned is not None else COMPRESSORS[self.name]).reads_beyond_window
 
     def compressor(self, ratio: float) -> Compressor:
         if self.learned is not None:
             return self.learned
-        if self.name in ("full_context", NO_CONTEXT):  # no_context: its decoder, given no memory
-            return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
         cls = COMPRESSORS[self.name]
-        made = cls(cls.config_class.from_dict({"ratio": ratio, "max_context_tokens": 10**9}), self.model).eval()
-        return made.use_tokenizer(self.tokenizer)
+        settings = {"max_context_tokens": 10**9, **({"ratio": ratio} if self.takes_ratio else {})}
+        return cls(cls.config_class.from_dict(settings), self.model).eval().use_tokenizer(self.tokenizer)
 
     def prefill_needs(self) -> tuple[int, bool] | None:
         """What a shared prefill must hold for this method (window, token NLL), or None when the
-        method cannot start from one (it re-encodes, or it is learned)."""
-        if not hasattr(self, "_needs"):
-            made = None if self.learned is not None or self.name == NO_CONTEXT else self.compressor(2.0)
-            self._needs = made.prefill_needs() if made is not None and made.shares_prefill else None
-        return self._needs
+        method does not start from one (only a ``FromPrefill`` method does)."""
+        return None
 
     def memories(self, ratios: list[float], context: str, prefill: ContextPrefill | None = None,
                  time_alone: bool = False, passages: list[str] | None = None,
                  question: str | None = None) -> tuple[list[Any], float | None]:
-        """Memories of ``context`` for each ratio and the seconds one compression takes. From a
-        shared ``prefill``, that is its time plus this method's own selection when the method's
-        own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's
-        early-exit pass) the method runs alone when ``time_alone`` and the time is None elsewhere."""
-        if self.name == NO_CONTEXT:
-            return [None] * len(ratios), 0.0
+        """Memories of ``context`` for each ratio and the seconds one compression takes. A passage compressor
+        (CoLoR) on a corpus task (``passages``) compresses each passage on its own; otherwise the method's type
+        says how (``compress_context``)."""
         first = self.compressor(ratios[0])
-        if passages and first.compresses_passages:  # a passage compressor (CoLoR) on a corpus task
+        if passages and first.compresses_passages:
             start = time.perf_counter()
             mems = [first.compress_passages(passages, layout_passages) for _ in ratios]
             return mems, (time.perf_counter() - start) / len(ratios)
+        return self.compress_context(first, ratios, context, prefill, time_alone, question)
+
+    def compress_context(self, first: Compressor, ratios: list[float], context: str, prefill: ContextPrefill | None,
+                         time_alone: bool, question: str | None) -> tuple[list[Any], float | None]:
+        """One compression per ratio (``first``: the compressor at ``ratios[0]``); the time is the longest one,
+        work done earlier and cached (SoftPromptComp's summaries) charged as if done now. The memory is made for
+        the question when the method makes one per question (``memory_per_query``)."""
+        mems, spent = [], 0.0
+        for ratio in ratios:
+            clm = CompressedLM(self.compressor(ratio), self.tokenizer)
+            start = time.perf_counter()
+            memory = memory_for(clm, context, question)
+            spent = max(spent, time.perf_counter() - start + memory.meta.get("cached_compute_s", 0.0))
+            mems.append(memory)
+        return mems, spent
+
+
+class FromPrefill(Method):
+    """A method whose compressor is a ``PrefillSelection`` (the full context, KV selection, Selective Context,
+    EHPC): its memories come from the sample's shared prefill, or from one pass of its own at every ratio."""
+
+    def prefill_needs(self) -> tuple[int, bool] | None:
+        if not hasattr(self, "_needs"):
+            self._needs = self.compressor(2.0).prefill_needs()
+        return self._needs
+
+    def compress_context(self, first: Compressor, ratios: list[float], context: str, prefill: ContextPrefill | None,
+                         time_alone: bool, question: str | None) -> tuple[list[Any], float | None]:
+        """From a shared ``prefill``: the time is its time plus this method's own selection when the method's
+        own path is exactly a full prefill + selection (``prefill_is_own_cost``); otherwise (EHPC's early-exit
+        pass) the method runs alone when ``time_alone`` and the time is None elsewhere. Alone: every ratio
+        from one pass (``compress_ratios``), timed once."""
         own_cost = first.prefill_is_own_cost
-        if prefill is not None and self.prefill_needs() is not None and (own_cost or not time_alone):
+        if prefill is not None and (own_cost or not time_alone):
             start = time.perf_counter()
             mems = [m.detach() for m in first.compress_from(prefill, ratios)]
             return mems, (prefill.seconds + time.perf_counter() - start) if own_cost else None
-        if first.multi_ratio and len(ratios) > 1:
+        if len(ratios) > 1:
             ids, mask = CompressedLM(first, self.tokenizer).tokenize_context(context)
             start = time.perf_counter()
             with torch.no_grad():
                 mems = [m.detach() for m in first.compress_ratios(ids, mask, ratios)]
             return mems, time.perf_counter() - start
-        mems, spent = [], 0.0
-        for ratio in ratios:
-            clm = CompressedLM(self.compressor(ratio), self.tokenizer)
-            start = time.perf_counter()
-            memory = memory_for(clm, context, question)  # for the question when the method makes one per question
-            # work done earlier and cached (SoftPromptComp's summaries) is charged as if done now
-            spent = max(spent, time.perf_counter() - start + memory.meta.get("cached_compute_s", 0.0))
-            mems.append(memory)
-        return mems, spent
+        return super().compress_context(first, ratios, context, prefill, time_alone, question)
+
+
+class NoContext(Method):
+    """The floor: the question alone, with no memory (read by the full context's decoder, given none). It runs
+    at every length, and making its (absent) memory costs nothing."""
+
+    @property
+    def reads_beyond_window(self) -> bool:
+        return True  # no context is never too long
+
+    def ratios(self, requested: list[float]) -> list[float]:
+        return [NATIVE_RATIO]
+
+    def compressor(self, ratio: float) -> Compressor:
+        return FullContext(FullContextConfig(max_context_tokens=10**9), self.model).eval()
+
+    def compress_context(self, first: Compressor, ratios: list[float], context: str, prefill: ContextPrefill | None,
+                         time_alone: bool, question: str | None) -> tuple[list[Any], float | None]:
+        return [None] * len(ratios), 0.0
+
+
+def method_for(name: str, model: Any, tokenizer: Any, base: str | None = None, dtype: str = "float32",
+               label: str | None = None) -> Method:
+    """The evaluated method ``name`` (``kind_of_method``), of the type that says how it makes its memories."""
+    if name == NO_CONTEXT:
+        return NoContext(name, model, tokenizer, label=label)
+    learned = None if kind_of_method(name) == "baseline" else load_learned(name, base, dtype)
+    kind = type(learned) if learned is not None else COMPRESSORS[name]
+    cls = FromPrefill if issubclass(kind, PrefillSelection) else Method
+    return cls(name, model, tokenizer, learned=learned, label=label)
 
 
 def shared_prefill(methods: list[Method], model: Any, tokenizer: Any, context: str) -> ContextPrefill | None:
@@ -322,7 +371,7 @@ def beyond_window(model: Any, length: int) -> bool:
 def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
     """Refuse a length at which no evaluated method but no-context can run; say which are skipped."""
     for length in (n for n in lengths if beyond_window(model, n)):
-        able = [m.label for m in methods if m.reads_beyond_window and m.name != NO_CONTEXT]
+        able = [m.label for m in methods if m.reads_beyond_window and not isinstance(m, NoContext)]
         if not able:
             raise ContextTooLongError(
                 f"context length {length} (+{PROMPT_MARGIN} tokens for the question and answer) exceeds the base "
@@ -357,7 +406,7 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
-    methods = [Method(name, model, tokenizer, base, cfg.dtype) for name in names]
+    methods = [method_for(name, model, tokenizer, base, cfg.dtype) for name in names]
     check_length(model, cfg.context_lengths, methods)
     plan = []  # (task label, length, method, pending ratios)
     for task in (task_label(cfg, t) for t in cfg.tasks):
@@ -365,9 +414,7 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
             for method in methods:
                 if beyond_window(model, length) and not method.reads_beyond_window:
                     continue
-                # ratio 0 = "native": a learned compressor's ratio is fixed by its own config
-                ratios = ([1.0] if method.name == "full_context" else [0.0]) if method.ratio_free else cfg.ratios
-                pending = [r for r in ratios
+                pending = [r for r in method.ratios(cfg.ratios)
                            if not (out / "configs" / f"{config_key(task, length, method.label, r)}.json").exists()]
                 if pending:
                     plan.append((task, length, method, pending))
@@ -451,9 +498,9 @@ def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, 
             clm, memory, sample["question"], cfg.decode_steps)
         # N prompts from one context, timed end to end (the same question N times: the cost, not the answers)
         prompts, prefix = [sample["question"]] * cfg.n_prompts, sample.get("answer_prefix") or ""
-        context = None if method.name == NO_CONTEXT else sample["context"]
+        context = None if memory is None else sample["context"]  # no memory (the floor): the prompts alone
         result["n_prompts_s"] = time_many_prompts(clm, context, prompts, cfg.max_new_tokens, prefix)
-        if method.name == "full_context":
+        if method.name == FULL_CONTEXT:
             result["n_prompts_reread_s"] = time_rereading(clm, sample["context"], prompts, cfg.max_new_tokens, prefix)
     return result
 
@@ -473,7 +520,7 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
         summaries = [s for s in summaries if s["task"] in tasks and s["context_length"] in lengths
                      and s["method"] in labels]
     n_prompts = cfg.n_prompts if cfg is not None else 10
-    full = {(s["task"], s["context_length"]): s for s in summaries if s["method"] == "full_context"}
+    full = {(s["task"], s["context_length"]): s for s in summaries if s["method"] == FULL_CONTEXT}
     for s in summaries:
         s["n_prompts"] = n_prompts
         ref = full.get((s["task"], s["context_length"]), {})

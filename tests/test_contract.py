@@ -3,7 +3,8 @@
 Each compressor: its memory survives a save/load round trip; a batch of contexts gives each row what the
 context alone gives; ``CompressedLM`` generates with and without a memory (without one it is plain chat
 generation, whatever the compressor); one memory row answers many prompts as each would be answered
-alone; declared capabilities do what they declare; and, where the method has a ratio 1, the memory
+alone; declared capabilities do what they declare, and the kinds of method that are types (``PrefillSelection``)
+keep their promises; ``prepare()`` does its work once; and, where the method has a ratio 1, the memory
 through ``CompressedLM`` generates exactly what plain ``model.generate`` generates for the conversation.
 """
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from ctxzip.compressors import COMPRESSORS, CompressedLM, Memory, compressor_class, load_base
-from ctxzip.compressors.baselines.selection import prefill_context
+from ctxzip.compressors.baselines.selection import PrefillSelection, prefill_context
 from ctxzip.compressors.conversation import ConversationLayout
 from ctxzip.compressors.models import tiny_llama
 
@@ -70,8 +71,7 @@ def build(name: str, config: dict, base) -> CompressedLM:
     cls = compressor_class(name)
     compressor = cls(cls.config_class.from_dict(config), model).eval()
     clm = CompressedLM(compressor, tokenizer)
-    if compressor.needs_preparation:
-        compressor.prepare()
+    compressor.prepare()  # every compressor has it (a no-op but for the calibrated baselines), as the eval runner calls it
     return clm
 
 
@@ -114,9 +114,9 @@ def test_generation_without_a_memory_is_plain_chat_generation(clm: CompressedLM)
 
 
 def memory_rows(clm: CompressedLM, contexts: list[str]) -> Memory:
-    """One memory row per context: ``CompressedLM.compress``, except for a method whose contexts are the items of
-    a pool (``pools_contexts``), where that unites them and the compressor itself gives the rows."""
-    if not clm.compressor.pools_contexts:
+    """One memory row per context: ``CompressedLM.compress``, except for a method whose memory kind is ``pool`` (its
+    contexts are the items of one pool), where that unites them and the compressor itself gives the rows."""
+    if clm.compressor.memory_kind != "pool":
         return clm.compress(contexts)
     ids, mask = clm.tokenize_context(contexts)
     with torch.no_grad(), clm.compressor.encoding():
@@ -159,23 +159,66 @@ def test_decoder_reports_what_it_read_and_declared_capabilities_hold(clm: Compre
     assert step.logits.shape[:2] == prompt.shape
     assert len(step.memory_tokens) == 1 and step.memory_tokens[0] > 0
     ids, mask = clm.tokenize_context(CONTEXTS[0])
-    if compressor.multi_ratio:
-        (again,) = compressor.compress_ratios(ids, mask, [compressor.compressor_config.ratio])
+    if isinstance(compressor, PrefillSelection):  # the type's promises: several ratios from one pass, a shared prefill
+        ratio = getattr(compressor.compressor_config, "ratio", 1.0)  # the full context has none: it is 1
+        again, other = compressor.compress_ratios(ids, mask, [ratio, 2 * ratio])
         assert again.slots == memory.slots and again.ratio == pytest.approx(memory.ratio)
-    if compressor.shares_prefill:
+        for name, tensor in memory.tensors.items():
+            torch.testing.assert_close(again.tensors[name], tensor)
         window, nll = compressor.prefill_needs()
         prefill = prefill_context(compressor.base_lm, ids, window, nll)
-        ratio = getattr(compressor.compressor_config, "ratio", 1.0)
-        (shared,) = compressor.compress_from(prefill, [ratio])
+        shared, shared_other = compressor.compress_from(prefill, [ratio, 2 * ratio])
         for name, tensor in memory.tensors.items():
             torch.testing.assert_close(shared.tensors[name], tensor)
+        assert shared_other.slots == other.slots
+        assert isinstance(compressor.prefill_is_own_cost, bool)
     with_query = clm.compress(CONTEXTS[0], query=PROMPTS[0])
     same = with_query.slots == memory.slots and all(torch.equal(with_query.tensors[k], v) for k, v in memory.tensors.items())
     assert same != compressor.uses_query  # a query changes the memory exactly when the method declares it reads one
+    assert compressor.uses_query or not compressor.memory_per_query  # a memory per question reads the question
+    if compressor.compresses_passages:  # a corpus, passage by passage: one row of the method's kind
+        corpus = compressor.compress_passages(CONTEXTS, "\n".join)
+        assert corpus.batch_size == 1 and corpus.kind == compressor.memory_kind
+        assert corpus.source_tokens == [len(clm.layout.encode("\n".join(CONTEXTS)))]
+    else:
+        with pytest.raises(NotImplementedError):
+            compressor.compress_passages(CONTEXTS, "\n".join)
     if not compressor.compresses_template:
         assert memory.source_tokens[0] == len(clm.layout.encode(CONTEXTS[0]))
     else:
         assert memory.source_tokens[0] == len(clm.layout.context_ids(CONTEXTS[0]))
+
+
+#: The methods whose memories come from one full prefill of the context (the eval runner shares it among them).
+FROM_PREFILL = {"full_context", "snapkv", "streaming_llm", "chunkkv", "pyramidkv", "qfilters", "selective_context", "ehpc"}
+#: Flags the contract no longer has: a kind of memory (``pool``) or of method (``PrefillSelection``) says them, and
+#: ``prepare()`` is always called. A class still declaring one would be silently ignored.
+RETIRED_FLAGS = ("pools_contexts", "needs_preparation", "multi_ratio", "shares_prefill")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_kinds_of_memory_and_method_are_types_not_flags(name: str) -> None:
+    cls = compressor_class(name)
+    assert not [flag for flag in RETIRED_FLAGS if hasattr(cls, flag)]
+    assert issubclass(cls, PrefillSelection) == (name in FROM_PREFILL)
+    if not issubclass(cls, PrefillSelection):  # what only the type provides
+        assert not any(hasattr(cls, a) for a in ("prefill_needs", "compress_from", "compress_ratios", "prefill_is_own_cost"))
+
+
+@pytest.mark.parametrize("clm", ALL, indirect=True)
+def test_prepare_does_its_work_once(clm: CompressedLM, monkeypatch) -> None:
+    """``prepare()`` is idempotent: a second call neither reads nor computes a calibration artifact again, and the
+    memory is the one made after the first call."""
+    before = clm.compress(CONTEXTS[0])
+
+    def again(*args, **kwargs):
+        raise AssertionError("prepare() did its work a second time")
+
+    for module in ("qfilters", "ehpc"):
+        monkeypatch.setattr(f"ctxzip.compressors.baselines.{module}.load_or_compute", again)
+    clm.compressor.prepare()
+    after = clm.compress(CONTEXTS[0])
+    assert after.slots == before.slots and all(torch.equal(after.tensors[k], v) for k, v in before.tensors.items())
 
 
 @pytest.mark.parametrize("name", sorted(RATIO_ONE))

@@ -270,3 +270,47 @@ def test_a_method_that_makes_a_memory_per_question_gets_one_for_each_and_the_tab
     results = json.loads((out / "metrics.json").read_text())["results"]
     assert any(r["method"] == "qd (a memory per question)" for r in results)
     assert "(a memory per question)" in (out / "report.md").read_text()
+
+
+def test_each_method_is_the_type_that_says_how_it_makes_its_memories_and_what_they_cost(monkeypatch):
+    """``method_for`` picks the type once (a ``PrefillSelection`` baseline starts from the shared prefill, the floor
+    has no memory, the others compress per ratio); ``compress_s`` keeps its meaning on every path."""
+    import torch
+
+    from ctxzip.compressors import load_base
+    from ctxzip.compressors.baselines import SnapKV
+    from ctxzip.eval import runner
+
+    model, tokenizer = load_base("tiny-random-llama")
+    model.eval()
+    names = ("full_context", "no_context", "truncation", "snapkv", "selective_context")
+    made = {name: runner.method_for(name, model, tokenizer) for name in names}
+    assert {name: type(m).__name__ for name, m in made.items()} == {
+        "full_context": "FromPrefill", "no_context": "NoContext", "truncation": "Method", "snapkv": "FromPrefill",
+        "selective_context": "FromPrefill"}
+    assert [made[n].ratios([2.0, 4.0]) for n in names] == [[1.0], [0.0], [2.0, 4.0], [2.0, 4.0], [2.0, 4.0]]
+    assert [made[n].reads_beyond_window for n in names] == [False, True, True, False, False]
+    assert [made[n].prefill_needs() for n in names] == [(0, False), None, None, (32, False), (0, True)]
+    context = "The pass key is 48213. Remember it. " + "Grass is green. " * 12
+    prefill = runner.shared_prefill(list(made.values()), model, tokenizer, context)
+    assert prefill.window == 32 and prefill.token_nll is not None
+
+    def same(first, second):
+        return [m.slots for m in first] == [m.slots for m in second] and all(
+            torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5) for a, b in zip(first, second) for k in a.tensors)
+
+    # from the shared prefill: its time plus the selection's; alone: every ratio from one pass of its own
+    shared, shared_s = made["snapkv"].memories([2.0, 4.0], context, prefill, time_alone=True)
+    alone, alone_s = made["snapkv"].memories([2.0, 4.0], context)
+    assert same(shared, alone) and shared_s >= prefill.seconds and alone_s > 0
+    (full,), full_s = made["full_context"].memories([1.0], context, prefill)
+    assert full.slots == prefill.length and full_s >= prefill.seconds
+    # a method whose own pass is not a full prefill (EHPC) runs alone on the timed samples, untimed elsewhere
+    monkeypatch.setattr(SnapKV, "prefill_is_own_cost", False)
+    timed, timed_s = made["snapkv"].memories([2.0, 4.0], context, prefill, time_alone=True)
+    untimed, untimed_s = made["snapkv"].memories([2.0, 4.0], context, prefill, time_alone=False)
+    assert same(timed, alone) and same(untimed, alone) and timed_s is not None and untimed_s is None
+    # one compression per ratio: the longest one; the floor has no memory and costs nothing
+    kept, kept_s = made["truncation"].memories([2.0, 4.0], context, prefill)
+    assert [m.ratio for m in kept] == [pytest.approx(2.0, rel=0.1), pytest.approx(4.0, rel=0.1)] and kept_s > 0
+    assert made["no_context"].memories([0.0], context, prefill) == ([None], 0.0)

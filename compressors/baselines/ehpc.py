@@ -57,12 +57,14 @@ from typing import Any
 import torch
 
 from ..attention import QueryCapture
-from ..base import Compressor, CompressorConfig, register_compressor
+from ..base import CompressorConfig, register_compressor
 from ..compat import cache_of, with_cache
 from ..memory import Memory
 from .calibration import calibration_text, get_tokenizer, load_or_compute
 from .full_context import prefill_kv
 from .selection import (
+    ContextPrefill,
+    PrefillSelection,
     budget_for,
     keep_template,
     pool,
@@ -167,18 +169,18 @@ class _Stop(Exception):
 
 
 @register_compressor
-class EHPC(Compressor):
+class EHPC(PrefillSelection):
     compressor_type = "ehpc"
     config_class = EHPCConfig
     memory_kind = "kv"
-    multi_ratio = True
-    shares_prefill = True
-    needs_preparation = True
     uses_query = True  # with query_ids, the evaluator heads score the context from the question
     # ``tokenizer`` (from ``use_tokenizer``) builds the probe; without it, the base model's name's is loaded
 
     def prepare(self) -> torch.Tensor:
-        """Load the head scores for this base model (probing and saving them on first use)."""
+        """Load the head scores for this base model (probing and saving them on first use); once: a second call
+        returns them without reading the artifact again."""
+        if getattr(self, "head_scores", None) is not None:
+            return self.head_scores
         cfg = self.compressor_config
 
         def compute() -> dict[str, torch.Tensor]:
@@ -246,9 +248,9 @@ class EHPC(Compressor):
         return self.compressor_config.window, False
 
     @torch.no_grad()
-    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
+    def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:
         """The memories ``compress_ratios`` makes without a question, scored from a shared
-        ``snapkv.ContextPrefill`` (the evaluator layer's queries and keys are in it) instead of an
+        ``ContextPrefill`` (the evaluator layer's queries and keys are in it) instead of an
         early-exit pass; only the re-encoding of the kept tokens runs the model."""
         n, window = prefill.length, min(self.compressor_config.window, prefill.length)
         if prefill.window < window:

@@ -1,15 +1,18 @@
-"""Full context: the KV cache of every context token (ratio 1). The ceiling every method is measured against."""
+"""Full context: the KV cache of every context token (ratio 1). The ceiling every method is measured against.
+
+It is a ``PrefillSelection`` that keeps everything: from the eval runner's shared prefill of a sample, its memory
+is that prefill's cache (``compress_from``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..base import Compressor, CompressorConfig, register_compressor
 from ..compat import cache_of
 from ..memory import Memory, kv_tensors
+from .selection import ContextPrefill, PrefillSelection
 
 
 @dataclass
@@ -26,11 +29,10 @@ def prefill_kv(compressor: Compressor, ids: torch.Tensor, mask: torch.Tensor) ->
 
 
 @register_compressor
-class FullContext(Compressor):
+class FullContext(PrefillSelection):
     compressor_type = "full_context"
     config_class = FullContextConfig
     memory_kind = "kv"
-    shares_prefill = True
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -43,8 +45,8 @@ class FullContext(Compressor):
     def prefill_needs(self) -> tuple[int, bool]:
         return 0, False
 
-    def compress_from(self, prefill: Any, ratios: list[float]) -> list[Memory]:
-        """The full cache of a shared ``snapkv.ContextPrefill`` (every requested ratio is 1 here)."""
+    def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:
+        """The full cache of a shared ``ContextPrefill`` (every requested ratio is 1 here)."""
         n = prefill.length
         return [self.new_memory(dict(prefill.kv), source_tokens=[n], slots=n, position_offset=[n])
                 for _ in ratios]

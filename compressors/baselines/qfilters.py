@@ -132,11 +132,13 @@ class QFilters(KVSelection):
     compressor_type = "qfilters"
     config_class = QFiltersConfig
     needs_scores = False
-    needs_preparation = True
     # ``tokenizer`` (from ``use_tokenizer``) reads the calibration text; without it, the base model's name's
 
     def prepare(self) -> torch.Tensor:
-        """Load the filters for this base model (computing and saving them on first use)."""
+        """Load the filters for this base model (computing and saving them on first use); once: a second call
+        returns them without reading the artifact again."""
+        if getattr(self, "_filters", None) is not None:
+            return self._filters
         cfg = self.compressor_config
 
         def compute() -> dict[str, torch.Tensor]:

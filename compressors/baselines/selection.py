@@ -3,10 +3,13 @@
 ``prefill_context`` runs ONE full prefill of a context row and returns it as a value (``ContextPrefill``:
 the KV cache, the observation window's queries caught by ``attention.QueryCapture``, optionally every
 token's self-information), so that the eval runner can do one prefill per sample for every method that
-starts from it (``Compressor.shares_prefill``: ``compress_from``). ``KVSelection`` is the base of the
+starts from it. ``PrefillSelection`` is the type of those methods (the full context, the KV-selection
+methods, Selective Context, EHPC): ``prefill_needs`` / ``compress_from`` (memories from a prefill made by
+someone else), ``compress_ratios`` (several ratios from one pass of their own) and ``prefill_is_own_cost``
+(how the eval runner times a memory made from a shared prefill). ``KVSelection`` is the base of the
 methods that keep, per layer and KV head, a subset of the cached positions (SnapKV, StreamingLLM,
 ChunkKV, PyramidKV, Q-Filters): one prefill, a score per position, the top ``budget_for(n, ratio)``
-positions gathered into a smaller real KV cache (``compress_ratios``: several ratios from one pass).
+positions gathered into a smaller real KV cache.
 ``budget_rounding`` (every selection config) picks that budget: ``"ceil"`` (default,
 ``ceil(n / ratio)``) or ``"kvpress"`` (``int(n * (1 - compression_ratio))`` with
 ``compression_ratio = 1 - 1 / ratio``, as kvpress's presses; one slot less when ``n / ratio`` is not
@@ -27,7 +30,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -219,7 +222,49 @@ def stack_padded(memories: list[Memory]) -> Memory:
     return joined
 
 
-class KVSelection(Compressor):
+class PrefillSelection(Compressor):
+    """A training-free method whose memories come from ONE full prefill of the context (``ContextPrefill``):
+    its whole KV (the full context), a per-head selection of it (``KVSelection``), or the kept tokens
+    re-encoded (Selective Context, EHPC).
+
+    Being one says three things the eval runner relies on: ``compress_from`` makes the memories at any
+    number of ratios from a prefill made by someone else (the runner prefills each sample ONCE for every such
+    method, holding ``prefill_needs()``); ``compress_ratios`` makes them from one pass of its own; and
+    ``prefill_is_own_cost`` says whether a full prefill + ``compress_from`` is exactly what the method runs
+    alone (then the time of a memory made from a shared prefill is the prefill's plus the selection's). A
+    subclass implements ``prefill_needs`` and ``compress_from``; ``compress_ratios`` defaults to a prefill of
+    each context row of its own, then ``compress_from``.
+    """
+
+    #: A full prefill + ``compress_from`` is the method's own path (False: its own pass differs, e.g. EHPC's
+    #: early exit, so the runner times it alone on the timed samples).
+    prefill_is_own_cost: ClassVar[bool] = True
+
+    def prefill_needs(self) -> tuple[int, bool]:
+        """(observation window, whether token self-information is needed) of a prefill ``compress_from`` takes."""
+        raise NotImplementedError
+
+    def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:
+        """Memories at ``ratios`` from ``prefill`` (made by ``prefill_context`` with at least ``prefill_needs()``)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        ratios: list[float]) -> list[Memory]:
+        """Memories at several ratios from ONE prefill (and one scoring pass) of each context row."""
+        for ratio in ratios:
+            if ratio < 1:
+                raise ValueError(f"ratio must be >= 1, got {ratio}")
+        mask = self.check_context(context_ids, attention_mask)
+        window, token_nll = self.prefill_needs()
+        rows = []
+        for row in range(context_ids.shape[0]):  # rows have their own length, hence their own budget
+            ids = context_ids[row:row + 1, mask[row].bool()]
+            rows.append(self.compress_from(prefill_context(self.base_lm, ids, window, token_nll), ratios))
+        return [stack_padded([r[i] for r in rows]) for i in range(len(ratios))]
+
+
+class KVSelection(PrefillSelection):
     """Base of the KV-eviction baselines: one prefill, then per-layer, per-head kept positions.
 
     Subclasses implement ``layer_indices(layer, scores, budget) -> [B, Hkv, budget]`` (sorted
@@ -229,33 +274,12 @@ class KVSelection(Compressor):
 
     config_class = KVSelectionConfig
     memory_kind = "kv"
-    multi_ratio = True
-    shares_prefill = True
     needs_scores = True
 
     @torch.no_grad()
     def compress(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
-
-    @torch.no_grad()
-    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        ratios: list[float]) -> list[Memory]:
-        """Memories at several ratios from ONE prefill (and one scoring pass) of the context."""
-        for ratio in ratios:
-            if ratio < 1:
-                raise ValueError(f"ratio must be >= 1, got {ratio}")
-        mask = self.check_context(context_ids, attention_mask)
-        rows = []
-        for row in range(context_ids.shape[0]):  # rows have their own length, hence their own budget
-            real = mask[row].bool()
-            ids = context_ids[row:row + 1, real]
-            rows.append(self._compress_row(ids, ratios))
-        return [stack_padded([r[i] for r in rows]) for i in range(len(ratios))]
-
-    def _compress_row(self, ids: torch.Tensor, ratios: list[float]) -> list[Memory]:
-        window, token_nll = self.prefill_needs()
-        return self.compress_from(prefill_context(self.base_lm, ids, window, token_nll), ratios)
 
     def prefill_needs(self) -> tuple[int, bool]:
         """(observation window, whether token self-information is needed) of a shared prefill."""

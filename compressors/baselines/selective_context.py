@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from ..base import Compressor, CompressorConfig, register_compressor
+from ..base import CompressorConfig, register_compressor
 from ..memory import Memory
 from .full_context import prefill_kv
-from .selection import ContextPrefill, budget_for, keep_template, prefill_context, stack_padded
+from .selection import ContextPrefill, PrefillSelection, budget_for, keep_template, prefill_context
 
 
 @dataclass
@@ -72,7 +72,7 @@ def select_units(info: list[float], units: list[list[int]], budget: int) -> list
 
 
 @register_compressor
-class SelectiveContext(Compressor):
+class SelectiveContext(PrefillSelection):
     compressor_type = "selective_context"
     config_class = SelectiveContextConfig
     memory_kind = "kv"
@@ -82,8 +82,6 @@ class SelectiveContext(Compressor):
                  query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> Memory:
         return self.compress_ratios(context_ids, attention_mask, [self.compressor_config.ratio])[0]
 
-    multi_ratio = True
-    shares_prefill = True
     tokenizer_pieces = None  # set by ``use_tokenizer``; without it every token is its own unit
 
     def use_tokenizer(self, tokenizer: Any, use_chat_template: bool = True) -> SelectiveContext:
@@ -98,18 +96,6 @@ class SelectiveContext(Compressor):
 
     def prefill_needs(self) -> tuple[int, bool]:
         return 0, True
-
-    @torch.no_grad()
-    def compress_ratios(self, context_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        ratios: list[float]) -> list[Memory]:
-        if any(r < 1 for r in ratios):
-            raise ValueError(f"ratio must be >= 1, got {ratios}")
-        mask = self.check_context(context_ids, attention_mask)
-        per_row = []
-        for row in range(context_ids.shape[0]):
-            ids = context_ids[row:row + 1, mask[row].bool()]
-            per_row.append(self.compress_from(prefill_context(self.base_lm, ids, token_nll=True), ratios))
-        return [stack_padded([r[i] for r in per_row]) for i in range(len(ratios))]
 
     @torch.no_grad()
     def compress_from(self, prefill: ContextPrefill, ratios: list[float]) -> list[Memory]:

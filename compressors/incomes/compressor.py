@@ -27,8 +27,8 @@ has one) while the queries are rotated, as the public code does (``gist_key_rope
 The memory (kind ``pool``): ``key.{layer}`` / ``value.{layer}`` ``[rows, entries, kv_heads, head_dim]`` for
 each gist layer, ``edit_id`` ``[rows, entries]`` (a stable 63-bit hash of each edit's tokens: which edit an
 entry came from) and ``slot_mask`` when rows hold different numbers of entries. ``compress`` gives one row
-per edit (the contract); ``CompressedLM.compress([...])`` unites the edits into one pool
-(``pools_contexts``). A pool records the gist layers and ``gist_key_rope`` and is refused by a compressor
+per edit (the contract); ``CompressedLM.compress([...])`` unites the edits into one pool (what it does for
+every ``pool`` memory). A pool records the gist layers and ``gist_key_rope`` and is refused by a compressor
 configured otherwise (or built on another base); one made by a differently trained compressor of the same
 configuration is not detected. ``nbytes`` per edit on SmolLM2-135M (15 gist layers, 3 KV heads of 64) in fp32:
 15 x 2 x 3 x 64 x 4 + 8 = 23,048 bytes. Its ratio is edit tokens per entry.
@@ -112,7 +112,6 @@ class InComeSCompressor(Compressor):
     config_class = InComeSConfig
     memory_kind = "pool"
     compresses_template = False  # an edit is read as bare text; the decoder keeps the template's prefix as text
-    pools_contexts = True
     card_note = ("InComeS (arXiv 2505.22156), for model editing: `clm.compress([edit, ...])` makes one `pool` memory "
                  "of the edits (one gist key/value entry per edit in each upper layer), `pool.cat(clm.compress([...]))` "
                  "adds edits, `clm.generate(question, memory=pool)` answers with them. Distilled from the frozen base "

@@ -133,7 +133,7 @@ def evaluate_edits(methods: dict[str, CompressedLM], records: Sequence[dict[str,
     if not methods:
         raise ValueError("evaluate_edits needs at least one pool method")
     for label, clm in methods.items():
-        if not clm.compressor.pools_contexts:
+        if clm.compressor.memory_kind != "pool":
             raise ValueError(f"{label}: a {clm.compressor.compressor_type} compressor does not make pools of edits")
     first = unedited or next(iter(methods.values()))
     plans = {size: pools_for(records, size, queries_per_size) for size in pool_sizes}
