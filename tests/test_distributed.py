@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,28 @@ def test_color_dpo_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_
     assert (outs["zero2"] / "color_data" / "pairs" / "stage.json").is_file()
     for out in outs.values():
         assert_lora_trained(out)
+
+
+def test_two_machines_train_as_one(tiny_folder: Path, tmp_path: Path) -> None:
+    """accelerate_configs/multi_node_zero2.yaml on two "machines" on localhost (one process each, the standard
+    launcher: torchrun per machine): the first loss equals the one-process run's, and machine 0 exports."""
+    args = ["--config", str(ROOT / "recipes/configs/gist/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
+            "--train_samples_per_task", "4", "--context_tokens", "40", "--segment_length", "32", "--lora_r", "4",
+            "--num_eval_samples", "0"]
+    run("gist", args, tmp_path / "single", None)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outs = [tmp_path / f"machine{rank}" for rank in (0, 1)]
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "accelerate_configs" / "multi_node_zero2.yaml"), "--num_processes", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(ROOT / "recipes" / "gist.py"), *args,
+         *ONE_STEP, "--output_dir", str(out), "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank, out in zip((0, 1), outs)]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert first_loss(outs[0]) == pytest.approx(first_loss(tmp_path / "single"), rel=2e-4, abs=2e-4)
+    assert_lora_trained(outs[0])
