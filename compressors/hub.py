@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,20 +140,31 @@ def _save_adapters(compressor: Compressor, folder: Path, meta: dict[str, Any],
             write_json_atomic(target / ADAPTER_CONFIG, adapter_config, sort_keys=True)
 
 
-def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is treated as a Hub repo id and downloaded."""
+def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
+    """A local folder as is; anything else is treated as a Hub repo id and downloaded with ``snapshot_download``
+    (``revision``: a branch, tag or commit; ``token``, ``cache_dir`` and ``local_files_only`` as there)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
-        return Path(snapshot_download(str(name_or_path), revision=revision))
+        return Path(snapshot_download(str(name_or_path), revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=local_files_only))
     except (RepositoryNotFoundError, HFValidationError) as exc:
         raise CtxzipError(f"{name_or_path!r} is neither a local folder nor a Hub repo: {exc}") from exc
     except RevisionNotFoundError as exc:  # not a RepositoryNotFoundError: the repo exists
         raise CtxzipError(f"the Hub repo {name_or_path!r} has no revision {revision!r}: {exc}") from exc
+    except LocalEntryNotFoundError as exc:  # local_files_only, HF_HUB_OFFLINE, or the Hub cannot be reached
+        raise CtxzipError(f"{name_or_path!r} is not a local folder, and its Hub snapshot (revision {revision!r}) is "
+                          f"not in the local cache while the Hub is not reached: {exc}") from exc
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -192,13 +204,24 @@ def check_base_model(meta: dict[str, Any], model: PreTrainedModel,
 
 def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | None = None,
                     tokenizer: PreTrainedTokenizerBase | None = None, base_model: str | None = None,
-                    dtype: str | torch.dtype | None = "float32", revision: str | None = None,
+                    dtype: str | torch.dtype | None = "float32", revision: str | None = None, *,
+                    device_map: str | dict[str, Any] | None = None, token: str | bool | None = None,
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                     ) -> tuple[Compressor, PreTrainedTokenizerBase]:
-    """Load a saved compressor onto ``model`` (or onto its recorded base model, loaded here)."""
-    folder = resolve_folder(name_or_path, revision)
+    """Load a saved compressor onto ``model`` (or onto its recorded base model, loaded here).
+
+    ``name_or_path`` is a folder or a Hub repo id (``revision``: its branch, tag or commit). ``token``,
+    ``cache_dir`` and ``local_files_only`` go to ``huggingface_hub.snapshot_download`` for the compressor and to
+    transformers' ``from_pretrained`` for the base model; ``dtype`` and ``device_map`` load the base model (the
+    compressor's own tensors follow its embeddings' device and dtype), so they need ``model=None``.
+    """
+    if model is not None and device_map is not None:
+        raise ValueError("device_map places the base model loaded here; with model= given, place that model yourself")
+    folder = resolve_folder(name_or_path, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     meta = read_metadata(folder)
     if model is None:
-        model, loaded_tokenizer = load_base(base_model or meta["base_model"], dtype=dtype)
+        model, loaded_tokenizer = load_base(base_model or meta["base_model"], dtype=dtype, device_map=device_map,
+                                            token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         tokenizer = tokenizer or loaded_tokenizer
     check_base_model(meta, model, tokenizer)
     cls = compressor_class(meta["compressor_type"])
@@ -258,11 +281,27 @@ def _load_adapter(compressor: Compressor, folder: Path, names: list[str]) -> Non
                 f"{path} does not match the {name!r} adapter: unexpected {unexpected[:5]}, missing {missing_lora[:5]}")
 
 
+def check_push_revision(revision: str | None) -> None:
+    """A push commits to a branch: ``None`` / ``"main"``, or another branch (created from main when it does not
+    exist). A commit hash names no branch and is refused."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"cannot push to the commit {revision}: a push needs a branch name (main, or a branch "
+                         "that is created from main when it does not exist)")
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
-                token: str | None = None, commit_message: str = "Upload ctxzip compressor") -> str:
-    """Create ``repo_id`` if needed and upload exactly the artifact folder; returns the commit URL."""
+                token: str | None = None, commit_message: str = "Upload ctxzip compressor",
+                revision: str | None = None) -> str:
+    """Create ``repo_id`` if needed and upload exactly the artifact folder as one commit; returns the commit URL.
+
+    ``private`` applies when the repo is created (an existing repo keeps its visibility); ``token`` is the one
+    ``HfApi`` uses (default: the logged-in token); ``revision`` is the branch the commit goes to, created from
+    main when it does not exist (``None``: main). A ``repo_id`` without a namespace lands in the token's user
+    namespace, as ``HfApi.create_repo`` does it.
+    """
     from huggingface_hub import HfApi
 
+    check_push_revision(revision)
     meta = read_metadata(Path(folder))  # before creating the repo: refuse a folder that is no artifact
     # Only the artifact files, each by its exact path: an output_dir also holds checkpoints and logs that must
     # stay local, and a PEFT checkpoint (checkpoint-N/adapter_model.safetensors) looks like a named adapter's
@@ -272,7 +311,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
         glob.escape((adapter_folder(Path(), name) / file).as_posix()) for name in adapters
         for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                             allow_patterns=artifact)
+                             allow_patterns=artifact, revision=revision)
     return str(getattr(info, "commit_url", info))

@@ -26,7 +26,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -113,24 +112,53 @@ def embedded_model_dir() -> Path:
 
 def tiny_llama(vocab_size: int | None = None, seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     """A tiny random Llama (2 layers, d=64, GQA 4:2) for tests; identical for the same seed."""
+    return tiny_decoder("llama", vocab_size, seed, **overrides)
+
+
+#: The decoder families tests build tiny random models of (``tiny_decoder``): transformers' config and
+#: causal-LM class names. What each adds to Llama: Qwen2 biases on q/k/v; Qwen3 per-head q/k norms; Mistral a
+#: sliding window; Gemma2 alternating sliding / global layers, logit soft-capping, eager attention; Phi3 one
+#: fused ``qkv_proj``; OLMo2 q/k norms over all heads at once.
+TINY_FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+}
+
+
+def tiny_decoder(family: str, vocab_size: int | None = None, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random decoder of ``family`` (a key of ``TINY_FAMILIES``: 2 layers, d=64, GQA 4:2, head_dim 16) for
+    tests, built in-process from transformers' config class; identical for the same seed. ``tiny_decoder("llama")``
+    is ``tiny_llama()`` (named ``tiny-random-llama``); the others are named ``tiny-random-<family>``."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny decoder family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
+    config_name, model_name = TINY_FAMILIES[family]
     params = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                   vocab_size=vocab_size or 49152, tie_word_embeddings=True, rope_theta=10000.0,
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
     params.update(overrides)
-    config = LlamaConfig(**params)
-    config.name_or_path = TINY_MODEL
+    config = getattr(transformers, config_name)(**params)
+    config.name_or_path = TINY_MODEL if family == "llama" else f"tiny-random-{family}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_name)(config)
     return model
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, **hub_kwargs: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model; ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``)
+    go to ``AutoTokenizer.from_pretrained`` for a Hub id or folder (the embedded names need none)."""
     name_or_path = local_model_name(name_or_path)
     if name_or_path in (EMBEDDED_MODEL, TINY_MODEL):  # the tiny model borrows the embedded tokenizer
-        name_or_path = str(embedded_model_dir())
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        name_or_path, hub_kwargs = str(embedded_model_dir()), {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -143,8 +171,16 @@ def load_base(
     device_map: str | dict | None = None,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for a Hub id, a local folder, or an embedded name.
+
+    ``dtype``, ``device_map``, ``revision``, ``attn_implementation``, ``token``, ``cache_dir`` and
+    ``local_files_only`` go to transformers' ``from_pretrained`` (the last four to the tokenizer's too) for a Hub id
+    or folder; the embedded model reads none of the Hub arguments (it is local), and the tiny test model only
+    ``dtype`` and ``attn_implementation``.
 
     ``quantization`` is ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes with ctxzip's settings: NF4,
     compute in ``dtype``), or a ``transformers.BitsAndBytesConfig`` used as is (what
@@ -153,7 +189,10 @@ def load_base(
     from the embedded copy) and ``tiny-random-llama`` (tests).
     """
     name_or_path = local_model_name(name_or_path)
-    tokenizer = load_tokenizer(name_or_path)
+    hub: dict[str, Any] = {"revision": revision or None, "token": token, "cache_dir": cache_dir,
+                           "local_files_only": local_files_only or None}
+    hub = {key: value for key, value in hub.items() if value is not None}  # only what is set
+    tokenizer = load_tokenizer(name_or_path, **hub)
     if name_or_path == TINY_MODEL:
         if quantization is not None:
             raise ValueError("the tiny test model cannot be quantized")
@@ -165,9 +204,7 @@ def load_base(
         model.eval()
         return model, tokenizer
     path = str(embedded_model_dir()) if name_or_path == EMBEDDED_MODEL else name_or_path
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
-    if revision:
-        kwargs["revision"] = revision
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), **(hub if name_or_path != EMBEDDED_MODEL else {})}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation:

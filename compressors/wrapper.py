@@ -50,10 +50,24 @@ class CompressedLM:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, base_model: str | None = None,
                         dtype: str | torch.dtype | None = "float32", device: str | None = None,
-                        revision: str | None = None) -> CompressedLM:
-        """Load a saved compressor folder or Hub repo with its base model (checked to match)."""
-        compressor, tokenizer = load_compressor(name_or_path, base_model=base_model, dtype=dtype,
-                                                revision=revision)
+                        revision: str | None = None, *, device_map: str | dict[str, Any] | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> CompressedLM:
+        """Load a saved compressor folder or Hub repo with its base model (checked to match).
+
+        ``base_model`` overrides the base recorded in the artifact (a Hub id or folder of the same shape and
+        tokenizer). ``revision`` is the compressor repo's branch, tag or commit. ``token``, ``cache_dir`` and
+        ``local_files_only`` go to ``huggingface_hub.snapshot_download`` (the compressor) and to transformers'
+        ``from_pretrained`` (the base model); ``dtype`` and ``device_map`` to the base model's ``from_pretrained``
+        (e.g. ``device_map="auto"``), whose device and dtype the compressor's own tensors follow. ``device``
+        instead moves the whole loaded compressor to one device afterwards.
+        """
+        if device is not None and device_map is not None:
+            raise ValueError("give device (move everything after loading) or device_map (place the base model "
+                             "while loading), not both")
+        compressor, tokenizer = load_compressor(name_or_path, base_model=base_model, dtype=dtype, revision=revision,
+                                                device_map=device_map, token=token, cache_dir=cache_dir,
+                                                local_files_only=local_files_only)
         if device:
             compressor.to(device)
         return cls(compressor, tokenizer)
@@ -160,8 +174,10 @@ class CompressedLM:
         return save_compressor(self.compressor, folder, self.tokenizer, self.eval_results)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload ctxzip compressor") -> str:
-        """Save to a temporary folder and upload exactly that folder to ``repo_id``."""
+                    commit_message: str = "Upload ctxzip compressor", revision: str | None = None) -> str:
+        """Save to a temporary folder and upload exactly that folder to ``repo_id`` as one commit (on branch
+        ``revision``, created from main when needed; see ``compressors.hub.push_folder``); returns its URL."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message)
+            return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision)

@@ -42,6 +42,7 @@ from ctxzip.trainers.script_args import (
     CompressorModelConfig,
     base_model_kwargs,
     base_model_name,
+    export_push,
     load_base_model,
 )
 
@@ -52,8 +53,7 @@ def make_parser() -> TrlParser:
 
 def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_args: ColorDPOConfig,
          model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
-    push = bool(training_args.push_to_hub)
-    training_args.push_to_hub = False  # the recipe pushes the exported artifact, not raw checkpoints
+    push = export_push(training_args)  # checks the hub_* fields; the recipe pushes the artifact, not checkpoints
     set_seed(training_args.seed)
     base = base_model_name(model_args)
     base_model_kwargs(model_args)  # refuses ModelConfig's PEFT fields before any stage runs
@@ -80,7 +80,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
         compressed = {"untrained": data.untrained, "trained": compress_corpus(final, data.held, tokenizer)}
         results = evaluate_compressions(data.held, tokenizer, readers, script_args.eval_readers, compressed)
         rows = report(results, data.held, tokenizer, compressed, training_args.output_dir)
-    save_and_push(final, tokenizer, training_args.output_dir, rows or None, push, training_args.hub_model_id)
+    save_and_push(final, tokenizer, training_args.output_dir, rows or None, push)
     print(f"saved the CoLoR compressor to {training_args.output_dir}")
     return rows
 

@@ -112,8 +112,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
         results = evaluate_perplexity(named, tokenizer, rows)
         print_results(results, f"held-out continuation perplexity ({len(rows)} x {script_args.eval_context_tokens}"
                                f"-token contexts, {script_args.eval_answer_tokens}-token continuations)")
-    folder = save_and_push(final, tokenizer, training_args.output_dir, results or None, push,
-                           training_args.hub_model_id)
+    folder = save_and_push(final, tokenizer, training_args.output_dir, results or None, push)
     if script_args.check_reload:
         context = build_task("continuation", tokenizer, num_samples=1, context_tokens=min(
             256, script_args.eval_context_tokens), seed=training_args.seed + 2, split="test",

@@ -259,3 +259,77 @@ def test_recipe_arguments_set_the_span_and_continuation_lengths(tiny) -> None:
     meta = {row["task"]: json.loads(row["metadata"]) for row in rows}
     assert meta["reconstruction"]["span_tokens"] == 40 and meta["continuation"]["answer_tokens"] == 12
     assert json.loads(build_eval_dataset(args, tokenizer, seed=0)[0]["metadata"])["answer_tokens"] == 12
+
+
+# ----- the push of the export (TrainingArguments' hub_* fields) ----------------------------------
+def hub_args(tmp_path: Path, **hub):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "gist-run"), use_cpu=True, report_to=[], **hub)
+
+
+def test_export_push_honours_the_hub_fields_and_turns_off_trainers_push(tmp_path: Path) -> None:
+    from ctxzip.trainers.export import HubPush
+    from ctxzip.trainers.script_args import export_push
+
+    args = hub_args(tmp_path)
+    assert export_push(args) is None and args.push_to_hub is False
+    args = hub_args(tmp_path, push_to_hub=True, hub_model_id="test-user/gist", hub_private_repo=True,
+                    hub_token="hf_secret", hub_revision="dev", hub_always_push=True)
+    push = export_push(args)
+    assert push == HubPush(repo_id="test-user/gist", private=True, token="hf_secret", revision="dev")
+    assert args.push_to_hub is False  # Trainer never pushes: the recipe pushes the export once
+    assert "hf_secret" not in repr(push)
+    for strategy in ("every_save", "end"):  # both: the one push at the end
+        assert export_push(hub_args(tmp_path, push_to_hub=True, hub_strategy=strategy)).repo_id == "gist-run"
+
+
+@pytest.mark.parametrize(("hub", "message"), [
+    ({"hub_strategy": "checkpoint"}, "--hub_strategy checkpoint is not supported"),
+    ({"hub_strategy": "all_checkpoints"}, "--hub_strategy all_checkpoints is not supported"),
+    ({"hub_revision": "0123456789abcdef0123456789abcdef01234567"}, "needs a branch name"),
+])
+def test_export_push_refuses_what_it_cannot_honour_before_training(tiny, tmp_path: Path, monkeypatch,
+                                                                   hub: dict, message: str) -> None:
+    import ctxzip.trainers.memory_recipe as recipe
+    from ctxzip.trainers.script_args import CompressorModelConfig, CompressorScriptArguments
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the hub arguments must be refused before the base model is loaded")
+
+    monkeypatch.setattr(recipe, "load_base_model", no_training)
+    with pytest.raises(ValueError, match=message):
+        recipe.train_memory_compressor(GistCompressor, GistConfig(segment_length=16, tokens_per_gist=4),
+                                       CompressorScriptArguments(), hub_args(tmp_path, push_to_hub=True, **hub),
+                                       CompressorModelConfig(model_name_or_path="tiny-random-llama"))
+
+
+def test_a_recipe_pushes_its_export_once_with_the_hub_fields(fake_hub, tmp_path: Path) -> None:
+    """One training step with a checkpoint, then exactly one push: the artifact files only (no checkpoint, no
+    log), one commit on the hub_revision branch of a private repo, with hub_token; Trainer pushes nothing."""
+    from transformers import TrainingArguments
+
+    from ctxzip.trainers.memory_recipe import train_memory_compressor
+    from ctxzip.trainers.script_args import CompressorModelConfig, CompressorScriptArguments
+
+    out = tmp_path / "run"
+    args = TrainingArguments(output_dir=str(out), max_steps=1, save_steps=1, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, push_to_hub=True,
+                             hub_model_id="test-user/gist-run", hub_private_repo=True, hub_token="hf_trainer",
+                             hub_revision="dev", hub_strategy="end")
+    script = CompressorScriptArguments(train_samples_per_task=4, context_tokens=32, num_eval_samples=0,
+                                       check_reload=False)
+    train_memory_compressor(GistCompressor, GistConfig(segment_length=16, tokens_per_gist=4, lora_r=2), script,
+                            args, CompressorModelConfig(model_name_or_path="tiny-random-llama"))
+    assert (out / "checkpoint-1").is_dir()
+    repo_id = "test-user/gist-run"
+    assert fake_hub.called("HfApi") == [{"endpoint": None, "token": "hf_trainer"}]
+    assert [c["private"] for c in fake_hub.called("create_repo")] == [True]
+    assert [(c["repo_id"], c["branch"]) for c in fake_hub.called("create_branch")] == [(repo_id, "dev")]
+    [upload] = fake_hub.called("upload_folder")
+    assert upload["revision"] == "dev" and upload["commit_message"].startswith("End of training")
+    pushed = fake_hub.files(repo_id, "dev")
+    assert set(pushed) == {"compressor_config.json", "compressor.safetensors", "adapter_config.json",
+                           "adapter_model.safetensors", "README.md"}
+    assert all(pushed[name] == (out / name).read_bytes() for name in pushed)
+    assert fake_hub.files(repo_id, "main") == {}  # main keeps the repo's first, empty commit

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from fake_hub import ENDPOINT, FakeHfApi, FakeHub
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
 from ctxzip.compressors import (
@@ -171,15 +171,84 @@ def test_model_card_has_yaml_metadata(saved) -> None:
     front, body = card[4:].split("\n---\n", 1)
     metadata = yaml.safe_load(front)
     assert metadata["library_name"] == "ctxzip" and metadata["base_model"] == "tiny-random-llama"
-    assert {"ctxzip", "gist"} <= set(metadata["tags"])
+    assert {"ctxzip", "context-compression", "gist"} <= set(metadata["tags"])
+    assert metadata["pipeline_tag"] == "text-generation"
+    assert "license" not in metadata  # not known for this base
+    assert "model-index" not in metadata  # no evaluation table
     assert "CompressedLM.from_pretrained" in body and "PeftModel.from_pretrained" in body
+    assert "device_map" in body and "revision" in body  # the loading arguments
+    loaded = ModelCard.load(saved[0] / "README.md")  # huggingface_hub parses it
+    assert loaded.data.base_model == "tiny-random-llama" and loaded.data.library_name == "ctxzip"
+    assert loaded.data.eval_results is None
 
 
-def test_model_card_has_the_evaluation_table(tiny, tmp_path) -> None:
+TABLE = [
+    {"method": "trained", "scoring": "generate", "accuracy": 0.5, "answer_logprob": -1.25, "n": 4,
+     "token_accuracy": float("nan")},
+    {"method": "untrained", "scoring": "generate", "accuracy": 0.25, "answer_logprob": -2.5, "n": 4,
+     "token_accuracy": float("nan")},
+    {"method": "full_context", "scoring": "generate", "accuracy": 0.75, "answer_logprob": -0.5, "n": 4,
+     "token_accuracy": float("nan")},
+]
+
+
+def test_model_card_has_the_evaluation_table_and_its_model_index(tiny, tmp_path, monkeypatch) -> None:
+    """The whole table and the method's note are in the text; the trained row's floats (not NaN) are the
+    model-index metrics, its strings and integers their setting; ModelCard.load reads them back."""
+    note = "An interpretation: no public code; the segment layout is ours."
+    monkeypatch.setattr(GistCompressor, "card_note", note)
     clm = make_clm(tiny)
-    clm.eval_results = [{"method": "gist", "accuracy": 0.5, "n": 4}]
-    card = (clm.save_pretrained(tmp_path / "card") / "README.md").read_text()
-    assert "## Evaluation" in card and "| gist | 0.500 | 4 |" in card
+    clm.eval_results = TABLE
+    path = clm.save_pretrained(tmp_path / "card") / "README.md"
+    card = path.read_text()
+    assert "## Evaluation" in card and f"## Method\n\n{note}" in card
+    for row in ("| trained | generate | 0.500 | -1.250 | 4 | - |", "| untrained | generate | 0.250 |",
+                "| full_context | generate | 0.750 |"):
+        assert row in card, row
+    loaded = ModelCard.load(path)
+    assert loaded.data.base_model == "tiny-random-llama" and loaded.data.model_name == "gist-tiny-random-llama"
+    results = loaded.data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results] == [("accuracy", 0.5), ("answer_logprob", -1.25)]
+    assert {(r.task_type, r.dataset_type, r.metric_config) for r in results} == {
+        ("text-generation", "ctxzip-held-out", "scoring=generate, n=4")}
+    index = yaml.safe_load(card[4:].split("\n---\n", 1)[0])["model-index"]
+    assert index[0]["name"] == "gist-tiny-random-llama" and len(index[0]["results"][0]["metrics"]) == 2
+    # A table without a row of the compressor's own (e.g. references only) gives no model-index.
+    clm.eval_results = TABLE[1:]
+    assert ModelCard.load(clm.save_pretrained(tmp_path / "refs") / "README.md").data.eval_results is None
+
+
+def test_model_card_index_of_other_tables() -> None:
+    """The labels the recipes write: "InComeS (trained)" beside its untrained rows (a pool size per row), CoLoR's
+    "trained" corpus per reader; a table whose label is not first, or a NaN, adds nothing."""
+    from ctxzip.compressors.model_card import eval_results
+
+    edits = [{"label": "InComeS (trained)", "pool_size": 4, "n": 8, "efficacy": 0.5, "fits": True},
+             {"label": "InComeS (untrained)", "pool_size": 4, "n": 8, "efficacy": 0.1, "fits": True}]
+    [edit] = eval_results(edits)
+    assert (edit.metric_type, edit.metric_value, edit.metric_config) == ("efficacy", 0.5,
+                                                                         "pool_size=4, n=8, fits=True")
+    color = [{"corpus": "uncompressed", "reader": "lm", "recall@1": 1.0},
+             {"corpus": "trained", "reader": "lm", "recall@1": 0.75},
+             {"corpus": "trained", "reader": "bm25", "recall@1": 0.5}]
+    assert [(r.metric_name, r.metric_value) for r in eval_results(color)] == [
+        ("recall@1 (reader=lm)", 0.75), ("recall@1 (reader=bm25)", 0.5)]
+    assert eval_results([{"accuracy": 0.5, "method": "trained"}]) == []
+    assert eval_results([{"method": "trained", "accuracy": float("nan")}]) == []
+    assert eval_results(None) == []
+
+
+def test_model_card_base_model_is_a_hub_id_or_left_out(tmp_path) -> None:
+    from ctxzip.compressors.model_card import base_hub_id, card_data
+
+    meta = {"compressor_type": "gist", "memory_kind": "kv", "config": {}}
+    assert base_hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded alias
+    assert card_data({**meta, "base_model": "smollm2-135m-instruct"}).license == "apache-2.0"
+    assert base_hub_id("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
+    for local in (str(tmp_path), "./models/base", "/abs/path/base"):
+        assert base_hub_id(local) is None, local
+        data = card_data({**meta, "base_model": local})
+        assert data.base_model is None and "base_model" not in data.to_dict()
 
 
 def test_save_load_round_trip_gives_identical_logits_and_generations(saved) -> None:
@@ -238,7 +307,8 @@ def test_embedded_base_is_named_by_its_public_id_and_loads_offline(tmp_path) -> 
     meta = json.loads((folder / "compressor_config.json").read_text())
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert meta["base_model"] == adapter["base_model_name_or_path"] == EMBEDDED_HUB_ID
-    assert yaml.safe_load((folder / "README.md").read_text()[4:].split("\n---\n", 1)[0])["base_model"] == EMBEDDED_HUB_ID
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == EMBEDDED_HUB_ID and card.data.license == "apache-2.0"
     assert "pypi.org" not in (folder / "README.md").read_text()
     by_id, by_id_tokenizer = load_base(adapter["base_model_name_or_path"])  # the public id, offline
     assert by_id_tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -366,7 +436,8 @@ def test_push_to_hub_then_from_pretrained_round_trips(fake_hub: FakeHub, saved) 
     assert fake_hub.files(repo_id) == {name: (folder / name).read_bytes() for name in ARTIFACT_FILES}
 
     pulled = CompressedLM.from_pretrained(repo_id)
-    assert fake_hub.called("snapshot_download") == [{"repo_id": repo_id, "revision": None}]
+    assert fake_hub.called("snapshot_download") == [{"repo_id": repo_id, "revision": None, "cache_dir": None,
+                                                     "token": None, "local_files_only": False}]
     memory = clm.compress(CONTEXT)
     pulled_memory = pulled.compress(CONTEXT)
     assert torch.equal(prompt_logits(pulled, pulled_memory), prompt_logits(clm, memory))
@@ -387,7 +458,7 @@ def test_push_again_reuses_the_repo_and_a_revision_loads_that_commit(fake_hub: F
     assert fake_hub.commits[repo_id][-1] != first
     memory = clm.compress(CONTEXT)
     pinned = CompressedLM.from_pretrained(repo_id, revision=first)
-    assert fake_hub.called("snapshot_download") == [{"repo_id": repo_id, "revision": first}]
+    assert [c["revision"] for c in fake_hub.called("snapshot_download")] == [first]
     assert torch.equal(prompt_logits(pinned, pinned.compress(CONTEXT)), prompt_logits(clm, memory))
     newest = CompressedLM.from_pretrained(repo_id)
     assert not torch.equal(newest.compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
@@ -440,6 +511,109 @@ def test_unknown_repo_or_revision_is_a_clear_error(fake_hub: FakeHub, saved) -> 
     assert [c["revision"] for c in fake_hub.called("snapshot_download")] == [None, "v9"]
 
 
+def test_push_to_a_branch_creates_it_and_leaves_main(fake_hub: FakeHub, saved, tiny) -> None:
+    """``revision`` is the branch the one commit goes to: created from main when it does not exist (then reused);
+    main keeps what it had, and ``from_pretrained(revision=branch)`` loads the branch."""
+    folder, clm = saved
+    repo_id = "test-user/gist-branches"
+    clm.push_to_hub(repo_id)
+    main = fake_hub.commits[repo_id][-1]
+    other = make_clm(tiny)
+    randomize(other.compressor, seed=2)
+    url = other.push_to_hub(repo_id, revision="dev", commit_message="a candidate", token="hf_pusher")
+    dev = fake_hub.branches[repo_id]["dev"]
+    assert url.endswith(dev) and fake_hub.branches[repo_id]["main"] == main
+    assert fake_hub.called("create_branch") == [{"repo_id": repo_id, "branch": "dev", "revision": None,
+                                                 "token": None, "exist_ok": True}]
+    last = fake_hub.called("upload_folder")[-1]
+    assert (last["revision"], last["commit_message"]) == ("dev", "a candidate")
+    assert fake_hub.called("HfApi")[-1]["token"] == "hf_pusher"
+    assert fake_hub.files(repo_id, "main") == {name: (folder / name).read_bytes() for name in ARTIFACT_FILES}
+    other.push_to_hub(repo_id, revision="dev")  # the branch exists: a second commit on it
+    assert fake_hub.branches[repo_id]["dev"] != dev and fake_hub.branches[repo_id]["main"] == main
+    pulled = CompressedLM.from_pretrained(repo_id, revision="dev")
+    assert torch.equal(pulled.compressor.gist_embeddings.weight, other.compressor.gist_embeddings.weight)
+    assert torch.equal(CompressedLM.from_pretrained(repo_id).compressor.gist_embeddings.weight,
+                       clm.compressor.gist_embeddings.weight)
+    with pytest.raises(ValueError, match="needs a branch name"):
+        clm.push_to_hub(repo_id, revision=main)  # a commit hash is no branch
+    assert len(fake_hub.called("upload_folder")) == 3
+
+
+def test_push_to_a_name_without_namespace_lands_in_the_users(fake_hub: FakeHub, saved) -> None:
+    url = saved[1].push_to_hub("gist-bare")
+    assert "test-user/gist-bare" in fake_hub.commits and "/test-user/gist-bare/commit/" in url
+    assert fake_hub.called("upload_folder")[0]["repo_id"] == "test-user/gist-bare"  # the id create_repo returned
+
+
+def test_loading_arguments_reach_snapshot_download(fake_hub: FakeHub, saved, tmp_path) -> None:
+    """revision, token, cache_dir and local_files_only go to snapshot_download; local_files_only serves only what
+    an earlier download put in that cache, and a snapshot that is not there is a clear error."""
+    from ctxzip.compressors import CtxzipError
+
+    folder, clm = saved
+    repo_id = "test-user/gist-load-args"
+    clm.push_to_hub(repo_id)
+    oid = fake_hub.commits[repo_id][-1]
+    cache = tmp_path / "hub-cache"
+    with pytest.raises(CtxzipError, match="not in the local cache"):
+        CompressedLM.from_pretrained(repo_id, cache_dir=cache, local_files_only=True)
+    loaded = CompressedLM.from_pretrained(repo_id, revision=oid, token="hf_reader", cache_dir=cache)
+    again = CompressedLM.from_pretrained(repo_id, revision=oid, token="hf_reader", cache_dir=cache,
+                                         local_files_only=True)
+    assert fake_hub.called("snapshot_download") == [
+        {"repo_id": repo_id, "revision": None, "cache_dir": cache, "token": None, "local_files_only": True},
+        {"repo_id": repo_id, "revision": oid, "cache_dir": cache, "token": "hf_reader", "local_files_only": False},
+        {"repo_id": repo_id, "revision": oid, "cache_dir": cache, "token": "hf_reader", "local_files_only": True}]
+    for clm_loaded in (loaded, again):
+        assert torch.equal(clm_loaded.compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
+    compressor, _ = load_compressor(repo_id, revision=oid, token="hf_other", cache_dir=cache)  # the function too
+    assert fake_hub.called("snapshot_download")[-1]["token"] == "hf_other"
+    assert torch.equal(compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
+
+
+def test_device_map_dtype_and_hub_arguments_reach_the_base_model(fake_hub: FakeHub, saved, tiny, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A base model from a folder loads through transformers' from_pretrained with device_map, dtype, token,
+    cache_dir and local_files_only (the tokenizer with the Hub ones); the compressor's tensors follow the base's
+    dtype, and it generates. A device_map with a given model, or beside device=, is refused."""
+    import ctxzip.compressors.models as models
+
+    folder, clm = saved
+    model, tokenizer = tiny()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    calls: dict[str, list[dict]] = {"model": [], "tokenizer": []}
+    for key, auto in (("model", models.AutoModelForCausalLM), ("tokenizer", models.AutoTokenizer)):
+        original = auto.from_pretrained
+
+        def spy(path, *args, _original=original, _key=key, **kwargs):
+            calls[_key].append({"path": str(path), **kwargs})
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", spy)
+    repo_id = "test-user/gist-device-map"
+    clm.push_to_hub(repo_id)
+    cache = tmp_path / "cache"
+    loaded = CompressedLM.from_pretrained(repo_id, base_model=str(base), device_map="cpu", dtype="bfloat16",
+                                          token="hf_reader", cache_dir=cache)
+    [model_call] = [c for c in calls["model"] if c["path"] == str(base)]
+    assert model_call["device_map"] == "cpu" and model_call["dtype"] == torch.bfloat16
+    assert model_call["token"] == "hf_reader" and model_call["cache_dir"] == cache
+    assert "local_files_only" not in model_call  # only what is set
+    assert [c for c in calls["tokenizer"] if c["path"] == str(base)][-1]["token"] == "hf_reader"
+    assert loaded.device == torch.device("cpu") and loaded.model.dtype == torch.bfloat16
+    assert loaded.compressor.gist_embeddings.weight.dtype == torch.bfloat16
+    assert isinstance(loaded.generate(PROMPTS[0], memory=loaded.compress(CONTEXT), max_new_tokens=3), str)
+    CompressedLM.from_pretrained(folder, base_model=str(base), local_files_only=True)
+    assert calls["model"][-1]["local_files_only"] is True and calls["tokenizer"][-1]["local_files_only"] is True
+    with pytest.raises(ValueError, match="device_map"):
+        load_compressor(folder, model=tiny()[0], device_map="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        CompressedLM.from_pretrained(folder, device="cpu", device_map="cpu")
+
+
 def test_the_fake_hub_has_the_signatures_of_huggingface_hub() -> None:
     """Every argument the fake takes, the installed huggingface_hub takes too, in the same position or as a
     keyword as there, with the same default; and the fake takes every argument huggingface_hub requires. So a call
@@ -448,7 +622,7 @@ def test_the_fake_hub_has_the_signatures_of_huggingface_hub() -> None:
         return {n: p for n, p in inspect.signature(function).parameters.items() if n != "self"}
 
     for fake, real in [(FakeHub.HfApi, HfApi.__init__), (FakeHfApi.create_repo, HfApi.create_repo),
-                       (FakeHfApi.upload_folder, HfApi.upload_folder),
+                       (FakeHfApi.create_branch, HfApi.create_branch), (FakeHfApi.upload_folder, HfApi.upload_folder),
                        (FakeHub.snapshot_download, snapshot_download)]:
         ours, theirs = parameters(fake), parameters(real)
         assert set(ours) <= set(theirs), f"{fake.__qualname__}: {sorted(set(ours) - set(theirs))} not in huggingface_hub"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +101,33 @@ def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, 
     return compressor.eval()
 
 
+@dataclass(frozen=True)
+class HubPush:
+    """The one push of a recipe: the exported artifact folder, uploaded once at the end of training.
+
+    Made from ``TrainingArguments``' ``hub_*`` fields by ``trainers.script_args.export_push`` (which checks them
+    before training starts): ``repo_id`` (``hub_model_id``, default the name of ``output_dir`` in the token's
+    namespace, as transformers does), ``private`` (``hub_private_repo``: applies when the repo is created),
+    ``token`` (``hub_token``), ``revision`` (``hub_revision``: the branch the commit goes to, created from main
+    when needed) and the commit message.
+    """
+
+    repo_id: str
+    private: bool | None = None
+    token: str | None = field(default=None, repr=False)  # never printed or logged
+    revision: str | None = None
+    commit_message: str = "End of training: the exported ctxzip compressor"
+
+
 def save_and_push(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, output_dir: str,
-                  eval_results: list[dict[str, Any]] | None, push: bool, hub_model_id: str | None) -> Path:
+                  eval_results: list[dict[str, Any]] | None, push: HubPush | None) -> Path:
+    """Export to ``output_dir`` (config, weights, adapters, model card with ``eval_results``) and, with ``push``,
+    upload exactly that artifact (never the checkpoints or logs beside it) as one commit."""
     folder = save_compressor(compressor, output_dir, tokenizer, eval_results)
-    if push:
-        if not hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/gist-smollm2)")
-        print(f"pushed to {push_folder(folder, hub_model_id)}")
+    if push is not None:
+        url = push_folder(folder, push.repo_id, private=push.private, token=push.token,
+                          commit_message=push.commit_message, revision=push.revision)
+        print(f"pushed to {url}")
     return folder
 
 

@@ -20,6 +20,7 @@ from ctxzip.eval.compare import compare_with_baselines, print_table
 
 from .collator import MemoryCollator
 from .export import (
+    HubPush,
     check_export_reloads,
     process_local_models,
     rebuild_trained,
@@ -127,7 +128,7 @@ def start_from_export(compressor: Compressor, init_from: str | None) -> None:
 
 def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorConfig, script_args: Any,
                          training_args: TrainingArguments, model_args: CompressorModelConfig, trained: dict[str, Any],
-                         tokenizer: Any, push: bool, recipe_data: RecipeData) -> list[dict[str, Any]]:
+                         tokenizer: Any, push: HubPush | None, recipe_data: RecipeData) -> list[dict[str, Any]]:
     plain = base_model_kwargs(model_args, quantized=False)
     final = rebuild_trained(compressor_cls, config, base_model_name(model_args), trained, **plain)
     rows: list[dict[str, Any]] = []
@@ -137,8 +138,7 @@ def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorCon
         start_from_export(untrained, script_args.init_from)  # "untrained": before this run's training
         untrained.to(training_args.device)
         rows = recipe_data.evaluate(final, untrained)
-    folder = save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push,
-                           training_args.hub_model_id)
+    folder = save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push)
     if script_args.check_reload:
         check_export_reloads(final, tokenizer, folder, recipe_data.reload_context, plain["dtype"],
                              prompt=recipe_data.reload_prompt)

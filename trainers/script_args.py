@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 from trl import ModelConfig, get_quantization_config
 
+from ctxzip.compressors.hub import check_push_revision
 from ctxzip.compressors.models import EMBEDDED_MODEL, load_base, local_model_name
 from ctxzip.data import build_task
 
+from .export import HubPush
 from .objectives import INSTRUCTION_RECONSTRUCTION_TASK, objective_of
 
 # ModelConfig's LoRA settings: in the recipes the compressor config's LoRA fields are used instead.
@@ -208,14 +211,42 @@ def task_options(args: CompressorScriptArguments, task: str) -> dict[str, int]:
             "continuation": {"answer_tokens": args.continuation_tokens}}.get(task, {})
 
 
-def prepare_training_args(training_args: TrainingArguments) -> bool:
-    """Settings every compressor recipe needs; returns whether the user asked to push.
+#: The ``hub_strategy`` values a recipe accepts: both mean its one push of the exported artifact at the end of
+#: training ("every_save" is transformers' default; a recipe pushes no checkpoint at a save, since a checkpoint
+#: is not the artifact). "checkpoint" and "all_checkpoints", which push checkpoints to resume from, are refused.
+HUB_STRATEGIES = ("every_save", "end")
+
+
+def export_push(training_args: TrainingArguments) -> HubPush | None:
+    """The push the ``hub_*`` fields ask for (``None`` without ``--push_to_hub``), checked before training, and
+    Trainer's own push turned off (``push_to_hub = False``): a recipe pushes its exported artifact once, at the
+    end (``trainers.export.save_and_push``), never Trainer's raw checkpoints.
+
+    ``hub_model_id`` (default: the name of ``output_dir``, in the token's namespace), ``hub_private_repo``,
+    ``hub_token`` and ``hub_revision`` (a branch, created from main when needed) are honoured; ``hub_strategy``
+    must be one of ``HUB_STRATEGIES``; ``hub_always_push`` changes nothing (the one push is never skipped).
+    """
+    push = bool(training_args.push_to_hub)
+    training_args.push_to_hub = False
+    if not push:
+        return None
+    strategy = getattr(training_args.hub_strategy, "value", training_args.hub_strategy)
+    if strategy not in HUB_STRATEGIES:
+        raise ValueError(f"--hub_strategy {strategy} is not supported: a ctxzip recipe pushes its exported compressor "
+                         f"once, at the end of training ({' or '.join(HUB_STRATEGIES)}); its checkpoints stay in "
+                         "output_dir")
+    check_push_revision(training_args.hub_revision)
+    return HubPush(repo_id=training_args.hub_model_id or Path(training_args.output_dir).absolute().name,
+                   private=training_args.hub_private_repo, token=training_args.hub_token,
+                   revision=training_args.hub_revision)
+
+
+def prepare_training_args(training_args: TrainingArguments) -> HubPush | None:
+    """Settings every compressor recipe needs; returns the push the user asked for (``export_push``).
 
     Rows are tokenized by the collator (so their text columns must reach it), and the recipe
     pushes the exported artifact itself rather than letting Trainer push raw checkpoints.
     """
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
-    push = bool(training_args.push_to_hub)
-    training_args.push_to_hub = False
-    return push
+    return export_push(training_args)
