@@ -36,7 +36,7 @@ from ctxzip.compressors.color.pipeline import Writer, local_base_loader, prepare
 from ctxzip.compressors.color.script_args import ColorScriptArguments
 from ctxzip.compressors.color.trainer import ColorDPOConfig, ColorDPOTrainer
 from ctxzip.compressors.models import config_for, load_tokenizer
-from ctxzip.trainers.distributed import process_group_closed
+from ctxzip.trainers.distributed import process_group_closed, refuse_fsdp
 from ctxzip.trainers.export import rebuild_trained, save_and_push, train_resumable
 from ctxzip.trainers.script_args import (
     CompressorModelConfig,
@@ -53,6 +53,7 @@ def make_parser() -> TrlParser:
 
 def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_args: ColorDPOConfig,
          model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
+    refuse_fsdp(training_args)
     push = export_push(training_args)  # checks the hub_* fields; the recipe pushes the artifact, not checkpoints
     set_seed(training_args.seed)
     base = base_model_name(model_args)

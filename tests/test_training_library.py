@@ -333,3 +333,22 @@ def test_a_recipe_pushes_its_export_once_with_the_hub_fields(fake_hub, tmp_path:
                            "adapter_model.safetensors", "README.md"}
     assert all(pushed[name] == (out / name).read_bytes() for name in pushed)
     assert fake_hub.files(repo_id, "main") == {}  # main keeps the repo's first, empty commit
+
+
+def test_fsdp_is_refused_before_anything_loads(tiny, tmp_path: Path, monkeypatch) -> None:
+    """``--fsdp`` or an accelerate FSDP config: a clear error naming the DeepSpeed configs, before the base loads."""
+    from types import SimpleNamespace
+
+    import ctxzip.trainers.memory_recipe as recipe
+    from ctxzip.compressors.errors import CtxzipError
+    from ctxzip.trainers.distributed import refuse_fsdp
+    from ctxzip.trainers.script_args import CompressorModelConfig, CompressorScriptArguments
+
+    with pytest.raises(CtxzipError, match="--fsdp full_shard.*zero2.yaml"):
+        refuse_fsdp(SimpleNamespace(fsdp=["full_shard"]))
+    monkeypatch.setattr(recipe, "load_base_model", lambda *a, **k: pytest.fail("the base model was loaded"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(CtxzipError, match="an accelerate FSDP config"):
+        recipe.train_memory_compressor(GistCompressor, GistConfig(segment_length=16, tokens_per_gist=4),
+                                       CompressorScriptArguments(), hub_args(tmp_path),
+                                       CompressorModelConfig(model_name_or_path="tiny-random-llama"))

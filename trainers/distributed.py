@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -10,7 +11,21 @@ from accelerate import Accelerator, PartialState
 from torch import nn
 from transformers import TrainingArguments
 
+from ctxzip.compressors.errors import CtxzipError
 from ctxzip.compressors.models import whole_parameters
+
+
+def refuse_fsdp(args: TrainingArguments) -> None:
+    """FSDP is refused before anything loads: a compressor's own modules, its adapters and the frozen base are
+    wrapped, gathered and exported through DeepSpeed's ZeRO-2/3 paths only (tested on 2 processes); FSDP would
+    shard them with no export path and no test. ``--fsdp`` and an accelerate FSDP config are both caught."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if args.fsdp or launched:
+        raise CtxzipError(
+            "FSDP is not supported by ctxzip's recipes (" + ("--fsdp " + " ".join(map(str, args.fsdp)) if args.fsdp
+                                                              else "an accelerate FSDP config") +
+            "): shard with DeepSpeed instead, accelerate launch --config_file accelerate_configs/zero2.yaml or "
+            "zero3.yaml")
 
 
 @contextlib.contextmanager

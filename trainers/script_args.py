@@ -23,6 +23,7 @@ from ctxzip.compressors.hub import check_push_revision
 from ctxzip.compressors.models import EMBEDDED_MODEL, load_base, local_model_name
 from ctxzip.data import build_task
 
+from .distributed import refuse_fsdp
 from .export import HubPush
 from .objectives import INSTRUCTION_RECONSTRUCTION_TASK, objective_of
 
@@ -247,6 +248,7 @@ def prepare_training_args(training_args: TrainingArguments) -> HubPush | None:
     Rows are tokenized by the collator (so their text columns must reach it), and the recipe
     pushes the exported artifact itself rather than letting Trainer push raw checkpoints.
     """
+    refuse_fsdp(training_args)
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
     return export_push(training_args)
