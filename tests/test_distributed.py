@@ -44,7 +44,7 @@ def run(recipe: str, args: list[str], out: Path, launch: Path | None) -> subproc
     """One recipe run: in this interpreter's process (``launch=None``, gradient accumulation 2) or under
     ``accelerate launch --config_file launch`` with 2 processes (one row each)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}  # CPU: see zero2.yaml
     script = [str(ROOT / "recipes" / f"{recipe}.py"), *args, *ONE_STEP, "--output_dir", str(out),
               "--per_device_train_batch_size", "1"]
     if launch is None:
@@ -216,7 +216,7 @@ def test_two_machines_train_as_one(tiny_folder: Path, tmp_path: Path) -> None:
             "--num_eval_samples", "0"]
     run("gist", args, tmp_path / "single", None)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
