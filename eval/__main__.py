@@ -6,6 +6,7 @@ truncation, or merge finished runs.
         --num_samples 50 --output_dir results/snapkv
     python -m ctxzip.eval --config my_eval.yaml --num_samples 100     # YAML defaults, flags override
     python -m ctxzip.eval --compare results/gist results/snapkv --output_dir results/compare
+    accelerate launch --multi_gpu --num_processes 2 -m ctxzip.eval --compressor snapkv ...   # samples split over 2
 
 Every flag is a field of ``EvalConfig`` (``ctxzip.eval.runner``) or of a method's own evaluation task (its
 ``Arguments``); flags take ``_`` or ``-``; a finished run's ``config.yaml`` is a valid ``--config``.
@@ -44,6 +45,21 @@ def make_parser(tasks: dict[str, ModuleType] | None = None) -> TrlParser:
                      formatter_class=_HelpFormatter, allow_abbrev=False)
 
 
+def check_method_task(task: str, cfg: EvalConfig) -> None:
+    """A method's own evaluation task runs in one process, on the models it loads itself: refuse what it would
+    not honour (the samples split over the processes of ``accelerate launch``, ``--device_map``)."""
+    from .runner import process_state
+
+    processes = process_state().num_processes
+    if processes > 1:
+        raise ValueError(f"--tasks {task} is a method's own evaluation: it runs in one process and cannot split its "
+                         f"samples over the {processes} processes of accelerate launch; run it as python -m "
+                         "ctxzip.eval, without accelerate launch")
+    if cfg.device_map is not None:
+        raise ValueError(f"--tasks {task} is a method's own evaluation: it loads its models itself and does not "
+                         f"take --device_map (given {cfg.device_map!r}); leave it out")
+
+
 def default_output_dir(compressors: list[str]) -> str:
     return f"results/{compressors[0].strip('/').split('/')[-1]}"
 
@@ -68,16 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         if own:
             if len(cfg.tasks) > 1:
                 parser.error(f"--tasks {own[0]} is a method's own evaluation: run it alone, not with {cfg.tasks}")
+            check_method_task(own[0], cfg)
             module = tasks[own[0]]
             report = module.run(cfg, task_arguments[list(dict.fromkeys(
                 m.Arguments for m in tasks.values())).index(module.Arguments)])
             print(Path(report).read_text())
             return 0
-        from .runner import run
+        from .runner import process_state, run
 
         cfg.validate()  # before loading any model: bad input fails in a second
         run(cfg)
-        print((Path(cfg.output_dir) / "report.md").read_text())
+        if process_state().is_main_process:  # under accelerate launch: one report, printed once
+            print((Path(cfg.output_dir) / "report.md").read_text())
         return 0
     except (CtxzipError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,6 +17,13 @@ on the first ``timing_samples`` samples), and, timed end to end on those samples
 full cache built once and reused (the full-context configuration's own figure: prefix caching) and
 re-reading the full context for every prompt (``time_rereading``, measured in the full-context
 configuration). The no-context configuration (the question alone) is the floor of every table.
+
+Everything runs on ``--device_map`` (the base model, the learned compressors, the memories; times wait for the
+device's queued work). Under ``accelerate launch`` each process loads the model on its own device and answers a
+contiguous block of each task's samples, checkpointing to a file of its own; the main process merges the rows in
+sample order, so every file it writes holds the numbers one process would have written. A timed sample
+(``index < timing_samples``) is timed in the process that answers it: with the default ``timing_samples=1``,
+process 0 (beside the others, which share the machine while it is timed).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import functools
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +51,7 @@ from ctxzip.compressors.base import EVAL_TASKS
 from ctxzip.compressors.baselines import BASELINES, FullContext, FullContextConfig, PrefillSelection
 from ctxzip.compressors.baselines.selection import ContextPrefill, prefill_context
 from ctxzip.compressors.conversation import ConversationLayout
-from ctxzip.compressors.errors import ContextTooLongError, UnknownCompressorError
+from ctxzip.compressors.errors import ContextTooLongError, CtxzipError, UnknownCompressorError
 from ctxzip.compressors.io import write_json_atomic
 from ctxzip.data import TASKS, build_task
 from ctxzip.data.benchmarks import is_benchmark, load_benchmark
@@ -55,6 +63,7 @@ from .scoring import (
     memory_for,
     score_row,
     summarize,
+    synchronize,
     time_decode,
     time_many_prompts,
     time_rereading,
@@ -110,6 +119,10 @@ class EvalConfig:
     references: bool = field(default=True, metadata={"help": (
         "also run the full context (the ceiling), no context (the floor) and truncation; --no_references skips them")})
     dtype: str = field(default="float32", metadata={"help": "dtype of the base model (float32, bfloat16, float16)"})
+    device_map: str | None = field(default=None, metadata={"help": (
+        "where the base model, the learned compressors, the memories and the timings run: cuda, cpu, a device "
+        "(cuda:1) or auto (accelerate spreads the base model over the visible devices); default: cuda when "
+        "available, else cpu. Under accelerate launch the default, cuda and auto are each process's own device")})
     num_questions: int = field(default=1, metadata={"help": (
         "shared-context mode (SCBench): ask this many questions about each context, all from ONE memory "
         "(niah_multikey, fact_qa); the report gives accuracy by question")})
@@ -142,6 +155,7 @@ class EvalConfig:
             raise ValueError("num_samples and context lengths must be >= 1")
         for name in self.compressors:
             kind_of_method(name)
+        check_device_map(self.device_map)
 
 
 def kind_of_method(name: str) -> str:
@@ -162,14 +176,80 @@ def kind_of_method(name: str) -> str:
         f"({', '.join(learned)}), not a saved compressor folder, not a Hub repo id")
 
 
-def load_learned(name: str, base_model: str | None, dtype: str) -> Compressor:
-    """A learned method on its own copy of the base model: a saved folder or Hub id, or a registered type
-    built untrained on ``base_model``."""
+def check_device_map(value: str | None) -> None:
+    """Refuse a ``--device_map`` that is neither auto nor a device torch knows, or a CUDA device this machine lacks."""
+    if value is None or value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"--device_map must be auto, cuda, cpu or a device such as cuda:1, got {value!r}") from exc
+    if device.type == "meta":
+        raise ValueError("--device_map meta holds no weights: give auto, cuda, cpu or a device such as cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device_map {value}: no CUDA device is available here (give cpu, or leave it out)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device_map {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+PROCESS_TIMEOUT = timedelta(hours=24)  # how long a process that finished its share waits for the others
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState``: this process's index among the processes of ``accelerate launch`` (one
+    process, index 0, when run without it). Without a GPU (or under ``--cpu``) the processes talk over gloo. A
+    process waits for the others at the end of each task, for as long as a share can take (a resumed share may
+    have nothing left while another's is whole): ``PROCESS_TIMEOUT``, not the backend's default minutes."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available(),
+                        timeout=PROCESS_TIMEOUT)
+
+
+def resolve_device_map(value: str | None, state: Any) -> str:
+    """The device map this process loads with: ``auto`` or one device. The default is cuda when available (and
+    not refused by ``accelerate launch --cpu``), else cpu; with several processes the default, ``cuda`` and
+    ``auto`` are the process's own device (its GPU, or the CPU), so that every process holds a whole model."""
+    if value is None or (state.num_processes > 1 and value in ("auto", "cuda")):
+        return str(state.device) if state.device.type == "cuda" else "cpu"
+    return value
+
+
+def load_on(name: str, dtype: str, device_map: str) -> tuple[Any, Any]:
+    """``load_base`` onto ``device_map``: ``auto`` is accelerate's placement over the visible devices, a device is
+    where the weights load. A model that ``load_base`` builds in-process without a device map (the tiny test
+    model) is moved there (``auto``: to cuda when available, else the CPU)."""
+    model, tokenizer = load_base(name, dtype=dtype, device_map=None if device_map == "cpu" else device_map)
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map)
+    return model.eval(), tokenizer
+
+
+def on_base_device(compressor: Compressor) -> Compressor:
+    """The compressor's own modules on its base model's device (they are built on the CPU)."""
+    devices = {p.device for p in compressor.base_lm.parameters()}
+    if len(devices) > 1:
+        raise CtxzipError(f"a learned compressor ({compressor.compressor_type}) on a base model spread over several "
+                          f"devices ({', '.join(sorted(map(str, devices)))}) is not supported: give --device_map one "
+                          "device (cuda, cuda:1, cpu)")
+    return compressor.to(devices.pop())
+
+
+def load_learned(name: str, base_model: str | None, dtype: str, device_map: str = "cpu") -> Compressor:
+    """A learned method on its own copy of the base model, on ``device_map``: a saved folder or Hub id (on the base
+    model it names, unless ``base_model``), or a registered type built untrained on ``base_model``."""
     if kind_of_method(name) == "untrained":
         if base_model is None:
             raise ValueError(f"--base_model is required to build an untrained {name!r} compressor")
-        return CompressedLM.from_base(name, base_model=base_model, dtype=dtype).compressor
-    return load_compressor(name, base_model=base_model, dtype=dtype)[0]
+        model, tokenizer = load_on(base_model, dtype, device_map)
+        kind = compressor_class(name)
+        return on_base_device(CompressedLM(kind(kind.config_class.from_dict({}), model).eval(), tokenizer).compressor)
+    from ctxzip.compressors.hub import read_metadata, resolve_folder
+
+    model, tokenizer = load_on(base_model or read_metadata(resolve_folder(name, None))["base_model"], dtype,
+                               device_map)
+    return on_base_device(load_compressor(name, model=model, tokenizer=tokenizer)[0])
 
 
 PER_QUESTION = " (a memory per question)"
@@ -266,8 +346,10 @@ class Method:
         says how (``compress_context``)."""
         first = self.compressor(ratios[0])
         if passages and first.compresses_passages:
+            synchronize(first.device)
             start = time.perf_counter()
             mems = [first.compress_passages(passages, layout_passages) for _ in ratios]
+            synchronize(first.device)
             return mems, (time.perf_counter() - start) / len(ratios)
         return self.compress_context(first, ratios, context, prefill, time_alone, question)
 
@@ -279,8 +361,10 @@ class Method:
         mems, spent = [], 0.0
         for ratio in ratios:
             clm = CompressedLM(self.compressor(ratio), self.tokenizer)
+            synchronize(clm.device)
             start = time.perf_counter()
             memory = memory_for(clm, context, question)
+            synchronize(clm.device)
             spent = max(spent, time.perf_counter() - start + memory.meta.get("cached_compute_s", 0.0))
             mems.append(memory)
         return mems, spent
@@ -305,12 +389,15 @@ class FromPrefill(Method):
         if prefill is not None and (own_cost or not time_alone):
             start = time.perf_counter()
             mems = [m.detach() for m in first.compress_from(prefill, ratios)]
+            synchronize(first.device)
             return mems, (prefill.seconds + time.perf_counter() - start) if own_cost else None
         if len(ratios) > 1:
             ids, mask = CompressedLM(first, self.tokenizer).tokenize_context(context)
+            synchronize(first.device)
             start = time.perf_counter()
             with torch.no_grad():
                 mems = [m.detach() for m in first.compress_ratios(ids, mask, ratios)]
+            synchronize(first.device)
             return mems, time.perf_counter() - start
         return super().compress_context(first, ratios, context, prefill, time_alone, question)
 
@@ -335,11 +422,13 @@ class NoContext(Method):
 
 
 def method_for(name: str, model: Any, tokenizer: Any, base: str | None = None, dtype: str = "float32",
-               label: str | None = None) -> Method:
-    """The evaluated method ``name`` (``kind_of_method``), of the type that says how it makes its memories."""
+               label: str | None = None, device_map: str | None = None) -> Method:
+    """The evaluated method ``name`` (``kind_of_method``), of the type that says how it makes its memories. A
+    learned one loads on ``device_map`` (default: the shared ``model``'s device)."""
     if name == NO_CONTEXT:
         return NoContext(name, model, tokenizer, label=label)
-    learned = None if kind_of_method(name) == "baseline" else load_learned(name, base, dtype)
+    learned = None if kind_of_method(name) == "baseline" else load_learned(
+        name, base, dtype, device_map or str(model.device))
     kind = type(learned) if learned is not None else COMPRESSORS[name]
     cls = FromPrefill if issubclass(kind, PrefillSelection) else Method
     return cls(name, model, tokenizer, learned=learned, label=label)
@@ -352,7 +441,11 @@ def shared_prefill(methods: list[Method], model: Any, tokenizer: Any, context: s
         return None
     # what CompressedLM gives a compressor: the beginning of the conversation (template prefix + context)
     ids = torch.tensor([ConversationLayout(tokenizer).context_ids(context)], device=model.device)
-    return prefill_context(model, ids, window=max(w for w, _ in needs), token_nll=any(t for _, t in needs))
+    synchronize(model.device)
+    prefill = prefill_context(model, ids, window=max(w for w, _ in needs), token_nll=any(t for _, t in needs))
+    start = time.perf_counter()
+    synchronize(model.device)  # the prefill's queued device work is part of its time
+    return replace(prefill, seconds=prefill.seconds + time.perf_counter() - start)
 
 
 def achieved(memory: Any) -> tuple[float, float]:
@@ -368,8 +461,8 @@ def beyond_window(model: Any, length: int) -> bool:
     return limit is not None and length + PROMPT_MARGIN > limit
 
 
-def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
-    """Refuse a length at which no evaluated method but no-context can run; say which are skipped."""
+def check_length(model: Any, lengths: list[int], methods: list[Method], verbose: bool = True) -> None:
+    """Refuse a length at which no evaluated method but no-context can run; say which are skipped (``verbose``)."""
     for length in (n for n in lengths if beyond_window(model, n)):
         able = [m.label for m in methods if m.reads_beyond_window and not isinstance(m, NoContext)]
         if not able:
@@ -378,11 +471,12 @@ def check_length(model: Any, lengths: list[int], methods: list[Method]) -> None:
                 f"model's {model.config.max_position_embeddings} positions, and none of the methods reads beyond "
                 f"them (those that do: {', '.join(sorted(n for n, c in COMPRESSORS.items() if c.reads_beyond_window))})")
         skipped = [m.label for m in methods if not m.reads_beyond_window]
-        print(f"context length {length} is beyond the base model's {model.config.max_position_embeddings} "
-              f"positions: {', '.join(skipped) or 'no method'} cannot run there (skipped); {', '.join(able)} can")
+        if verbose:
+            print(f"context length {length} is beyond the base model's {model.config.max_position_embeddings} "
+                  f"positions: {', '.join(skipped) or 'no method'} cannot run there (skipped); {', '.join(able)} can")
 
 
-def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
+def load_model_for(cfg: EvalConfig, device_map: str = "cpu") -> tuple[Any, Any, str]:
     base = cfg.base_model
     if base is None:
         learned = [c for c in cfg.compressors if kind_of_method(c) in ("saved", "hub")]
@@ -391,23 +485,28 @@ def load_model_for(cfg: EvalConfig) -> tuple[Any, Any, str]:
         from ctxzip.compressors.hub import read_metadata, resolve_folder
 
         base = read_metadata(resolve_folder(learned[0], None))["base_model"]
-    model, tokenizer = load_base(base, dtype=cfg.dtype)
-    return model.eval(), tokenizer, base
+    model, tokenizer = load_on(base, cfg.dtype, device_map)
+    return model, tokenizer, base
 
 
 def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Evaluate every pending configuration, then write ``metrics.json``, ``predictions.jsonl``,
-    ``config.yaml``, ``report.md`` and the plots. Returns the summaries of all configurations."""
+    ``config.yaml``, ``report.md`` and the plots. Returns the summaries of all configurations.
+
+    Under ``accelerate launch`` every process loads the model and answers its share of each task's samples
+    (``samples_of``); the main process merges the shares and writes the outputs, which are those of one
+    process (but for the timings: each timed sample is measured in the process that answers it)."""
     from tqdm.auto import tqdm
 
-
     cfg.validate()
-    model, tokenizer, base = load_model_for(cfg)
+    state = process_state()
+    device_map = resolve_device_map(cfg.device_map, state)
+    model, tokenizer, base = load_model_for(cfg, device_map)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
-    methods = [method_for(name, model, tokenizer, base, cfg.dtype) for name in names]
-    check_length(model, cfg.context_lengths, methods)
+    methods = [method_for(name, model, tokenizer, base, cfg.dtype, device_map=device_map) for name in names]
+    check_length(model, cfg.context_lengths, methods, verbose=state.is_main_process)
     plan = []  # (task label, length, method, pending ratios)
     for task in (task_label(cfg, t) for t in cfg.tasks):
         for length in task_lengths(cfg, task):
@@ -418,9 +517,11 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
                            if not (out / "configs" / f"{config_key(task, length, method.label, r)}.json").exists()]
                 if pending:
                     plan.append((task, length, method, pending))
-    total = sum(len(ratios) for _, _, _, ratios in plan) * cfg.num_samples
-    bar = tqdm(total=total, desc="eval", unit="answer", disable=not cfg.progress)
+    state.wait_for_everyone()  # every process plans before the main one writes a configuration
+    total = sum(len(ratios) for _, _, _, ratios in plan) * len(samples_of(cfg.num_samples, state))
+    bar = tqdm(total=total, desc="eval", unit="answer", disable=not cfg.progress or not state.is_main_process)
     by_task: dict[tuple[str, int], list[tuple[Method, list[float]]]] = {}
+    answered = 0  # rows this process scores (not those resumed from a checkpoint)
     for task, length, method, ratios in plan:
         by_task.setdefault((task, length), []).append((method, ratios))
     for (task, length), pending in by_task.items():
@@ -431,30 +532,76 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
             options = {"num_questions": cfg.num_questions} if cfg.num_questions > 1 else {}
             dataset = build_task(name, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
                                  seed=cfg.seed, split=cfg.split, **options)
-        evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar)
+        answered += evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar, state)
     bar.close()
+    if state.num_processes > 1:
+        print(f"process {state.process_index} of {state.num_processes}: {answered} answers scored", flush=True)
     summaries = collect(out, cfg)
-    write_outputs(out, summaries, dict(asdict(cfg), base_model=base))
+    if state.is_main_process:
+        write_outputs(out, summaries, dict(asdict(cfg), base_model=base))
+    state.wait_for_everyone()
     return summaries
+
+
+def samples_of(num_samples: int, state: Any) -> list[int]:
+    """The sample indices this process answers: a contiguous block of ``range(num_samples)``, by accelerate's
+    ``split_between_processes`` (the first processes take one more where the count does not divide; with fewer
+    samples than processes the last ones take none). One process answers them all."""
+    with state.split_between_processes(list(range(num_samples))) as mine:
+        return list(mine)
+
+
+def partial_stem(task: str, length: int) -> str:
+    safe = re.sub(r"[^\w.@-]+", "_", task)
+    return f"{safe}__L{length}"
+
+
+def partial_path(out: Path, task: str, length: int, state: Any) -> Path:
+    """Where this process checkpoints its rows of a task: ``partial/<task>__L<length>.json`` in one process,
+    ``...__process<i>.json`` for process ``i`` of several (no two processes write one file)."""
+    suffix = "" if state.num_processes == 1 else f"__process{state.process_index}"
+    return out / "partial" / f"{partial_stem(task, length)}{suffix}.json"
+
+
+def partial_files(out: Path, task: str, length: int) -> list[Path]:
+    """Every checkpoint of a task's rows, whichever process (and however many processes) wrote it."""
+    stem = partial_stem(task, length)
+    return [p for p in (out / "partial" / f"{stem}.json", *sorted((out / "partial").glob(f"{stem}__process*.json")))
+            if p.is_file()]
+
+
+def read_partials(out: Path, task: str, length: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """The rows already scored for a task, from every checkpoint: ``{configuration key: {sample index: row}}``."""
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in partial_files(out, task, length):
+        for key, by_index in json.loads(path.read_text()).items():
+            rows.setdefault(key, {}).update((int(i), row) for i, row in by_index.items())
+    return rows
 
 
 def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
                   pending: list[tuple[Method, list[float]]], dataset: Any, model: Any, tokenizer: Any,
-                  bar: Any) -> None:
-    """All pending configurations of one task, sample by sample: each sample's context is
-    prefilled ONCE for every method that can share the prefill. Rows are checkpointed after every
-    sample (``partial/``), so a killed run resumes at the sample where it stopped; each
-    configuration's file is written when the task is done."""
-    partial_path = out / "partial" / f"{task}__L{length}.json"
+                  bar: Any, state: Any = None) -> int:
+    """All pending configurations of one task, sample by sample (this process's samples, ``samples_of``):
+    each sample's context is prefilled ONCE for every method that can share the prefill. Rows are checkpointed
+    after every sample (``partial/``, one file per process), so a killed run resumes at the sample where it
+    stopped, with any number of processes; when every process is done the main one merges the rows in sample
+    order into each configuration's file. Returns the number of rows this process scored."""
+    state = state or process_state()
     keys = {(m.label, r): config_key(task, length, m.label, r) for m, ratios in pending for r in ratios}
-    saved = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    rows: dict[str, list[dict[str, Any]]] = {k: saved.get(k, []) for k in keys.values()}
-    bar.update(sum(len(r) for r in rows.values()))
-    for index, sample in enumerate(dataset):
-        todo = [(m, [r for r in ratios if len(rows[keys[m.label, r]]) <= index]) for m, ratios in pending]
+    saved = read_partials(out, task, length)
+    state.wait_for_everyone()  # every process has read the checkpoints before any is rewritten
+    rows: dict[str, dict[int, dict[str, Any]]] = {k: saved.get(k, {}) for k in keys.values()}
+    mine = samples_of(len(dataset), state)
+    own_path = partial_path(out, task, length, state)
+    bar.update(sum(i in r for r in rows.values() for i in mine))
+    answered = 0
+    for index in mine:
+        todo = [(m, [r for r in ratios if index not in rows[keys[m.label, r]]]) for m, ratios in pending]
         todo = [(m, ratios) for m, ratios in todo if ratios]
         if not todo:
             continue
+        sample = dataset[index]
         bar.set_postfix_str(f"{task} L={length} sample {index}")
         prefill = shared_prefill([m for m, _ in todo], model, tokenizer, sample["context"])
         passages = json.loads(sample["metadata"]).get("passages")
@@ -465,22 +612,35 @@ def evaluate_task(cfg: EvalConfig, out: Path, task: str, length: int,
             for ratio, memory in zip(ratios, mems):
                 result = evaluate_sample(cfg, method, ratio, memory, sample, index)
                 result.update(task=task, ratio=ratio, context_length=length, compress_s=compress_s)
-                rows[keys[method.label, ratio]].append(result)
+                rows[keys[method.label, ratio]][index] = result
+                answered += 1
                 bar.update(1)
         del prefill
-        write_json_atomic(partial_path, rows, indent=1, default=float)
-    for method, ratios in pending:
-        for ratio in ratios:
-            meta = dict(task=task, context_length=length, method=method.label, ratio=ratio,
-                        scoring="generate" if task in GENERATION_TASKS else
-                        ("teacher-forced NLL" if task == "continuation" else cfg.scoring),
-                        source=method.name)
-            key = keys[method.label, ratio]
-            write_json_atomic(out / "configs" / f"{key}.json",
-                              {"summary": summarize(rows[key], meta), "rows": rows[key]}, indent=1, default=float)
-    partial_path.unlink(missing_ok=True)
-    if not any(partial_path.parent.iterdir()):
-        partial_path.parent.rmdir()
+        write_json_atomic(own_path, {k: {i: r[i] for i in mine if i in r} for k, r in rows.items()}, indent=1,
+                          default=float)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = read_partials(out, task, length)
+        for method, ratios in pending:
+            for ratio in ratios:
+                meta = dict(task=task, context_length=length, method=method.label, ratio=ratio,
+                            scoring="generate" if task in GENERATION_TASKS else
+                            ("teacher-forced NLL" if task == "continuation" else cfg.scoring),
+                            source=method.name)
+                key = keys[method.label, ratio]
+                done = merged.get(key, {})
+                lost = [i for i in range(len(dataset)) if i not in done]
+                if lost:
+                    raise RuntimeError(f"{key}: no rows for samples {lost} in {out / 'partial'}")
+                ordered = [done[i] for i in range(len(dataset))]
+                write_json_atomic(out / "configs" / f"{key}.json",
+                                  {"summary": summarize(ordered, meta), "rows": ordered}, indent=1, default=float)
+        for path in partial_files(out, task, length):
+            path.unlink()
+        if (out / "partial").is_dir() and not any((out / "partial").iterdir()):
+            (out / "partial").rmdir()
+    state.wait_for_everyone()  # the configurations are written before any process goes on
+    return answered
 
 
 def evaluate_sample(cfg: EvalConfig, method: Method, ratio: float, memory: Any, sample: dict[str, Any],

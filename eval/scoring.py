@@ -156,9 +156,18 @@ def score_shared(clm: CompressedLM, memory: Any, questions: list[dict[str, str]]
             "answer_logprob": float("nan")}
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the work queued on ``device``, so that a wall-clock time covers it (CUDA runs asynchronously;
+    the CPU needs no wait)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
               max_new_tokens: int, multi_turn: bool = False) -> dict[str, Any]:
     task = row.get("task", "")
+    synchronize(clm.device)
     start = time.perf_counter()
     out: dict[str, Any] = {}
     meta = json.loads(row["metadata"]) if row.get("metadata") else {}
@@ -183,6 +192,7 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
         scored = teacher_forced(clm, memory, row["question"], row["answer"], row.get("answer_prefix") or "")
         out.update(correct=float(scored.correct), answer_logprob=scored.answer_logprob,
                    token_accuracy=scored.token_accuracy, prediction=scored.prediction)
+    synchronize(clm.device)
     out["answer_s"] = time.perf_counter() - start
     return out
 
@@ -223,7 +233,8 @@ def time_decode(clm: CompressedLM, memory: Memory, question: str, steps: int = 8
     The prompt time is that of the first new token (reading the prompt after the memory); the per-token
     time is the mean interval between the following tokens, stamped by a streamer.
     """
-    stamps = _TokenClock()
+    stamps = _TokenClock()  # generate hands the streamer its tokens copied to the CPU: each stamp follows its token
+    synchronize(clm.device)
     start = time.perf_counter()
     clm.generate(question, memory=memory, max_new_tokens=steps + 1, min_new_tokens=steps + 1, streamer=stamps)
     times = stamps.times  # [generate's start (the prompt is put), first token, second token, ...]
@@ -237,6 +248,7 @@ def time_many_prompts(clm: CompressedLM, context: str | None, prompts: list[str]
     by ``answer_many``); ``context=None``: the prompts alone. With the full-context compressor this is the
     prefix cache built once and reused, the fair competitor of any compressed memory. A compressor whose
     memory is made per question compresses once per prompt, as it is used."""
+    synchronize(clm.device)
     start = time.perf_counter()
     if context is None:
         clm.generate(prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
@@ -247,6 +259,7 @@ def time_many_prompts(clm: CompressedLM, context: str | None, prompts: list[str]
     else:
         clm.answer_many(clm.compress(context), prompts, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                         reply_prefix=reply_prefix)
+    synchronize(clm.device)
     return time.perf_counter() - start
 
 
@@ -254,10 +267,12 @@ def time_rereading(clm: CompressedLM, context: str, prompts: list[str], max_new_
                    reply_prefix: str = "") -> float:
     """Seconds, end to end, to answer every prompt by reading the whole context again each time (what a
     user without any cache pays): one full prefill and one answer per prompt."""
+    synchronize(clm.device)
     start = time.perf_counter()
     for prompt in prompts:
         clm.generate(prompt, memory=clm.compress(context), max_new_tokens=max_new_tokens,
                      min_new_tokens=max_new_tokens, reply_prefix=reply_prefix)
+    synchronize(clm.device)
     return time.perf_counter() - start
 
 

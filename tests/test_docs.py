@@ -34,6 +34,26 @@ def after(words: list[str], marker: str) -> list[str] | None:
     return words[words.index(marker) + 1:] if marker in words else None
 
 
+def eval_argv(words: list[str]) -> list[str] | None:
+    """The eval CLI's arguments of a documented command: after ``python -m ctxzip.eval`` or ``ctxzip-eval``, or,
+    in ``accelerate launch [launch flags] -m ctxzip.eval ...``, what accelerate's own launch parser hands the
+    module (the launch flags must parse there too); None for another command."""
+    while words and re.fullmatch(r"\w+=\S*", words[0]):  # DS_ACCELERATOR=cpu accelerate launch ...
+        words = words[1:]
+    if words[:2] == ["accelerate", "launch"] or "accelerate.commands.launch" in words[:3]:
+        from accelerate.commands.launch import launch_command_parser
+
+        tail = words[2:] if words[0] == "accelerate" else after(words, "accelerate.commands.launch")
+        launch = launch_command_parser().parse_args(tail)
+        if launch.training_script not in ("ctxzip.eval", "ctxzip-eval"):
+            return None
+        assert launch.module == (launch.training_script == "ctxzip.eval"), f"run the eval module with -m: {words}"
+        return list(launch.training_script_args)
+    if "ctxzip.eval" in words:
+        return after(words, "ctxzip.eval")
+    return after(words, "ctxzip-eval")
+
+
 def test_readme_is_short() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) < 200
 
@@ -53,7 +73,7 @@ def test_documented_eval_commands_parse(page: Path) -> None:
     from ctxzip.eval.__main__ import make_parser
 
     for words in commands(page):
-        argv = after(words, "ctxzip.eval") if "ctxzip.eval" in words else after(words, "ctxzip-eval")
+        argv = eval_argv(words)
         if argv is None or argv == ["--help"]:
             continue
         from_file = "--config" in argv

@@ -105,6 +105,8 @@ def test_killed_run_resumes_at_the_sample_where_it_stopped(tmp_path, monkeypatch
     (["--compressor", "snapkv", "--ratios", "0.5", "2"], "ratios must be >= 1"),
     (["--compressor", "snapkv", "--context-length", "5000", "--no-references"],
      "exceeds the base model's 4096 positions"),
+    (["--compressor", "snapkv", "--device_map", "gpu7"], "--device_map must be auto, cuda, cpu"),
+    (["--compressor", "snapkv", "--device_map", "meta"], "--device_map meta holds no weights"),
 ])
 def test_clear_errors(tmp_path, capsys, args, message):
     assert main(args + ["--base-model", "tiny-random-llama", "--output-dir", str(tmp_path / "x"),
@@ -314,3 +316,146 @@ def test_each_method_is_the_type_that_says_how_it_makes_its_memories_and_what_th
     kept, kept_s = made["truncation"].memories([2.0, 4.0], context, prefill)
     assert [m.ratio for m in kept] == [pytest.approx(2.0, rel=0.1), pytest.approx(4.0, rel=0.1)] and kept_s > 0
     assert made["no_context"].memories([0.0], context, prefill) == ([None], 0.0)
+
+
+def test_samples_split_into_contiguous_blocks_and_a_process_may_have_none():
+    from accelerate import PartialState
+
+    from ctxzip.eval.runner import samples_of
+
+    class Process:  # accelerate's own split, as process ``index`` of ``count``
+        split_between_processes = PartialState.split_between_processes
+
+        def __init__(self, index: int, count: int) -> None:
+            self.process_index, self.num_processes = index, count
+
+    assert [samples_of(3, Process(i, 2)) for i in range(2)] == [[0, 1], [2]]
+    assert [samples_of(5, Process(i, 3)) for i in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [samples_of(1, Process(i, 2)) for i in range(2)] == [[0], []]  # fewer samples than processes
+    assert samples_of(4, Process(0, 1)) == [0, 1, 2, 3]
+
+
+TIMING = {"compress_s", "answer_s", "prompt_s", "decode_s_per_token", "n_prompts_s", "n_prompts_reread_s",
+          "n_prompts_prefix_cache_s"}  # measured per process
+
+
+def _without_timing(row: dict) -> dict:
+    return {k: ("nan" if isinstance(v, float) and v != v else v) for k, v in row.items() if k not in TIMING}
+
+
+def test_accelerate_launch_splits_the_samples_and_writes_what_one_process_writes(tmp_path):
+    """2 CPU processes (gloo, ``accelerate launch --multi_gpu``: ``--cpu --num_processes 2`` starts ONE process
+    without mpirun): each answers its block of every task's samples, checkpoints to its own file, and
+    the main process merges one result whose numbers are the single-process run's (timings aside); a checkpoint
+    is resumed, a task with fewer samples than processes runs, and a rerun of the finished run scores nothing."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = tmp_path / "one.jsonl"  # a benchmark of ONE row: fewer samples than processes
+    bench.write_text(json.dumps({"input": "What is the code of box 7?", "context": "Box 7 holds the code 1007. " * 4,
+                                 "answers": ["1007"], "_id": "0", "dataset": "boxes"}) + "\n")
+    args = ["--compressor", "snapkv", "--tasks", "passkey", "continuation", f"longbench:{bench}", "--ratios", "4",
+            "--scoring", "loglik", "--base_model", "tiny-random-llama", "--no_progress", "--num_samples", "3",
+            "--context_lengths", "96", "--n_prompts", "2"]
+    # on the CPU (gloo) even where GPUs are; ``--multi_gpu`` is what makes accelerate spawn the processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    root = Path(__file__).resolve().parents[1]
+
+    def launch(*command: str) -> str:
+        result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch("-m", "ctxzip.eval", *args, "--output_dir", str(one))
+    # a 2-process run killed after process 0 checkpointed passkey's sample 0 (marked: answer_s = -1)
+    (two / "partial").mkdir(parents=True)
+    seeded = {}
+    for path in sorted((one / "configs").glob("passkey__L96__*.json")):
+        seeded[path.stem] = {0: dict(json.loads(path.read_text())["rows"][0], answer_s=-1.0)}
+    (two / "partial" / "passkey__L96__process0.json").write_text(json.dumps(seeded))
+    accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "-m", "ctxzip.eval", *args, "--output_dir", str(two)]
+    out = launch(*accelerate)
+    assert out.count("# ctxzip evaluation") == 1  # one report, from the main process
+    scored = dict(re.findall(r"process (\d) of 2: (\d+) answers scored", out))
+    # 4 configurations (full, no context, truncation, snapkv) per task; samples 0-1 to process 0, 2 to process 1;
+    # passkey's sample 0 came from the checkpoint; the one-row benchmark is process 0's alone
+    assert scored == {"0": str(4 * 1 + 4 * 2 + 4 * 1), "1": str(4 * 1 + 4 * 1 + 0)}
+    assert not (two / "partial").exists()
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+    assert ({k: v for k, v in metrics[0]["config"].items() if k != "output_dir"}
+            == {k: v for k, v in metrics[1]["config"].items() if k != "output_dir"})
+    results = [[_without_timing(r) for r in m["results"]] for m in metrics]
+    assert len(results[1]) == 12 and results[0] == results[1]
+    assert {r["task"] for r in results[1]} == {"passkey", "continuation", f"longbench:{bench}"}
+    assert any(r["perplexity"] not in ("nan", 1.0) for r in results[1])  # real numbers were compared
+    rows = [[json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert len(rows[1]) == 4 * (3 + 3 + 1) and [_without_timing(r) for r in rows[0]] == [
+        _without_timing(r) for r in rows[1]]
+    first = next(r["id"] for r in rows[1] if r["task"] == "passkey")
+    resumed = [r for r in rows[1] if r["task"] == "passkey" and r["id"] == first]
+    assert len(resumed) == 4 and all(r["answer_s"] == -1.0 for r in resumed)  # taken from the checkpoint
+    # everything finished: a rerun scores nothing and rewrites no configuration
+    stamps = {p.name: p.stat().st_mtime_ns for p in (two / "configs").iterdir()}
+    out = launch(*accelerate)
+    assert dict(re.findall(r"process (\d) of 2: (\d+) answers scored", out)) == {"0": "0", "1": "0"}
+    assert {p.name: p.stat().st_mtime_ns for p in (two / "configs").iterdir()} == stamps
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA")
+def test_a_cuda_device_map_without_cuda_is_refused_before_loading(tmp_path, capsys):
+    assert main(["--compressor", "snapkv", "--device_map", "cuda", "--output-dir", str(tmp_path / "x"), *TINY]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_the_device_map_resolves_per_process_and_everything_loads_there():
+    from types import SimpleNamespace
+
+    import torch
+
+    from ctxzip.compressors.errors import CtxzipError
+    from ctxzip.eval import runner
+
+    one_cpu = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    one_gpu = SimpleNamespace(num_processes=1, device=torch.device("cuda"))
+    second_gpu = SimpleNamespace(num_processes=2, device=torch.device("cuda", 1))
+    second_cpu = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    assert [runner.resolve_device_map(v, one_cpu) for v in (None, "auto", "cpu")] == ["cpu", "auto", "cpu"]
+    assert [runner.resolve_device_map(v, one_gpu) for v in (None, "cuda", "cuda:1")] == ["cuda", "cuda", "cuda:1"]
+    # several processes: the default, cuda and auto are each process's own device; a named device stays
+    assert [runner.resolve_device_map(v, second_gpu) for v in (None, "cuda", "auto", "cuda:0", "cpu")] == [
+        "cuda:1", "cuda:1", "cuda:1", "cuda:0", "cpu"]
+    assert [runner.resolve_device_map(v, second_cpu) for v in (None, "auto")] == ["cpu", "cpu"]
+    # auto for a model built in-process (no device map): the default device; a learned compressor follows its base
+    model, _ = runner.load_on("tiny-random-llama", "float32", "auto")
+    assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    gist = runner.load_learned("gist", "tiny-random-llama", "float32", "cpu")
+    assert {p.device.type for p in gist.parameters()} == {"cpu"} and gist.device.type == "cpu"
+    gist.base_lm.lm_head.to("meta")  # a base spread over two devices: a learned compressor there is refused
+    with pytest.raises(CtxzipError, match="spread over several devices"):
+        runner.on_base_device(gist)
+
+
+def test_a_method_task_refuses_several_processes_and_a_device_map(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from ctxzip.eval import runner
+
+    args = ["--compressor", "incomes", "--tasks", "edits", "--base-model", "tiny-random-llama", "--num-samples", "1",
+            "--output-dir", str(tmp_path / "edits")]
+    assert main([*args, "--device_map", "cpu"]) == 2
+    assert "does not take --device_map" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "process_state", lambda: SimpleNamespace(num_processes=2))
+    assert main(args) == 2
+    assert "cannot split its samples over the 2 processes" in capsys.readouterr().err
