@@ -8,8 +8,9 @@ kernel, mask per-layer padding, capture the queries) do it here, never by replac
 How: for a model whose attention implementation is ``sdpa`` (or ``eager``, ...), a function is
 registered under ``ctxzip_<sdpa>`` with the same mask function as the original, and the model is
 switched to it (``set_attn_implementation``) while at least one override is active. The function
-calls the override registered for the calling module, or the original implementation. With no
-override for a module, its attention is exactly the original's.
+calls the override registered for the calling module, or the original implementation (for ``eager``,
+the calling module's own ``eager_attention_forward``: Gemma2's soft-caps its logits). With no
+override for a module, its attention is exactly the original's, on every family.
 
 An override is ``fn(module, query, key, value, attention_mask, fallback, **kwargs) -> (out, weights)``
 with the arguments of an ``AttentionInterface`` function (query ``[batch, heads, q_len, head_dim]``,
@@ -19,6 +20,8 @@ rotated; key / value as returned by the cache) plus ``fallback``, the original i
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .compat import attn_implementation
+from .errors import UnsupportedModelError
 
 Override = Callable[..., tuple[torch.Tensor, Any]]
 PREFIX = "ctxzip_"
@@ -46,16 +50,23 @@ def implementation_of(model: PreTrainedModel) -> str:
     return name[len(PREFIX):] if name.startswith(PREFIX) else name
 
 
-def original_function(name: str) -> Callable[..., Any]:
-    # transformers' modeling files use eager_attention_forward when the name is not registered
-    return AttentionInterface().get_interface(name, eager_attention_forward)
+def original_function(name: str, module: nn.Module | None = None) -> Callable[..., Any]:
+    """The attention function ``module`` runs under the implementation ``name``: the registered one, or, for a name
+    not registered (``eager``), the ``eager_attention_forward`` of the module's own modeling file, which is what
+    transformers' modeling code calls then (Gemma2's soft-caps the logits; Llama's for a module without one)."""
+    return AttentionInterface().get_interface(name, _own_eager(type(module)) if module is not None
+                                              else eager_attention_forward)
+
+
+@functools.cache
+def _own_eager(cls: type) -> Callable[..., Any]:
+    return getattr(sys.modules.get(cls.__module__), "eager_attention_forward", eager_attention_forward)
 
 
 def _dispatching_function(original: str) -> Callable[..., Any]:
-    fallback = original_function(original)
-
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        fallback = original_function(original, module)
         stack = _OVERRIDES.get(module)
         if stack:
             return stack[-1](module, query, key, value, attention_mask, fallback, **kwargs)
@@ -119,6 +130,62 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     if any(module is None for module in modules):
         raise ValueError(f"expected every decoder layer to have self_attn (Llama-style); got {type(model).__name__}")
     return modules
+
+
+def model_family(model: nn.Module) -> str:
+    """The base model's family: its config's ``model_type`` (``llama``, ``qwen3``, ``phi3``, ...)."""
+    config = base_model_of(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return str(text.model_type)
+
+
+def unsupported(method: str, model: nn.Module, reason: str) -> UnsupportedModelError:
+    """The error a method raises for a base model family it cannot run on: names the method, the family and why."""
+    return UnsupportedModelError(f"{method} does not support {model_family(model)} models "
+                                 f"({type(base_model_of(model)).__name__}): {reason}")
+
+
+def head_counts(module: nn.Module) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` of an attention module, from its config."""
+    config = module.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(module, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def key_projection(module: nn.Module, method: str, model: nn.Module,
+                   ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """The linear layer that computes an attention module's keys, and how to take the keys out of its output
+    (``[..., kv_heads * head_dim]``): ``k_proj`` as it is, or the key part of a fused ``qkv_proj`` (Phi3: the
+    output is the queries, then the keys, then the values, split by the config's head counts). Raises
+    ``unsupported(method, model, ...)`` for a module with neither."""
+    if isinstance(getattr(module, "k_proj", None), nn.Module):
+        return module.k_proj, lambda output: output
+    if isinstance(getattr(module, "qkv_proj", None), nn.Module):
+        heads, kv_heads, head_dim = head_counts(module)
+        start, end = heads * head_dim, (heads + kv_heads) * head_dim
+        return module.qkv_proj, lambda output: output[..., start:end]
+    raise unsupported(method, model, f"its attention ({type(module).__name__}) has neither k_proj nor a fused "
+                                     "qkv_proj to read keys from")
+
+
+def norm_keys(module: nn.Module, keys: torch.Tensor, method: str, model: nn.Module) -> torch.Tensor:
+    """``keys`` ``[..., kv_heads * head_dim]`` (a key projection's output) as the module feeds them to rotary
+    embedding: ``[..., kv_heads, head_dim]``, through its ``k_norm`` when it has one, over each head (Qwen3,
+    Gemma3) or over all heads at once (OLMo2), told apart by the norm's weight size."""
+    _, kv_heads, head_dim = head_counts(module)
+    norm = getattr(module, "k_norm", None)
+    if norm is None:
+        return keys.unflatten(-1, (kv_heads, head_dim))
+    weight = getattr(norm, "weight", None)
+    size = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", (None,))))[-1]  # (ZeRO-3: the whole shape)
+    if size == head_dim:
+        return norm(keys.unflatten(-1, (kv_heads, head_dim)))
+    if size == kv_heads * head_dim:
+        return norm(keys).unflatten(-1, (kv_heads, head_dim))
+    raise unsupported(method, model, f"its k_norm ({type(norm).__name__}) normalizes {size} channels, neither a "
+                                     f"head ({head_dim}) nor all key heads ({kv_heads * head_dim})")
 
 
 class QueryCapture:

@@ -21,6 +21,11 @@ class CorruptArtifactError(CtxzipError, OSError):
     """A saved file is missing, truncated or not what it claims to be."""
 
 
+class UnsupportedModelError(CtxzipError, ValueError):
+    """A method cannot run on the base model's family (its layers lack what the method needs); the message names
+    the method, the family and the reason (``compressors.attention.unsupported`` builds it)."""
+
+
 class UnknownCompressorError(CtxzipError, KeyError):
     """No compressor is registered under the requested name."""
 

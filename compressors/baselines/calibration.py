@@ -4,7 +4,8 @@ Q-Filters (query directions) and EHPC (evaluator heads) compute a small tensor s
 calibration text once per base model and reuse it. This module holds what they share:
 
 - ``calibration_text()``: the offline default corpus, the topic help of ``pydoc_data`` (it ships
-  with CPython; ``compressors`` must not import ``data``, so it is read here directly);
+  with CPython; ``compressors`` must not import ``data``, so it is read here directly), and
+  ``calibration_ids(tokenizer)``, its tokens (tokenized once per tokenizer object: ~1 s each time);
 - ``artifact_path(kind, model, tokenizer, settings)``: ``$CTXZIP_HOME/calibration/<kind>/`` +
   a file name keyed by the base model (its name, shape signature and a fingerprint of its
   weights), the tokenizer and the calibration settings, so that changing any of them computes
@@ -43,6 +44,7 @@ _MEMO: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
 # eval runner builds a fresh compressor for every ratio and sample
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _TOKENIZER_HASHES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_CORPUS_IDS: weakref.WeakKeyDictionary[Any, tuple[int, ...]] = weakref.WeakKeyDictionary()
 
 
 def calibration_text() -> str:
@@ -50,6 +52,27 @@ def calibration_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(re.sub(r"[ \t]+", " ", topics[key]).strip() for key in sorted(topics))
+
+
+def calibration_ids(tokenizer: Any) -> list[int]:
+    """The tokens of ``calibration_text()`` (no special tokens), tokenized once per tokenizer object."""
+    try:
+        ids = _CORPUS_IDS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        return list(tokenizer(calibration_text(), add_special_tokens=False)["input_ids"])
+    if ids is None:
+        ids = _CORPUS_IDS[tokenizer] = tuple(tokenizer(calibration_text(), add_special_tokens=False)["input_ids"])
+    return list(ids)
+
+
+def _projection_weight(attention: Any, name: str) -> torch.Tensor:
+    """The weight of ``attention``'s ``name`` projection (``q_proj``, ``k_proj``), or of its fused ``qkv_proj``."""
+    projection = getattr(attention, name, None)
+    if projection is None:
+        projection = getattr(attention, "qkv_proj", None)
+    if projection is None:
+        return next(attention.parameters())
+    return projection.weight
 
 
 def model_fingerprint(model: Any) -> str:
@@ -62,7 +85,8 @@ def model_fingerprint(model: Any) -> str:
     h.update(base_model_id(model).encode())
     h.update(json.dumps(model_signature(model.config), sort_keys=True).encode())
     layers = model.model.layers
-    for weight in (layers[0].self_attn.q_proj.weight, layers[-1].self_attn.k_proj.weight):
+    first, last = layers[0].self_attn, layers[-1].self_attn
+    for weight in (_projection_weight(first, "q_proj"), _projection_weight(last, "k_proj")):
         h.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
     _FINGERPRINTS[model] = h.hexdigest()[:16]
     return _FINGERPRINTS[model]

@@ -60,7 +60,7 @@ from ..attention import QueryCapture
 from ..base import CompressorConfig, register_compressor
 from ..compat import cache_of, with_cache
 from ..memory import Memory
-from .calibration import calibration_text, get_tokenizer, load_or_compute
+from .calibration import calibration_ids, get_tokenizer, load_or_compute
 from .full_context import prefill_kv
 from .selection import (
     ContextPrefill,
@@ -111,7 +111,7 @@ class EHPCConfig(CompressorConfig):
 
 def build_probes(tokenizer: Any, samples: int, tokens: int, seed: int = 0) -> list[dict[str, Any]]:
     """Pass-key probes: ``ids`` (``tokens`` long), the needle span and the question length."""
-    corpus = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+    corpus = calibration_ids(tokenizer)
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     probes = []
     for index in range(samples):

@@ -6,8 +6,9 @@ downloaded from the Hub; here they are computed locally).
 
 Calibration (once per base model, ``compute_qfilters``): the base model reads calibration text
 (default: the ``pydoc_data`` topics, ``calibration_tokens`` tokens in chunks of
-``calibration_seq_len``); forward pre-hooks recompute every layer's queries exactly (``q_proj`` +
-the rotary embedding the layer received, i.e. the rotated queries attention really uses). For
+``calibration_seq_len``); every layer's queries are caught where the layer attends with them
+(``attention.QueryCapture``, an ``AttentionInterface`` function: the rotated queries attention really
+uses, after any q-norm, from a ``q_proj`` or a fused ``qkv_proj`` alike). For
 each layer and KV head, the queries of its GQA group are pooled and the first right singular
 vector ``u`` of that (uncentred) query matrix is taken (the top eigenvector of ``Q^T Q``); its sign
 is fixed so that the queries project positively on average (``mean <q, u> > 0``). The filters
@@ -53,7 +54,7 @@ import torch
 from ..attention import QueryCapture
 from ..base import CompressorConfig, register_compressor
 from ..compat import cache_of
-from .calibration import calibration_text, get_tokenizer, load_or_compute
+from .calibration import calibration_ids, get_tokenizer, load_or_compute
 from .selection import KVSelection, check_budget_rounding, protect_window, topk_sorted
 
 KIND = "qfilters"
@@ -123,8 +124,7 @@ def compute_qfilters(model: Any, token_ids: list[int], seq_len: int = 1024) -> t
 
 
 def calibration_tokens(tokenizer: Any, count: int) -> list[int]:
-    ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
-    return ids[:count]
+    return calibration_ids(tokenizer)[:count]
 
 
 @register_compressor

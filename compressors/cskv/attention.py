@@ -10,7 +10,9 @@ While a CSKV compressor is ``installed()`` (``CompressedLM`` and ``compressor.re
   own attention function (SDPA / eager) attends over them with the model's own mask;
 - one new token (decoding): the cache leaves a ``DecodeRequest`` and the attention override
   (``compressors.attention``: a function registered with ``AttentionInterface``) computes the step
-  from the latents directly, with the fused Triton kernel on a GPU and the PyTorch reference elsewhere.
+  from the latents directly, with the fused Triton kernel on a GPU and the PyTorch reference elsewhere;
+  on a layer with a key norm (Qwen3, OLMo2) or logit soft-capping (Gemma2), which that step does not
+  compute, the override reconstructs the keys and values and calls the model's own attention function.
 With an empty cache (compressing a context) the attention is exactly the base model's. Any other
 cache (or none) goes through the model's own attention unchanged.
 """
@@ -92,6 +94,8 @@ class LatentReader:
 
     factors: nn.ModuleList
     rope: Callable[[], tuple[torch.Tensor, float]]  # (inv_freq, attention scaling)
+    # per layer: None, or its key norm (``[..., kv_heads * head_dim]`` -> ``[..., kv_heads, head_dim]``)
+    key_norms: list[Callable[[torch.Tensor], torch.Tensor] | None] = field(default_factory=list)
     installed: bool = False
     latents: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     requests: dict[int, DecodeRequest] = field(default_factory=dict)
@@ -112,7 +116,11 @@ class LatentReader:
         factors: LowRankKV = self.factors[layer]
         inv_freq, scaling = self.rope()
         return latent_keys_values(latent_k, latent_v, factors.k.up.weight, factors.k.up.bias, factors.v.up.weight,
-                                  factors.v.up.bias, positions, inv_freq, scaling, kv_heads, head_dim)
+                                  factors.v.up.bias, positions, inv_freq, scaling, kv_heads, head_dim,
+                                  key_norm=self.key_norm(layer))
+
+    def key_norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.key_norms[layer] if self.key_norms else None
 
     # ----- hooks and the attention override (installed by CSKVCompressor.installed) -----------
     def latent_hook(self, layer: int, branch: str) -> Callable[..., None]:
@@ -129,6 +137,15 @@ class LatentReader:
             request = self.requests.pop(layer, None)
             if request is None:
                 return fallback(module, query, key, value, attention_mask, **kwargs)
+            if self.key_norm(layer) is not None or kwargs.get("softcap") is not None:
+                # what the fused step does not compute (a key norm, logit soft-capping): the model's own attention
+                # over the keys and values reconstructed from the latents, then the window's
+                window_k, window_v = request.window_k, request.window_v
+                old_k, old_v = self.reconstruct(layer, request.latent_k, request.latent_v, request.positions,
+                                                window_k.shape[1], window_k.shape[3])
+                keys = torch.cat([old_k.to(window_k.dtype), window_k], dim=2)
+                values = torch.cat([old_v.to(window_v.dtype), window_v], dim=2)
+                return fallback(module, query, keys, values, attention_mask, **kwargs)
             factors: LowRankKV = self.factors[layer]
             inv_freq, scaling = self.rope()
             batch = query.shape[0]

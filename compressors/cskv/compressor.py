@@ -11,12 +11,20 @@ prefill attends with the exact keys / values of its own tokens; the cache then k
 Different: one joint latent per layer for all KV heads (as in the paper's code, not Palu's
 per-head groups); keys are stored before RoPE and rotated after reconstruction (Palu-style) so that
 the latent is position-free; 8 / 4-bit latents use per-token groups of channels (the paper uses
-KIVI-style per-channel keys over token blocks).
+KIVI-style per-channel keys over token blocks). Beyond the paper (Llama / Mistral): on a layer with a
+key norm after ``k_proj`` (Qwen3 per head, OLMo2 over all heads) the latent is still ``down(x)``, and a
+reconstructed key goes through the layer's own ``k_norm`` before RoPE, as the layer computes its keys
+(exact at full rank); the reconstruction loss then compares keys after the norm, what the cache holds.
+A layer whose attention the fused decode step does not compute (a key norm; logit soft-capping,
+Gemma2) decodes through the model's own attention function over keys and values reconstructed from
+the latents. A fused ``qkv_proj`` (Phi3) and partial rotary embeddings are refused
+(``UnsupportedModelError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -24,7 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..attention import attention_modules, overriding_attention
+from ..attention import attention_modules, head_counts, norm_keys, overriding_attention, unsupported
 from ..base import Compressor, DecoderStep, memory_prefix, register_compressor
 from ..compat import with_cache
 from ..memory import Memory
@@ -39,21 +47,27 @@ from .quant import fake_quantize
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def llama_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The self-attention module of every decoder layer, checked to be Llama-style."""
+def factorable_attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, checked to have separate ``k_proj`` / ``v_proj`` linear
+    layers CSKV can factor (Llama, Qwen2/3, Mistral, Gemma2, OLMo2; a key norm after ``k_proj`` is allowed).
+    Anything else is refused with an ``UnsupportedModelError`` naming the family and the reason."""
     modules = attention_modules(model)
     for index, attn in enumerate(modules):
-        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
-                   if not hasattr(attn, n)]
+        missing = [n for n in ("k_proj", "v_proj", "head_dim") if not hasattr(attn, n)]
+        if missing and isinstance(getattr(attn, "qkv_proj", None), nn.Module):
+            raise unsupported(CSKVCompressor.compressor_type, model, "its attention computes queries, keys and values "
+                              "with one fused qkv_proj; CSKV factors separate k_proj / v_proj layers")
         if missing:
-            raise ValueError(f"layer {index} attention lacks {missing}: CSKV supports Llama-style attention")
-        if hasattr(attn, "k_norm") or hasattr(attn, "q_norm"):
-            raise ValueError("CSKV does not support attention with q/k norms (the key is not linear in x)")
+            raise unsupported(CSKVCompressor.compressor_type, model, f"layer {index} attention "
+                              f"({type(attn).__name__}) lacks {missing}; CSKV factors separate k_proj / v_proj layers")
         for name in ("k_proj", "v_proj"):
             weight = getattr(getattr(attn, name), "weight", None)
             if weight is None or not weight.is_floating_point() or hasattr(weight, "quant_state"):
                 raise ValueError(f"layer {index} {name} is not a plain float linear layer (a quantized base "
                                  "model cannot be factored; load it in float)")
+        if getattr(attn, "k_norm", None) is not None:  # checked here, not at the first reconstruction
+            norm_keys(attn, attn.k_proj.weight.new_zeros(1, head_counts(attn)[1] * attn.head_dim),
+                      CSKVCompressor.compressor_type, model)
     return modules
 
 
@@ -71,11 +85,15 @@ class CSKVCompressor(Compressor):
     def __init__(self, config: CSKVConfig, model: PreTrainedModel) -> None:
         model.requires_grad_(False)  # only the factors train
         super().__init__(config, model)
-        attns = llama_attention_modules(self.base_lm)
+        attns = factorable_attention_modules(self.base_lm)
         kind = rope_type(self.base_lm)
         if kind not in _ROPE_TYPES:
-            raise ValueError(f"CSKV rotates reconstructed keys with RoPE of type {list(_ROPE_TYPES)}; this "
-                             f"model uses {kind!r}")
+            raise unsupported(self.compressor_type, self.base_lm, f"CSKV rotates reconstructed keys with RoPE of "
+                              f"type {list(_ROPE_TYPES)}; this model uses {kind!r}")
+        rotated = 2 * self.base_lm.model.rotary_emb.inv_freq.numel()
+        if rotated != attns[0].head_dim:
+            raise unsupported(self.compressor_type, self.base_lm, f"its rotary embedding turns {rotated} of the "
+                              f"{attns[0].head_dim} channels of a head (partial rotary); CSKV rotates whole heads")
         self.factors = nn.ModuleList()
         for attn, (key_density, value_density) in zip(attns, config.densities(len(attns))):
             k_proj, v_proj = attn.k_proj, attn.v_proj
@@ -87,7 +105,10 @@ class CSKVCompressor(Compressor):
         self._attention = tuple(attns)  # a tuple: not registered again as submodules
         self._installed_depth = 0
         self._installed_stack: contextlib.ExitStack | None = None
-        self.reader = LatentReader(self.factors, self.rope)
+        # a layer's k_norm (Qwen3: per head; OLMo2: over all heads), applied to reconstructed keys before RoPE
+        key_norms = [functools.partial(norm_keys, attn, method=self.compressor_type, model=self.base_lm)
+                     if getattr(attn, "k_norm", None) is not None else None for attn in attns]
+        self.reader = LatentReader(self.factors, self.rope, key_norms=key_norms)
         self.initialize_svd()
 
     # ----- factors ------------------------------------------------------------------------
@@ -268,10 +289,15 @@ class CSKVCompressor(Compressor):
             return projection.up(latent)
 
         def on_k(index: int):  # noqa: ANN202
+            norm = self.reader.key_norms[index]
+
             def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
                 x = args[0].detach()
                 inputs[index] = x
-                losses.append((mse(out, reconstruct(self.factors[index].k, x)), torch.zeros((), device=x.device)))
+                estimate = reconstruct(self.factors[index].k, x)
+                if norm is not None:  # the keys the cache holds: after the layer's key norm
+                    out, estimate = norm(out).flatten(-2), norm(estimate).flatten(-2)
+                losses.append((mse(out, estimate), torch.zeros((), device=x.device)))
             return hook
 
         def on_v(index: int):  # noqa: ANN202

@@ -9,6 +9,8 @@ embedding computes them (default, linear, llama3 and yarn RoPE are all of this f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .quant import LatentStore
@@ -44,10 +46,18 @@ def reconstruct(latent: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Te
 def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
                        bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None,
                        positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float, num_heads: int,
-                       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents."""
+                       head_dim: int, key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents.
+
+    ``key_norm`` (the layer's key norm: ``[batch, tokens, kv_heads * head_dim]`` to ``[batch, tokens, kv_heads,
+    head_dim]``) runs on the reconstructed keys before RoPE, as the layer runs it on ``k_proj``'s output."""
     dtype = up_k.dtype
-    keys = reconstruct(latent_k.dequantize(dtype), up_k, bias_k, num_heads, head_dim)
+    if key_norm is None:
+        keys = reconstruct(latent_k.dequantize(dtype), up_k, bias_k, num_heads, head_dim)
+    else:
+        flat = torch.nn.functional.linear(latent_k.dequantize(dtype), up_k, bias_k)
+        keys = key_norm(flat).to(dtype).transpose(1, 2)
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scaling)
     keys = apply_rope(keys, cos, sin)
     values = reconstruct(latent_v.dequantize(dtype), up_v, bias_v, num_heads, head_dim)

@@ -20,9 +20,10 @@ exactly the model without it; entries that are padding (a ``slot_mask``) are nev
 a gist of their own input: the edits' pass has no pool and the query pass has no gist token (the public
 code masks the same thing inside one sequence).
 
-Gist keys are taken *before* rotary embedding (the output of ``k_proj``, and of ``k_norm`` when the layer
-has one) while the queries are rotated, as the public code does (``gist_key_rope: false``, the default);
-``gist_key_rope: true`` keeps the rotated key at the gist's own position instead.
+Gist keys are taken *before* rotary embedding (the output of ``k_proj``, or the key part of a fused ``qkv_proj``
+(Phi3), then of ``k_norm`` when the layer has one, per head (Qwen3) or over all heads (OLMo2)) while the queries
+are rotated, as the public code does (``gist_key_rope: false``, the default); ``gist_key_rope: true`` keeps the
+rotated key at the gist's own position instead.
 
 The memory (kind ``pool``): ``key.{layer}`` / ``value.{layer}`` ``[rows, entries, kv_heads, head_dim]`` for
 each gist layer, ``edit_id`` ``[rows, entries]`` (a stable 63-bit hash of each edit's tokens: which edit an
@@ -66,7 +67,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..adapters import ALL_PROJECTIONS, LoraSettings, add_named_lora
-from ..attention import Override, attention_modules, overriding_attention
+from ..attention import Override, attention_modules, key_projection, norm_keys, overriding_attention
 from ..base import Compressor, CompressorConfig, DecoderStep, register_compressor, template_prefix_before
 from ..compat import cache_of
 from ..memory import Memory
@@ -152,6 +153,10 @@ class InComeSCompressor(Compressor):
         nn.init.normal_(self.zero_keys.weight, generator=torch.Generator().manual_seed(0))
         self.gist_embedding.to(device=embed.weight.device, dtype=embed.weight.dtype)
         self.zero_keys.to(device=embed.weight.device, dtype=embed.weight.dtype)
+        if not config.gist_key_rope:  # refused here, not at the first compress: no key projection to read
+            modules = attention_modules(self.base_lm)
+            for i in gist_layers:
+                key_projection(modules[i], self.compressor_type, self.base_lm)
 
     # ----- what is saved and which model teaches ------------------------------------------------
     def own_state_dict(self) -> dict[str, torch.Tensor]:
@@ -236,15 +241,19 @@ class InComeSCompressor(Compressor):
                 return fallback(module, query, key, value, attention_mask, **kwargs)
             return attend
 
-        def unrotated_key(layer: int, attention: nn.Module) -> Callable[..., None]:
+        def unrotated_key(layer: int, attention: nn.Module, keys_of: Callable[..., torch.Tensor],
+                          ) -> Callable[..., None]:
             def hook(projection: nn.Module, args: Any, output: torch.Tensor) -> None:
-                key = output[:, -1].view(output.shape[0], -1, self.head_dim)
-                norm = getattr(attention, "k_norm", None)  # Qwen3-style layers normalise keys before rotating them
-                captured[f"key.{layer}"] = norm(key) if norm is not None else key
+                # the gist's keys as the layer rotates them: after its k_norm when it has one (Qwen3, OLMo2)
+                captured[f"key.{layer}"] = norm_keys(attention, keys_of(output[:, -1]), self.compressor_type,
+                                                     self.base_lm)
             return hook
 
-        hooks = [] if rope else [modules[i].k_proj.register_forward_hook(unrotated_key(i, modules[i]))
-                                 for i in self.gist_layers]
+        hooks = []
+        if not rope:
+            for i in self.gist_layers:
+                projection, keys_of = key_projection(modules[i], self.compressor_type, self.base_lm)
+                hooks.append(projection.register_forward_hook(unrotated_key(i, modules[i], keys_of)))
         try:
             with overriding_attention(self.base_lm, {modules[i]: capture(i) for i in self.gist_layers}):
                 yield
