@@ -13,6 +13,7 @@ from .errors import (
     CtxzipError,
     EmptyInputError,
     UnknownCompressorError,
+    UnsupportedModelError,
 )
 from .gist import GistCompressor, GistConfig
 from .hub import load_compressor, save_compressor
@@ -28,6 +29,6 @@ __all__ = [
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
     "GistCompressor", "GistConfig", "InComeSCompressor", "InComeSConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
-    "RCCConfig", "SoftPromptCompCompressor", "SoftPromptCompConfig", "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
+    "RCCConfig", "SoftPromptCompCompressor", "SoftPromptCompConfig", "UnknownCompressorError", "UnsupportedModelError", "compressor_class", "load_base", "load_compressor", "register_compressor",
     "save_compressor",
 ]

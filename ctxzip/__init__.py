@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _PUBLIC = (
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError", "Memory",
-    "UnknownCompressorError", "compressor_class", "load_base", "load_compressor", "register_compressor",
+    "UnknownCompressorError", "UnsupportedModelError", "compressor_class", "load_base", "load_compressor", "register_compressor",
     "save_compressor",
 )
 

@@ -68,7 +68,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
 
     model, _ = load_base_model(model_args)
     trainer = ColorDPOTrainer(model=model, args=training_args, train_dataset=data.pairs, processing_class=tokenizer,
-                              peft_config=color_config.lora_config(), length_probe=data.probe)
+                              peft_config=color_config.lora_config(model=model), length_probe=data.probe)
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None

@@ -155,3 +155,16 @@ def test_incomes_gist_keys_are_the_layers_keys_before_rotary_embedding(family: s
     for layer in compressor.gist_layers:
         plain = pools[False].tensors[f"key.{layer}"][:, 0, :, None]  # [1, kv_heads, 1 token, head_dim]
         torch.testing.assert_close(apply_rope(plain, cos, sin)[:, :, 0], pools[True].tensors[f"key.{layer}"][:, 0])
+
+
+def test_lora_targets_name_the_fused_projections_of_phi3() -> None:
+    """A LoRA on q/k/v and the MLP lands on Phi3's fused qkv_proj and gate_up_proj; a name no family has is refused."""
+    from ctxzip.compressors.adapters import ALL_PROJECTIONS, lora_targets
+    from ctxzip.compressors.errors import UnsupportedModelError
+    from ctxzip.compressors.models import tiny_decoder
+
+    phi3, llama = tiny_decoder("phi3"), tiny_decoder("llama")
+    assert lora_targets(phi3, list(ALL_PROJECTIONS)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora_targets(llama, list(ALL_PROJECTIONS)) == list(ALL_PROJECTIONS)
+    with pytest.raises(UnsupportedModelError, match="no_such_proj"):
+        lora_targets(llama, ["q_proj", "no_such_proj"])

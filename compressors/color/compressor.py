@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..adapters import add_named_lora
 from ..base import Compressor, DecoderStep, EncoderAdapter, register_compressor
 from ..compat import cache_of
 from ..conversation import stop_token_ids
@@ -57,9 +58,7 @@ class ColorCompressor(EncoderAdapter, Compressor):
 
     def __init__(self, config: ColorConfig, model: PreTrainedModel) -> None:
         if not hasattr(model, "peft_config"):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, config.lora_config())  # freezes every non-LoRA weight
+            model = add_named_lora(model, {"default": config.lora_r}, config)  # freezes every non-LoRA weight
         super().__init__(config, model)
         self._prompt_parts: tuple[list[int], list[int]] | None = None
 
