@@ -217,3 +217,15 @@ def test_trainer_flag_without_liger_is_a_clear_error(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(memory_trainer, "liger_available", lambda: False)
     with pytest.raises(ImportError, match="fused_lm_loss needs Liger-Kernel"):
         _trainer(tiny, tmp_path, fused_lm_loss=True)
+
+
+def test_the_fused_loss_on_cpu_without_the_interpreter_names_the_flag(monkeypatch) -> None:
+    """Triton has no CPU driver: the error says what to pass instead of Triton's "0 active drivers"."""
+    from ctxzip.trainers.fused_loss import liger_available, per_example_lm_loss_from_hidden
+
+    if not liger_available():
+        pytest.skip("liger-kernel is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    head = torch.nn.Linear(8, 11, bias=False)
+    with pytest.raises(RuntimeError, match="--fused_lm_loss false"):
+        per_example_lm_loss_from_hidden(torch.randn(2, 5, 8), head, torch.randint(0, 11, (2, 5)), backend="liger")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ def _liger_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if not liger_available():
         raise ImportError("the fused LM loss needs Liger-Kernel: `pip install liger-kernel` (it runs where "
                           "Triton runs: a GPU, or the CPU under TRITON_INTERPRET=1)")
+    if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton has no CPU driver: its own error ("0 active drivers") names nothing a user set
+        raise RuntimeError("the fused LM loss (--fused_lm_loss, Liger's Triton kernel) runs on a GPU, or on the "
+                           "CPU only under TRITON_INTERPRET=1: pass --fused_lm_loss false to train on the CPU")
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     # Positional arguments of LigerFusedLinearCrossEntropyFunction.forward (liger-kernel 0.8):
