@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--tasks {own[0]} is a method's own evaluation: run it alone, not with {cfg.tasks}")
             check_method_task(own[0], cfg)
             module = tasks[own[0]]
-            report = module.run(cfg, task_arguments[list(dict.fromkeys(
-                m.Arguments for m in tasks.values())).index(module.Arguments)])
+            parsed = {type(arguments): arguments for arguments in task_arguments}
+            report = module.run(cfg, parsed[module.Arguments])
             print(Path(report).read_text())
             return 0
         from .runner import process_state, run

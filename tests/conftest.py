@@ -83,6 +83,17 @@ def tiny():
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny) -> Path:
+    """The tiny random Llama and its tokenizer as a local model folder, for recipes launched in a subprocess (they
+    load it with from_pretrained, as real models)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = tiny()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run a test with one intra-op thread: tiny-model ops are far too small to gain from threads,

@@ -30,16 +30,6 @@ ONE_STEP = ["--max_steps", "1", "--logging_steps", "1", "--save_steps", "1", "--
             "--report_to", "none", "--disable_tqdm", "true"]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny) -> Path:
-    """The tiny random Llama and its tokenizer as a local model folder (loaded with from_pretrained)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def run(recipe: str, args: list[str], out: Path, launch: Path | None) -> subprocess.CompletedProcess:
     """One recipe run: in this interpreter's process (``launch=None``, gradient accumulation 2) or under
     ``accelerate launch --config_file launch`` with 2 processes (one row each)."""

@@ -103,16 +103,6 @@ CASES = DOCUMENTED + EXTRA
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tiny) -> Path:
-    """The tiny random Llama and its tokenizer as a local model folder (loaded with from_pretrained)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     """One folder for every run of this module (lcirc/gpu_qd starts from the lcirc/gpu run's export)."""
     return tmp_path_factory.mktemp("launch-matrix")
