@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -30,18 +32,26 @@ def refuse_fsdp(args: TrainingArguments) -> None:
 
 @contextlib.contextmanager
 def process_group_closed() -> Iterator[None]:
-    """Run a recipe, then destroy this process's process group (if one was set up), however the recipe ends.
+    """Run a recipe, then close this process's process group (if one was set up), however the recipe ends.
 
-    Each process must close its own: a process that leaves the interpreter with the gloo group alive can
-    abort (SIGABRT, "terminate called without an active exception") while the interpreter tears down the
-    tensors gloo's worker threads still hold. The processes other than the main one leave right after
-    training, while the main one evaluates and exports, which is when this happened.
+    Each process must close its own, while its interpreter is whole: a process group that outlives the
+    interpreter's teardown can abort the process (SIGABRT, "terminate called without an active exception")
+    when gloo's worker threads release tensors after Python is gone. ``torch.distributed``'s own destroy only
+    drops torch's registry entries, so first the finished trainer's reference cycles (the DeepSpeed engine and
+    optimizer hold the groups) are collected, then DeepSpeed's destroy, which also releases the groups
+    DeepSpeed keeps in module globals, closes the group when DeepSpeed set it up.
     """
     try:
         yield
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            gc.collect()
+            deepspeed_comm = sys.modules.get("deepspeed.comm")
+            if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+                deepspeed_comm.destroy_process_group()
+            else:
+                torch.distributed.destroy_process_group()
+            gc.collect()
 
 
 @contextlib.contextmanager
