@@ -22,6 +22,7 @@ from .lcirc import LCIRCCompressor, LCIRCConfig, QDLCIRCCompressor
 from .memory import Memory
 from .models import EMBEDDED_MODEL, TINY_MODEL, load_base
 from .rcc import RCCCompressor, RCCConfig
+from .shipped import shipped_names
 from .softpromptcomp import SoftPromptCompCompressor, SoftPromptCompConfig
 from .wrapper import CompressedLM
 
@@ -30,5 +31,5 @@ __all__ = [
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError",
     "GistCompressor", "GistConfig", "InComeSCompressor", "InComeSConfig", "LCIRCCompressor", "LCIRCConfig", "Memory", "QDLCIRCCompressor", "RCCCompressor",
     "RCCConfig", "SoftPromptCompCompressor", "SoftPromptCompConfig", "UnknownCompressorError", "UnsupportedModelError", "compressor_class", "load_base", "load_compressor", "register_compressor",
-    "save_compressor",
+    "save_compressor", "shipped_names",
 ]

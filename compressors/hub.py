@@ -142,11 +142,20 @@ def _save_adapters(compressor: Compressor, folder: Path, meta: dict[str, Any],
 
 def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
-    """A local folder as is; anything else is treated as a Hub repo id and downloaded with ``snapshot_download``
+    """A local folder as is; a shipped compressor's short name (``ctxzip/<name>``, see ``compressors.shipped``) as
+    its folder in the package; anything else is treated as a Hub repo id and downloaded with ``snapshot_download``
     (``revision``: a branch, tag or commit; ``token``, ``cache_dir`` and ``local_files_only`` as there)."""
+    from .shipped import shipped_folder  # imports this module's CONFIG_NAME
+
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    shipped = shipped_folder(name_or_path)
+    if shipped is not None:
+        if revision is not None:
+            raise CtxzipError(f"{name_or_path!r} is a compressor shipped with ctxzip {_version()}: it has no revisions "
+                              f"(got revision={revision!r})")
+        return shipped
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HFValidationError,
@@ -317,3 +326,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                              allow_patterns=artifact, revision=revision)
     return str(getattr(info, "commit_url", info))
+
+
+def _version() -> str:
+    import ctxzip
+
+    return ctxzip.__version__

@@ -23,7 +23,7 @@ _PUBLIC = (
     "COMPRESSORS", "EMBEDDED_MODEL", "TINY_MODEL", "BaseModelMismatchError", "CompressedLM", "Compressor",
     "CompressorConfig", "ContextTooLongError", "CorruptArtifactError", "CtxzipError", "EmptyInputError", "Memory",
     "UnknownCompressorError", "UnsupportedModelError", "compressor_class", "load_base", "load_compressor", "register_compressor",
-    "save_compressor",
+    "save_compressor", "shipped_names",
 )
 
 __all__ = ["__version__", *_PUBLIC]
