@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 from ctxzip.compressors import CompressedLM, Compressor
 from ctxzip.compressors.baselines import FullContext, FullContextConfig, Truncation, TruncationConfig
 
+from .report import learned_vs_training_free
 from .scoring import Summary, markdown_table, score_rows
 
 
@@ -38,6 +39,10 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
 
 
 def print_table(summaries: list[Summary], title: str = "") -> str:
-    table = markdown_table(summaries)
+    """Print the summaries, each mean with its 95% interval, then (when there is a learned compressor) each
+    learned one beside the training-free methods within its memory bytes with a verdict that counts a
+    difference inside the intervals as a tie. Returns what it printed, without the title."""
+    versus = learned_vs_training_free(summaries)
+    table = markdown_table(summaries) + (f"\n\n{versus}" if versus else "")
     print(("\n" + title + "\n" if title else "\n") + table + "\n")
     return table

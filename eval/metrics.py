@@ -1,7 +1,10 @@
-"""Text metrics for generated answers: exact match, substring match, BLEU and ROUGE-L.
+"""Text metrics for generated answers (exact match, substring match, BLEU, ROUGE-L) and the 95% intervals of
+their means.
 
-Implemented here (no extra dependency). Texts are compared after ``normalize`` (lower case,
-collapsed white space, trailing full stop removed); BLEU and ROUGE-L work on white-space tokens.
+Implemented here (numpy only). Texts are compared after ``normalize`` (lower case, collapsed white space,
+trailing full stop removed); BLEU and ROUGE-L work on white-space tokens. A mean of 0/1 scores gets a Wilson
+score interval, any other mean a percentile bootstrap with a fixed seed: a difference between two methods
+inside their intervals is a tie, so every summary carries one.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
 
 
 def normalize(text: str) -> str:
@@ -76,3 +82,44 @@ def text_metrics(prediction: str, reference: str) -> dict[str, float]:
     return {"exact_match": exact_match(prediction, reference),
             "substring_match": substring_match(prediction, reference),
             "bleu": bleu(prediction, reference), "rouge_l": rouge_l(prediction, reference)}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) of a proportion ``successes / n``: unlike the normal approximation it
+    stays inside [0, 1] and is not empty at 0/n or n/n, the usual case of a small model on a hard task.
+    ``n == 0`` has no proportion: ``(nan, nan)``, so that an empty configuration reads ``-``."""
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``: ``resamples`` resamples with replacement drawn
+    from a generator seeded with ``seed``, so the same values always give the same interval (a report can be
+    regenerated and diffed). No values: ``(nan, nan)``."""
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and resamples >= 1, got {confidence}, {resamples}")
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, data.size, size=(resamples, data.size))
+    means = data[picks].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def mean_interval(values: Sequence[float], binary: bool, z: float = 1.96) -> tuple[float, float]:
+    """The 95% interval of the mean of one metric over samples: Wilson for a ``binary`` metric (accuracy,
+    exact or substring match) whose values are all 0 or 1, the bootstrap otherwise: a continuous metric (BLEU,
+    ROUGE-L, log-probabilities, perplexities; all zeros too) or the shared-context mode's per-sample fraction
+    of questions right, whose questions are not independent."""
+    if binary and all(v in (0.0, 1.0) for v in values):
+        return wilson_interval(sum(values), len(values), z)
+    return bootstrap_interval(values)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import yaml
 from ctxzip.compressors.baselines import BASELINES
 from ctxzip.compressors.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ctxzip.compressors.tables import Column, fmt, markdown_table, missing
+
+from .scoring import with_interval
 
 PLOTS = ("accuracy_vs_ratio.png", "latency_vs_context.png", "memory_vs_context.png")
 
@@ -32,8 +35,9 @@ def beyond_the_model(ceiling: float | None) -> bool:
 
 MAIN_COLUMNS = (
     Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
-    Column("achieved ratio", "achieved_ratio", digits=2), Column("accuracy", "accuracy"),
-    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"),
+    Column("achieved ratio", "achieved_ratio", digits=2), Column("accuracy", cell=lambda s: with_interval(s, "accuracy")),
+    Column("answer-token acc", cell=lambda s: with_interval(s, "token_accuracy")),
+    Column("answer log-prob", cell=lambda s: with_interval(s, "answer_logprob")),
     Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1), Column("compress s", "compress_s"),
     Column("answer s", "answer_s"),
     Column("decode ms/token", cell=lambda s: None if s.get("decode_s_per_token") is None
@@ -45,10 +49,12 @@ BY_QUESTION = Column("accuracy by question (one memory)",
                      cell=lambda s: " / ".join(fmt(a) for a in s.get("accuracy_by_turn") or []) or "-")
 PERPLEXITY_COLUMNS = (
     Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
-    Column("achieved ratio", "achieved_ratio", digits=2), Column("continuation perplexity", "perplexity", digits=2),
+    Column("achieved ratio", "achieved_ratio", digits=2), Column("continuation perplexity", cell=lambda s: with_interval(s, "perplexity", 2)),
     Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1), Column("compress s", "compress_s"))
 TEXT_COLUMNS = (Column("method", "method"), Column("ratio", cell=lambda s: _ratio_label(s)), Column("scoring", "scoring"),
-                Column("exact match", "exact_match"), Column("BLEU", "bleu"), Column("ROUGE-L", "rouge_l"))
+                Column("exact match", cell=lambda s: with_interval(s, "exact_match")),
+                Column("BLEU", cell=lambda s: with_interval(s, "bleu")),
+                Column("ROUGE-L", cell=lambda s: with_interval(s, "rouge_l")))
 SCORING_NOTES = {"loglik": "teacher-forced: correct when every answer token is the model's argmax",
                  "generate": "greedy generation, whole-word contains match"}
 
@@ -66,18 +72,30 @@ def _learned(s: dict[str, Any]) -> bool:
     return s["method"] not in REFERENCE_METHODS and s.get("source", s["method"]) not in BASELINES
 
 
+def _training_free(rows: list[dict[str, Any]], with_truncation: bool = False) -> list[dict[str, Any]]:
+    """The scored rows of training-free methods. Truncation is one too (``with_truncation``); the headline shows
+    it apart, as a floor."""
+    skip = ("full_context", "no_context") if with_truncation else REFERENCE_METHODS
+    return [s for s in rows if s["method"] not in skip and not _learned(s) and not missing(_score(s))]
+
+
+def _top(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates sharing the best score (lower perplexity, higher accuracy), by name."""
+    lower = candidates[0]["task"] == "continuation"
+    best = (min if lower else max)(_score(s) for s in candidates)
+    return sorted((s for s in candidates if _score(s) == best), key=lambda s: (s["method"], s["ratio"]))
+
+
 def _best(rows: list[dict[str, Any]], ratio: float) -> str:
     """The best training-free method at ``ratio`` (ties named together), as ``name value``."""
-    candidates = [s for s in rows if s["ratio"] == ratio and s["method"] not in REFERENCE_METHODS
-                  and not _learned(s) and not missing(_score(s))]
+    candidates = [s for s in _training_free(rows) if s["ratio"] == ratio]
     if not candidates:
         return "-"
-    lower = rows[0]["task"] == "continuation"
-    best = (min if lower else max)(_score(s) for s in candidates)
+    top = _top(candidates)
+    lower, best = rows[0]["task"] == "continuation", _score(top[0])
     if not lower and best == 0:
         return "none above 0"  # a tie at zero names nothing
-    names = sorted(s["method"] for s in candidates if _score(s) == best)
-    return f"{', '.join(names)} {fmt(best, 2 if lower else 3)}"
+    return f"{', '.join(s['method'] for s in top)} {fmt(best, 2 if lower else 3)}"
 
 
 def headline(summaries: list[dict[str, Any]]) -> str:
@@ -107,6 +125,107 @@ def headline(summaries: list[dict[str, Any]]) -> str:
     return markdown_table(table, columns)
 
 
+def interval_verdict(learned: tuple[float, float] | None, other: tuple[float, float] | None,
+                     lower_is_better: bool = False) -> str:
+    """``better`` / ``worse`` only when the two 95% intervals do not overlap, ``tie`` when they do: a
+    difference inside the intervals is not one. ``-`` when either has no interval."""
+    if learned is None or other is None or any(missing(v) for v in (*learned, *other)):
+        return "-"
+    if learned[0] > other[1]:
+        return "worse" if lower_is_better else "better"
+    if learned[1] < other[0]:
+        return "better" if lower_is_better else "worse"
+    return "tie"
+
+
+def _score_interval(s: dict[str, Any]) -> tuple[float, float] | None:
+    """The 95% interval of the score that ranks a row (``ci_low`` / ``ci_high``)."""
+    low, high = s.get("ci_low"), s.get("ci_high")
+    return None if missing(low) or missing(high) else (float(low), float(high))
+
+
+def _kib(s: dict[str, Any]) -> float | None:
+    value = s.get("memory_bytes")
+    return None if missing(value) else value / 1024
+
+
+def _positive(value: Any) -> bool:
+    return not missing(value) and value > 0
+
+
+def within_budget(learned: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The training-free rows (truncation included) a learned configuration is compared with, and the budget
+    that chose them: memory bytes no more than its own, the cost a user pays, when it reports bytes; else
+    the same requested ratio, or (a native ratio) at least its achieved ratio."""
+    free = _training_free(rows, with_truncation=True)
+    if _positive(learned.get("memory_bytes")):
+        limit = learned["memory_bytes"]
+        return ([s for s in free if _positive(s.get("memory_bytes")) and s["memory_bytes"] <= limit],
+                f"<= {fmt(limit / 1024, 1)} KiB")
+    if learned["ratio"] > 1:
+        return [s for s in free if s["ratio"] == learned["ratio"]], f"ratio {learned['ratio']:g}x"
+    achieved = learned.get("achieved_ratio")
+    if missing(achieved):
+        return [], "no budget"
+    return ([s for s in free if not missing(s.get("achieved_ratio")) and s["achieved_ratio"] >= achieved],
+            f"ratio >= {fmt(achieved, 1)}x")
+
+
+def _as_rows(summaries: list[Any]) -> list[dict[str, Any]]:
+    """Summary dicts of ``python -m ctxzip.eval``, or ``scoring.Summary`` objects (a recipe's held-out
+    comparison: one task, one length, no requested ratio), as dicts."""
+    defaults = {"task": "-", "context_length": "-", "ratio": 0.0}
+    return [{**defaults, **(asdict(s) if is_dataclass(s) else s)} for s in summaries]
+
+
+def _versus_row(learned: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+    """One learned configuration beside the best training-free method within its budget, with the references."""
+    task, lower = learned["task"], learned["task"] == "continuation"
+    key, digits = ("perplexity", 2) if lower else ("accuracy", 3)
+    ceiling = next((s for s in rows if s["method"] == "full_context"), None)
+    floor = next((s for s in rows if s["method"] == "no_context"), None)
+    candidates, budget = within_budget(learned, rows)
+    top = _top(candidates) if candidates else []
+    row = {"task": task + (" (perplexity)" if lower else ""), "length": str(learned["context_length"]),
+           "ratio": _ratio_label(learned),
+           "learned (achieved ratio, KiB)": f"{learned['method']} ({fmt(learned.get('achieved_ratio'), 1)}x, "
+                                            f"{fmt(_kib(learned), 1)} KiB)",
+           "learned score": with_interval(learned, key, digits),
+           "best training-free (budget)": (", ".join(f"{s['method']} {fmt(s.get('achieved_ratio'), 1)}x" for s in top)
+                                           if top else "none") + f" ({budget})",
+           "its score": with_interval(top[0], key, digits) if top else "-",
+           "difference": "-", "verdict": "-",
+           "full context (ceiling)": with_interval(ceiling, key, digits) if ceiling else "-",
+           "no context (floor)": with_interval(floor, key, digits) if floor else "-"}
+    if top and not missing(_score(learned)):
+        row["difference"] = f"{_score(learned) - _score(top[0]):+.{digits}f}"
+        row["verdict"] = interval_verdict(_score_interval(learned), _score_interval(top[0]), lower)
+        if ceiling is not None and not lower and beyond_the_model(ceiling["accuracy"]):
+            row["verdict"] = "beyond the model"
+    return row
+
+
+def learned_vs_training_free(summaries: list[Any]) -> str:
+    """Per task, context length and requested ratio: each learned compressor's score and 95% interval beside
+    the best training-free method's at the same memory bytes or fewer (``within_budget``), their difference,
+    and the verdict (``interval_verdict``: better / worse only when the intervals are disjoint), with the
+    full-context ceiling and the no-context floor on the same row. Takes the summaries of ``python -m
+    ctxzip.eval`` or a recipe's ``compare_with_baselines``; a markdown table, or ``""`` with no learned
+    compressor."""
+    rows = _as_rows(summaries)
+    table = []
+    for learned in sorted((s for s in rows if _learned(s)),
+                          key=lambda s: (s["task"], str(s["context_length"]), s["ratio"], s["method"])):
+        cell = [s for s in rows if s["task"] == learned["task"] and s["context_length"] == learned["context_length"]]
+        table.append(_versus_row(learned, cell))
+    if not table:
+        return ""
+    headers = ("task", "length", "ratio", "learned (achieved ratio, KiB)", "learned score",
+               "best training-free (budget)", "its score", "difference", "verdict", "full context (ceiling)",
+               "no context (floor)")
+    return markdown_table(table, [Column(key, key) for key in headers])
+
+
 def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config: dict[str, Any] | None = None) -> str:
     lines = [f"# {title}", ""]
     if config:
@@ -122,7 +241,14 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
     if summaries:
         lines += ["## At a glance", "", "Accuracy (continuation: perplexity, lower is better) per task and length; "
                   "a task whose full-context ceiling is under " f"{BEYOND_THE_MODEL} is beyond the model there and "
-                  "ranks nothing.", "", headline(summaries), ""]
+                  "ranks nothing; the tables below give each number's 95% interval.", "", headline(summaries), ""]
+        versus = learned_vs_training_free(summaries)
+        if versus:
+            lines += ["## Learned vs the best training-free method at the same bytes", "",
+                      "Each learned compressor beside the best training-free method (truncation included) whose "
+                      "memory holds no more bytes than its own, with 95% intervals (Wilson for accuracies, a seeded "
+                      "bootstrap of the mean otherwise): *better* or *worse* only when the intervals do not overlap, "
+                      "else *tie*.", "", versus, ""]
     for task in sorted({s["task"] for s in summaries}):
         for length in sorted({s["context_length"] for s in summaries if s["task"] == task}):
             rows = sorted((s for s in summaries if s["task"] == task and s["context_length"] == length),
@@ -136,8 +262,9 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
                 continue
             if full:
                 ceiling = full[0]["accuracy"]
-                lines += [f"Full-context ceiling: accuracy **{fmt(ceiling)}** (n={full[0]['n']})"
-                          + (f"; no context (the question alone): **{fmt(floor[0]['accuracy'])}**" if floor else "")
+                lines += [f"Full-context ceiling: accuracy **{with_interval(full[0], 'accuracy')}** (n={full[0]['n']})"
+                          + (f"; no context (the question alone): **{with_interval(floor[0], 'accuracy')}**"
+                             if floor else "")
                           + "."]
                 if beyond_the_model(ceiling):
                     lines += [f"**Beyond the model at this length**: the ceiling is under {BEYOND_THE_MODEL}, so "
@@ -169,9 +296,10 @@ def markdown(summaries: list[dict[str, Any]], title: str = "Evaluation", config:
 def _perplexity_line(full: list[dict[str, Any]], floor: list[dict[str, Any]]) -> str:
     """The references of the continuation task: perplexity of the next tokens after the full context (the
     ceiling: lower is better) and after no context at all."""
-    parts = [f"Continuation perplexity with the full context: **{fmt(full[0]['perplexity'], 2)}**"] if full else []
+    parts = ([f"Continuation perplexity with the full context: **{with_interval(full[0], 'perplexity', 2)}**"]
+             if full else [])
     if floor:
-        parts.append(f"with no context: **{fmt(floor[0]['perplexity'], 2)}**")
+        parts.append(f"with no context: **{with_interval(floor[0], 'perplexity', 2)}**")
     return "; ".join(parts) + ". Each method's perplexity lies between them when its memory helps (lower is better)."
 
 

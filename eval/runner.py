@@ -60,6 +60,7 @@ from ctxzip.data.tasks import layout_passages
 from .report import write_outputs
 from .scoring import (
     GENERATION_TASKS,
+    interval_fields,
     memory_for,
     score_row,
     summarize,
@@ -672,7 +673,10 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
     every prompt."""
     summaries = []
     for path in sorted((out / "configs").glob("*.json")):
-        summaries.append(json.loads(path.read_text())["summary"])
+        saved = json.loads(path.read_text())
+        if "intervals" not in saved["summary"]:  # finished before summaries had intervals: from its rows
+            saved["summary"].update(interval_fields(saved["rows"]))
+        summaries.append(saved["summary"])
     if cfg is not None:
         labels = {label_for(n) for n in (list(REFERENCES) if cfg.references else []) + cfg.compressors}
         tasks = {task_label(cfg, t) for t in cfg.tasks}

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from transformers.generation import BaseStreamer
 
 from ctxzip.compressors import CompressedLM, Memory
-from ctxzip.compressors.tables import Column, missing
+from ctxzip.compressors.tables import Column, fmt, missing
 from ctxzip.compressors.tables import markdown_table as render_table
 
-from .metrics import substring_match, text_metrics
+from .metrics import mean_interval, substring_match, text_metrics
 
 GENERATION_TASKS = ("autoencoding", "reconstruction")  # always scored by generation + text metrics
 
@@ -50,6 +50,9 @@ class Summary:
     n: int
     token_accuracy: float = float("nan")  # loglik scoring only: mean fraction of answer tokens right
     bleu: float = float("nan")  # generation scoring only: mean sentence BLEU-4 of the replies
+    ci_low: float = float("nan")  # the 95% interval of the accuracy (``interval_fields``)
+    ci_high: float = float("nan")
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high], every mean scored
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]], method: str, scoring: str) -> Summary:
@@ -197,6 +200,41 @@ def score_row(clm: CompressedLM, memory: Any, row: dict[str, Any], scoring: str,
     return out
 
 
+BINARY_KEYS = {"correct": "accuracy", "exact_match": "exact_match", "substring_match": "substring_match"}
+CONTINUOUS_KEYS = {"token_accuracy": "token_accuracy", "answer_logprob": "answer_logprob", "perplexity": "perplexity",
+                   "bleu": "bleu", "rouge_l": "rouge_l"}  # row key -> summary key: the quality means
+
+
+def interval_fields(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The 95% intervals of a configuration's quality means (``metrics.mean_interval``: Wilson for 0/1 scores,
+    a seeded bootstrap otherwise), as ``intervals`` (summary key -> ``[low, high]``), and ``ci_low`` /
+    ``ci_high``: the interval of the score that ranks it, the accuracy or (no accuracy: continuation) the
+    perplexity, which is the mean of the rows' perplexities as the summary's is."""
+    intervals = {}
+    for key, name in (*BINARY_KEYS.items(), *CONTINUOUS_KEYS.items()):
+        values = [float(r[key]) for r in rows if not missing(r.get(key))]
+        if values:
+            intervals[name] = list(mean_interval(values, binary=key in BINARY_KEYS))
+    primary = intervals.get("accuracy", intervals.get("perplexity", [float("nan")] * 2))
+    return {"intervals": intervals, "ci_low": primary[0], "ci_high": primary[1]}
+
+
+def interval_of(row: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """A summary's interval of ``key`` (``None`` when it has none: a summary written before intervals were)."""
+    interval = (row.get("intervals") or {}).get(key)
+    if interval is None or any(missing(v) for v in interval):
+        return None
+    return float(interval[0]), float(interval[1])
+
+
+def with_interval(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    """The cell of a mean with its 95% interval, ``0.420 [0.331, 0.514]``; the mean alone without one."""
+    value, interval = row.get(key), interval_of(row, key)
+    if missing(value) or interval is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+
+
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     def mean(key: str) -> float:
         values = [r[key] for r in rows if not missing(r.get(key))]
@@ -210,12 +248,15 @@ def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
                 "answer_s", "prompt_s", "decode_s_per_token", "n_prompts_s", "n_prompts_reread_s", "perplexity", "exact_match", "substring_match",
                 "bleu", "rouge_l"):
         summary["accuracy" if key == "correct" else key] = mean(key)
+    summary.update(interval_fields(rows))
     return summary
 
 
 SUMMARY_COLUMNS = (
-    Column("method", "method"), Column("scoring", "scoring"), Column("accuracy", "accuracy"),
-    Column("answer-token acc", "token_accuracy"), Column("answer log-prob", "answer_logprob"), Column("BLEU-4", "bleu"),
+    Column("method", "method"), Column("scoring", "scoring"), Column("accuracy", cell=lambda s: with_interval(s, "accuracy")),
+    Column("answer-token acc", cell=lambda s: with_interval(s, "token_accuracy")),
+    Column("answer log-prob", cell=lambda s: with_interval(s, "answer_logprob")),
+    Column("BLEU-4", cell=lambda s: with_interval(s, "bleu")),
     Column("achieved ratio", "achieved_ratio", digits=2), Column("memory KiB", cell=lambda s: s["memory_bytes"] / 1024, digits=1),
     Column("n", "n"))
 

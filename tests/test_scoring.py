@@ -100,7 +100,7 @@ def test_score_rows_loglik_summary(clm: CompressedLM) -> None:
     assert summary.answer_logprob == pytest.approx(sum(p["answer_logprob"] for p in predictions) / 2)
     assert predictions[1]["answer_logprob"] < predictions[0]["answer_logprob"]
     assert set(summary.as_row()) == {"method", "accuracy", "answer_logprob", "achieved_ratio", "memory_bytes", "n",
-                                     "scoring", "token_accuracy", "bleu"}
+                                     "scoring", "token_accuracy", "bleu", "ci_low", "ci_high", "intervals"}
     assert 0.0 <= summary.token_accuracy <= 1.0 and predictions[0]["token_accuracy"] == 1.0
 
 
