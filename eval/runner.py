@@ -109,6 +109,9 @@ class EvalConfig:
         "generate: greedy replies scored against the answer (the headline, what a user sees); loglik: the "
         "teacher-forced answer likelihood (a fast proxy)")})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic samples"})
+    source: str = field(default="pydoc", metadata={"help": (
+        "the synthetic tasks' filler text: pydoc (the default training corpus), stdlib (standard-library "
+        "docstrings: a corpus the default training never reads), a local file or folder, or a Hub dataset")})
     split: Literal["train", "test"] = field(default="test", metadata={"help": (
         "the synthetic tasks' split: test draws held-out filler text and its own random stream")})
     max_new_tokens: int = field(default=16, metadata={"help": "longest generated reply"})
@@ -532,7 +535,7 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
         else:
             options = {"num_questions": cfg.num_questions} if cfg.num_questions > 1 else {}
             dataset = build_task(name, tokenizer, num_samples=cfg.num_samples, context_tokens=length,
-                                 seed=cfg.seed, split=cfg.split, **options)
+                                 seed=cfg.seed, split=cfg.split, source=cfg.source, **options)
         answered += evaluate_task(cfg, out, task, length, pending, dataset, model, tokenizer, bar, state)
     bar.close()
     if state.num_processes > 1:

@@ -459,3 +459,21 @@ def test_a_method_task_refuses_several_processes_and_a_device_map(tmp_path, monk
     monkeypatch.setattr(runner, "process_state", lambda: SimpleNamespace(num_processes=2))
     assert main(args) == 2
     assert "cannot split its samples over the 2 processes" in capsys.readouterr().err
+
+
+def test_the_filler_source_reaches_the_synthetic_tasks(tmp_path, monkeypatch):
+    """--source picks the filler corpus (held-out-corpus evaluation: a text the training never read)."""
+    import ctxzip.eval.runner as runner
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} tells of ships, harbours and the weather at sea, "
+                                f"with many plain words to fill a context of some length. " * 3 for i in range(40)))
+    seen = []
+    original = runner.build_task
+    monkeypatch.setattr(runner, "build_task", lambda *a, **k: seen.append(k) or original(*a, **k))
+    args = ["--compressor", "truncation", "--tasks", "passkey", "--ratios", "2", "--output-dir", str(tmp_path / "r"),
+            "--source", str(text)]
+    assert main(args + TINY) == 0
+    assert [k["source"] for k in seen] == [str(text)]
+    predictions = (tmp_path / "r" / "predictions.jsonl").read_text()
+    assert predictions and all(k["split"] == "test" for k in seen)
