@@ -1,8 +1,10 @@
 """Text sources and token-exact filler text ("haystacks") for synthetic tasks.
 
 `load_texts` turns a source name into a list of cleaned texts: the offline default
-``"pydoc"`` (the topic help that ships with CPython), a local ``.txt`` / ``.jsonl`` /
-``.json`` file or a folder of them, or anything ``datasets.load_dataset`` accepts.
+``"pydoc"`` (the topic help that ships with CPython), the second offline corpus ``"stdlib"``
+(the docstrings of the standard library's public modules, classes and functions, a different
+text: a corpus to hold out whole), a local ``.txt`` / ``.jsonl`` / ``.json`` file or a folder
+of them, or anything ``datasets.load_dataset`` accepts.
 `Haystack` concatenates such texts into filler of a requested number of tokens.
 `load_table` reads one split of a table (a local .jsonl / .json / .csv / .parquet file, a Hub
 dataset or a ``datasets.Dataset``) for loaders that need whole rows rather than texts.
@@ -10,10 +12,13 @@ dataset or a ``datasets.Dataset``) for loaders that need whole rows rather than 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import os
 import random
 import re
+import sysconfig
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -23,7 +28,10 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["HELD_OUT_FRACTION", "Haystack", "count_tokens", "load_table", "load_texts"]
+__all__ = ["BUILTIN_SOURCES", "HELD_OUT_FRACTION", "Haystack", "count_tokens", "load_table", "load_texts"]
+
+#: The offline corpora that ship with Python itself (no file, no download).
+BUILTIN_SOURCES = ("pydoc", "stdlib")
 
 #: Hash threshold: the expected share of pydoc topics (and local texts) held out as "test".
 HELD_OUT_FRACTION = 0.15
@@ -49,12 +57,15 @@ def load_texts(
 
     Args:
         source: ``"pydoc"`` (offline default: the paragraphs of
-            ``pydoc_data.topics.topics``, about 65k words), a path to a local ``.txt`` file
+            ``pydoc_data.topics.topics``, about 65k words), ``"stdlib"`` (offline: the docstrings
+            of the standard library, read from its ``.py`` files without importing them, about
+            135k words on CPython 3.11; no text shares an 8-word run with pydoc, nor a train text
+            with a held-out one), a path to a local ``.txt`` file
             (paragraphs separated by blank lines), ``.jsonl`` / ``.json`` file (one text per
             record, read from ``text_column``), a folder of such files, or any other name,
             which is passed to ``datasets.load_dataset(source, split=split, **load_kwargs)``.
-        split: ``"train"``, ``"test"`` (held out) or ``"all"`` for pydoc and local files;
-            for pydoc the split is by topic, for local files by text, both by a stable hash,
+        split: ``"train"``, ``"test"`` (held out) or ``"all"`` for pydoc, stdlib and local files;
+            for pydoc the split is by topic, for stdlib by module, for local files by text, all by a stable hash,
             so the same item always lands in the same split.  A folder that holds files
             named after the split (``test.jsonl``, ``train.txt``...) uses those files whole.
             For ``datasets`` sources it is the dataset split name.
@@ -71,14 +82,17 @@ def load_texts(
         ValueError: unknown split, missing column, or no text left after filtering.
         TypeError: ``load_kwargs`` given for a source that is not a ``datasets`` one.
     """
-    if source == "pydoc" or _is_local(source):
+    if source in BUILTIN_SOURCES or _is_local(source):
         if load_kwargs:
             raise TypeError(
                 f"load_kwargs {sorted(load_kwargs)} only apply to datasets.load_dataset "
                 f"sources, not to {source!r}"
             )
         _check_split(split, source)
-        texts = _pydoc_texts(split) if source == "pydoc" else _local_texts(Path(source), split, text_column)
+        if source in BUILTIN_SOURCES:
+            texts = list(_pydoc_split(split) if source == "pydoc" else _stdlib_split(split))
+        else:
+            texts = _local_texts(Path(source), split, text_column)
     else:
         texts = _dataset_texts(source, split, text_column, load_kwargs)
     kept = [t for t in texts if len(t.split()) >= min_words]
@@ -288,8 +302,90 @@ def _pydoc_paragraphs(doc: str) -> list[str]:
     return [" ".join(p.split()) for p in raw if not _looks_like_code(p.strip("\n"))]
 
 
-def _pydoc_texts(split: str) -> list[str]:
-    return list(_pydoc_split(split))
+# --- the stdlib corpus: docstrings of the standard library, parsed (never imported: importing
+# every module is slow, has side effects, and some need a display or a platform).
+
+# Folders left out: tests, IDLE, installed packages, the pydoc corpus itself, and code generated
+# from tables (the ~100 codec modules of ``encodings`` share one boilerplate docstring).
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
+                               "pydoc_data", "encodings", "lib2to3", "turtledemo"})
+# A stdlib text sharing a run of this many words with pydoc is dropped: the two corpora are disjoint.
+_OVERLAP_WORDS = 8
+_Definition = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _private(name: str) -> bool:
+    """``_x`` is private; dunder names (``__init__.py``, ``__future__``) are not."""
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _stdlib_files(root: Path) -> list[tuple[str, Path]]:
+    """``(module name, file)`` of every public stdlib module under ``root``, in sorted order."""
+    found: list[tuple[str, Path]] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP_DIRS and not _private(d) and "-" not in d)
+        for name in sorted(files):
+            if name.endswith(".py") and not _private(name):
+                parts = (Path(folder) / name).relative_to(root).with_suffix("").parts
+                module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+                found.append((module, Path(folder) / name))
+    return found
+
+
+def _docstrings(node: _Definition) -> Iterable[str]:
+    """The docstring of ``node`` and of its public classes and functions (not of nested functions' locals)."""
+    doc = ast.get_docstring(node)
+    if doc:
+        yield doc
+    if isinstance(node, ast.Module | ast.ClassDef):
+        for child in node.body:
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and not _private(child.name):
+                yield from _docstrings(child)
+
+
+def _module_texts(path: Path) -> list[str]:
+    """The cleaned docstrings of one module (prose paragraphs only, as for pydoc); [] if it does not parse."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError):  # a file for another Python version
+        return []
+    texts = ("\n\n".join(_pydoc_paragraphs(doc)) for doc in _docstrings(tree))
+    return [t for t in texts if t]
+
+
+def _word_runs(text: str, n: int = _OVERLAP_WORDS) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+@cache
+def _stdlib_modules() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(module, its texts)`` for the whole stdlib corpus, parsed once per process (~2 s)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pydoc_runs = set().union(*(_word_runs(p) for p in _pydoc_split("all")))
+    # A text that repeats a run of pydoc words (pdb's commands are in both) is left out.
+    return tuple((module, tuple(t for t in _module_texts(path) if _word_runs(t).isdisjoint(pydoc_runs)))
+                 for module, path in _stdlib_files(root))
+
+
+@cache
+def _stdlib_split(split: str) -> tuple[str, ...]:
+    """One split of the stdlib corpus, by module (a stable hash of its name, like pydoc's topics)."""
+    modules = _stdlib_modules()
+    held_out = set().union(*(_word_runs(t) for module, texts in modules if _held_out(module) for t in texts))
+    seen: set[str] = set()
+    out: list[str] = []
+    for module, texts in modules:
+        if not _in_split(module, split):
+            continue
+        for text in texts:
+            # A repeated docstring (an override's) once; in "train", nothing that repeats a run of held-out
+            # words (gzip, bz2 and lzma document their open() modes in the same sentences).
+            if text in seen or (split == "train" and not _word_runs(text).isdisjoint(held_out)):
+                continue
+            seen.add(text)
+            out.append(text)
+    return tuple(out)
 
 
 def _local_texts(path: Path, split: str, text_column: str) -> list[str]:

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
-from .sources import Haystack, load_texts
+from .sources import BUILTIN_SOURCES, Haystack, load_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["FEATURES", "TASKS", "TaskSpec", "build_task", "layout_passages", "register_task"]
+__all__ = ["FEATURES", "TASKS", "TaskSpec", "build_task", "layout_passages", "make_row", "register_task"]
 
 FEATURES = datasets.Features(
     {
@@ -76,6 +76,8 @@ class TaskSpec:
     haystack: Haystack
     context_tokens: int
     depth: float | None
+    #: The `build_task` split: tasks with held-out templates (``data/mixture.py``) pick theirs by it.
+    split: str = "train"
 
     def draw_depth(self, rng: random.Random) -> float:
         """The requested depth, or a uniform random one when none was requested."""
@@ -135,14 +137,19 @@ def build_task(
     builder = _lookup(name)
     _validate(num_samples, context_tokens, depth)
     haystack = source if isinstance(source, Haystack) else _haystack(source, split, tokenizer)
-    spec = TaskSpec(name, haystack, context_tokens, depth)
-    rows = []
-    for index in range(num_samples):
-        rng = random.Random(f"ctxzip/{name}/{split}/{seed}/{index}")
-        sample = builder(rng, spec, **kw)
-        sample["metadata"] = json.dumps(sample.get("metadata", {}), sort_keys=True)
-        rows.append({"id": f"{name}-{split}-s{seed}-{index}", "task": name, **sample})
+    spec = TaskSpec(name, haystack, context_tokens, depth, split)
+    rows = [make_row(builder, random.Random(f"ctxzip/{name}/{split}/{seed}/{index}"), spec,
+                     f"{name}-{split}-s{seed}-{index}", kw) for index in range(num_samples)]
     return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def make_row(builder: SampleBuilder, rng: random.Random, spec: TaskSpec, row_id: str, options: dict[str, Any],
+             extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One `FEATURES` row of ``builder``'s sample (its metadata, with ``extra_metadata``, as a JSON string):
+    shared by `build_task` and by datasets that mix tasks and lengths row by row (`data.mixture`)."""
+    sample = builder(rng, spec, **options)
+    sample["metadata"] = json.dumps({**sample.get("metadata", {}), **(extra_metadata or {})}, sort_keys=True)
+    return {"id": row_id, "task": spec.task, **sample}
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,20 +481,20 @@ def _validate(num_samples: int, context_tokens: int, depth: float | None) -> Non
         raise ValueError(f"depth must be in [0, 1] or None, got {depth!r}")
 
 
-# Token ids of the built-in pydoc text, per tokenizer, so repeated build_task calls tokenize
-# the corpus once.  Only ids are cached: a Haystack refers to its tokenizer, which would
+# Token ids of the built-in texts (pydoc, stdlib), per tokenizer, so repeated build_task calls
+# tokenize a corpus once.  Only ids are cached: a Haystack refers to its tokenizer, which would
 # keep the weak key alive forever.  Local files may change between calls: never cached.
-_PYDOC_IDS: weakref.WeakKeyDictionary[Any, dict[str, list[list[int]]]] = weakref.WeakKeyDictionary()
+_BUILTIN_IDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[list[int]]]] = weakref.WeakKeyDictionary()
 
 
 def _haystack(source: str, split: str, tokenizer: PreTrainedTokenizerBase) -> Haystack:
     haystack = Haystack(load_texts(source, split=split), tokenizer)
-    if source == "pydoc":
-        per_tokenizer = _PYDOC_IDS.setdefault(tokenizer, {})
-        if split in per_tokenizer:
-            haystack._ids = per_tokenizer[split]
+    if source in BUILTIN_SOURCES:
+        per_tokenizer = _BUILTIN_IDS.setdefault(tokenizer, {})
+        if (source, split) in per_tokenizer:
+            haystack._ids = per_tokenizer[source, split]
         else:
-            per_tokenizer[split] = haystack.token_ids
+            per_tokenizer[source, split] = haystack.token_ids
     return haystack
 
 

@@ -21,7 +21,7 @@ from trl import ModelConfig, get_quantization_config
 
 from ctxzip.compressors.hub import check_push_revision
 from ctxzip.compressors.models import EMBEDDED_MODEL, load_base, local_model_name
-from ctxzip.data import build_task
+from ctxzip.data import build_mixture, build_task
 
 from .distributed import refuse_fsdp
 from .export import HubPush
@@ -136,7 +136,12 @@ class CompressorScriptArguments:
     train_tasks: list[str] = field(default_factory=lambda: ["passkey"], metadata={
         "help": "synthetic long-context tasks the training rows are drawn from (data.TASKS: passkey, ...)"})
     train_samples_per_task: int = field(default=256, metadata={"help": "training rows built for each train task"})
-    context_tokens: int = field(default=128, metadata={"help": "tokens of context (haystack) in every row"})
+    context_tokens: int = field(default=128, metadata={
+        "help": "tokens of context (haystack) in every row; with max_train_context_tokens, the shortest training row"})
+    max_train_context_tokens: int | None = field(default=None, metadata={
+        "help": "when set, each training row's context length is drawn log-uniformly between context_tokens and this "
+                "(deterministic per seed; data.build_mixture); unset, every row has context_tokens. The evaluation "
+                "keeps context_tokens. Keep it within the compressor's max_context_tokens (the collator truncates)"})
     max_target_tokens: int = field(default=256, metadata={
         "help": "longest decoder target (prompt + answer) in tokens; longer targets are truncated"})
     reconstruction_span_tokens: int = field(default=64, metadata={
@@ -172,6 +177,11 @@ class CompressorScriptArguments:
         "help": "compute the decoder's LM loss with Liger-Kernel's fused linear cross-entropy (Triton: a GPU, "
                 "or the CPU under TRITON_INTERPRET=1); the vocabulary's logits are never materialized"})
 
+    def __post_init__(self) -> None:
+        if self.max_train_context_tokens is not None and self.max_train_context_tokens < self.context_tokens:
+            raise ValueError(f"max_train_context_tokens={self.max_train_context_tokens} must be at least "
+                             f"context_tokens={self.context_tokens} (the shortest training row)")
+
     @property
     def objective_weights(self) -> dict[str, float]:
         return {"sft": self.sft_weight, "autoencoding": self.autoencoding_weight,
@@ -182,10 +192,16 @@ class CompressorScriptArguments:
 def build_train_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTokenizerBase,
                         seed: int) -> datasets.Dataset:
     """Mix ``train_samples_per_task`` rows of each training task, shuffled; with instruction reconstruction,
-    as many rows again of each question-answering task (other samples) marked for that objective."""
+    as many rows again of each question-answering task (other samples) marked for that objective. With
+    ``max_train_context_tokens``, each row's length is drawn in ``[context_tokens, max_train_context_tokens]``."""
     def rows(task: str, task_seed: int) -> datasets.Dataset:
-        return build_task(task, tokenizer, num_samples=args.train_samples_per_task, context_tokens=args.context_tokens,
-                          seed=task_seed, split="train", source=args.data_source, **task_options(args, task))
+        if args.max_train_context_tokens is None:
+            return build_task(task, tokenizer, num_samples=args.train_samples_per_task,
+                              context_tokens=args.context_tokens, seed=task_seed, split="train",
+                              source=args.data_source, **task_options(args, task))
+        return build_mixture(tokenizer, num_samples=args.train_samples_per_task, split="train", seed=task_seed,
+                             families=[task], min_tokens=args.context_tokens, max_tokens=args.max_train_context_tokens,
+                             source=args.data_source, options={task: task_options(args, task)})
 
     parts = [rows(task, seed) for task in args.train_tasks]
     if args.instruction_reconstruction_weight > 0:
