@@ -291,7 +291,8 @@ class Compressor(nn.Module):
                 labels: torch.Tensor, context_mask: torch.Tensor | None = None,
                 query_ids: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
                 lm_loss: HiddenStateLoss | None = None, prompt_lengths: torch.Tensor | None = None,
-                **_: Any) -> dict[str, Any]:
+                teacher_ids: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
+                teacher_labels: torch.Tensor | None = None, **_: Any) -> dict[str, Any]:
         """Compress the context, decode the target reading the memory, return the LM loss.
 
         Returns ``loss`` (mean over examples), ``per_example_loss`` (so that a trainer can weight
@@ -299,7 +300,13 @@ class Compressor(nn.Module):
         step, e.g. SoftPromptComp's gate values: ``memory.meta['metrics']``; the trainer logs their means). With ``lm_loss(hidden, head, labels)``
         (e.g. a fused linear cross-entropy) the decoder's logits are never made: the LM head passes
         its input through and ``lm_loss`` computes the per-example loss from the hidden states.
+
+        With the full-context teacher (``teacher_ids`` / ``teacher_mask`` / ``teacher_labels``, all three:
+        ``trainers.collator.MemoryCollator(with_teacher=True)``) it also returns ``per_example_kl``, the
+        distillation term of ``distillation_kl`` (ICAE / xRAG-style: the plain base reading the whole context
+        is what the memory should let the decoder predict).
         """
+        teacher = _teacher_tensors(teacher_ids, teacher_mask, teacher_labels)
         with self.encoding():
             memory = self.compress(context_ids, context_mask, query_ids=query_ids, query_mask=query_mask)
         hidden_only = hidden_states_as_logits(self.base_lm) if lm_loss else contextlib.nullcontext()
@@ -307,8 +314,75 @@ class Compressor(nn.Module):
             step = self.decoder_forward(memory, input_ids, attention_mask, use_cache=False,
                                         prompt_lengths=prompt_lengths)
         losses = lm_loss(step.logits, head, labels) if lm_loss else per_example_lm_loss(step.logits, labels)
-        return {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio,
-                "metrics": dict(memory.meta.get("metrics", {}))}
+        out = {"loss": losses.mean(), "per_example_loss": losses, "ratio": memory.ratio,
+               "metrics": dict(memory.meta.get("metrics", {}))}
+        if teacher is not None:  # after the block above: the LM head is a head again
+            out["per_example_kl"] = self.distillation_kl(step.logits, labels, *teacher, head=head if lm_loss else None)
+        return out
+
+    def distillation_kl(self, student: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor,
+                        teacher_mask: torch.Tensor, teacher_labels: torch.Tensor, head: nn.Linear | None = None,
+                        ) -> torch.Tensor:
+        """Per example, the mean over its labelled tokens of KL(teacher || student) between next-token
+        distributions: the teacher is the plain base (``plain_base()``, no gradient) reading ``teacher_ids``
+        (left-padded; positions from the mask, as generation numbers them), the student is the decoder whose
+        ``student`` logits over ``labels``' rows were just computed (hidden states when ``head`` is given: the
+        fused loss, whose logits are then made here at the labelled positions only). ``teacher_labels`` must label
+        the same tokens, in the same order, as ``labels`` does (what ``per_example_lm_loss`` scores). Neither
+        side makes logits beyond the labelled positions (the teacher through ``logits_to_keep``)."""
+        picked, teacher_picked = labels[:, 1:] != -100, teacher_labels[:, 1:] != -100
+        if not torch.equal(picked.sum(-1), teacher_picked.sum(-1)) or \
+                not torch.equal(labels[:, 1:][picked], teacher_labels[:, 1:][teacher_picked]):
+            raise ValueError("teacher_labels must label the same tokens, row by row and in the same order, as labels "
+                             "(the student's first target token is never scored: no decoder position precedes it)")
+        student_logits = student[:, :-1][picked]
+        if head is not None:
+            student_logits = head(student_logits)  # the module call (ZeRO-3 gathers its weight), not .weight
+        teacher_logits = self._teacher_logits(teacher_ids, teacher_mask, teacher_picked)
+        return per_example_kl(student_logits, teacher_logits, picked.nonzero()[:, 0], labels.shape[0])
+
+    @torch.no_grad()
+    def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """The plain base's logits at the ``picked`` positions ([batch, length - 1]) of ``ids``: ``[picked, vocab]``.
+        ``logits_to_keep`` keeps the columns any row picks (left padding aligns the rows' replies at the end)."""
+        limit = getattr(self.base_lm.config, "max_position_embeddings", None)
+        longest = int(mask.sum(-1).max())
+        if limit is not None and longest > limit:
+            raise ContextTooLongError(f"the distillation teacher reads the context and the target, {longest} tokens, "
+                                      f"more than the base model's {limit} positions: shorten them or turn it off")
+        columns = picked.any(0).nonzero()[:, 0]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.plain_base():
+            logits = self.base_lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                  logits_to_keep=columns).logits
+        return logits[picked[:, columns]]
+
+
+def _teacher_tensors(ids: torch.Tensor | None, mask: torch.Tensor | None, labels: torch.Tensor | None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The teacher's three tensors, or ``None`` when none is given; some but not all of them is an error."""
+    given = [t is not None for t in (ids, mask, labels)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("the distillation teacher needs teacher_ids, teacher_mask and teacher_labels together "
+                         "(MemoryCollator(with_teacher=True) makes them)")
+    return ids, mask, labels  # type: ignore[return-value]
+
+
+def per_example_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor,
+                   batch: int) -> torch.Tensor:
+    """KL(teacher || student) of each token's next-token distributions (``[tokens, vocab]`` logits, in float),
+    averaged per example over its tokens (``rows[i]``: token ``i``'s example; an example without any: 0), so a
+    trainer can weight it per example as it weights ``per_example_loss``."""
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be [tokens, vocab], got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    student_log = nn.functional.log_softmax(student_logits.float(), dim=-1)
+    teacher_log = nn.functional.log_softmax(teacher_logits.to(student_log.device).float(), dim=-1)
+    token_kl = nn.functional.kl_div(student_log, teacher_log, reduction="none", log_target=True).sum(-1)
+    totals = token_kl.new_zeros(batch).index_add(0, rows, token_kl)
+    return totals / torch.bincount(rows, minlength=batch).clamp(min=1).to(totals.dtype)
 
 
 class EncoderAdapter:

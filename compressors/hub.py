@@ -244,19 +244,38 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
 
 
 def init_from_export(compressor: Compressor, name_or_path: str | os.PathLike, revision: str | None = None) -> list[str]:
-    """Start ``compressor``'s own tensors from an exported compressor (QD-LCIRC from an LCIRC export): every tensor
-    the export holds must exist here with its shape; the ones only this compressor has (QD-LCIRC's query mixer)
-    keep their initialisation and are returned. The export must be for the same base model, and only its own
-    tensors are read (an export with PEFT adapters is refused: they would be silently left out)."""
+    """Start ``compressor``'s trained tensors from an exported compressor (QD-LCIRC from an LCIRC export, a gist
+    fine-tuning stage from its pre-training stage): every tensor the export holds must exist here with its shape;
+    the ones only this compressor has (QD-LCIRC's query mixer, an adapter the export lacks) keep their
+    initialisation and are returned. The export must be for the same base model; its PEFT adapters are loaded into
+    this compressor's adapters of the same name, which must have the same rank, scaling and target modules."""
     folder = resolve_folder(name_or_path, revision)
     meta = read_metadata(folder)
     check_base_model(meta, compressor.base_lm, compressor.tokenizer)
-    if meta.get("has_adapter"):
-        raise ValueError(f"{folder} holds PEFT adapters too; init_from starts only a compressor's own tensors")
     path = folder / WEIGHTS_NAME
     saved = _read_safetensors(path)
     load_exact(compressor, saved, saved, str(path))
-    return sorted(set(compressor.own_state_dict()) - set(saved))
+    fresh = set(compressor.own_state_dict()) - set(saved)
+    ours = dict(getattr(compressor.model, "peft_config", {}))
+    theirs = (meta.get("adapters") or ["default"]) if meta.get("has_adapter") else []
+    for name in theirs:
+        _check_same_adapter(folder, name, ours.get(name))
+    _load_adapter(compressor, folder, theirs)
+    fresh |= {f"adapter {name}" for name in ours if name not in theirs}
+    return sorted(fresh)
+
+
+def _check_same_adapter(folder: Path, name: str, ours: Any) -> None:
+    """An export's adapter ``name`` can start ours only when both are the same LoRA: same rank, scaling and targets."""
+    theirs = json.loads((adapter_folder(folder, name) / ADAPTER_CONFIG).read_text())
+    if ours is None:
+        raise StateMismatchError(f"{folder} holds a PEFT adapter {name!r} that this compressor does not have")
+    mine = {"r": ours.r, "lora_alpha": ours.lora_alpha, "target_modules": sorted(ours.target_modules or [])}
+    saved = {"r": theirs.get("r"), "lora_alpha": theirs.get("lora_alpha"),
+             "target_modules": sorted(theirs.get("target_modules") or [])}
+    if mine != saved:
+        raise StateMismatchError(f"{folder}'s adapter {name!r} is {saved}, this compressor's is {mine}: start from an "
+                                 "export with the same lora_r, lora_alpha and lora_target_modules")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -15,12 +15,15 @@ from .scoring import Summary, markdown_table, score_rows
 
 def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, rows: Any,
                            scoring: str = "loglik", untrained: Compressor | None = None,
-                           baselines: bool = True) -> list[Summary]:
-    """Score ``compressor`` on ``rows``; with ``baselines``, also the untrained compressor, truncation
-    to the compressor's achieved ratio (the same memory budget in tokens), the full context (the ceiling)
-    and the question alone (no context: the floor)."""
+                           baselines: bool = True, others: dict[str, Compressor] | None = None) -> list[Summary]:
+    """Score ``compressor`` on ``rows``, then each of ``others`` (other learned compressors, by label: e.g. a
+    shipped one) on the same rows; with ``baselines``, also the untrained compressor, truncation to the
+    compressor's achieved ratio (the same memory budget in tokens), the full context (the ceiling) and the
+    question alone (no context: the floor)."""
     trained, _ = score_rows(CompressedLM(compressor, tokenizer), rows, "trained", scoring)
     summaries = [trained]
+    for label, other in (others or {}).items():
+        summaries.append(score_rows(CompressedLM(other.eval(), tokenizer), rows, label, scoring)[0])
     if not baselines:
         return summaries
     if untrained is not None:

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from ctxzip.compressors.conversation import ConversationLayout
 from ctxzip.compressors.padding import left_pad, right_pad
 
-from .objectives import OBJECTIVES, build_target, memory_context, objective_of
+from .objectives import OBJECTIVES, DecoderTarget, build_target, memory_context, objective_of
 
 
 @dataclass
@@ -23,6 +23,17 @@ class MemoryCollator:
     reconstruction: its last tokens when it is longer than ``max_context_tokens``), left-padded (segments are cut from the right, so padding stays in the first);
     decoder targets (prompt + reply) are right-padded with labels -100 on padding, and ``prompt_lengths``
     marks where each row's prompt ends.
+
+    ``with_teacher``: each batch also carries the full-context teacher of distillation (``Compressor.forward``'s
+    ``per_example_kl``): ``teacher_ids`` / ``teacher_mask``, each row's context ids exactly as built here (template
+    prefix + context, truncated alike) followed by its target ids, i.e. ``ConversationLayout.conversation_ids``
+    plus the reply, the tokens plain generation reads for that conversation; left-padded (the forward numbers
+    positions from the mask, as generation does, and the rows' replies end in the same columns); and
+    ``teacher_labels``, the labels the student's loss scores, at the teacher's positions. Every objective gets
+    one: an answer-like row's teacher reads context, prompt, reply; a continuation row's, the context then
+    the continuation; autoencoding / reconstruction rows' teacher sees the text it copies (an upper bound the
+    memory is pulled towards). A target's first token is not labelled there: the student's decoder has no
+    position before it, so its loss never scores it, and the two must score the same tokens.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -30,6 +41,7 @@ class MemoryCollator:
     max_target_tokens: int = 512
     use_chat_template: bool = True
     with_queries: bool = False  # QD compressors: each row's question as query_ids / query_mask (right-padded)
+    with_teacher: bool = False  # distillation: the full-context teacher_ids / teacher_mask / teacher_labels
     layout: ConversationLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -45,7 +57,8 @@ class MemoryCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
-        context_ids, context_mask = left_pad([self.context_ids(memory_context(r)) for r in rows], pad)
+        contexts = [self.context_ids(memory_context(r)) for r in rows]
+        context_ids, context_mask = left_pad(contexts, pad)
         targets = [build_target(self.layout, r, self.max_target_tokens) for r in rows]
         input_ids, attention_mask = right_pad([t.input_ids for t in targets], pad)
         labels, _ = right_pad([t.labels for t in targets], -100, width=input_ids.shape[1])
@@ -56,4 +69,15 @@ class MemoryCollator:
         if self.with_queries:  # a row without a question gets an empty query (mask 0): QD-LCIRC does not mix it
             queries = [self.layout.encode(r["question"]) if r.get("question") else [] for r in rows]
             batch["query_ids"], batch["query_mask"] = right_pad(queries, pad)
+        if self.with_teacher:
+            batch.update(teacher_batch(contexts, targets, pad))
         return batch
+
+
+def teacher_batch(contexts: list[list[int]], targets: list[DecoderTarget], pad: int) -> dict[str, torch.Tensor]:
+    """The full-context teacher's rows (``MemoryCollator(with_teacher=True)``): context then target, left-padded,
+    with the target's scored labels (all but its first token's) at the teacher's positions."""
+    teacher_ids, teacher_mask = left_pad([c + t.input_ids for c, t in zip(contexts, targets)], pad)
+    scored = [[-100] * (len(c) + min(1, len(t.labels))) + t.labels[1:] for c, t in zip(contexts, targets)]
+    teacher_labels, _ = left_pad(scored, -100)
+    return {"teacher_ids": teacher_ids, "teacher_mask": teacher_mask, "teacher_labels": teacher_labels}

@@ -15,7 +15,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from ctxzip.compressors import Compressor, CompressorConfig
-from ctxzip.compressors.hub import init_from_export
+from ctxzip.compressors.hub import init_from_export, load_compressor
 from ctxzip.eval.compare import compare_with_baselines, print_table
 
 from .collator import MemoryCollator
@@ -53,6 +53,9 @@ class RecipeData:
     reload_prompt: str = "Summarise the text in one sentence."  # and what it then asks
     objective_weights: dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
     fused_lm_loss: bool = False
+    # > 0: add this times KL(full-context base || decoder) per example; the collator must make the teacher
+    # (MemoryCollator(with_teacher=True))
+    distillation_weight: float = 0.0
 
 
 DataBuilder = Callable[[PreTrainedTokenizerBase, int], RecipeData]  # (tokenizer, seed) -> RecipeData
@@ -85,7 +88,7 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
     trainer = MemoryCompressorTrainer(
         model=compressor, args=training_args, processing_class=tokenizer, train_dataset=recipe_data.train_dataset,
         data_collator=recipe_data.collator, objective_weights=recipe_data.objective_weights,
-        fused_lm_loss=recipe_data.fused_lm_loss)
+        fused_lm_loss=recipe_data.fused_lm_loss, distillation_weight=recipe_data.distillation_weight)
     trained = train_resumable(trainer)  # every process: a collective under ZeRO-3
     if not trainer.is_world_process_zero():
         return None
@@ -100,23 +103,34 @@ def long_context_data(script_args: CompressorScriptArguments, config: Compressor
                       compressor_cls: type[Compressor], model_args: CompressorModelConfig,
                       tokenizer: PreTrainedTokenizerBase, seed: int) -> RecipeData:
     """The synthetic long-context tasks: training rows of ``train_tasks``, and an evaluation on held-out rows of
-    ``eval_task`` beside the untrained compressor, truncation, the full context and no context."""
+    ``eval_task`` beside the untrained compressor, truncation, the full context and no context. With
+    ``distillation_weight > 0`` the collator also makes the full-context teacher of every row."""
     # at least one held-out row: the reload check compresses its context
     eval_rows = build_eval_dataset(dataclasses.replace(script_args, num_eval_samples=max(
         1, script_args.num_eval_samples)), tokenizer, seed)
 
     def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
+        others = compared_exports(script_args.eval_compare_with, final, model_args.dtype)
         summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
-                                           untrained=untrained, baselines=script_args.eval_baselines)
+                                           untrained=untrained, baselines=script_args.eval_baselines, others=others)
         print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
         return [s.as_row() for s in summaries]
 
+    distillation = script_args.distillation_weight  # the teacher's batches only when they are used
     collator = MemoryCollator(tokenizer, config.max_context_tokens, script_args.max_target_tokens,
-                              with_queries=compressor_cls.uses_query)
+                              with_queries=compressor_cls.uses_query, with_teacher=distillation > 0)
     return RecipeData(collator=collator, train_dataset=build_train_dataset(script_args, tokenizer, seed),
                       evaluate=evaluate if script_args.num_eval_samples > 0 else None,
                       reload_context=eval_rows[0]["context"], objective_weights=script_args.objective_weights,
-                      fused_lm_loss=script_args.fused_lm_loss)
+                      fused_lm_loss=script_args.fused_lm_loss, distillation_weight=distillation)
+
+
+def compared_exports(names: list[str], final: Compressor, dtype: str | None) -> dict[str, Compressor]:
+    """The exported compressors ``names`` (``eval_compare_with``: folders, Hub ids, shipped short names), each on its
+    own recorded base model, where ``final`` is, by their table label."""
+    from ctxzip.eval.runner import label_for
+
+    return {label_for(name): load_compressor(name, dtype=dtype or "float32")[0].to(final.device) for name in names}
 
 
 def start_from_export(compressor: Compressor, init_from: str | None) -> None:

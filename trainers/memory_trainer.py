@@ -1,13 +1,14 @@
 """A ``transformers.Trainer`` for memory compressors (gist, soft prompts, recurrent compressors).
 
 It reuses Trainer's loop, accelerate / DeepSpeed integration, logging and checkpointing, and only
-changes what is specific to compressors: the weighted multi-objective loss, logging the achieved
-compression ratio, checkpoints that hold only the trained tensors (not the frozen base model), and a
+changes what is specific to compressors: the weighted multi-objective loss (optionally plus a
+distillation term from the full-context base), logging the achieved compression ratio, checkpoints that hold only the trained tensors (not the frozen base model), and a
 run that stops with an error when its loss is not finite (``FiniteLossMixin``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -27,12 +28,22 @@ from .guards import FiniteLossMixin
 from .objectives import OBJECTIVES, validate_weights
 
 TRAINABLE_NAME = "trainable.safetensors"
+TEACHER_KEYS = ("teacher_ids", "teacher_mask", "teacher_labels")  # MemoryCollator(with_teacher=True)'s
 
 
 class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
+    """Trains a memory compressor through its ``forward``. Each example's loss is its LM loss, plus
+    ``distillation_weight`` times its ``per_example_kl`` (KL(full-context base || decoder reading the memory) on
+    its labelled tokens: the batches must carry ``MemoryCollator(with_teacher=True)``'s teacher), then weighted
+    by its objective. ``loss_<objective>`` logs the LM losses, ``loss_distillation`` the mean KL."""
+
     def __init__(self, *args: Any, objective_weights: dict[str, float] | None = None,
-                 fused_lm_loss: bool = False, **kwargs: Any) -> None:
+                 fused_lm_loss: bool = False, distillation_weight: float = 0.0, **kwargs: Any) -> None:
+        if not (math.isfinite(distillation_weight) and distillation_weight >= 0):
+            raise ValueError(f"distillation_weight must be a finite number >= 0, got {distillation_weight}")
         super().__init__(*args, **kwargs)
+        self.distillation_weight = float(distillation_weight)
+        self._distillation: list[float] = []
         # Liger's fused linear cross-entropy: the decoder's [batch, tokens, vocab] logits never exist.
         self.lm_loss = partial(per_example_lm_loss_from_hidden, backend="liger") if fused_lm_loss else None
         if fused_lm_loss and not liger_available():
@@ -49,16 +60,43 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         objective = inputs.pop("objective")
+        inputs = self._teacher_inputs(inputs)
         outputs = model(**inputs, lm_loss=self.lm_loss) if self.lm_loss else model(**inputs)
         per_example = outputs["per_example_loss"]
+        lm_losses = per_example.detach().tolist()
+        if self.distillation_weight > 0:
+            per_example = per_example + self.distillation_weight * self._kl(outputs)
         weights = self.objective_weights.to(per_example.device)[objective.to(per_example.device)]
         loss = (weights * per_example).sum() / weights.sum().clamp(min=1e-8)
         self._ratios.append(float(outputs["ratio"]))
         for name, value in outputs.get("metrics", {}).items():
             self._compressor_metrics.setdefault(name, []).append(float(value))
-        for index, value in zip(objective.tolist(), per_example.detach().tolist()):
+        for index, value in zip(objective.tolist(), lm_losses):
             self._objective_losses[OBJECTIVES[index]].append(value)
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Check that a distilling run's batch has the teacher; without distillation, drop a teacher a
+        ``with_teacher`` collator made (a method's own teacher tensors, without ``teacher_labels``, stay)."""
+        if self.distillation_weight > 0:
+            missing = [key for key in TEACHER_KEYS if key not in inputs]
+            if missing:
+                raise ValueError(f"distillation_weight={self.distillation_weight} needs the full-context teacher in "
+                                 f"every batch, but {missing} are missing: collate with "
+                                 "MemoryCollator(..., with_teacher=True)")
+        elif "teacher_labels" in inputs:
+            inputs = {k: v for k, v in inputs.items() if k not in TEACHER_KEYS}
+        return inputs
+
+    def _kl(self, outputs: dict[str, Any]) -> torch.Tensor:
+        """The forward's per-example distillation term, logged (a forward that makes none is an error)."""
+        kl = outputs.get("per_example_kl")
+        if kl is None:
+            name = type(self.accelerator.unwrap_model(self.model)).__name__
+            raise ValueError(f"distillation_weight > 0, but {name}.forward returned no per_example_kl: this method "
+                             "trains through its own forward and cannot distil from the full-context base")
+        self._distillation.extend(kl.detach().float().tolist())
+        return kl
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # every process logs here (Trainer gathers the loss just before)
@@ -70,8 +108,10 @@ class MemoryCompressorTrainer(FiniteLossMixin, TrainedTensorsResume, Trainer):
         over every process."""
         window = {"compression_ratio": self._ratios, **self._compressor_metrics,
                   **{f"loss_{name}": values for name, values in self._objective_losses.items()}}
+        if self.distillation_weight > 0:  # every process alike: the reduction is a collective
+            window["loss_distillation"] = self._distillation
         means = means_over_processes(self.accelerator, window)
-        self._ratios = []
+        self._ratios, self._distillation = [], []
         self._compressor_metrics = {name: [] for name in self._compressor_metrics}
         self._objective_losses = {name: [] for name in OBJECTIVES}
         return {name: round(value, 3 if name == "compression_ratio" else 4) for name, value in means.items()}

@@ -162,7 +162,19 @@ class CompressorScriptArguments:
         "help": "weight of instruction reconstruction: when > 0, every question-answering train task also gives "
                 "train_samples_per_task rows whose question is compressed with the context; the decoder "
                 "regenerates the question, then answers"})
+    distillation_weight: float = field(default=0.0, metadata={
+        "help": "weight of distillation from the frozen base reading the full context: KL(teacher || memory "
+                "reader) on the labelled tokens, added to each row's LM loss (0 = off; the teacher costs a "
+                "full-context pass per row)"})
     eval_task: str = field(default="passkey", metadata={"help": "held-out task of the final evaluation table"})
+    eval_context_tokens: int | None = field(default=None, metadata={
+        "help": "context length of the held-out rows (default: context_tokens)"})
+    eval_data_source: str | None = field(default=None, metadata={
+        "help": "filler text of the held-out rows (default: data_source; stdlib: a corpus the default training "
+                "never reads); always its test split"})
+    eval_compare_with: list[str] = field(default_factory=list, metadata={
+        "help": "other exported compressors (folders, Hub ids or shipped short names such as "
+                "ctxzip/gist-smollm2-135m) scored on the same held-out rows, beside this run's"})
     num_eval_samples: int = field(default=50, metadata={"help": "held-out rows evaluated after training (0 = none)"})
     eval_scoring: str = field(default="generate", metadata={
         "help": "generate (greedy replies containing the answer: what a user sees) or loglik (teacher-forced, "
@@ -216,10 +228,11 @@ def build_train_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTo
 
 def build_eval_dataset(args: CompressorScriptArguments, tokenizer: PreTrainedTokenizerBase,
                        seed: int) -> datasets.Dataset:
-    """Held-out rows: filler from the test split of the text source."""
+    """Held-out rows: held-out templates (the tasks that have them) on the test split of the evaluation's text
+    source."""
     return build_task(args.eval_task, tokenizer, num_samples=args.num_eval_samples,
-                      context_tokens=args.context_tokens, seed=seed + 1, split="test", source=args.data_source,
-                      **task_options(args, args.eval_task))
+                      context_tokens=args.eval_context_tokens or args.context_tokens, seed=seed + 1, split="test",
+                      source=args.eval_data_source or args.data_source, **task_options(args, args.eval_task))
 
 
 def task_options(args: CompressorScriptArguments, task: str) -> dict[str, int]:
