@@ -214,7 +214,7 @@ def learned_vs_training_free(summaries: list[Any]) -> str:
     compressor."""
     rows = _as_rows(summaries)
     table = []
-    for learned in sorted((s for s in rows if _learned(s)),
+    for learned in sorted((s for s in rows if _learned(s) and not missing(_score(s))),  # unscored: nothing to say
                           key=lambda s: (s["task"], str(s["context_length"]), s["ratio"], s["method"])):
         cell = [s for s in rows if s["task"] == learned["task"] and s["context_length"] == learned["context_length"]]
         table.append(_versus_row(learned, cell))

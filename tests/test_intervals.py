@@ -141,6 +141,8 @@ def test_a_task_beyond_the_model_gets_no_verdict_and_no_learned_method_no_table(
     rows[0].update(accuracy=0.2)
     assert cells(learned_vs_training_free(rows))[0][8] == "beyond the model"
     assert learned_vs_training_free(rows[:3]) == ""
+    unscored = dict(rows[-1], accuracy=None, ci_low=None, ci_high=None, intervals={})  # e.g. a loglik log-prob row
+    assert learned_vs_training_free(rows[:-1] + [unscored]) == ""
     report = markdown(rows)
     assert "## Learned vs the best training-free method at the same bytes" in report
     assert "| snapkv | 4 | generate | 4.00 | 0.020 [0.000, 0.070] |" in report  # the per-task table's cells
