@@ -1,8 +1,9 @@
 """The GPU suite (benchmarks/gpu/) in its reduced CPU form, so that it cannot rot between GPU runs.
 
 ``run_suite.py --smoke`` runs every section on the CPU (the CSKV kernel under ``TRITON_INTERPRET=1``,
-a tiny Llama for training throughput, the gist recipe on the tiny model for the real run) in a
-fresh interpreter (triton must be imported after ``TRITON_INTERPRET`` is set). The pieces that
+a tiny Llama for training throughput, the gist recipe on the tiny model for the real run and for
+both gist stages, stage 1 stopped by its time limit) in a fresh interpreter (triton must be imported
+after ``TRITON_INTERPRET`` is set). The pieces that
 must work the first time on the GPU machine are tested directly: carried wheels unpacked without
 pip, the weights split / reassembled with their hashes checked, the real run's recipe arguments
 parsed by the recipe's own parser, the SmolLM2 shapes equal to the embedded model's.
@@ -26,6 +27,7 @@ for folder in (SUITE, ROOT):  # the suite's modules, and the recipes they import
         sys.path.insert(0, str(folder))
 
 import suite_common  # noqa: E402
+import suite_real  # noqa: E402
 import weights  # noqa: E402
 
 pytest.importorskip("triton")
@@ -35,8 +37,9 @@ pytest.importorskip("triton")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("gpu-suite")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # --stage1-minutes 0: stage 1 is stopped by the clock after its first step (stage 2 by its smoke max_steps)
     result = subprocess.run([sys.executable, str(SUITE / "run_suite.py"), "--out", str(out), "--smoke",
-                             "--wheels", str(out / "no-wheels")],
+                             "--wheels", str(out / "no-wheels"), "--stage1-minutes", "0"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -45,12 +48,13 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_section_runs_and_is_recorded(smoke: dict) -> None:
     sections = smoke["data"]["sections"]
-    assert list(sections) == ["kernel_correctness", "kernel_speed", "training_throughput", "real_run"]
+    assert list(sections) == ["kernel_correctness", "kernel_speed", "training_throughput", "real_run",
+                              "gist_stages"]
     for name, record in sections.items():
         assert record["status"] in ("ok", "skipped"), (name, record.get("error"), record.get("traceback"))
     assert smoke["data"]["meta"]["finished"].startswith("yes")
     markdown = (smoke["out"] / "results.md").read_text()
-    for title in suite_common.SECTION_TITLES.values():
+    for title in [*suite_common.SECTION_TITLES.values(), suite_real.STAGES_TITLE]:
         assert title in markdown
     log = (smoke["out"] / "log.txt").read_text()
     assert "kernel_correctness: start" in log and "done:" in log
@@ -87,6 +91,39 @@ def test_real_run_trains_and_evaluates_or_says_why_not(smoke: dict) -> None:
         return
     assert record["train_steps"] == 2 and record["train_loss_first_last"]
     assert {r["method"] for r in record["rows"]} >= {"trained", "full_context"}
+
+
+ARTIFACT = {"compressor_config.json", "compressor.safetensors", "adapter_config.json", "adapter_model.safetensors",
+            "README.md"}
+
+
+def test_gist_stages_train_evaluate_and_bring_both_artifacts_back_or_say_why_not(smoke: dict) -> None:
+    record = smoke["data"]["sections"]["gist_stages"]
+    if record["status"] == "skipped":
+        assert record["reason"].startswith("skipped: weights absent")
+        return
+    one, two = record["stage1"], record["stage2"]
+    assert (one["stopped_by"], one["train_steps"]) == ("time limit", 1)  # the clock stops it, the recipe exports
+    assert (two["stopped_by"], two["train_steps"]) == ("max_steps", 2)
+    for stage in (one, two):
+        assert stage["loss_finite"] and stage["train_tokens"] > 0 and stage["tokens_per_s"] > 0, stage
+        assert stage["provisional_export"].startswith("saved") and stage["export"].startswith("final: 5 files")
+    assert "pretrain.yaml" in record["stage1_command"] and "mixture.yaml" in record["stage2_command"]
+    assert "--init_from" in record["stage2_command"] and "--bf16 False" in record["stage2_command"]
+    from safetensors.torch import load_file
+
+    folder = smoke["out"] / "gist_stages"
+    for stage in ("stage1", "stage2"):
+        files = {p.relative_to(folder / stage).as_posix() for p in (folder / stage).rglob("*") if p.is_file()}
+        assert files == ARTIFACT, files  # the artifact, no checkpoint
+    first, second = (load_file(folder / s / "compressor.safetensors") for s in ("stage1", "stage2"))
+    assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)  # stage 2 trained
+    rows = [r for r in record["rows"] if r["stage"] == 2]
+    assert {r["method"] for r in rows} == {"trained", "untrained", "truncation", "full_context", "no_context"}
+    assert all(r["n"] == 2 and r["scoring"] == "generate" and r["accuracy_ci"] for r in rows), rows
+    assert {r["task"] for r in record["rows"] if r["stage"] == 1} == {"continuation"}
+    markdown = (smoke["out"] / "results.md").read_text()
+    assert "accuracy_ci" in markdown and "| 2 | retrieve_number | trained | generate |" in markdown
 
 
 def test_publish_copies_results_under_the_device_name(smoke: dict, tmp_path: Path, monkeypatch) -> None:
@@ -255,3 +292,61 @@ def test_real_run_is_skipped_with_the_reason_when_weights_are_absent(tmp_path: P
     clock = suite_common.Clock(100.0)
     assert not suite_real.weights_present(record, clock)
     assert record["status"] == "skipped" and record["reason"].startswith("skipped: weights absent (no GGUF parts")
+
+
+# ----- section 5, gist_stages: the pieces the GPU run depends on -----------------------------------
+def test_gist_stages_arguments_parse_with_the_recipes_parser() -> None:
+    pytest.importorskip("trl")
+    import recipes.gist as recipe
+
+    parsed = []
+    for stage in (1, 2):
+        values = suite_real.stage_overrides(stage, False, f"/tmp/stage{stage}", batch=16, eval_samples=100,
+                                            init_from="/tmp/stage1" if stage == 2 else None)
+        assert values["bf16"] is True and values["use_cpu"] is False and values["fused_lm_loss"] is True
+        values.update(bf16=False, use_cpu=True)  # TrainingArguments refuses bf16 on a machine without a GPU
+        argv = suite_real.recipe_argv(suite_real.STAGE_CONFIGS[stage - 1], values)
+        parsed.append(recipe.make_parser().parse_args_and_config(args=argv))
+    (first, config1, train1, _), (second, config2, train2, _) = parsed
+    assert train1.per_device_train_batch_size == train2.per_device_train_batch_size == 16
+    assert train1.max_steps == train2.max_steps == 10**6 and train1.lr_scheduler_type == "constant_with_warmup"
+    assert first.train_tasks == ["continuation", "reconstruction"] and first.context_tokens == 512
+    assert first.init_from is None and first.fused_lm_loss and train1.output_dir == "/tmp/stage1"
+    assert second.init_from == "/tmp/stage1" and second.num_eval_samples == 100 and second.eval_scoring == "generate"
+    assert (second.context_tokens, second.max_train_context_tokens, second.eval_data_source) == (128, 1024, "stdlib")
+    assert (config1.tokens_per_gist, config1.lora_r) == (config2.tokens_per_gist, config2.lora_r)  # init_from fits
+    with pytest.raises(ValueError, match="init_from"):
+        suite_real.stage_overrides(2, False, "/tmp/stage2", batch=16, eval_samples=100)
+
+
+def test_gist_stage_minutes_shrink_to_the_budget_together() -> None:
+    assert suite_real.stage_minutes((3.0, 3.0), 400.0) == (3.0, 3.0)
+    assert suite_real.stage_minutes((3.0, 3.0), 300.0) == (2.5, 2.5)
+    assert suite_real.stage_minutes((2.0, 4.0), 180.0) == (1.0, 2.0)
+    assert suite_real.stage_minutes((3.0, 3.0), 50.0) is None  # under half a minute each: not worth running
+    assert suite_real.stage_minutes((3.0, 3.0), -10.0) is None
+
+
+def test_gist_stages_say_why_they_did_not_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(weights, "PARTS_DIR", tmp_path / "parts")
+    monkeypatch.setattr(weights, "PACKAGE", "ctxzip_no_such_package")
+    monkeypatch.setenv("CTXZIP_GPU_STASH", str(tmp_path / "stash"))
+    results = suite_common.Results(tmp_path / "out", {})
+    record: dict = {}
+    suite_real.section_stages(record, results, suite_common.Clock(1000.0), "cuda", smoke=False)
+    assert record["status"] == "skipped" and record["reason"].startswith("skipped: weights absent (no GGUF parts")
+    # with the weights, a budget too short for both stages and the evaluation is a reason too
+    monkeypatch.setattr(suite_real, "weights_present", lambda record, clock: True)
+    record = {}
+    suite_real.section_stages(record, results, suite_common.Clock(200.0), "cuda", smoke=False)
+    assert record["status"] == "skipped" and "budget left" in record["reason"]
+    assert not (tmp_path / "out" / "gist_stages").exists()
+
+
+def test_sections_can_be_chosen_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    import run_suite
+
+    assert run_suite.parse(["--out", str(tmp_path)]).sections.split(",")[-1] == "gist_stages"
+    assert run_suite.parse(["--out", str(tmp_path), "--sections", "gist_stages"]).stage1_minutes == 3.0
+    with pytest.raises(SystemExit):
+        run_suite.parse(["--out", str(tmp_path), "--sections", "gist_stage"])

@@ -10,7 +10,12 @@ Sections (each in its own try/except; results rewritten after every measurement)
 3. training_throughput - gist / cskv trainers vs LoRA SFT (tokens/s, peak memory), with and without
                          Liger's fused linear cross-entropy;
 4. real_run            - optional: a short real gist run and its evaluation, when the embedded
-                         weights are on the machine (``weights.py``), else "skipped: weights absent".
+                         weights are on the machine (``weights.py``), else "skipped: weights absent";
+5. gist_stages         - optional, the same weights: the shipped gist compressor's two stages (pretrain.yaml,
+                         then mixture.yaml from its export) for a few minutes each with GPU overrides, each
+                         evaluated and exported by the recipe; both artifacts come back under
+                         ``--out``/gist_stages/. Needs more than the default budget left: run it alone
+                         (``--sections gist_stages --budget-s 540``, README).
 Writes ``results.json``, ``results.md`` and ``log.txt`` to ``--out``. Without a GPU (or with
 ``--smoke``) it runs a reduced form on the CPU (kernel under ``TRITON_INTERPRET=1``, tiny model):
 that is what ``tests/test_gpu_suite.py`` runs, so the suite cannot rot.
@@ -37,9 +42,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_common as common  # noqa: E402  (stdlib only: safe before the bootstrap)
+import suite_real  # noqa: E402  (imports suite_common only at module level)
 
-# Minimum seconds of budget a section needs to be worth starting.
+# Minimum seconds of budget a section needs to be worth starting (the optional ones check their own).
 MIN_SECONDS = {"kernel_correctness": 20, "kernel_speed": 40, "training_throughput": 60, "real_run": 150}
+SECTIONS = ["kernel_correctness", "kernel_speed", "training_throughput", "real_run", suite_real.STAGES_SECTION]
+common.SECTION_TITLES.setdefault(suite_real.STAGES_SECTION, suite_real.STAGES_TITLE)
+common.SECTION_COLUMNS.setdefault(suite_real.STAGES_SECTION, suite_real.STAGES_COLUMNS)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,18 +58,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget from start; sections not started by then are skipped (default 7.5 min)")
     p.add_argument("--smoke", action="store_true", help="reduced CPU form (automatic without a GPU)")
-    p.add_argument("--sections", default="kernel_correctness,kernel_speed,training_throughput,real_run",
-                   help="comma-separated subset to run")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset to run, of {','.join(SECTIONS)}")
     p.add_argument("--real-minutes", type=float, default=2.0, help="training minutes of the real run (section 4)")
     p.add_argument("--real-eval-samples", type=int, default=50, help="held-out samples evaluated by the real run")
     p.add_argument("--real-max-rows", type=int, default=160,
                    help="training rows built per task for the real run (data building is CPU time)")
+    p.add_argument("--stage1-minutes", type=float, default=3.0,
+                   help="training minutes of gist_stages' stage 1 (pretrain.yaml); scaled down to the budget left")
+    p.add_argument("--stage2-minutes", type=float, default=3.0,
+                   help="training minutes of gist_stages' stage 2 (mixture.yaml); scaled down with stage 1's")
+    p.add_argument("--stages-eval-samples", type=int, default=100,
+                   help="held-out samples of stage 2's evaluation (generation; the plan reserves 1.2 s each, "
+                        "an estimate)")
+    p.add_argument("--stages-batch", type=int, default=16, help="per-device batch of both gist stages")
     p.add_argument("--wheels", type=Path, default=common.WHEELS, help="folder of carried wheels")
     p.add_argument("--publish", type=Path, metavar="DIR",
                    help="copy a fetched results folder to benchmarks/results/gpu/<device>/ and exit")
     args = p.parse_args(argv)
     if args.publish is None and args.out is None:
         p.error("--out is required (or --publish DIR)")
+    unknown = sorted({s.strip() for s in args.sections.split(",") if s.strip()} - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}: choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -135,12 +155,16 @@ def main(argv: list[str] | None = None) -> int:
                      # training also stops early enough for the evaluation and export to end within the budget
                      stop_training_at_s=None if smoke else args.budget_s - 45)
 
+    def stages(record: dict) -> None:
+        suite_real.section_stages(record, results, clock, device, smoke, (args.stage1_minutes, args.stage2_minutes),
+                                  args.stages_eval_samples, args.stages_batch)
+
     sections = {"kernel_correctness": correctness, "kernel_speed": speed, "training_throughput": training,
-                "real_run": real}
+                "real_run": real, suite_real.STAGES_SECTION: stages}
     for name, fn in sections.items():
         if name in wanted:
-            # the real run checks its budget itself, after "weights absent" (the likelier reason to skip)
-            need = 0 if smoke or name == "real_run" else MIN_SECONDS[name]
+            # the optional runs check their budget themselves, after "weights absent" (the likelier reason to skip)
+            need = 0 if smoke or name in ("real_run", suite_real.STAGES_SECTION) else MIN_SECONDS[name]
             common.run_section(results, clock, name, fn, need)
     meta["finished"] = f"yes, after {clock.elapsed():.0f} s"
     results.write()
