@@ -18,9 +18,12 @@ Families (``MIXTURE_FAMILIES``; every answer is short and checked by substring):
 
 The ``retrieve_*`` families take ``num_distractors`` (default 0: one needle, as passkey): other records
 of the same family, about other keys. The asked needle sits at ``spec.draw_depth`` (the requested
-depth, or a uniform one), the others at uniform depths. No row has an answer prefix: the question ends
-with an instruction to answer briefly ("Answer with the number only.", as passkey), itself one of
-several wordings.
+depth, or a uniform one), the others at uniform depths. The question ends with an instruction to answer
+briefly ("Answer with the number only.", as passkey), itself one of several wordings, and every row has a
+neutral answer prefix (RULER's: "The number of the blue locker is"), one per family in both splits and never
+a needle's wording: the reply's form is then fixed, so the score measures what the memory kept. Without it
+the embedded SmolLM2-135M answered 0 of 10 held-out number questions at 1k tokens even with the full
+context (it restates the question or summarises the text); with it, 5 of 10.
 
 Split rules (fixed; what to pass for each data set):
 
@@ -103,6 +106,7 @@ class Family:
     questions: Templates
     instructions: Templates
     keys: tuple[str, ...]
+    answer_prefix: str  # how the reply starts (slots as the templates'), the same in both splits
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,6 +194,7 @@ NUMBER = Family(
         held_out=("Write only the digits, no words.", "Your answer should be the number alone."),
     ),
     keys=LOCKABLES,
+    answer_prefix="The number of the {key} is",
 )
 
 WORD = Family(
@@ -224,6 +229,7 @@ WORD = Family(
         held_out=("One word is enough: write it.", "Say only the word, nothing more."),
     ),
     keys=GATHERINGS,
+    answer_prefix="The word for the {key} is",
 )
 
 NAME = Family(
@@ -258,6 +264,7 @@ NAME = Family(
         held_out=("Write the name alone, first name then surname.", "Only the name, please."),
     ),
     keys=PLACES,
+    answer_prefix="The person in charge of the {key} is",
 )
 
 DATE = Family(
@@ -292,6 +299,7 @@ DATE = Family(
         held_out=("Write the date exactly as it appears in the text.", "Only the date, please."),
     ),
     keys=EVENTS,
+    answer_prefix="The date of the {key} is",
 )
 
 KV = Family(
@@ -326,6 +334,7 @@ KV = Family(
         held_out=("Write only the value, exactly as stored.", "Nothing but the value, please."),
     ),
     keys=tuple(f"{a}-{n}" for a in KEY_ADJECTIVES for n in KEY_NOUNS),
+    answer_prefix="The value of {key} is",
 )
 
 MULTI_FACT = Family(
@@ -361,6 +370,7 @@ MULTI_FACT = Family(
         held_out=("Respond with the bare answer.", "Just the value, please."),
     ),
     keys=tuple(f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES),
+    answer_prefix="{key}'s {attr} is",
 )
 
 #: The families by name.
@@ -521,7 +531,7 @@ def _ask(family: Family, rng: random.Random, spec: TaskSpec, num_facts: int, dra
     meta = {"family": family.name, "split": spec.split, "facts": facts, "needle_template": templates[0],
             "question_template": question, "instruction": instruction}
     return _sample(context, n, f"{question.format(**facts[0])} {instruction}", facts[0]["value"], depth,
-                   needles[0], meta)
+                   needles[0], meta, answer_prefix=family.answer_prefix.format(**facts[0]))
 
 
 def _facts(rng: random.Random, family: Family, count: int, draw: Draw) -> list[Fact]:

@@ -108,7 +108,9 @@ def test_answer_sits_in_the_needle_at_its_depth(tok) -> None:
             filler = len(context) - len(needle) - sum(len(s) + 1 for s in others)
             before = where - sum(len(s) + 1 for s in others if context.index(s) < where)
             assert abs(before / filler - depth) <= 0.1 + 100 / filler + 0.02
-            assert row["answer_prefix"] == "" and row["depth"] == depth
+            # A neutral reply start: the family's, never a needle's wording (it would cue the needle).
+            assert row["answer_prefix"] == FAMILIES[row["task"]].answer_prefix.format(**meta["facts"][0])
+            assert row["answer_prefix"] not in context and row["depth"] == depth
 
 
 def test_answers_are_short_and_of_their_family_form(tok) -> None:
