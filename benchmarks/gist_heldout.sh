@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 compressor="${1:-out/gist-mixture}"
 [ $# -gt 0 ] && shift
 python -m ctxzip.eval --compressor "$compressor" snapkv --base-model smollm2-135m-instruct --dtype float32 \
-  --scoring generate --max-new-tokens 16 --tasks retrieve_number --context-length 1024 --ratios 4 \
+  --scoring generate --max-new-tokens 16 --tasks retrieve_number retrieve_word multi_fact --context-length 1024 --ratios 4 \
   --num-samples 100 --source stdlib --split test --timing-samples 0 \
   --output-dir "benchmarks/results/gist_heldout/$(basename "$compressor")" "$@"
