@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ctxzip import __version__
+
 from .base import Compressor, compressor_class
 from .errors import BaseModelMismatchError, CorruptArtifactError, CtxzipError
 from .io import atomic_path, write_json_atomic, write_text_atomic
@@ -34,7 +36,7 @@ CONFIG_NAME = "compressor_config.json"
 WEIGHTS_NAME = "compressor.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-CTXZIP_VERSION = "0.1.0"
+CTXZIP_VERSION = __version__  # recorded in every export
 
 
 class StateMismatchError(CorruptArtifactError, ValueError):
@@ -153,7 +155,7 @@ def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None,
     shipped = shipped_folder(name_or_path)
     if shipped is not None:
         if revision is not None:
-            raise CtxzipError(f"{name_or_path!r} is a compressor shipped with ctxzip {_version()}: it has no revisions "
+            raise CtxzipError(f"{name_or_path!r} is a compressor shipped with ctxzip {CTXZIP_VERSION}: it has no revisions "
                               f"(got revision={revision!r})")
         return shipped
     from huggingface_hub import snapshot_download
@@ -345,9 +347,3 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                              allow_patterns=artifact, revision=revision)
     return str(getattr(info, "commit_url", info))
-
-
-def _version() -> str:
-    import ctxzip
-
-    return ctxzip.__version__
