@@ -62,7 +62,7 @@ def random_cskv_cache(compressor: CSKVCompressor, length: int, device: torch.dev
             tensors[f"window_{name}.{index}"] = torch.randn(1, layer.kv_heads, window, layer.head_dim,
                                                             dtype=spec.dtype, device=device)
             tensors[f"window_latent_{name}.{index}"] = torch.randn(1, window, rank, dtype=spec.dtype, device=device)
-    return CSKVCache.from_tensors(spec, tensors)
+    return CSKVCache.from_tensors(spec, tensors, reader=compressor.reader)
 
 
 def random_full_cache(compressor: CSKVCompressor, length: int, device: torch.device) -> DynamicCache:
@@ -100,19 +100,17 @@ def speed(args: argparse.Namespace) -> None:
     model, _ = load_base(args.base_model, dtype=args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    config = CSKVConfig(density=args.density, window=args.window, quant_bits=args.bits,
-                        max_context_tokens=10**9)
+    config = CSKVConfig(density=args.density, value_density=args.value_density, window=args.window,
+                        quant_bits=args.bits, max_context_tokens=10**9)
     compressor = CSKVCompressor(config, model).eval()
     kernel = use_kernel(device)
-    print(f"# CSKV decode benchmark on {machine()}: {args.base_model} ({args.dtype}), density {args.density}, "
-          f"window {args.window}, latents {args.bits or 'full'}-bit\n")
+    print(f"# CSKV decode benchmark on {machine()}: {args.base_model} ({args.dtype}), density {args.density} "
+          f"(values {args.value_density or args.density}), window {args.window}, latents {args.bits or 'full'}-bit\n")
     header = "| context | full cache MiB | CSKV MiB | reduction | full SDPA ms/tok | CSKV reference ms/tok |"
     header += " CSKV kernel ms/tok |" if kernel else ""
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    limit = getattr(model.config, "max_position_embeddings", 10**9)
-    for length in args.lengths:
-        length = min(length, limit - args.steps - 4)
+    for length in args.lengths:  # past the base's window too: the time of a step depends on neither values nor positions
         full = random_full_cache(compressor, length, device)
         full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
         full_ms = 1000 * time_decode(model, full, length, args.steps)
@@ -176,8 +174,9 @@ def fill(compressor: CSKVCompressor, layers: list[tuple[torch.Tensor, torch.Tens
 
 
 def load_source(source: str, density: float, bits: int | None, window: int, base: str, dtype: str,
-                model: Any, means: list[torch.Tensor]) -> CSKVCompressor | None:
-    config = dict(density=density, window=window, quant_bits=bits, max_context_tokens=10**9)
+                model: Any, means: list[torch.Tensor], value_density: float | None = None) -> CSKVCompressor | None:
+    config = dict(density=density, value_density=value_density, window=window, quant_bits=bits,
+                  max_context_tokens=10**9)
     if source in ("svd", "asvd"):
         compressor = CSKVCompressor(CSKVConfig(init=source, **config), model).eval()
         if source == "asvd":
@@ -185,8 +184,9 @@ def load_source(source: str, density: float, bits: int | None, window: int, base
         return compressor
     trained, _ = load_compressor(source, base_model=base, dtype=dtype)
     saved = trained.compressor_config
-    if abs(saved.density - density) > 1e-9 or saved.quant_bits not in (None, bits):
-        return None  # a trained folder is evaluated at its own density (and its QAT bit width) only
+    if abs(saved.density - density) > 1e-9 or saved.quant_bits not in (None, bits) \
+            or saved.value_density != value_density:
+        return None  # a trained folder is evaluated at its own densities (and its QAT bit width) only
     compressor = CSKVCompressor(CSKVConfig(init=saved.init, **config), model).eval()
     compressor.load_state_dict(trained.own_state_dict(), strict=False)
     return compressor
@@ -215,15 +215,17 @@ def quality(args: argparse.Namespace) -> None:
     configs = []
     for source in args.sources:
         for density in args.densities:
-            for bits in args.bits:
-                made = load_source(source, density, bits, args.window, args.base_model, args.dtype, model,
-                                   means)
-                if made is not None:
+            for value_density in args.value_densities:
+                for bits in args.bits:
+                    made = load_source(source, density, bits, args.window, args.base_model, args.dtype, model,
+                                       means, value_density)
+                    if made is None:
+                        continue
                     label = source
                     if source not in ("svd", "asvd"):
                         qat = load_compressor_config(source).quant_bits
                         label = f"trained ({Path(source).name}{f', QAT {qat}-bit' if qat else ''})"
-                    configs.append((label, source, density, bits, made))
+                    configs.append((label, source, (density, value_density or density), bits, made))
     full = FullContext(FullContextConfig(max_context_tokens=10**9), model)
     full_clm = CompressedLM(full, tokenizer)
     nll = {i: [] for i in range(len(configs))}
@@ -253,14 +255,18 @@ def quality(args: argparse.Namespace) -> None:
     print(f"\n# CSKV quality on {machine()}: {args.base_model} ({args.dtype}), {len(rows)} held-out pydoc "
           f"continuations ({args.context_tokens}-token context, {args.answer_tokens}-token continuation), "
           f"window {args.window}\n")
-    print("| factors | density | latent bits | KV bytes / context | KV reduction | perplexity | vs full cache |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| full cache | 1.0 | {str(model.dtype).replace('torch.', '')} | {full_b:.0f} | 0.0% | {full_ppl:.3f} | - |")
-    for i, (label, _, density, bits, _) in enumerate(configs):
+    # Reductions against the cache the model holds (its dtype) and against an fp16 cache (the papers' one).
+    half_b = full_b * 2 / model.dtype.itemsize
+    print("| factors | K density | V density | latent bits | KV bytes / context | reduction vs "
+          f"{str(model.dtype).replace('torch.', '')} | reduction vs fp16 | perplexity | vs full cache |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| full cache | 1.0 | 1.0 | {str(model.dtype).replace('torch.', '')} | {full_b:.0f} | 1.00x | "
+          f"{half_b / full_b:.2f}x | {full_ppl:.3f} | - |")
+    for i, (label, _, (density, value_density), bits, _) in enumerate(configs):
         ppl = math.exp(statistics.mean(nll[i]))
         b = statistics.mean(nbytes[i])
-        print(f"| {label} | {density} | {bits or 'full'} | {b:.0f} | {100 * (1 - b / full_b):.1f}% | {ppl:.3f} | "
-              f"{100 * (ppl / full_ppl - 1):+.1f}% |", flush=True)
+        print(f"| {label} | {density} | {value_density} | {bits or 'full'} | {b:.0f} | {full_b / b:.2f}x | "
+              f"{half_b / b:.2f}x | {ppl:.3f} | {100 * (ppl / full_ppl - 1):+.1f}% |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,10 +279,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--dtype", default="float32")
         p.add_argument("--window", type=int, default=32)
     s.add_argument("--density", type=float, default=0.2)
+    s.add_argument("--value-density", type=float, default=None, help="V's density (default: --density)")
     s.add_argument("--bits", type=lambda v: None if v.lower() == "none" else int(v), default=4)
     s.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=[1024, 2048, 4096, 8192])
     s.add_argument("--steps", type=int, default=8)
     q.add_argument("--densities", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.3, 0.2])
+    q.add_argument("--value-densities", type=lambda v: [None if x.lower() == "same" else float(x)
+                                                        for x in v.split(",")], default=[None],
+                   help="V's densities (same: each K density); a grid with --densities")
     q.add_argument("--bits", type=lambda v: [None if x.lower() == "none" else int(x) for x in v.split(",")],
                    default=[None, 4])
     q.add_argument("--sources", type=lambda v: v.split(","), default=["svd", "asvd"])

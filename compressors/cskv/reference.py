@@ -1,4 +1,5 @@
-"""PyTorch reference for CSKV attention: reconstruct keys / values from latents, rotate keys, attend.
+"""PyTorch reference for CSKV attention: reconstruct keys from latents, rotate them, attend; read values in
+rank space (the attention-weighted sum of the latents, then the up-projection: the same sum reassociated).
 
 ``decode_attention_reference`` is the oracle the Triton kernel (``kernel.py``) must match, with the
 same arguments; it is also the decode path on machines without a GPU. Keys are stored before
@@ -43,12 +44,10 @@ def reconstruct(latent: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Te
     return out.view(batch, tokens, num_heads, head_dim).transpose(1, 2)
 
 
-def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
-                       bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None,
-                       positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float, num_heads: int,
-                       head_dim: int, key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents.
+def latent_keys(latent_k: LatentStore, up_k: torch.Tensor, bias_k: torch.Tensor | None, positions: torch.Tensor,
+                inv_freq: torch.Tensor, rope_scaling: float, num_heads: int, head_dim: int,
+                key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotated keys ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents.
 
     ``key_norm`` (the layer's key norm: ``[batch, tokens, kv_heads * head_dim]`` to ``[batch, tokens, kv_heads,
     head_dim]``) runs on the reconstructed keys before RoPE, as the layer runs it on ``k_proj``'s output."""
@@ -59,8 +58,18 @@ def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch
         flat = torch.nn.functional.linear(latent_k.dequantize(dtype), up_k, bias_k)
         keys = key_norm(flat).to(dtype).transpose(1, 2)
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scaling)
-    keys = apply_rope(keys, cos, sin)
-    values = reconstruct(latent_v.dequantize(dtype), up_v, bias_v, num_heads, head_dim)
+    return apply_rope(keys, cos, sin)
+
+
+def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
+                       bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None,
+                       positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float, num_heads: int,
+                       head_dim: int, key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents
+    (``latent_keys`` says what ``key_norm`` is)."""
+    keys = latent_keys(latent_k, up_k, bias_k, positions, inv_freq, rope_scaling, num_heads, head_dim, key_norm)
+    values = reconstruct(latent_v.dequantize(up_k.dtype), up_v, bias_v, num_heads, head_dim)
     return keys, values
 
 
@@ -100,15 +109,20 @@ def decode_attention_reference(
     batch, q_heads, head_dim = q.shape
     kv_heads = window_k.shape[1]
     group = q_heads // kv_heads
-    keys, values = latent_keys_values(latent_k, latent_v, up_k.float(), _f(bias_k), up_v.float(), _f(bias_v),
-                                      positions, inv_freq, rope_scaling, kv_heads, head_dim)
+    keys = latent_keys(latent_k, up_k.float(), _f(bias_k), positions, inv_freq, rope_scaling, kv_heads, head_dim)
     keys = torch.cat([keys, window_k.float()], dim=2)
-    values = torch.cat([values, window_v.float()], dim=2)
     valid = valid_keys(batch, latent_k.length, window_k.shape[2], q.device, key_mask, latent_lens, window_lens)
     scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, kv_heads, group, head_dim), keys) * sm_scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no valid key reads nothing
-    out = torch.einsum("bhgt,bhtd->bhgd", probs, values)
+    old, recent = probs.split([latent_k.length, window_k.shape[2]], dim=-1)
+    # The latent tokens' values are read in rank space: sum_t p_t (U l_t + b) = U (sum_t p_t l_t) + b sum_t p_t,
+    # the same sum reassociated, so no [tokens, kv_heads * head_dim] values are ever reconstructed.
+    mixed = torch.einsum("bhgt,btr->bhgr", old, latent_v.dequantize(torch.float32))
+    out = torch.einsum("bhgr,hdr->bhgd", mixed, up_v.float().view(kv_heads, head_dim, -1))
+    if bias_v is not None:
+        out = out + old.sum(-1, keepdim=True) * bias_v.float().view(kv_heads, 1, head_dim)
+    out = out + torch.einsum("bhgt,bhtd->bhgd", recent, window_v.float())
     return out.reshape(batch, q_heads, head_dim).to(q.dtype)
 
 
