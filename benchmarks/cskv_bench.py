@@ -8,6 +8,11 @@ so no 8k-token prefill is needed.
 
     python benchmarks/cskv_bench.py speed --base-model smollm2-135m-instruct --density 0.2 --bits 4
 
+``profile``: where one layer's decode step over the CSKV cache spends its time, stage by stage, beside SDPA
+over the dense cache of the same tokens (random contents, one layer).
+
+    python benchmarks/cskv_bench.py profile --length 32768 --density 0.3 --value-density 1.0 --bits 4
+
 ``quality``: held-out continuation perplexity read from the compressed cache, and the real KV
 bytes, for a grid of densities x latent bit widths x factor sources (``svd``, ``asvd`` or a
 trained export folder), against the full cache. One base-model prefill per text is shared by every
@@ -128,6 +133,53 @@ def speed(args: argparse.Namespace) -> None:
             with compressor.installed():
                 row += f" {1000 * time_decode(model, cskv, length, args.steps):.2f} |"
         print(row, flush=True)
+
+
+@torch.no_grad()
+def profile(args: argparse.Namespace) -> None:
+    """Where one layer's decode step over the CSKV cache spends its time (the PyTorch reference, stage by stage),
+    against SDPA over the dense cache of the same tokens: what a faster CPU path must remove."""
+    from ctxzip.compressors.cskv import reference
+
+    model, _ = load_base(args.base_model, dtype=args.dtype)
+    config = CSKVConfig(density=args.density, value_density=args.value_density, window=args.window,
+                        quant_bits=args.bits, max_context_tokens=10**9)
+    compressor = CSKVCompressor(config, model).eval()
+    cache = random_cskv_cache(compressor, args.length, torch.device("cpu"))
+    layer, factors = cache.layer(0), compressor.factors[0]
+    spec = compressor.cache_spec().layers[0]
+    inv_freq, scaling = compressor.reader.rope()
+    positions = cache.latent_positions(0)
+    query = torch.randn(1, spec.kv_heads * (model.config.num_attention_heads // spec.kv_heads), spec.head_dim)
+    window = torch.randn(1, spec.kv_heads, args.window + 1, spec.head_dim)
+    keys = reference.reconstruct(layer.latent_k.dequantize(torch.float32), factors.k.up.weight, factors.k.up.bias,
+                                 spec.kv_heads, spec.head_dim)
+    cos_sin = reference.rope_cos_sin(positions, inv_freq, scaling)
+    dense_k = torch.randn(1, spec.kv_heads, args.length, spec.head_dim)
+    stages = {
+        "dequantize key latents": lambda: layer.latent_k.dequantize(torch.float32),
+        "dequantize value latents": lambda: layer.latent_v.dequantize(torch.float32),
+        "reconstruct keys (GEMM)": lambda: reference.reconstruct(layer.latent_k.dequantize(torch.float32),
+                                                                 factors.k.up.weight, factors.k.up.bias,
+                                                                 spec.kv_heads, spec.head_dim),
+        "RoPE cos / sin": lambda: reference.rope_cos_sin(positions, inv_freq, scaling),
+        "RoPE on the keys": lambda: reference.apply_rope(keys, *cos_sin),
+        "whole reference step": lambda: reference.decode_attention_reference(
+            query, layer.latent_k, layer.latent_v, factors.k.up.weight, factors.k.up.bias, factors.v.up.weight,
+            factors.v.up.bias, positions, inv_freq, window, window, sm_scale=spec.head_dim ** -0.5,
+            rope_scaling=scaling),
+        "dense SDPA step": lambda: torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, None], dense_k, dense_k, enable_gqa=True),
+    }
+    print(f"# One layer's decode step at {args.length} tokens on {machine()}: {args.base_model} ({args.dtype}), "
+          f"density {args.density} (values {args.value_density or args.density}), latents "
+          f"{args.bits or 'full'}-bit\n\n| stage | ms |\n|---|---|")
+    for name, run in stages.items():
+        run()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            run()
+        print(f"| {name} | {1000 * (time.perf_counter() - start) / args.steps:.2f} |", flush=True)
 
 
 # ----- quality -------------------------------------------------------------------------------------
@@ -274,6 +326,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="mode")
     s = sub.add_parser("speed")
     q = sub.add_parser("quality")
+    f = sub.add_parser("profile")
+    f.add_argument("--length", type=int, default=32768)
+    f.add_argument("--steps", type=int, default=5)
+    f.add_argument("--density", type=float, default=0.3)
+    f.add_argument("--value-density", type=float, default=1.0)
+    f.add_argument("--bits", type=lambda v: None if v.lower() == "none" else int(v), default=4)
+    f.add_argument("--base-model", default="smollm2-135m-instruct")
+    f.add_argument("--dtype", default="float32")
+    f.add_argument("--window", type=int, default=32)
     for p in (s, q):
         p.add_argument("--base-model", default="smollm2-135m-instruct")
         p.add_argument("--dtype", default="float32")
@@ -297,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.mode == "quality":
         quality(args)
+    elif args.mode == "profile":
+        profile(args)
     else:
         if args.mode is None:
             args = parser.parse_args(["speed", *(argv or sys.argv[1:])])

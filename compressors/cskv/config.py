@@ -29,7 +29,9 @@ class CSKVConfig(CompressorConfig):
     density: float = field(default=0.5, metadata={
         "help": "fraction of K (and V) channels kept in the latent, every layer, in (0, 1]"})
     value_density: float | None = field(default=None, metadata={
-        "help": "V's own density (default: the same as density)"})
+        "help": "V's own density (default: the same as density). Values are far less low-rank than keys: on "
+                "SmolLM2-135M, 1.0 with 4-bit latents keeps perplexity within 2% where 0.5 quadruples it "
+                "(benchmarks/results/cskv_ablation)"})
     layer_densities: list[float] | None = field(default=None, metadata={
         "help": "per-layer densities for K and V, one per layer (overrides density)"})
     window: int = field(default=32, metadata={"help": "recent tokens kept as full-precision K/V (the local branch)"})
