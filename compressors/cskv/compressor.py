@@ -14,8 +14,9 @@ the latent is position-free; 8 / 4-bit latents use per-token groups of channels 
 KIVI-style per-channel keys over token blocks); the recipe configs keep every value channel
 (``value_density: 1.0``) where the paper shrinks K and V alike (benchmarks/results/cskv_ablation).
 Beyond the paper (Llama / Mistral): on a layer with a key norm after ``k_proj`` (Qwen3 per head,
-OLMo2 over all heads) the latent is still ``down(x)``, and a reconstructed key goes through the layer's own ``k_norm`` before RoPE, as the layer computes
-its keys (exact at full rank); the reconstruction loss then compares keys after the norm, what the cache holds.
+OLMo2 over all heads) the latent is still ``down(x)``, and a reconstructed key goes through the
+layer's own ``k_norm`` before RoPE, as the layer computes its keys (exact at full rank); the
+reconstruction loss then compares keys after the norm, what the cache holds.
 A layer whose attention the fused decode step does not compute (a key norm; logit soft-capping,
 Gemma2) decodes through the model's own attention function over keys and values reconstructed from
 the latents. A fused ``qkv_proj`` (Phi3) and partial rotary embeddings are refused
