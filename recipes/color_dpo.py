@@ -31,7 +31,13 @@ from transformers import set_seed
 from trl import TrlParser
 
 from ctxzip.compressors.color import ColorCompressor, ColorConfig
-from ctxzip.compressors.color.evaluation import ReaderPool, compress_corpus, evaluate_compressions, report
+from ctxzip.compressors.color.evaluation import (
+    ReaderPool,
+    compress_corpus,
+    evaluate_compressions,
+    extractive_baselines,
+    report,
+)
 from ctxzip.compressors.color.pipeline import Writer, local_base_loader, prepare_data
 from ctxzip.compressors.color.script_args import ColorScriptArguments
 from ctxzip.compressors.color.trainer import ColorDPOConfig, ColorDPOTrainer
@@ -79,6 +85,8 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
     rows: list[dict[str, Any]] = []
     if data.held.passages and script_args.eval_readers:
         compressed = {"untrained": data.untrained, "trained": compress_corpus(final, data.held, tokenizer)}
+        compressed |= extractive_baselines(data.held, tokenizer, readers, script_args.extractive_baselines,
+                                           like=compressed["trained"])
         results = evaluate_compressions(data.held, tokenizer, readers, script_args.eval_readers, compressed)
         rows = report(results, data.held, tokenizer, compressed, training_args.output_dir)
     save_and_push(final, tokenizer, training_args.output_dir, rows or None, push)

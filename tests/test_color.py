@@ -86,6 +86,22 @@ def test_pairs_shortest_success_vs_longest_failure() -> None:
     assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("a", "d")
 
 
+def test_every_failure_pairs_with_the_shortest_success() -> None:
+    from ctxzip.compressors.color.data import PairRules, passage_pairs
+
+    cands = [cand("a", 30, False), cand("b", 12, True), cand("c", 20, False), cand("d", 5, False),
+             cand("e", 9, True), cand("c", 20, False)]
+    assert [(p["chosen"]["text"], p["rejected"]["text"]) for p in passage_pairs(cands)] == [("e", "a")]
+    every = passage_pairs(cands, PairRules(rejected="every"))
+    assert [(p["chosen"]["text"], p["rejected"]["text"]) for p in every] == [("e", "a"), ("e", "c"), ("e", "d")]
+    assert {p["rule"] for p in every} == {"contrast"}
+    wins = [cand("a", 30, True), cand("b", 12, True)]
+    assert len(passage_pairs(wins, PairRules(rejected="every"))) == 1  # no failure: the all_success pair only
+    assert passage_pairs([cand("a", 3, False)], PairRules(rejected="every")) == []
+    with pytest.raises(ValueError, match="rejected"):
+        PairRules(rejected="random")
+
+
 def test_pairs_when_all_succeed_or_all_fail() -> None:
     from ctxzip.compressors.color.data import PairRules, make_pair
 
@@ -109,9 +125,11 @@ def test_pairs_when_all_succeed_or_all_fail() -> None:
 def test_variants_parse_and_refuse_nonsense() -> None:
     from ctxzip.compressors.color.data import parse_variants
 
-    v = parse_variants(["greedy", "words:0.25", "sample:0.8"])
+    v = parse_variants(["greedy", "words:0.25", "sample:0.8", "extract:2", "extract:1:3"])
     assert v[1].words_fraction == 0.25 and v[2].do_sample and v[2].temperature == 0.8
-    for bad in (["words:2"], ["beam:4"], ["greedy", "greedy"]):
+    assert (v[3].extract_sentences, v[3].draw, v[4].extract_sentences, v[4].draw) == (2, 0, 1, 3)
+    assert [x.generates for x in v] == [True, True, True, False, False]
+    for bad in (["words:2"], ["beam:4"], ["greedy", "greedy"], ["extract:0"], ["extract:x"], ["extract:1:-1"]):
         with pytest.raises(ValueError):
             parse_variants(bad)
 
@@ -133,6 +151,73 @@ def test_dense_reader_retrieves_the_toy_corpus() -> None:
     assert sorted(rankings[0]) == [0, 1, 2]
     assert retrieval_metrics([1, 2, 1, 5])["recall@1"] == 0.5
     assert retrieval_metrics([1, 2, 1, 6])["MRR"] == pytest.approx((1 + 0.5 + 1 + 1 / 6) / 4)
+
+
+def test_extract_candidates_are_reproducible_sentence_draws() -> None:
+    from ctxzip.compressors.color.data import extract, parse_variants, split_sentences
+
+    passage = "First one. Second? Third!\nFourth here. Fifth."
+    assert split_sentences(passage) == ["First one.", "Second?", "Third!", "Fourth here.", "Fifth."]
+    one, other, two = parse_variants(["extract:1", "extract:1:1", "extract:2"])
+    draws = {extract(passage, one, 0, f"p{i}") for i in range(12)}
+    assert len(draws) > 1 and draws <= set(split_sentences(passage))  # one whole sentence, not always the same
+    assert extract(passage, one, 0, "p0") == extract(passage, one, 0, "p0")  # reproducible
+    picked = extract(passage, two, 0, "p0").split(" ")
+    order = [s for s in split_sentences(passage) if s in extract(passage, two, 0, "p0")]
+    assert len(order) == 2 and " ".join(order) == " ".join(picked)  # passage order kept
+    assert any(extract(passage, one, 0, f"p{i}") != extract(passage, other, 0, f"p{i}") for i in range(8))
+    assert extract("Only sentence.", two, 0, "p") == "Only sentence."
+
+
+def test_extract_to_budget_spends_the_budget_on_the_best_sentences(tiny) -> None:
+    from ctxzip.compressors.color.evaluation import extract_to_budget
+
+    _, tokenizer = tiny()
+    sentences = ["Alpha beta gamma delta.", "Rosa Sato likes amber.", "Epsilon zeta eta theta iota."]
+    count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    best = extract_to_budget(sentences, [0.0, 2.0, 1.0], count(sentences[1]), tokenizer)
+    assert tokenizer.decode(best) == sentences[1]
+    for budget in (1, 3, count(" ".join(sentences[1:])) - 2, 200):
+        ids = extract_to_budget(sentences, [0.0, 2.0, 1.0], budget, tokenizer)
+        assert len(ids) <= budget and ids
+    text = tokenizer.decode(extract_to_budget(sentences, [0.0, 2.0, 1.0], 200, tokenizer))
+    assert text == " ".join(sentences)  # everything fits: passage order
+
+
+def test_extractive_baselines_score_sentences_and_match_the_budget(tiny, one_thread) -> None:
+    from ctxzip.compressors.color.evaluation import extractive_compressions, sentence_self_information
+
+    model, tokenizer = tiny()
+    sentences = ["The pet of Alice Moreno is a parrot.", "Dictionaries preserve insertion order."]
+    scores = sentence_self_information(model, tokenizer, sentences)
+    ids = tokenizer(sentences[0] + " " + sentences[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    first = len(tokenizer(sentences[0], add_special_tokens=False)["input_ids"])
+    surprise = [-float(logprobs[i, t]) for i, t in enumerate(ids[1:])]
+    assert scores[0] == pytest.approx(sum(surprise[: first - 1]) / (first - 1), rel=1e-4)
+    assert scores[1] == pytest.approx(sum(surprise[first - 1:]) / (len(ids) - first), rel=1e-4)
+    corpus = toy_corpus()
+    budgets = {p["passage_id"]: 5 + i for i, p in enumerate(corpus.passages)}
+    for scorer in ("lead", "self_information"):
+        out = extractive_compressions(corpus, tokenizer, budgets, scorer, model)
+        assert {pid: len(ids) for pid, ids in out.items()} == budgets
+    lead = extractive_compressions(corpus, tokenizer, {p["passage_id"]: 200 for p in corpus.passages}, "lead")
+    assert tokenizer.decode(lead["p0"]) == TOY[0]
+    with pytest.raises(ValueError, match="needs the base model"):
+        extractive_compressions(corpus, tokenizer, budgets, "self_information")
+    with pytest.raises(ValueError, match="unknown extractive scorer"):
+        extractive_compressions(corpus, tokenizer, budgets, "tfidf")
+
+
+def test_table_reports_recall_with_wilson_intervals() -> None:
+    from ctxzip.compressors.color.evaluation import RetrievalResult, markdown_table
+    from ctxzip.eval.metrics import wilson_interval
+
+    result = RetrievalResult("trained", "dense", 0.75, 0.9, 0.8, 3.2, 30.0, 200)
+    low, high = wilson_interval(150, 200)
+    assert result.as_row()["recall@1 95% CI"] == [low, high]
+    assert f"[{low:.2f}, {high:.2f}]" in markdown_table([result])
 
 
 def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:
@@ -267,9 +352,20 @@ def test_labels_and_pairs_stages_resume(tmp_path) -> None:
     assert prompts == [] and again.to_list() == pairs.to_list()  # cached
 
 
+def _matches(template: str, text: str) -> bool:
+    """Whether ``text`` is ``template`` with its ``{slots}`` filled."""
+    import re
+
+    pattern = re.escape(template)
+    for slot in ("key", "attr", "value"):
+        pattern = pattern.replace(re.escape("{" + slot + "}"), ".+")
+    return re.fullmatch(pattern, text) is not None
+
+
 def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> None:
     from ctxzip.compressors.color.data import offline_corpus
     from ctxzip.compressors.models import load_tokenizer
+    from ctxzip.data.mixture import MULTI_FACT
     from ctxzip.data.tasks import FIRST_NAMES, LAST_NAMES
 
     tokenizer = load_tokenizer("tiny-random-llama")
@@ -280,6 +376,14 @@ def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> 
         (name,) = [n for n in people if n in q["query"]]
         assert [p["passage_id"] for p in corpus.passages if name in p["passage"]] == [q["gold_id"]]
         assert q["answer"] in corpus.passage(q["gold_id"])["passage"]
+        assert q["needle"] in corpus.passage(q["gold_id"])["passage"]
+    # held out: the test split words its facts and queries only with the family's held-out templates
+    held = offline_corpus(tokenizer, num_passages=8, passage_tokens=48, split="test", source="stdlib")
+    for split, rows in (("train", corpus.queries), ("test", held.queries)):
+        for q in rows:
+            assert any(_matches(t, q["needle"]) for t in MULTI_FACT.needles.of(split)), q["needle"]
+            assert not any(_matches(t, q["needle"]) for t in MULTI_FACT.needles.of("test" if split == "train" else "train"))
+            assert any(_matches(t, q["query"]) for t in MULTI_FACT.questions.of(split)), q["query"]
     part = next((tmp_path / "corpus-train").glob("part-*.jsonl"))
     rows = [json.loads(line) for line in part.read_text().splitlines()]
     rows[0]["passage"] = "EDITED " + rows[0]["passage"]
@@ -383,8 +487,8 @@ def test_eval_runs_a_saved_color_folder_on_the_passage_retrieval_task(tiny, one_
 def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     out = tmp_path / "run"
     args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--model_name_or_path", "tiny-random-llama",
-            "--num_train_passages", "4", "--num_eval_passages", "2", "--passage_tokens", "24", "--corpus_size", "2",
-            "--candidate_variants", "sample:1.0", "sample:1.5", "--label_reader", "lm", "--eval_readers", "lm",
+            "--num_train_passages", "4", "--num_eval_passages", "2", "--passage_tokens", "40", "--corpus_size", "2",
+            "--candidate_variants", "sample:1.0", "extract:1", "--label_reader", "lm", "--eval_readers", "lm",
             "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--logging_steps", "1", "--length_probe_steps", "1",
             "--length_probe_max_new_tokens", "4", "--warmup_steps", "0", "--output_dir", str(out)]
@@ -392,7 +496,8 @@ def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "recipes" / "color_dpo.py"), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| uncompressed | lm |" in result.stdout and "| trained | lm |" in result.stdout
+    for row in ("uncompressed", "trained", "untrained", "extractive (lead)", "extractive (self_information)"):
+        assert f"| {row} | lm |" in result.stdout, row
     assert "length/policy_compressed" in result.stdout + result.stderr
     for name in ("compressor_config.json", "adapter_model.safetensors", "README.md", "color_eval.json"):
         assert (out / name).is_file(), name
@@ -404,6 +509,24 @@ def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     clm = CompressedLM.from_pretrained(out)
     assert clm.compressor.compressor_type == "color"
     assert clm.compress(TOY[0]).kind == "text"
+
+
+def test_completion_log_probs_score_only_the_completions_like_the_full_logits(tiny, one_thread) -> None:
+    from ctxzip.compressors.color.trainer import completion_log_probs
+
+    model, _ = tiny()
+    ids = torch.randint(3, 200, (3, 12))
+    labels = ids.clone()
+    for row, prompt in enumerate((7, 5, 9)):  # prompts of different lengths, completions to the end
+        labels[row, :prompt] = -100
+    labels[2, -2:] = -100  # padding after a completion
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    with torch.no_grad():
+        per_token, _ = completion_log_probs(model, kwargs, labels)
+        logprobs = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    expected = logprobs.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0].masked_fill(labels[:, 1:] == -100, 0)
+    assert per_token.shape == (3, 11)
+    torch.testing.assert_close(per_token, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_trainer_dpo_step_starts_at_log2_and_trains_only_lora(tiny, one_thread, tmp_path) -> None:

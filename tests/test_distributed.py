@@ -188,7 +188,7 @@ def test_color_dpo_trains_the_same_under_zero2_and_zero3(tiny_folder: Path, tmp_
     """The ZeRO-2 run builds its data stages itself (its main process first, behind a barrier, then the
     other reads them); the ZeRO-3 run reads the one-process run's. Both give the same pairs."""
     args = ["--config", str(ROOT / "recipes/configs/color_dpo/quickstart.yaml"), "--model_name_or_path", str(tiny_folder),
-            "--num_train_passages", "2", "--num_eval_passages", "1", "--passage_tokens", "16", "--corpus_size", "1",
+            "--num_train_passages", "2", "--num_eval_passages", "1", "--passage_tokens", "32", "--corpus_size", "1",
             "--candidate_variants", "sample:1.0", "sample:1.5", "--label_reader", "lm", "--eval_readers", "lm",
             "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--length_probe_steps", "0"]
     shared = ["--cache_dir", str(tmp_path / "single" / "color_data")]

@@ -65,7 +65,7 @@ SIZES: dict[str, list[str]] = {
                            "--num_eval_samples", "0"],
     "incomes/gpu": ["--num_train_edits", "4", "--num_eval_edits", "2", "--pool_sizes", "3", "--eval_pool_sizes", "1",
                     "--eval_queries", "1", "--eval_max_new_tokens", "2"],
-    "color_dpo/gpu": ["--num_train_passages", "2", "--num_eval_passages", "1", "--passage_tokens", "16",
+    "color_dpo/gpu": ["--num_train_passages", "2", "--num_eval_passages", "1", "--passage_tokens", "32",
                       "--corpus_size", "1", "--candidate_variants", "sample:1.0", "sample:1.5",
                       "--pairs_all_failed", "shortest_vs_longest", "--max_new_tokens", "6", "--generation_batch_size",
                       "2", "--length_probe_size", "1", "--length_probe_steps", "0", "--lora_r", "4"],

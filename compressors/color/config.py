@@ -21,7 +21,7 @@ class ColorConfig(CompressorConfig, LoraSettings):
     do_sample: bool = field(default=False, metadata={"help": "sample the compression (False: greedy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with do_sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with do_sample)"})
-    generation_batch_size: int = field(default=8, metadata={"help": "passages compressed per generate call"})
+    generation_batch_size: int = field(default=16, metadata={"help": "passages compressed per generate call"})
     lora_r: int = field(default=8, metadata={"help": "rank of the writer's LoRA adapter, saved with the compressor"})
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import datasets
 
+from ctxzip.data.mixture import ATTRIBUTES, MULTI_FACT
 from ctxzip.data.sources import Haystack, load_table, load_texts
-from ctxzip.data.tasks import FACT_RELATIONS, FIRST_NAMES, LAST_NAMES, TaskSpec, _needles_in_filler
+from ctxzip.data.tasks import TaskSpec, _needles_in_filler
 
 from ..io import write_json_atomic, write_jsonl_atomic
 
@@ -45,12 +47,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSAGE_COLUMNS", "QUERY_COLUMNS", "PairRules", "Retriever", "RetrievalCorpus", "Stage", "Variant",
-    "generate_candidates", "label_candidates", "load_corpus", "make_pair", "make_pairs", "offline_corpus",
-    "parse_variants",
+    "extract", "generate_candidates", "label_candidates", "load_corpus", "make_pair", "make_pairs", "offline_corpus",
+    "parse_variants", "passage_pairs", "split_sentences",
 ]
 
 #: Part of every stage's cache key: bump it when a stage's logic changes, so old caches are recomputed.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 PASSAGE_COLUMNS = ("passage_id", "passage")
 QUERY_COLUMNS = ("query", "gold_id")
 
@@ -179,37 +181,42 @@ def _windowed(passages: list[dict[str, Any]], queries: list[dict[str, Any]], cor
     return RetrievalCorpus(passages, queries, corpus_size, fingerprint)
 
 
-def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passage_tokens: int = 64,
+def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passage_tokens: int = 96,
                    corpus_size: int = 8, seed: int = 0, split: str = "train", source: str = "pydoc",
                    cache_dir: str | os.PathLike | None = None) -> RetrievalCorpus:
     """Passages of ``passage_tokens`` real text, each holding one fact about a distinct person.
 
-    The query of passage ``i`` asks that fact ("In which city does Oscar Varga work?"); names are
-    never repeated within a split, so each query has exactly one gold passage. Cached as stage
-    ``corpus-<split>`` under ``cache_dir`` when given.
+    The facts and queries are `data.mixture`'s ``multi_fact`` family ("Ask Rosa Sato about their
+    favourite colour and you will hear amber." / "Which favourite colour belongs to Rosa Sato?"), worded
+    with the templates of ``split``: ``"train"`` uses the family's training wordings, ``"test"`` only its
+    held-out ones, so a held-out query and its fact are phrased in ways the policy never saw. The
+    filler is the ``split`` part of ``source`` (by topic for pydoc, by module for stdlib); the recipe's
+    held-out corpus reads another source as well (``eval_data_source``). Names are never repeated within a
+    split, so each query has exactly one gold passage. Cached as stage ``corpus-<split>`` under
+    ``cache_dir`` when given.
     """
-    people = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
+    people = list(MULTI_FACT.keys)
     if not 1 <= num_passages <= len(people):
         raise ValueError(f"num_passages must be in [1, {len(people)}], got {num_passages}")
-    config = {"kind": "offline", "num_passages": num_passages, "passage_tokens": passage_tokens, "seed": seed,
-              "split": split, "source": source, "tokenizer": getattr(tokenizer, "name_or_path", "")}
+    config = {"kind": "offline-multi_fact", "num_passages": num_passages, "passage_tokens": passage_tokens,
+              "seed": seed, "split": split, "source": source, "tokenizer": getattr(tokenizer, "name_or_path", "")}
     rng = random.Random(f"ctxzip/color-corpus/{split}/{seed}")
     chosen = rng.sample(people, num_passages)
     haystack = Haystack(load_texts(source, split=split), tokenizer)
-    spec = TaskSpec("color_retrieval", haystack, passage_tokens, None)
+    spec = TaskSpec("color_retrieval", haystack, passage_tokens, None, split=split)
 
     def build(indices: list[int]) -> list[dict[str, Any]]:
         rows = []
         for i in indices:
             r = random.Random(f"ctxzip/color-corpus/{split}/{seed}/{i}")
-            relation = r.choice(sorted(FACT_RELATIONS))
-            template, question, values = FACT_RELATIONS[relation]
-            value = r.choice(values)
-            fact = template.format(name=chosen[i], value=value)
-            passage, _ = _needles_in_filler(r, spec, [(r.random(), fact)])
-            pid = f"{split}-{i}"
-            rows.append({"passage_id": pid, "passage": passage, "query_id": f"q-{pid}",
-                         "query": question.format(name=chosen[i]), "gold_id": pid, "answer": value})
+            attr = r.choice(sorted(ATTRIBUTES))
+            fact = {"key": chosen[i], "attr": attr, "value": r.choice(ATTRIBUTES[attr])}
+            needle = r.choice(MULTI_FACT.needles.of(split)).format(**fact)
+            query = r.choice(MULTI_FACT.questions.of(split)).format(**fact)
+            passage, _ = _needles_in_filler(r, spec, [(r.random(), needle)])
+            pid = f"{split}-{source}-{i}"
+            rows.append({"passage_id": pid, "passage": passage, "query_id": f"q-{pid}", "query": query,
+                         "gold_id": pid, "answer": fact["value"], "needle": needle})
         return rows
 
     items = list(range(num_passages))
@@ -219,8 +226,8 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     else:
         rows = build(items)
     passages = [{"passage_id": r["passage_id"], "passage": r["passage"]} for r in rows]
-    queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"]}
-               for r in rows]
+    queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"],
+                "needle": r["needle"]} for r in rows]
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
 
 
@@ -276,16 +283,29 @@ def load_corpus(passages: str | datasets.Dataset, queries: str | datasets.Datase
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of writing a candidate: a length target (fraction of the passage's words), sampling."""
+    """One way of writing a candidate: the policy under a prompt / length target / sampling setting, or
+    an extract of the passage's own sentences (the paper draws candidates from several writers; an
+    extract is a writer that needs no model)."""
 
     name: str
     words_fraction: float | None = None  # None = the compressor's own prompt
     do_sample: bool = False
     temperature: float = 1.0
+    extract_sentences: int | None = None  # an extract: this many sentences drawn at random, in order
+    draw: int = 0  # which random draw of the extract (several draws of the same size are distinct candidates)
+
+    @property
+    def generates(self) -> bool:
+        """Whether the policy writes this candidate (extracts are cut from the passage, no model)."""
+        return self.extract_sentences is None
+
+
+VARIANT_HELP = ("'greedy', 'words:F' (at most F x the passage's words, greedy; 0 < F <= 1), 'sample:T' (T > 0) "
+                "or 'extract:N[:D]' (N of the passage's sentences at random, draw D)")
 
 
 def parse_variants(specs: Sequence[str]) -> list[Variant]:
-    """``greedy`` (own prompt), ``words:F`` (at most F x the passage's words, greedy), ``sample:T``."""
+    """Candidate variants from their specs (`VARIANT_HELP`)."""
     out = []
     for spec in specs:
         kind, _, value = spec.partition(":")
@@ -296,14 +316,36 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
                 out.append(Variant(spec, words_fraction=float(value)))
             elif kind == "sample" and float(value) > 0:
                 out.append(Variant(spec, do_sample=True, temperature=float(value)))
+            elif kind == "extract":
+                count, _, draw = value.partition(":")
+                if int(count) < 1 or int(draw or 0) < 0:
+                    raise ValueError
+                out.append(Variant(spec, extract_sentences=int(count), draw=int(draw or 0)))
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"bad candidate variant {spec!r}: use 'greedy', 'words:F' (0 < F <= 1) or "
-                             "'sample:T' (T > 0)") from None
+            raise ValueError(f"bad candidate variant {spec!r}: use {VARIANT_HELP}") from None
     if len({v.name for v in out}) != len(out):
         raise ValueError(f"candidate variants repeat: {list(specs)}")
     return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The passage's sentences (a split after ``.``, ``!``, ``?`` followed by white space, and at line breaks)."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+
+
+def extract(passage: str, variant: Variant, seed: int | str, passage_id: str) -> str:
+    """``variant.extract_sentences`` of the passage's sentences drawn at random (reproducibly from the seed,
+    the variant and the passage id), joined in their original order."""
+    assert variant.extract_sentences is not None
+    sentences = split_sentences(passage)
+    rng = random.Random(f"ctxzip/color-extract/{seed}/{variant.name}/{passage_id}")
+    keep = sorted(rng.sample(range(len(sentences)), min(variant.extract_sentences, len(sentences))))
+    return " ".join(sentences[i] for i in keep)
 
 
 #: ``generate(passages, variant) -> [(token_ids, text), ...]``, one per passage.
@@ -420,15 +462,21 @@ class PairRules:
     ``all_success``: ``"shortest_vs_longest"`` (the released code) or ``"skip"``.
     ``all_failed``: ``"skip"`` (the released code's "hard" setting, the one it trains on) or
     ``"shortest_vs_longest"`` (its default "weak" setting).
+    ``rejected`` (mixed outcomes): ``"longest"`` failure (the released code: one pair per passage) or
+    ``"every"`` failure (one pair each, against the same chosen: pairs that differ in what they keep, not
+    only in length).
     """
 
     all_success: str = "shortest_vs_longest"
     all_failed: str = "skip"
+    rejected: str = "longest"
 
     def __post_init__(self) -> None:
         for name, value in (("all_success", self.all_success), ("all_failed", self.all_failed)):
             if value not in ("skip", "shortest_vs_longest"):
                 raise ValueError(f"{name} must be 'skip' or 'shortest_vs_longest', got {value!r}")
+        if self.rejected not in ("longest", "every"):
+            raise ValueError(f"rejected must be 'longest' or 'every', got {self.rejected!r}")
 
 
 def make_pair(candidates: list[dict[str, Any]], rules: PairRules = PairRules()) -> dict[str, Any] | None:
@@ -452,6 +500,20 @@ def make_pair(candidates: list[dict[str, Any]], rules: PairRules = PairRules()) 
     if chosen["text"] == rejected["text"] or chosen is rejected:
         return None
     return {"chosen": chosen, "rejected": rejected, "rule": rule}
+
+
+def passage_pairs(candidates: list[dict[str, Any]], rules: PairRules = PairRules()) -> list[dict[str, Any]]:
+    """Every pair of one passage: `make_pair`'s, and with ``rules.rejected == "every"`` the shortest success
+    against each other failure too (longest first; a text already paired is not repeated)."""
+    first = make_pair(candidates, rules)
+    if first is None or first["rule"] != "contrast" or rules.rejected == "longest":
+        return [] if first is None else [first]
+    pairs, seen = [first], {first["rejected"]["text"]}
+    for loss in sorted((c for c in candidates if not c["success"]), key=lambda c: -c["tokens"]):
+        if loss["text"] not in seen and loss["text"] != first["chosen"]["text"]:
+            seen.add(loss["text"])
+            pairs.append({"chosen": first["chosen"], "rejected": loss, "rule": "contrast"})
+    return pairs
 
 
 def _shortest(cands: list[dict[str, Any]]) -> dict[str, Any]:
@@ -484,16 +546,16 @@ def make_pairs(corpus: RetrievalCorpus, candidates: list[dict[str, Any]], labels
     def run(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = []
         for passage in batch:
-            pair = make_pair(by_passage.get(passage["passage_id"], []), rules)
-            if pair is None:
-                continue
-            text, ids = prompt(passage)
-            rows.append({"passage_id": passage["passage_id"], "rule": pair["rule"], "prompt": text,
-                         "chosen": pair["chosen"]["text"] + end_text, "rejected": pair["rejected"]["text"] + end_text,
-                         "prompt_ids": list(ids), "chosen_ids": pair["chosen"]["ids"] + list(end_ids),
-                         "rejected_ids": pair["rejected"]["ids"] + list(end_ids),
-                         "chosen_tokens": pair["chosen"]["tokens"], "rejected_tokens": pair["rejected"]["tokens"],
-                         "chosen_variant": pair["chosen"]["variant"], "rejected_variant": pair["rejected"]["variant"]})
+            for pair in passage_pairs(by_passage.get(passage["passage_id"], []), rules):
+                text, ids = prompt(passage)
+                rows.append({"passage_id": passage["passage_id"], "rule": pair["rule"], "prompt": text,
+                             "chosen": pair["chosen"]["text"] + end_text,
+                             "rejected": pair["rejected"]["text"] + end_text,
+                             "prompt_ids": list(ids), "chosen_ids": pair["chosen"]["ids"] + list(end_ids),
+                             "rejected_ids": pair["rejected"]["ids"] + list(end_ids),
+                             "chosen_tokens": pair["chosen"]["tokens"], "rejected_tokens": pair["rejected"]["tokens"],
+                             "chosen_variant": pair["chosen"]["variant"],
+                             "rejected_variant": pair["rejected"]["variant"]})
         return rows
 
     rows = stage.run(corpus.passages, run, batch_size=max(1, len(corpus.passages)), desc=name, unit="passage")

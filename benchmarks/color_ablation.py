@@ -1,0 +1,109 @@
+"""What makes CoLoR's trained policy better: the recipe's default run beside runs that change one thing each.
+
+    python benchmarks/color_ablation.py --out benchmarks/results/color_ablation [--ablations default no_extracts ...]
+        [-- extra recipes/color_dpo.py flags, e.g. sizes]
+
+Each ablation is one run of ``recipes/color_dpo.py`` (the defaults, i.e. ``recipes/configs/color_dpo/quickstart.yaml``,
+plus the ablation's flags and the extra ones), with its own output folder under ``--work_dir``. Runs that read the
+same candidates share one data cache; the others start from a copy of the default cache's corpus and held-out
+stages (the stages check their own fingerprints, so a copy is only used when it is what the run would build). Every
+run's held-out table (``color_eval.json``), flags and wall time go to ``<out>/<ablation>.json``, and one summary table
+of every ablation found there, the trained policy against the untrained one and the best extract at the same ratio,
+to ``<out>/results.md``.
+Run it alone on the machine: the runs are long and the CPU is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: name -> (what changes, recipe flags, whether its candidates differ from the default's)
+ABLATIONS: dict[str, tuple[str, list[str], bool]] = {
+    "default": ("the recipe's defaults", [], False),
+    "no_extracts": ("candidates from the policy only (greedy, a word budget, sampling)",
+                    ["--candidate_variants", "greedy", "words:0.25", "sample:0.8"], True),
+    "no_length_penalty": ("length penalty off (length_penalty_coef 0)", ["--length_penalty_coef", "0"], False),
+    "one_epoch": ("half the steps (1 epoch)", ["--num_train_epochs", "1"], False),
+    "dpo": ("DPO against the adapter-free reference (beta 0.1) instead of ORPO", ["--color_loss", "dpo",
+                                                                                   "--beta", "0.1"], False),
+}
+SHARED_STAGES = ("corpus-train", "corpus-test", "eval-untrained")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                        help="which runs, in order (default: all; 'default' first so the others can share its data)")
+    parser.add_argument("--out", default="benchmarks/results/color_ablation", help="where the tables go")
+    parser.add_argument("--work_dir", default="out/color-ablation", help="the runs' output folders and caches")
+    parser.add_argument("--reader", default="dense", help="the reader whose recall the summary reports")
+    return parser
+
+
+def run(name: str, extra: list[str], work: Path) -> tuple[list[dict[str, Any]], float]:
+    """One recipe run; its held-out rows and its wall time."""
+    _, flags, own_data = ABLATIONS[name]
+    cache = work / (f"{name}-data" if own_data else "data")
+    if own_data and not cache.exists() and (work / "data").exists():
+        for stage in SHARED_STAGES:  # the corpora and the untrained held-out compressions are the same
+            if (work / "data" / stage).is_dir():
+                shutil.copytree(work / "data" / stage, cache / stage)
+    out = work / name
+    command = [sys.executable, str(ROOT / "recipes" / "color_dpo.py"), *flags, "--output_dir", str(out),
+               "--cache_dir", str(cache), "--resume_from_checkpoint", "false", *extra]
+    print(f"[{name}] {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads((out / "color_eval.json").read_text()), time.perf_counter() - start
+
+
+def summary(results: dict[str, dict[str, Any]], reader: str) -> str:
+    """Markdown: per ablation, recall@1 with its interval and the ratio of the trained and untrained policy and
+    of the best extract at the trained policy's length, and the run's wall time."""
+    def cell(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "-"
+        low, high = row["recall@1 95% CI"]
+        return f"{row['recall@1']:.3f} [{low:.2f}, {high:.2f}] at {row['ratio']:.2f}x"
+
+    lines = ["| run | what changes | trained | untrained | best extract (same length) | uncompressed | wall |",
+             "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        mine = {r["corpus"]: r for r in result["rows"] if r["reader"] == reader}
+        seconds = result["wall_s"]
+        extracts = [r for label, r in mine.items() if label.startswith("extractive")]
+        best = max(extracts, key=lambda r: r["recall@1"], default=None)
+        best_cell = f"{cell(best)} ({best['corpus'][12:-1]})" if best else "-"
+        lines.append(f"| {name} | {ABLATIONS[name][0]} | {cell(mine.get('trained'))} | {cell(mine.get('untrained'))} "
+                     f"| {best_cell} | {cell(mine.get('uncompressed'))} | {seconds / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, extra = make_parser().parse_args(argv[:split]), argv[split + 1:]
+    work, out = Path(args.work_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.ablations:
+        rows, seconds = run(name, extra, work)
+        record = {"ablation": name, "flags": ABLATIONS[name][1] + extra, "wall_s": round(seconds, 1), "rows": rows}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        results = {n: json.loads((out / f"{n}.json").read_text()) for n in ABLATIONS if (out / f"{n}.json").is_file()}
+        (out / "results.md").write_text(summary(results, args.reader))  # every ablation run so far, here or before
+    print((out / "results.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
