@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: name -> (what changes, recipe flags, whether its candidates differ from the default's)
 ABLATIONS: dict[str, tuple[str, list[str], bool]] = {
-    "default": ("the recipe's defaults", [], False),
+    "default": ("the recipe's defaults: every failure paired, 1 epoch", [], False),
+    "longest_failure": ("one pair per passage, the longest failure (the released code), 2 epochs",
+                        ["--pairs_rejected", "longest", "--num_train_epochs", "2"], False),
     "no_extracts": ("candidates from the policy only (greedy, a word budget, sampling)",
                     ["--candidate_variants", "greedy", "words:0.25", "sample:0.8"], True),
     "no_length_penalty": ("length penalty off (length_penalty_coef 0)", ["--length_penalty_coef", "0"], False),
-    "one_epoch": ("half the steps (1 epoch)", ["--num_train_epochs", "1"], False),
+    "two_epochs": ("twice the steps (2 epochs)", ["--num_train_epochs", "2"], False),
     "dpo": ("DPO against the adapter-free reference (beta 0.1) instead of ORPO", ["--color_loss", "dpo",
                                                                                    "--beta", "0.1"], False),
 }

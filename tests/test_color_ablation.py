@@ -19,14 +19,14 @@ def test_ablations_run_the_recipe_and_summarize(tmp_path: Path, monkeypatch) -> 
              "--max_new_tokens", "6", "--max_steps", "1", "--per_device_train_batch_size", "2",
              "--length_probe_steps", "0", "--warmup_steps", "0", "--extractive_baselines", "lead"]
     out, work = tmp_path / "results", tmp_path / "work"
-    module.main(["--ablations", "default", "one_epoch", "--out", str(out), "--work_dir", str(work), "--", *sizes])
-    for name in ("default", "one_epoch"):
+    module.main(["--ablations", "default", "two_epochs", "--out", str(out), "--work_dir", str(work), "--", *sizes])
+    for name in ("default", "two_epochs"):
         record = json.loads((out / f"{name}.json").read_text())
         assert record["wall_s"] > 0 and {r["corpus"] for r in record["rows"]} >= {"trained", "untrained",
                                                                                    "extractive (lead)"}
-    assert (work / "data" / "pairs").is_dir() and not (work / "one_epoch-data").exists()  # shared data cache
+    assert (work / "data" / "pairs").is_dir() and not (work / "two_epochs-data").exists()  # shared data cache
     module.main(["--ablations", "no_extracts", "--out", str(out), "--work_dir", str(work), "--", *sizes])
     table = (out / "results.md").read_text()
-    for name in ("default", "one_epoch", "no_extracts"):
+    for name in ("default", "two_epochs", "no_extracts"):
         assert f"| {name} |" in table
     assert "(lead)" in table and (work / "no_extracts-data" / "corpus-test").is_dir()

@@ -118,7 +118,7 @@ class ColorDPOConfig(DPOConfig):
     learning_rate: float = _default("learning_rate", 5.0e-4)
     per_device_train_batch_size: int = _default("per_device_train_batch_size", 4)
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps", 1)
-    num_train_epochs: float = _default("num_train_epochs", 4.0)
+    num_train_epochs: float = _default("num_train_epochs", 1.0)
     lr_scheduler_type: SchedulerType | str = _default("lr_scheduler_type", "cosine")
     warmup_steps: float = _default("warmup_steps", 2)
     logging_steps: float = _default("logging_steps", 2)
