@@ -1,16 +1,16 @@
 """Train a CoLoR passage compressor: preference optimization with a length penalty (arXiv 2412.18232).
 
-    accelerate launch recipes/color_dpo.py                                 # CPU quickstart defaults
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/color_dpo.py   # CPU, the defaults
     accelerate launch --config_file accelerate_configs/zero2.yaml recipes/color_dpo.py \\
         --config recipes/configs/color_dpo/gpu.yaml                        # real scale
     accelerate launch recipes/color_dpo.py --config ... --push_to_hub --hub_model_id user/color-smollm2
 
 Pipeline (each data stage cached under ``<output_dir>/color_data`` and resumable): corpus and
-queries -> candidate compressions written by the untrained policy under several variants -> labels
+queries -> candidate compressions (the untrained policy under several variants, random sentence extracts) -> labels
 (a reader retrieves each query from the corpus compressed by one variant) -> preference pairs ->
 ``ColorDPOTrainer`` (length-penalised ORPO by default, or DPO; LoRA, optional 4-bit base) ->
-recall@1 and compression ratio on held-out queries before and after training, next to the
-uncompressed corpus -> the exported compressor (adapter, config, model card with that table).
+recall@1 (Wilson 95% interval) and compression ratio on held-out queries before and after training, next to
+the uncompressed corpus and training-free extracts at the trained policy's length -> the exported compressor (adapter, config, model card with that table).
 Training resumes from the last complete checkpoint in ``output_dir`` (or ``--resume_from_checkpoint
 PATH``; ``false`` starts afresh). Any field can be set in the YAML or on the command line
 (``--num_train_passages 64``); ``--help`` explains each.
@@ -24,6 +24,7 @@ rebuilt on the unquantized base). The LoRA adapter is ``ColorConfig``'s (``lora_
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def make_parser() -> TrlParser:
 
 def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_args: ColorDPOConfig,
          model_args: CompressorModelConfig) -> list[dict[str, Any]] | None:
+    start = time.perf_counter()
     refuse_fsdp(training_args)
     push = export_push(training_args)  # checks the hub_* fields; the recipe pushes the artifact, not checkpoints
     set_seed(training_args.seed)
@@ -90,7 +92,8 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
         results = evaluate_compressions(data.held, tokenizer, readers, script_args.eval_readers, compressed)
         rows = report(results, data.held, tokenizer, compressed, training_args.output_dir)
     save_and_push(final, tokenizer, training_args.output_dir, rows or None, push)
-    print(f"saved the CoLoR compressor to {training_args.output_dir}")
+    print(f"saved the CoLoR compressor to {training_args.output_dir} ({(time.perf_counter() - start) / 60:.1f} min "
+          "in all)")
     return rows
 
 

@@ -217,7 +217,9 @@ def test_table_reports_recall_with_wilson_intervals() -> None:
     result = RetrievalResult("trained", "dense", 0.75, 0.9, 0.8, 3.2, 30.0, 200)
     low, high = wilson_interval(150, 200)
     assert result.as_row()["recall@1 95% CI"] == [low, high]
-    assert f"[{low:.2f}, {high:.2f}]" in markdown_table([result])
+    assert result.as_row()["recall@5 95% CI"] == list(wilson_interval(180, 200))
+    table = markdown_table([result])
+    assert f"| 0.750 [{low:.2f}, {high:.2f}] |" in table and "| 3.20x |" in table
 
 
 def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:

@@ -192,15 +192,14 @@ class RetrievalResult:
     tokens_per_passage: float
     n: int
 
-    @property
-    def recall_at_1_interval(self) -> tuple[float, float]:
-        """Wilson 95% interval of recall@1 over the ``n`` queries."""
-        return wilson_interval(round(self.recall_at_1 * self.n), self.n)
+    def interval(self, k: int) -> tuple[float, float]:
+        """Wilson 95% interval of recall@``k`` (1 or 5) over the ``n`` queries."""
+        return wilson_interval(round(getattr(self, f"recall_at_{k}") * self.n), self.n)
 
     def as_row(self) -> dict[str, Any]:
-        low, high = self.recall_at_1_interval
         return {"corpus": self.corpus, "reader": self.reader, "recall@1": self.recall_at_1,
-                "recall@1 95% CI": [low, high], "recall@5": self.recall_at_5, "MRR": self.mrr, "ratio": self.ratio,
+                "recall@1 95% CI": list(self.interval(1)), "recall@5": self.recall_at_5,
+                "recall@5 95% CI": list(self.interval(5)), "MRR": self.mrr, "ratio": self.ratio,
                 "tokens/passage": self.tokens_per_passage, "queries": self.n}
 
 
@@ -225,16 +224,20 @@ def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str,
                            tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records))
 
 
-def _interval(row: dict[str, Any]) -> str:
-    low, high = wilson_interval(round(row["recall_at_1"] * row["n"]), row["n"])
-    return f"[{low:.2f}, {high:.2f}]"
+def _with_interval(k: int) -> Any:
+    def cell(row: dict[str, Any]) -> str:
+        value = row[f"recall_at_{k}"]
+        low, high = wilson_interval(round(value * row["n"]), row["n"])
+        return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+
+    return cell
 
 
 RETRIEVAL_COLUMNS = (
-    Column("corpus", "corpus"), Column("reader", "reader"), Column("recall@1", "recall_at_1"),
-    Column("95% CI", cell=_interval),
-    Column("recall@5", "recall_at_5"), Column("MRR", "mrr"), Column("ratio", cell=lambda r: f"{r['ratio']:.2f}x"),
-    Column("tokens/passage", "tokens_per_passage", digits=1), Column("queries", "n"))
+    Column("corpus", "corpus"), Column("reader", "reader"), Column("recall@1 [95% CI]", cell=_with_interval(1)),
+    Column("recall@5 [95% CI]", cell=_with_interval(5)), Column("MRR", "mrr"),
+    Column("ratio", cell=lambda r: f"{r['ratio']:.2f}x"), Column("tokens/passage", "tokens_per_passage", digits=1),
+    Column("queries", "n"))
 
 
 def markdown_table(results: list[RetrievalResult]) -> str:
