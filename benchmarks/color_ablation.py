@@ -8,8 +8,8 @@ plus the ablation's flags and the extra ones), with its own output folder under 
 same candidates share one data cache; the others start from a copy of the default cache's corpus and held-out
 stages (the stages check their own fingerprints, so a copy is only used when it is what the run would build). Every
 run's held-out table (``color_eval.json``), flags and wall time go to ``<out>/<ablation>.json``, and one summary table
-of every ablation found there, the trained policy against the untrained one and the best extract at the same ratio,
-to ``<out>/results.md``.
+of every ablation found there, the trained policy against the untrained one and the best extract at the same ratio
+(with their difference on the same queries, a paired bootstrap interval), to ``<out>/results.md``.
 Run it alone on the machine: the runs are long and the CPU is shared.
 """
 
@@ -78,8 +78,14 @@ def summary(results: dict[str, dict[str, Any]], reader: str) -> str:
         low, high = row["recall@1 95% CI"]
         return f"{row['recall@1']:.3f} [{low:.2f}, {high:.2f}] at {row['ratio']:.2f}x"
 
-    lines = ["| run | what changes | trained | untrained | best extract (same length) | uncompressed | wall |",
-             "|---|---|---|---|---|---|---|"]
+    def paired(row: dict[str, Any] | None) -> str:
+        if row is None or "trained minus this, recall@1" not in row:
+            return "-"
+        low, high = row["trained minus this, 95% CI"]
+        return f"{row['trained minus this, recall@1']:+.3f} [{low:+.2f}, {high:+.2f}]"
+
+    lines = ["| run | what changes | trained | untrained | best extract (same length) | trained minus best extract "
+             "(paired) | uncompressed | wall |", "|---|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         mine = {r["corpus"]: r for r in result["rows"] if r["reader"] == reader}
         seconds = result["wall_s"]
@@ -87,7 +93,7 @@ def summary(results: dict[str, dict[str, Any]], reader: str) -> str:
         best = max(extracts, key=lambda r: r["recall@1"], default=None)
         best_cell = f"{cell(best)} ({best['corpus'][12:-1]})" if best else "-"
         lines.append(f"| {name} | {ABLATIONS[name][0]} | {cell(mine.get('trained'))} | {cell(mine.get('untrained'))} "
-                     f"| {best_cell} | {cell(mine.get('uncompressed'))} | {seconds / 60:.1f} min |")
+                     f"| {best_cell} | {paired(best)} | {cell(mine.get('uncompressed'))} | {seconds / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 

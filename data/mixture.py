@@ -77,7 +77,7 @@ from .tasks import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["FAMILIES", "MIXTURE_FAMILIES", "Family", "Templates", "build_mixture", "draw_length"]
+__all__ = ["FACT_DRAWS", "FAMILIES", "MIXTURE_FAMILIES", "Family", "Templates", "build_mixture", "draw_length"]
 
 _SPLITS = ("train", "test", "all")
 
@@ -391,33 +391,52 @@ Draw = Callable[[random.Random, str], Fact]
 # the tasks
 
 
-@register_task("retrieve_number")
-def retrieve_number(rng: random.Random, spec: TaskSpec, *, num_digits: int = 6, num_distractors: int = 0) -> Sample:
-    """The number of one lockable thing, in one of the family's wordings (``num_digits`` digits)."""
+def number_fact(num_digits: int = 6) -> Draw:
+    """Draws a ``num_digits``-digit number for a key."""
     if not 1 <= num_digits <= 18:
         raise ValueError(f"num_digits must be in [1, 18], got {num_digits}")
     low = 10 ** (num_digits - 1)
-    return _ask(NUMBER, rng, spec, 1 + num_distractors,
-                lambda r, key: {"key": key, "value": str(r.randrange(low, 10 * low))})
+    return lambda r, key: {"key": key, "value": str(r.randrange(low, 10 * low))}
+
+
+def _person_fact(r: random.Random, key: str) -> Fact:
+    attr = r.choice(sorted(ATTRIBUTES))
+    return {"key": key, "attr": attr, "value": r.choice(ATTRIBUTES[attr])}
+
+
+#: One fact of each family (its default form: six-digit numbers, six-character codes), by family name.
+FACT_DRAWS: dict[str, Draw] = {
+    "retrieve_number": number_fact(),
+    "retrieve_word": lambda r, key: {"key": key, "value": r.choice(WORDS)},
+    "retrieve_name": lambda r, key: {"key": key, "value": f"{r.choice(FIRST_NAMES)} {r.choice(LAST_NAMES)}"},
+    "retrieve_date": lambda r, key: {"key": key, "value": _date(r)},
+    "kv_lookup": lambda r, key: {"key": key, "value": "".join(r.choices(CODE_CHARACTERS, k=6))},
+    "multi_fact": _person_fact,
+}
+
+
+@register_task("retrieve_number")
+def retrieve_number(rng: random.Random, spec: TaskSpec, *, num_digits: int = 6, num_distractors: int = 0) -> Sample:
+    """The number of one lockable thing, in one of the family's wordings (``num_digits`` digits)."""
+    return _ask(NUMBER, rng, spec, 1 + num_distractors, number_fact(num_digits))
 
 
 @register_task("retrieve_word")
 def retrieve_word(rng: random.Random, spec: TaskSpec, *, num_distractors: int = 0) -> Sample:
     """The password of one gathering (a lower-case word)."""
-    return _ask(WORD, rng, spec, 1 + num_distractors, lambda r, key: {"key": key, "value": r.choice(WORDS)})
+    return _ask(WORD, rng, spec, 1 + num_distractors, FACT_DRAWS["retrieve_word"])
 
 
 @register_task("retrieve_name")
 def retrieve_name(rng: random.Random, spec: TaskSpec, *, num_distractors: int = 0) -> Sample:
     """Who runs one place (first and last name)."""
-    return _ask(NAME, rng, spec, 1 + num_distractors,
-                lambda r, key: {"key": key, "value": f"{r.choice(FIRST_NAMES)} {r.choice(LAST_NAMES)}"})
+    return _ask(NAME, rng, spec, 1 + num_distractors, FACT_DRAWS["retrieve_name"])
 
 
 @register_task("retrieve_date")
 def retrieve_date(rng: random.Random, spec: TaskSpec, *, num_distractors: int = 0) -> Sample:
     """When one event took place, written ``14 March 1987``."""
-    return _ask(DATE, rng, spec, 1 + num_distractors, lambda r, key: {"key": key, "value": _date(r)})
+    return _ask(DATE, rng, spec, 1 + num_distractors, FACT_DRAWS["retrieve_date"])
 
 
 @register_task("kv_lookup")
@@ -426,8 +445,7 @@ def kv_lookup(rng: random.Random, spec: TaskSpec, *, num_pairs: int | None = Non
     By default one record per ``PAIR_EVERY`` tokens of context (at least 2): as dense at 2k tokens as at 128."""
     if num_pairs is None:
         num_pairs = max(2, spec.context_tokens // PAIR_EVERY)
-    return _ask(KV, rng, spec, num_pairs,
-                lambda r, key: {"key": key, "value": "".join(r.choices(CODE_CHARACTERS, k=6))}, what="num_pairs")
+    return _ask(KV, rng, spec, num_pairs, FACT_DRAWS["kv_lookup"], what="num_pairs")
 
 
 @register_task("multi_fact")
@@ -436,12 +454,7 @@ def multi_fact(rng: random.Random, spec: TaskSpec, *, num_facts: int | None = No
     context, 2 to 8 (4 at 256 tokens)."""
     if num_facts is None:
         num_facts = max(2, min(8, spec.context_tokens // FACT_EVERY))
-
-    def draw(r: random.Random, key: str) -> Fact:
-        attr = r.choice(sorted(ATTRIBUTES))
-        return {"key": key, "attr": attr, "value": r.choice(ATTRIBUTES[attr])}
-
-    return _ask(MULTI_FACT, rng, spec, num_facts, draw, what="num_facts")
+    return _ask(MULTI_FACT, rng, spec, num_facts, _person_fact, what="num_facts")
 
 
 # ---------------------------------------------------------------------------------------

@@ -165,7 +165,10 @@ def test_extract_candidates_are_reproducible_sentence_draws() -> None:
     picked = extract(passage, two, 0, "p0").split(" ")
     order = [s for s in split_sentences(passage) if s in extract(passage, two, 0, "p0")]
     assert len(order) == 2 and " ".join(order) == " ".join(picked)  # passage order kept
-    assert any(extract(passage, one, 0, f"p{i}") != extract(passage, other, 0, f"p{i}") for i in range(8))
+    assert all(extract(passage, one, 0, f"p{i}") != extract(passage, other, 0, f"p{i}") for i in range(8))
+    singles = parse_variants([f"extract:1:{d}" for d in range(5)])
+    assert sorted(extract(passage, v, 0, "p3") for v in singles) == sorted(split_sentences(passage))  # no overlap
+    assert extract(passage, parse_variants(["extract:1:5"])[0], 0, "p3") == extract(passage, singles[0], 0, "p3")
     assert extract("Only sentence.", two, 0, "p") == "Only sentence."
 
 
@@ -220,6 +223,24 @@ def test_table_reports_recall_with_wilson_intervals() -> None:
     assert result.as_row()["recall@5 95% CI"] == list(wilson_interval(180, 200))
     table = markdown_table([result])
     assert f"| 0.750 [{low:.2f}, {high:.2f}] |" in table and "| 3.20x |" in table
+
+
+
+def test_paired_difference_resamples_queries_and_refuses_other_queries() -> None:
+    from ctxzip.compressors.color.evaluation import RetrievalResult, paired_difference
+
+    def result(name: str, hits: list[int]) -> RetrievalResult:
+        return RetrievalResult(name, "dense", sum(hits) / len(hits), 1.0, 1.0, 4.0, 20.0, len(hits), tuple(hits))
+
+    same = [1, 0] * 100
+    assert paired_difference(result("trained", same), result("extract", same)) == (0.0, 0.0, 0.0)  # no discordance
+    better = [1] * 30 + same[30:]  # the trained corpus wins 15 queries and loses none
+    difference, low, high = paired_difference(result("trained", better), result("extract", same))
+    assert difference == pytest.approx(0.075) and 0 < low < difference < high < 0.15
+    unpaired = (0.075 - 1.96 * (0.575 * 0.425 / 200 + 0.5 * 0.5 / 200) ** 0.5)  # two independent proportions
+    assert unpaired < 0 < low  # pairing separates what the two Wilson intervals would call a tie
+    with pytest.raises(ValueError, match="same queries"):
+        paired_difference(result("trained", better), result("extract", same[:100]))
 
 
 def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:
@@ -396,6 +417,30 @@ def test_offline_corpus_stage_is_cached_and_has_one_gold_per_query(tmp_path) -> 
     assert not other.passages[0]["passage"].startswith("EDITED ")  # other settings: rebuilt
 
 
+
+def test_offline_corpus_deals_families_in_turn_with_keys_unique_in_each_window() -> None:
+    from ctxzip.compressors.color.data import offline_corpus
+    from ctxzip.compressors.color.script_args import ColorScriptArguments
+    from ctxzip.compressors.models import load_tokenizer
+    from ctxzip.data.mixture import FAMILIES, MIXTURE_FAMILIES
+
+    tokenizer = load_tokenizer("tiny-random-llama")
+    corpus = offline_corpus(tokenizer, 30, 48, corpus_size=8, families=MIXTURE_FAMILIES)
+    assert [q["family"] for q in corpus.queries] == [MIXTURE_FAMILIES[i % 6] for i in range(30)]
+    for q in corpus.queries:
+        family = FAMILIES[q["family"]]
+        assert any(_matches(t, q["needle"]) for t in family.needles.of("train")), q["needle"]
+        assert any(_matches(t, q["query"]) for t in family.questions.of("train")), q["query"]
+        assert q["needle"] in corpus.passage(q["gold_id"])["passage"] and q["answer"] in q["needle"]
+    for window in corpus.windows:  # a query's key is in its gold passage only, within the window it is asked in
+        for q in corpus.queries_of(window[0]["window"]):
+            (key,) = [k for k in FAMILIES[q["family"]].keys if k in q["query"]]
+            assert [p["passage_id"] for p in window if key in p["passage"]] == [q["gold_id"]], key
+    with pytest.raises(ValueError, match="retrieval families"):
+        offline_corpus(tokenizer, 4, 48, families=["continuation"])
+    with pytest.raises(ValueError, match="eval_families"):
+        ColorScriptArguments(eval_families=["multi_facts"])
+
 # ----- datasets and errors ---------------------------------------------------------------
 def test_hub_or_local_dataset_and_missing_columns(tmp_path) -> None:
     from ctxzip.compressors.color.data import load_corpus
@@ -500,6 +545,13 @@ def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     for row in ("uncompressed", "trained", "untrained", "extractive (lead)", "extractive (self_information)"):
         assert f"| {row} | lm |" in result.stdout, row
+    assert "| lm | extractive (self_information) | " in result.stdout  # the paired comparison table
+    rows = {r["corpus"]: r for r in json.loads((out / "color_eval.json").read_text())}
+    assert "trained minus this, recall@1" not in rows["trained"]
+    for row in ("uncompressed", "untrained", "extractive (lead)"):
+        low, high = rows[row]["trained minus this, 95% CI"]
+        assert low <= rows[row]["trained minus this, recall@1"] <= high
+        assert rows[row]["trained minus this, recall@1"] == pytest.approx(rows["trained"]["recall@1"] - rows[row]["recall@1"])
     assert "length/policy_compressed" in result.stdout + result.stderr
     for name in ("compressor_config.json", "adapter_model.safetensors", "README.md", "color_eval.json"):
         assert (out / name).is_file(), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,4 +30,6 @@ def test_ablations_run_the_recipe_and_summarize(tmp_path: Path, monkeypatch) -> 
     table = (out / "results.md").read_text()
     for name in ("default", "two_epochs", "no_extracts"):
         assert f"| {name} |" in table
+    assert "trained minus best extract (paired)" in table
+    assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d\d, [+-]\d\.\d\d\] \|", table)  # the paired difference
     assert "(lead)" in table and (work / "no_extracts-data" / "corpus-test").is_dir()

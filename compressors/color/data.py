@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import datasets
 
-from ctxzip.data.mixture import ATTRIBUTES, MULTI_FACT
+from ctxzip.data.mixture import FACT_DRAWS, FAMILIES
 from ctxzip.data.sources import Haystack, load_table, load_texts
 from ctxzip.data.tasks import TaskSpec, _needles_in_filler
 
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Part of every stage's cache key: bump it when a stage's logic changes, so old caches are recomputed.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 PASSAGE_COLUMNS = ("passage_id", "passage")
 QUERY_COLUMNS = ("query", "gold_id")
 
@@ -183,25 +183,38 @@ def _windowed(passages: list[dict[str, Any]], queries: list[dict[str, Any]], cor
 
 def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passage_tokens: int = 96,
                    corpus_size: int = 8, seed: int = 0, split: str = "train", source: str = "pydoc",
-                   cache_dir: str | os.PathLike | None = None) -> RetrievalCorpus:
-    """Passages of ``passage_tokens`` real text, each holding one fact about a distinct person.
+                   cache_dir: str | os.PathLike | None = None,
+                   families: Sequence[str] = ("multi_fact",)) -> RetrievalCorpus:
+    """Passages of ``passage_tokens`` real text, each holding one fact that its query asks.
 
-    The facts and queries are `data.mixture`'s ``multi_fact`` family ("Ask Rosa Sato about their
-    favourite colour and you will hear amber." / "Which favourite colour belongs to Rosa Sato?"), worded
-    with the templates of ``split``: ``"train"`` uses the family's training wordings, ``"test"`` only its
-    held-out ones, so a held-out query and its fact are phrased in ways the policy never saw. The
-    filler is the ``split`` part of ``source`` (by topic for pydoc, by module for stdlib); the recipe's
-    held-out corpus reads another source as well (``eval_data_source``). Names are never repeated within a
-    split, so each query has exactly one gold passage. Cached as stage ``corpus-<split>`` under
-    ``cache_dir`` when given.
+    The facts and queries come from `data.mixture`'s retrieval ``families`` (``multi_fact``: "Ask Rosa
+    Sato about their favourite colour and you will hear amber." / "Which favourite colour belongs to Rosa
+    Sato?"; ``retrieve_number``: "The code for the blue locker is 418203." / ...), passage ``i`` from
+    family ``i mod len(families)``, worded with the templates of ``split``: ``"train"`` uses the
+    families' training wordings, ``"test"`` only their held-out ones, so a held-out query and its fact
+    are phrased in ways the policy never saw. The filler is the ``split`` part of ``source`` (by topic
+    for pydoc, by module for stdlib); the recipe's held-out corpus reads another source as well
+    (``eval_data_source``). A family's keys are dealt from one shuffle of its key list, so no key
+    repeats within a window of ``corpus_size`` passages (each query has exactly one gold passage where
+    it is asked); a family with fewer keys than passages repeats them, in other windows. Cached as
+    stage ``corpus-<split>`` under ``cache_dir`` when given.
     """
-    people = list(MULTI_FACT.keys)
-    if not 1 <= num_passages <= len(people):
-        raise ValueError(f"num_passages must be in [1, {len(people)}], got {num_passages}")
-    config = {"kind": "offline-multi_fact", "num_passages": num_passages, "passage_tokens": passage_tokens,
-              "seed": seed, "split": split, "source": source, "tokenizer": getattr(tokenizer, "name_or_path", "")}
-    rng = random.Random(f"ctxzip/color-corpus/{split}/{seed}")
-    chosen = rng.sample(people, num_passages)
+    unknown = [f for f in families if f not in FACT_DRAWS]
+    if not families or unknown:
+        raise ValueError(f"families must be retrieval families of data.mixture ({', '.join(FACT_DRAWS)}), "
+                         f"got {list(families)}")
+    if num_passages < 1:
+        raise ValueError(f"num_passages must be >= 1, got {num_passages}")
+    pools = {f: random.Random(f"ctxzip/color-corpus/{split}/{seed}/{f}").sample(FAMILIES[f].keys,
+                                                                              len(FAMILIES[f].keys))
+             for f in families}
+    per_window = -(-min(corpus_size, num_passages) // len(families))  # passages of one family in a window
+    short = [f for f in families if len(pools[f]) < per_window]
+    if short:
+        raise ValueError(f"windows of {corpus_size} passages need {per_window} keys per family; {short} have fewer")
+    config = {"kind": "offline-facts", "num_passages": num_passages, "passage_tokens": passage_tokens,
+              "seed": seed, "split": split, "source": source, "families": list(families),
+              "tokenizer": getattr(tokenizer, "name_or_path", "")}
     haystack = Haystack(load_texts(source, split=split), tokenizer)
     spec = TaskSpec("color_retrieval", haystack, passage_tokens, None, split=split)
 
@@ -209,14 +222,15 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
         rows = []
         for i in indices:
             r = random.Random(f"ctxzip/color-corpus/{split}/{seed}/{i}")
-            attr = r.choice(sorted(ATTRIBUTES))
-            fact = {"key": chosen[i], "attr": attr, "value": r.choice(ATTRIBUTES[attr])}
-            needle = r.choice(MULTI_FACT.needles.of(split)).format(**fact)
-            query = r.choice(MULTI_FACT.questions.of(split)).format(**fact)
+            name = families[i % len(families)]
+            family, pool = FAMILIES[name], pools[name]
+            fact = FACT_DRAWS[name](r, pool[(i // len(families)) % len(pool)])
+            needle = r.choice(family.needles.of(split)).format(**fact)
+            query = r.choice(family.questions.of(split)).format(**fact)
             passage, _ = _needles_in_filler(r, spec, [(r.random(), needle)])
             pid = f"{split}-{source}-{i}"
             rows.append({"passage_id": pid, "passage": passage, "query_id": f"q-{pid}", "query": query,
-                         "gold_id": pid, "answer": fact["value"], "needle": needle})
+                         "gold_id": pid, "answer": fact["value"], "needle": needle, "family": name})
         return rows
 
     items = list(range(num_passages))
@@ -227,7 +241,7 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
         rows = build(items)
     passages = [{"passage_id": r["passage_id"], "passage": r["passage"]} for r in rows]
     queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"],
-                "needle": r["needle"]} for r in rows]
+                "needle": r["needle"], "family": r["family"]} for r in rows]
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
 
 
@@ -292,7 +306,7 @@ class Variant:
     do_sample: bool = False
     temperature: float = 1.0
     extract_sentences: int | None = None  # an extract: this many sentences drawn at random, in order
-    draw: int = 0  # which random draw of the extract (several draws of the same size are distinct candidates)
+    draw: int = 0  # which group of one seeded shuffle (draws of one size do not overlap until the sentences run out)
 
     @property
     def generates(self) -> bool:
@@ -301,7 +315,7 @@ class Variant:
 
 
 VARIANT_HELP = ("'greedy', 'words:F' (at most F x the passage's words, greedy; 0 < F <= 1), 'sample:T' (T > 0) "
-                "or 'extract:N[:D]' (N of the passage's sentences at random, draw D)")
+                "or 'extract:N[:D]' (N of the passage's sentences at random, draw D; draws of one N do not overlap)")
 
 
 def parse_variants(specs: Sequence[str]) -> list[Variant]:
@@ -339,13 +353,21 @@ def split_sentences(text: str) -> list[str]:
 
 
 def extract(passage: str, variant: Variant, seed: int | str, passage_id: str) -> str:
-    """``variant.extract_sentences`` of the passage's sentences drawn at random (reproducibly from the seed,
-    the variant and the passage id), joined in their original order."""
+    """``variant.extract_sentences`` of the passage's sentences drawn at random, joined in their original order.
+
+    The sentences are shuffled once per passage and extract size (reproducibly from the seed, the size and
+    the passage id); draw D takes the D-th group of that shuffle, so ``extract:1:0`` ... ``extract:1:K``
+    cover K+1 different sentences. Past the last group the draws start again from the first."""
     assert variant.extract_sentences is not None
     sentences = split_sentences(passage)
-    rng = random.Random(f"ctxzip/color-extract/{seed}/{variant.name}/{passage_id}")
-    keep = sorted(rng.sample(range(len(sentences)), min(variant.extract_sentences, len(sentences))))
-    return " ".join(sentences[i] for i in keep)
+    if not sentences:
+        return ""
+    size = min(variant.extract_sentences, len(sentences))
+    order = list(range(len(sentences)))
+    random.Random(f"ctxzip/color-extract/{seed}/{size}/{passage_id}").shuffle(order)
+    groups = max(1, len(sentences) // size)
+    start = (variant.draw % groups) * size
+    return " ".join(sentences[i] for i in sorted(order[start:start + size]))
 
 
 #: ``generate(passages, variant) -> [(token_ids, text), ...]``, one per passage.

@@ -23,14 +23,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ctxzip.eval.metrics import wilson_interval
+from ctxzip.eval.metrics import bootstrap_interval, wilson_interval
 
 from ..compat import cache_of, with_cache
 from ..conversation import ConversationLayout
@@ -191,6 +191,7 @@ class RetrievalResult:
     ratio: float
     tokens_per_passage: float
     n: int
+    hits: tuple[int, ...] = field(default=(), repr=False)  # per query (retrieval order): 1 = gold ranked first
 
     def interval(self, k: int) -> tuple[float, float]:
         """Wilson 95% interval of recall@``k`` (1 or 5) over the ``n`` queries."""
@@ -221,7 +222,20 @@ def evaluate_corpus(corpus: Any, texts: dict[str, str], reader: Any, label: str,
     return RetrievalResult(corpus=label, reader=reader.name, recall_at_1=metrics["recall@1"],
                            recall_at_5=metrics["recall@5"], mrr=metrics["MRR"],
                            ratio=source_tokens / max(1, compressed_tokens),
-                           tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records))
+                           tokens_per_passage=compressed_tokens / max(1, len(corpus.passages)), n=len(records),
+                           hits=tuple(int(r["gold_rank"] == 1) for r in records))
+
+
+def paired_difference(first: RetrievalResult, second: RetrievalResult) -> tuple[float, float, float]:
+    """recall@1 of ``first`` minus ``second`` on the same queries, with a paired bootstrap 95% interval
+    (resampling queries, so the two corpora's shared easy and hard queries cancel: tighter than comparing
+    their two Wilson intervals)."""
+    if len(first.hits) != len(second.hits) or not first.hits:
+        raise ValueError(f"{first.corpus!r} and {second.corpus!r} were not scored on the same queries "
+                         f"({len(first.hits)} vs {len(second.hits)})")
+    differences = [a - b for a, b in zip(first.hits, second.hits)]
+    low, high = bootstrap_interval(differences)
+    return sum(differences) / len(differences), low, high
 
 
 def _with_interval(k: int) -> Any:
@@ -392,6 +406,18 @@ def report(results: list[RetrievalResult], corpus: RetrievalCorpus, tokenizer: P
     print(f"\nheld-out retrieval ({len(corpus.queries)} queries, windows of {corpus.corpus_size} passages)\n")
     print(markdown_table(results) + "\n")
     rows = [r.as_row() for r in results]
+    for row, result in zip(rows, results):  # the trained policy against every other row of its reader
+        trained = next((r for r in results if r.corpus == "trained" and r.reader == result.reader), None)
+        if trained is not None and result is not trained:
+            difference, low, high = paired_difference(trained, result)
+            row |= {"trained minus this, recall@1": difference, "trained minus this, 95% CI": [low, high]}
+    paired = [r for r in rows if "trained minus this, recall@1" in r]
+    if paired:
+        print("trained policy minus each row, recall@1 on the same queries (paired bootstrap 95% CI)\n")
+        print("\n".join(["| reader | corpus | trained minus corpus |", "|---|---|---|"] + [
+            f"| {r['reader']} | {r['corpus']} | {r['trained minus this, recall@1']:+.3f} "
+            f"[{r['trained minus this, 95% CI'][0]:+.2f}, {r['trained minus this, 95% CI'][1]:+.2f}] |"
+            for r in paired]) + "\n")
     out = Path(output_dir)
     write_json_atomic(out / "color_eval.json", rows, indent=1)
     examples = [{"passage": p["passage"], **{label: tokenizer.decode(ids.get(p["passage_id"], []))

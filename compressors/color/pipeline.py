@@ -86,9 +86,9 @@ def build_corpora(args: ColorScriptArguments, tokenizer: PreTrainedTokenizerBase
                 q["window"] = window[q["gold_id"]]
         return train, held
     train = offline_corpus(tokenizer, args.num_train_passages, args.passage_tokens, args.corpus_size, seed,
-                           "train", args.data_source, cache)
+                           "train", args.data_source, cache, args.train_families)
     held = offline_corpus(tokenizer, args.num_eval_passages, args.passage_tokens, args.corpus_size, seed,
-                          "test", args.eval_data_source, cache)
+                          "test", args.eval_data_source, cache, args.eval_families)
     return train, held
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctxzip.data.mixture import MIXTURE_FAMILIES
+
 
 @dataclass
 class ColorScriptArguments:
@@ -23,13 +25,19 @@ class ColorScriptArguments:
     eval_data_source: str = field(default="stdlib", metadata={
         "help": "offline corpus: text the held-out facts are embedded in (its test split; the held-out facts and "
                 "queries also use held-out wordings)"})
+    train_families: list[str] = field(default_factory=lambda: list(MIXTURE_FAMILIES), metadata={
+        "help": "offline corpus: data.mixture retrieval families of the training facts (passage i from family i "
+                "mod their number), in their training wordings"})
+    eval_families: list[str] = field(default_factory=lambda: ["multi_fact"], metadata={
+        "help": "offline corpus: families of the held-out facts, in their held-out wordings"})
     num_train_passages: int = field(default=192, metadata={"help": "passages the preference pairs are built from"})
     num_eval_passages: int = field(default=200, metadata={
         "help": "held-out passages (one query each) of the final evaluation"})
     passage_tokens: int = field(default=96, metadata={"help": "offline corpus: tokens per passage"})
     corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
     candidate_variants: list[str] = field(
-        default_factory=lambda: ["greedy", "words:0.25", "extract:1", "extract:1:1", "extract:1:2", "extract:2"],
+        default_factory=lambda: ["greedy", "words:0.25", "extract:1", "extract:1:1", "extract:1:2", "extract:1:3",
+                                 "extract:1:4", "extract:2"],
         metadata={"help": "candidate writers: greedy | words:F | sample:T (the policy) | extract:N[:D] (N random "
                           "sentences of the passage, draw D)"})
     label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
@@ -52,3 +60,8 @@ class ColorScriptArguments:
         unknown = [s for s in self.extractive_baselines if s not in EXTRACTIVE_SCORERS]
         if unknown:
             raise ValueError(f"unknown extractive baseline(s) {unknown}; expected any of {list(EXTRACTIVE_SCORERS)}")
+        for name in ("train_families", "eval_families"):
+            families = getattr(self, name)
+            if not families or any(f not in MIXTURE_FAMILIES for f in families):
+                raise ValueError(f"{name} must name retrieval families of data.mixture ({', '.join(MIXTURE_FAMILIES)}), "
+                                 f"got {families}")
