@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctxzip.data.mixture import MIXTURE_FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: name -> (what changes, recipe flags, whether its candidates differ from the default's)
@@ -36,6 +38,12 @@ ABLATIONS: dict[str, tuple[str, list[str], bool]] = {
                     ["--candidate_variants", "greedy", "words:0.25", "sample:0.8"], True),
     "no_length_penalty": ("length penalty off (length_penalty_coef 0)", ["--length_penalty_coef", "0"], False),
     "two_epochs": ("twice the steps (2 epochs)", ["--num_train_epochs", "2"], False),
+    "single_sentences": ("extracts: five different single sentences and a pair (group:N:D) instead of 3 random "
+                         "single sentences and a pair", ["--candidate_variants", "greedy", "words:0.25", "group:1:0",
+                                                         "group:1:1", "group:1:2", "group:1:3", "group:1:4", "group:2:0"],
+                         True),
+    "six_families": ("training facts from all six retrieval families of data/mixture.py, not only multi_fact",
+                     ["--train_families", *MIXTURE_FAMILIES], True),
     "dpo": ("DPO against the adapter-free reference (beta 0.1) instead of ORPO", ["--color_loss", "dpo",
                                                                                    "--beta", "0.1"], False),
 }

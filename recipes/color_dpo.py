@@ -37,6 +37,7 @@ from ctxzip.compressors.color.evaluation import (
     compress_corpus,
     evaluate_compressions,
     extractive_baselines,
+    fact_sentence_compressions,
     report,
 )
 from ctxzip.compressors.color.pipeline import Writer, local_base_loader, prepare_data
@@ -89,6 +90,7 @@ def main(script_args: ColorScriptArguments, color_config: ColorConfig, training_
         compressed = {"untrained": data.untrained, "trained": compress_corpus(final, data.held, tokenizer)}
         compressed |= extractive_baselines(data.held, tokenizer, readers, script_args.extractive_baselines,
                                            like=compressed["trained"])
+        compressed |= fact_sentence_compressions(data.held, tokenizer)  # the ceiling of any extract
         results = evaluate_compressions(data.held, tokenizer, readers, script_args.eval_readers, compressed)
         rows = report(results, data.held, tokenizer, compressed, training_args.output_dir)
     save_and_push(final, tokenizer, training_args.output_dir, rows or None, push)

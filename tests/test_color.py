@@ -129,7 +129,8 @@ def test_variants_parse_and_refuse_nonsense() -> None:
     assert v[1].words_fraction == 0.25 and v[2].do_sample and v[2].temperature == 0.8
     assert (v[3].extract_sentences, v[3].draw, v[4].extract_sentences, v[4].draw) == (2, 0, 1, 3)
     assert [x.generates for x in v] == [True, True, True, False, False]
-    for bad in (["words:2"], ["beam:4"], ["greedy", "greedy"], ["extract:0"], ["extract:x"], ["extract:1:-1"]):
+    for bad in (["words:2"], ["beam:4"], ["greedy", "greedy"], ["extract:0"], ["extract:x"], ["extract:1:-1"],
+                ["group:1"], ["group:0:1"]):
         with pytest.raises(ValueError):
             parse_variants(bad)
 
@@ -165,10 +166,13 @@ def test_extract_candidates_are_reproducible_sentence_draws() -> None:
     picked = extract(passage, two, 0, "p0").split(" ")
     order = [s for s in split_sentences(passage) if s in extract(passage, two, 0, "p0")]
     assert len(order) == 2 and " ".join(order) == " ".join(picked)  # passage order kept
-    assert all(extract(passage, one, 0, f"p{i}") != extract(passage, other, 0, f"p{i}") for i in range(8))
-    singles = parse_variants([f"extract:1:{d}" for d in range(5)])
-    assert sorted(extract(passage, v, 0, "p3") for v in singles) == sorted(split_sentences(passage))  # no overlap
-    assert extract(passage, parse_variants(["extract:1:5"])[0], 0, "p3") == extract(passage, singles[0], 0, "p3")
+    assert any(extract(passage, one, 0, f"p{i}") != extract(passage, other, 0, f"p{i}") for i in range(8))
+    singles = parse_variants([f"group:1:{d}" for d in range(5)])
+    for pid in ("p3", "p4"):  # groups of one shuffle: five different sentences, then the first again
+        assert sorted(extract(passage, v, 0, pid) for v in singles) == sorted(split_sentences(passage))
+        assert extract(passage, parse_variants(["group:1:5"])[0], 0, pid) == extract(passage, singles[0], 0, pid)
+    first, second = (split_sentences(extract(passage, v, 0, "p3")) for v in parse_variants(["group:2:0", "group:2:1"]))
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
     assert extract("Only sentence.", two, 0, "p") == "Only sentence."
 
 
@@ -241,6 +245,21 @@ def test_paired_difference_resamples_queries_and_refuses_other_queries() -> None
     assert unpaired < 0 < low  # pairing separates what the two Wilson intervals would call a tie
     with pytest.raises(ValueError, match="same queries"):
         paired_difference(result("trained", better), result("extract", same[:100]))
+
+
+def test_fact_sentence_oracle_needs_every_needle() -> None:
+    from ctxzip.compressors.color.data import RetrievalCorpus
+    from ctxzip.compressors.color.evaluation import ORACLE, fact_sentence_compressions
+    from ctxzip.compressors.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-random-llama")
+    passages = [{"passage_id": "a", "passage": TOY[0], "window": 0}, {"passage_id": "b", "passage": TOY[1], "window": 0}]
+    queries = [{"query_id": "qa", "query": "pet?", "gold_id": "a", "window": 0, "needle": "The pet of Alice Moreno is a parrot."},
+               {"query_id": "qb", "query": "city?", "gold_id": "b", "window": 0, "needle": "Bruno Okafor works in Oslo."}]
+    oracle = fact_sentence_compressions(RetrievalCorpus(passages, queries, 2), tokenizer)[ORACLE]
+    assert tokenizer.decode(oracle["a"]) == queries[0]["needle"] and set(oracle) == {"a", "b"}
+    del queries[1]["needle"]
+    assert fact_sentence_compressions(RetrievalCorpus(passages, queries, 2), tokenizer) == {}
 
 
 def test_lm_reader_ranks_by_id_logprob_and_refuses_a_corpus_too_long(tiny, one_thread) -> None:
@@ -543,7 +562,8 @@ def test_recipe_one_step_on_the_tiny_model(tmp_path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "recipes" / "color_dpo.py"), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("uncompressed", "trained", "untrained", "extractive (lead)", "extractive (self_information)"):
+    for row in ("uncompressed", "trained", "untrained", "extractive (lead)", "extractive (self_information)",
+                "oracle (the fact sentence)"):
         assert f"| {row} | lm |" in result.stdout, row
     assert "| lm | extractive (self_information) | " in result.stdout  # the paired comparison table
     rows = {r["corpus"]: r for r in json.loads((out / "color_eval.json").read_text())}

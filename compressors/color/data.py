@@ -200,16 +200,16 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     stage ``corpus-<split>`` under ``cache_dir`` when given.
     """
     unknown = [f for f in families if f not in FACT_DRAWS]
-    if not families or unknown:
-        raise ValueError(f"families must be retrieval families of data.mixture ({', '.join(FACT_DRAWS)}), "
+    if not families or unknown or len(set(families)) != len(families):
+        raise ValueError(f"families must be distinct retrieval families of data.mixture ({', '.join(FACT_DRAWS)}), "
                          f"got {list(families)}")
     if num_passages < 1:
         raise ValueError(f"num_passages must be >= 1, got {num_passages}")
-    pools = {f: random.Random(f"ctxzip/color-corpus/{split}/{seed}/{f}").sample(FAMILIES[f].keys,
-                                                                              len(FAMILIES[f].keys))
+    uses = {f: len(range(i, num_passages, len(families))) for i, f in enumerate(families)}
+    pools = {f: random.Random(_key_stream(split, seed, f)).sample(FAMILIES[f].keys, min(uses[f], len(FAMILIES[f].keys)))
              for f in families}
     per_window = -(-min(corpus_size, num_passages) // len(families))  # passages of one family in a window
-    short = [f for f in families if len(pools[f]) < per_window]
+    short = [f for f in families if len(FAMILIES[f].keys) < per_window]
     if short:
         raise ValueError(f"windows of {corpus_size} passages need {per_window} keys per family; {short} have fewer")
     config = {"kind": "offline-facts", "num_passages": num_passages, "passage_tokens": passage_tokens,
@@ -243,6 +243,12 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"],
                 "needle": r["needle"], "family": r["family"]} for r in rows]
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
+
+
+def _key_stream(split: str, seed: int, family: str) -> str:
+    """The seed of the shuffle a family's keys are dealt from; multi_fact's is the one the corpus had when it was
+    that family alone, so its passages (the default held-out set) stay the ones every published figure used."""
+    return f"ctxzip/color-corpus/{split}/{seed}" + ("" if family == "multi_fact" else f"/{family}")
 
 
 def check_columns(table: datasets.Dataset, needed: Sequence[str], what: str, name: str) -> None:
@@ -306,7 +312,8 @@ class Variant:
     do_sample: bool = False
     temperature: float = 1.0
     extract_sentences: int | None = None  # an extract: this many sentences drawn at random, in order
-    draw: int = 0  # which group of one seeded shuffle (draws of one size do not overlap until the sentences run out)
+    draw: int = 0  # which random draw (extract) or which group of one shuffle (group)
+    disjoint: bool = False  # group: draws of one size are disjoint groups of one shuffle of the sentences
 
     @property
     def generates(self) -> bool:
@@ -315,7 +322,8 @@ class Variant:
 
 
 VARIANT_HELP = ("'greedy', 'words:F' (at most F x the passage's words, greedy; 0 < F <= 1), 'sample:T' (T > 0) "
-                "or 'extract:N[:D]' (N of the passage's sentences at random, draw D; draws of one N do not overlap)")
+                "'extract:N[:D]' (N of the passage's sentences at random, draw D) or 'group:N:D' (the D-th group of N "
+                "sentences of one shuffle: groups of one N do not overlap)")
 
 
 def parse_variants(specs: Sequence[str]) -> list[Variant]:
@@ -330,11 +338,11 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
                 out.append(Variant(spec, words_fraction=float(value)))
             elif kind == "sample" and float(value) > 0:
                 out.append(Variant(spec, do_sample=True, temperature=float(value)))
-            elif kind == "extract":
+            elif kind in ("extract", "group"):
                 count, _, draw = value.partition(":")
-                if int(count) < 1 or int(draw or 0) < 0:
+                if int(count) < 1 or int(draw or 0) < 0 or (kind == "group" and not draw):
                     raise ValueError
-                out.append(Variant(spec, extract_sentences=int(count), draw=int(draw or 0)))
+                out.append(Variant(spec, extract_sentences=int(count), draw=int(draw or 0), disjoint=kind == "group"))
             else:
                 raise ValueError
         except ValueError:
@@ -355,18 +363,21 @@ def split_sentences(text: str) -> list[str]:
 def extract(passage: str, variant: Variant, seed: int | str, passage_id: str) -> str:
     """``variant.extract_sentences`` of the passage's sentences drawn at random, joined in their original order.
 
-    The sentences are shuffled once per passage and extract size (reproducibly from the seed, the size and
-    the passage id); draw D takes the D-th group of that shuffle, so ``extract:1:0`` ... ``extract:1:K``
-    cover K+1 different sentences. Past the last group the draws start again from the first."""
+    ``extract:N:D``: an independent draw, reproducible from the seed, the variant and the passage id (two
+    draws may pick the same sentences). ``group:N:D``: the sentences are shuffled once per passage and
+    size, and draw D takes the D-th group of N of that shuffle, so ``group:1:0`` ... ``group:1:K`` are K+1
+    different sentences; past the last group the draws start again from the first."""
     assert variant.extract_sentences is not None
     sentences = split_sentences(passage)
     if not sentences:
         return ""
     size = min(variant.extract_sentences, len(sentences))
+    if not variant.disjoint:
+        rng = random.Random(f"ctxzip/color-extract/{seed}/{variant.name}/{passage_id}")
+        return " ".join(sentences[i] for i in sorted(rng.sample(range(len(sentences)), size)))
     order = list(range(len(sentences)))
     random.Random(f"ctxzip/color-extract/{seed}/{size}/{passage_id}").shuffle(order)
-    groups = max(1, len(sentences) // size)
-    start = (variant.draw % groups) * size
+    start = (variant.draw % max(1, len(sentences) // size)) * size
     return " ".join(sentences[i] for i in sorted(order[start:start + size]))
 
 

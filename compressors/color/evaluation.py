@@ -380,6 +380,19 @@ def extractive_baselines(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizer
             for s in scorers}
 
 
+ORACLE = "oracle (the fact sentence)"
+
+
+def fact_sentence_compressions(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizerBase,
+                               ) -> dict[str, dict[str, list[int]]]:
+    """``{ORACLE: passage_id -> ids}``: each passage compressed to the fact its query asks (the queries'
+    ``needle``, which the offline corpus records), the ceiling of any extract; ``{}`` when a query lacks it."""
+    needles = {q["gold_id"]: q.get("needle") for q in corpus.queries}
+    if not needles or not all(needles.get(p["passage_id"]) for p in corpus.passages):
+        return {}
+    return {ORACLE: {pid: tokenizer(text, add_special_tokens=False)["input_ids"] for pid, text in needles.items()}}
+
+
 def evaluate_compressions(corpus: RetrievalCorpus, tokenizer: PreTrainedTokenizerBase, readers: ReaderPool,
                           reader_names: list[str], compressed: dict[str, dict[str, list[int]]],
                           ) -> list[RetrievalResult]:
