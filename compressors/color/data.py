@@ -199,10 +199,7 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     it is asked); a family with fewer keys than passages repeats them, in other windows. Cached as
     stage ``corpus-<split>`` under ``cache_dir`` when given.
     """
-    unknown = [f for f in families if f not in FACT_DRAWS]
-    if not families or unknown or len(set(families)) != len(families):
-        raise ValueError(f"families must be distinct retrieval families of data.mixture ({', '.join(FACT_DRAWS)}), "
-                         f"got {list(families)}")
+    check_fact_families(families)
     if num_passages < 1:
         raise ValueError(f"num_passages must be >= 1, got {num_passages}")
     uses = {f: len(range(i, num_passages, len(families))) for i, f in enumerate(families)}
@@ -243,6 +240,13 @@ def offline_corpus(tokenizer: PreTrainedTokenizerBase, num_passages: int, passag
     queries = [{"query_id": r["query_id"], "query": r["query"], "gold_id": r["gold_id"], "answer": r["answer"],
                 "needle": r["needle"], "family": r["family"]} for r in rows]
     return _windowed(passages, queries, corpus_size, _fingerprint(config))
+
+
+def check_fact_families(families: Sequence[str], what: str = "families") -> None:
+    """Refuse an empty, repeated or unknown list of retrieval families (the ones `offline_corpus` can draw)."""
+    if not families or len(set(families)) != len(families) or any(f not in FACT_DRAWS for f in families):
+        raise ValueError(f"{what} must be distinct retrieval families of data.mixture ({', '.join(FACT_DRAWS)}), "
+                         f"got {list(families)}")
 
 
 def _key_stream(split: str, seed: int, family: str) -> str:

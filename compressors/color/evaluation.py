@@ -254,6 +254,15 @@ RETRIEVAL_COLUMNS = (
     Column("queries", "n"))
 
 
+def _paired_cell(row: dict[str, Any]) -> str:
+    low, high = row["trained minus this, 95% CI"]
+    return f"{row['trained minus this, recall@1']:+.3f} [{low:+.2f}, {high:+.2f}]"
+
+
+PAIRED_COLUMNS = (Column("reader", "reader"), Column("corpus", "corpus"),
+                  Column("trained minus corpus", cell=_paired_cell))
+
+
 def markdown_table(results: list[RetrievalResult]) -> str:
     return render_table([asdict(r) for r in results], RETRIEVAL_COLUMNS)
 
@@ -419,18 +428,15 @@ def report(results: list[RetrievalResult], corpus: RetrievalCorpus, tokenizer: P
     print(f"\nheld-out retrieval ({len(corpus.queries)} queries, windows of {corpus.corpus_size} passages)\n")
     print(markdown_table(results) + "\n")
     rows = [r.as_row() for r in results]
+    trained = {r.reader: r for r in results if r.corpus == "trained"}
     for row, result in zip(rows, results):  # the trained policy against every other row of its reader
-        trained = next((r for r in results if r.corpus == "trained" and r.reader == result.reader), None)
-        if trained is not None and result is not trained:
-            difference, low, high = paired_difference(trained, result)
+        if result.reader in trained and result is not trained[result.reader]:
+            difference, low, high = paired_difference(trained[result.reader], result)
             row |= {"trained minus this, recall@1": difference, "trained minus this, 95% CI": [low, high]}
     paired = [r for r in rows if "trained minus this, recall@1" in r]
     if paired:
         print("trained policy minus each row, recall@1 on the same queries (paired bootstrap 95% CI)\n")
-        print("\n".join(["| reader | corpus | trained minus corpus |", "|---|---|---|"] + [
-            f"| {r['reader']} | {r['corpus']} | {r['trained minus this, recall@1']:+.3f} "
-            f"[{r['trained minus this, 95% CI'][0]:+.2f}, {r['trained minus this, 95% CI'][1]:+.2f}] |"
-            for r in paired]) + "\n")
+        print(render_table(paired, PAIRED_COLUMNS) + "\n")
     out = Path(output_dir)
     write_json_atomic(out / "color_eval.json", rows, indent=1)
     examples = [{"passage": p["passage"], **{label: tokenizer.decode(ids.get(p["passage_id"], []))

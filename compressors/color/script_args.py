@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ctxzip.data.mixture import MIXTURE_FAMILIES
-
 
 @dataclass
 class ColorScriptArguments:
@@ -54,13 +52,11 @@ class ColorScriptArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "data stage cache (default <output_dir>/color_data)"})
 
     def __post_init__(self) -> None:
+        from .data import check_fact_families
         from .evaluation import EXTRACTIVE_SCORERS
 
         unknown = [s for s in self.extractive_baselines if s not in EXTRACTIVE_SCORERS]
         if unknown:
             raise ValueError(f"unknown extractive baseline(s) {unknown}; expected any of {list(EXTRACTIVE_SCORERS)}")
         for name in ("train_families", "eval_families"):
-            families = getattr(self, name)
-            if not families or any(f not in MIXTURE_FAMILIES for f in families):
-                raise ValueError(f"{name} must name retrieval families of data.mixture ({', '.join(MIXTURE_FAMILIES)}), "
-                                 f"got {families}")
+            check_fact_families(getattr(self, name), name)
