@@ -26,9 +26,9 @@ def test_ablations_run_the_recipe_and_summarize(tmp_path: Path, monkeypatch) -> 
         assert record["wall_s"] > 0 and {r["corpus"] for r in record["rows"]} >= {"trained", "untrained",
                                                                                    "extractive (lead)"}
     assert (work / "data" / "pairs").is_dir() and not (work / "two_epochs-data").exists()  # shared data cache
-    module.main(["--ablations", "no_extracts", "--out", str(out), "--work_dir", str(work), "--", *sizes])
+    module.main(["--ablations", "no_extracts", "six_families", "--out", str(out), "--work_dir", str(work), "--", *sizes])
     table = (out / "results.md").read_text()
-    for name in ("default", "two_epochs", "no_extracts"):
+    for name in ("default", "two_epochs", "no_extracts", "six_families"):
         assert f"| {name} |" in table
     assert "trained minus best extract (paired)" in table
     assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d\d, [+-]\d\.\d\d\] \|", table)  # the paired difference
