@@ -41,8 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctxzip.compressors import CompressedLM, load_base, load_compressor  # noqa: E402
 from ctxzip.compressors.compat import with_cache  # noqa: E402
-from ctxzip.compressors.cskv import CSKVCache, CSKVCompressor, CSKVConfig  # noqa: E402
+from ctxzip.compressors.cskv import (  # noqa: E402
+    CSKVCache,
+    CSKVCompressor,
+    CSKVConfig,
+    cpu_kernel,  # noqa: E402
+)
 from ctxzip.compressors.cskv.attention import use_kernel  # noqa: E402
+from ctxzip.compressors.cskv.cache import EVICT_BLOCK  # noqa: E402
 from ctxzip.compressors.cskv.quant import store  # noqa: E402
 
 
@@ -82,7 +88,9 @@ def random_full_cache(compressor: CSKVCompressor, length: int, device: torch.dev
 
 @torch.no_grad()
 def time_decode(model: Any, cache: Any, length: int, steps: int, warmup: int = 2) -> float:
-    """Median seconds per decoded token reading ``cache`` (which grows by one token per step)."""
+    """Mean seconds per decoded token reading ``cache`` (which grows by one token per step). The mean, not the
+    median: a CSKV cache moves decoded tokens to its latent branch once per ``EVICT_BLOCK`` steps, and that step's
+    cost belongs in the average (use ``steps`` >= ``EVICT_BLOCK``)."""
     device = next(model.parameters()).device
     token = torch.tensor([[42]], device=device)
     times = []
@@ -96,7 +104,7 @@ def time_decode(model: Any, cache: Any, length: int, steps: int, warmup: int = 2
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.mean(times)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -106,13 +114,17 @@ def speed(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     config = CSKVConfig(density=args.density, value_density=args.value_density, window=args.window,
-                        quant_bits=args.bits, max_context_tokens=10**9)
+                        quant_bits=args.bits, max_context_tokens=10**9, key_space=args.key_space)
     compressor = CSKVCompressor(config, model).eval()
-    kernel = use_kernel(device)
+    post_rope = config.post_rope
+    # the fused path: Triton on a GPU (pre-RoPE keys); the CPU kernels for post-RoPE 8-bit latents
+    kernel = (device.type == "cpu" and args.bits == 8 and cpu_kernel.available()) if post_rope else use_kernel(device)
     print(f"# CSKV decode benchmark on {machine()}: {args.base_model} ({args.dtype}), density {args.density} "
-          f"(values {args.value_density or args.density}), window {args.window}, latents {args.bits or 'full'}-bit\n")
+          f"(values {args.value_density or args.density}), window {args.window}, latents {args.bits or 'full'}-bit, "
+          f"{args.key_space} keys\n")
     header = "| context | full cache MiB | CSKV MiB | reduction | full SDPA ms/tok | CSKV reference ms/tok |"
-    header += " CSKV kernel ms/tok |" if kernel else ""
+    header += (" CSKV fused CPU kernels ms/tok | fused vs full |" if post_rope else " CSKV kernel ms/tok |") \
+        if kernel else ""
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for length in args.lengths:  # past the base's window too: the time of a step depends on neither values nor positions
@@ -131,7 +143,8 @@ def speed(args: argparse.Namespace) -> None:
         if kernel:
             cskv = random_cskv_cache(compressor, length, device)
             with compressor.installed():
-                row += f" {1000 * time_decode(model, cskv, length, args.steps):.2f} |"
+                fused_ms = 1000 * time_decode(model, cskv, length, args.steps)
+            row += f" {fused_ms:.2f} |" + (f" {full_ms / fused_ms:.2f}x faster |" if post_rope else "")
         print(row, flush=True)
 
 
@@ -221,23 +234,27 @@ def fill(compressor: CSKVCompressor, layers: list[tuple[torch.Tensor, torch.Tens
     cache.add_positions(torch.arange(length)[None])
     for index, (x, k, v) in enumerate(layers):
         factors = compressor.factors[index]
-        cache.layer(index).append(k, v, factors.k.down(x), factors.v.down(x))
+        key_input = k.transpose(1, 2).flatten(2) if compressor.compressor_config.post_rope else x
+        cache.layer(index).append(k, v, factors.k.down(key_input), factors.v.down(x))
     return cache
 
 
 def load_source(source: str, density: float, bits: int | None, window: int, base: str, dtype: str,
-                model: Any, means: list[torch.Tensor], value_density: float | None = None) -> CSKVCompressor | None:
+                model: Any, means: list[torch.Tensor], value_density: float | None = None,
+                key_space: str = "pre_rope", key_stats: Any = None) -> CSKVCompressor | None:
     config = dict(density=density, value_density=value_density, window=window, quant_bits=bits,
-                  max_context_tokens=10**9)
+                  max_context_tokens=10**9, key_space=key_space)
     if source in ("svd", "asvd"):
         compressor = CSKVCompressor(CSKVConfig(init=source, **config), model).eval()
         if source == "asvd":
             compressor.calibrate_asvd([], means=means)
+        if compressor.compressor_config.post_rope:
+            compressor.calibrate_keys(key_stats)
         return compressor
     trained, _ = load_compressor(source, base_model=base, dtype=dtype)
     saved = trained.compressor_config
     if abs(saved.density - density) > 1e-9 or saved.quant_bits not in (None, bits) \
-            or saved.value_density != value_density:
+            or saved.value_density != value_density or saved.key_space != key_space:
         return None  # a trained folder is evaluated at its own densities (and its QAT bit width) only
     compressor = CSKVCompressor(CSKVConfig(init=saved.init, **config), model).eval()
     compressor.load_state_dict(trained.own_state_dict(), strict=False)
@@ -264,19 +281,24 @@ def quality(args: argparse.Namespace) -> None:
     calibration = calibration_batches(calib_rows, TokenChunkCollator(tokenizer, 256))
     probe = CSKVCompressor(CSKVConfig(max_context_tokens=10**9), model)
     means, _ = probe.activation_means(calibration) if "asvd" in args.sources else ([], 0)
+    key_stats = None
+    if "post_rope" in args.key_spaces:  # keys at random offsets up to the longest context measured
+        probe = CSKVCompressor(CSKVConfig(max_context_tokens=max(args.context_tokens + args.answer_tokens, 8192)),
+                               model)
+        key_stats = probe.key_statistics(calibration)
     configs = []
-    for source in args.sources:
+    for source, key_space in [(s, k) for s in args.sources for k in args.key_spaces]:
         for density in args.densities:
             for value_density in args.value_densities:
                 for bits in args.bits:
                     made = load_source(source, density, bits, args.window, args.base_model, args.dtype, model,
-                                       means, value_density)
+                                       means, value_density, key_space, key_stats)
                     if made is None:
                         continue
-                    label = source
+                    label = source if key_space == "pre_rope" else f"{source}, post-RoPE keys"
                     if source not in ("svd", "asvd"):
                         qat = load_compressor_config(source).quant_bits
-                        label = f"trained ({Path(source).name}{f', QAT {qat}-bit' if qat else ''})"
+                        label = f"trained ({Path(source).name}{f', QAT {qat}-bit' if qat else ''}, {key_space})"
                     configs.append((label, source, (density, value_density or density), bits, made))
     full = FullContext(FullContextConfig(max_context_tokens=10**9), model)
     full_clm = CompressedLM(full, tokenizer)
@@ -340,10 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--dtype", default="float32")
         p.add_argument("--window", type=int, default=32)
     s.add_argument("--density", type=float, default=0.2)
+    s.add_argument("--key-space", default="pre_rope", choices=["pre_rope", "post_rope"])
     s.add_argument("--value-density", type=float, default=None, help="V's density (default: --density)")
     s.add_argument("--bits", type=lambda v: None if v.lower() == "none" else int(v), default=4)
     s.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=[1024, 2048, 4096, 8192])
-    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--steps", type=int, default=EVICT_BLOCK, help="decoded tokens timed per cache (the mean)")
     q.add_argument("--densities", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.3, 0.2])
     q.add_argument("--value-densities", type=lambda v: [None if x.lower() == "same" else float(x)
                                                         for x in v.split(",")], default=[None],
@@ -351,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--bits", type=lambda v: [None if x.lower() == "none" else int(x) for x in v.split(",")],
                    default=[None, 4])
     q.add_argument("--sources", type=lambda v: v.split(","), default=["svd", "asvd"])
+    q.add_argument("--key-spaces", type=lambda v: v.split(","), default=["pre_rope"],
+                   help="pre_rope and / or post_rope (a grid with --sources)")
     q.add_argument("--num-samples", type=int, default=16)
     q.add_argument("--context-tokens", type=int, default=512)
     q.add_argument("--answer-tokens", type=int, default=64)

@@ -72,15 +72,14 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
     collator = TokenChunkCollator(tokenizer, script_args.train_tokens)
     train = build_text_dataset(tokenizer, script_args.train_samples, script_args.train_tokens,
                                training_args.seed, "train", script_args.data_source)
-    if cskv_config.init == "asvd":
+    if cskv_config.init == "asvd" or cskv_config.post_rope:
         calibration = train.select(range(min(len(train), script_args.calibration_samples)))
         # The calibration passes run the base model before DeepSpeed wraps it: under ZeRO-3 its weights are
         # still the shards transformers partitioned at load, so every process gathers them for these passes
-        # (the same batches on every process: the same ASVD scales everywhere).
+        # (the same batches on every process: the same factors everywhere).
         with whole_parameters(*compressor.base_lm.parameters()):
-            means, tokens = compressor.activation_means(calibration_batches(calibration, collator))
-        compressor.calibrate_asvd([], means=means)  # gathers the projections it factors itself
-        print(f"ASVD calibrated on {tokens} tokens")
+            tokens = compressor.calibrate(calibration_batches(calibration, collator))
+        print(f"calibrated ({cskv_config.init} init, {cskv_config.key_space} keys) on {tokens} tokens")
     initial = {k: v.detach().clone() for k, v in compressor.own_state_dict().items()}
     if script_args.skip_training:
         trained = {k: v for k, v in compressor.state_dict().items() if not k.startswith("model.")}

@@ -10,7 +10,8 @@ While a CSKV compressor is ``installed()`` (``CompressedLM`` and ``compressor.re
   own attention function (SDPA / eager) attends over them with the model's own mask;
 - one new token (decoding): the cache leaves a ``DecodeRequest`` and the attention override
   (``compressors.attention``: a function registered with ``AttentionInterface``) computes the step
-  from the latents directly, with the fused Triton kernel on a GPU and the PyTorch reference elsewhere;
+  from the latents directly, with the fused Triton kernel on a GPU and the PyTorch reference elsewhere
+  (post-RoPE keys: scored in rank space, with fused CPU kernels for 8-bit latents, ``cpu_kernel.py``);
   on a layer with a key norm (Qwen3, OLMo2) or logit soft-capping (Gemma2), which that step does not
   compute, the override reconstructs the keys and values and calls the model's own attention function.
 With an empty cache (compressing a context) the attention is exactly the base model's. Any other
@@ -31,7 +32,7 @@ from torch import nn
 
 from .factorization import LowRankKV
 from .quant import LatentStore
-from .reference import decode_attention_reference, latent_keys_values
+from .reference import decode_attention_rank_space, decode_attention_reference, latent_keys_values
 
 NOT_READING = ("a CSKV cache stores latents, which plain attention cannot make: run the model inside "
                "`with compressor.reading(memory):` (CompressedLM and the decode loop do this)")
@@ -49,15 +50,21 @@ def triton_available() -> bool:
     return True
 
 
+def kernels_enabled() -> bool:
+    """Fused kernels are used unless ``CTXZIP_DISABLE_KERNELS=1``."""
+    return os.environ.get("CTXZIP_DISABLE_KERNELS", "0") in ("", "0")
+
+
 def use_kernel(device: torch.device) -> bool:
     """The fused kernel runs on CUDA devices with Triton, unless ``CTXZIP_DISABLE_KERNELS=1``."""
-    if os.environ.get("CTXZIP_DISABLE_KERNELS", "0") not in ("", "0"):
-        return False
-    return device.type == "cuda" and triton_available()
+    return kernels_enabled() and device.type == "cuda" and triton_available()
 
 
-def decode_attention(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Decode attention over a bi-branch cache: the Triton kernel where it can run, else the reference."""
+def decode_attention(q: torch.Tensor, *args: Any, post_rope: bool = False, **kwargs: Any) -> torch.Tensor:
+    """Decode attention over a bi-branch cache: the Triton kernel where it can run, else the reference (post-RoPE
+    keys: the rank-space step, with the fused CPU kernels for 8-bit latents on the CPU)."""
+    if post_rope:
+        return decode_attention_rank_space(q, *args, fused=kernels_enabled(), **kwargs)
     if use_kernel(q.device):
         from .kernel import decode_attention_triton
 
@@ -74,7 +81,10 @@ def key_mask_for_decode(attention_mask: Any, batch: int, kv_length: int) -> torc
     row = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
     if row.dtype != torch.bool:
         row = row > torch.finfo(row.dtype).min / 2  # additive masks: 0 = attend, min = blocked
-    return row[:, -kv_length:].expand(batch, -1)
+    row = row[:, -kv_length:]
+    if bool(row.all()):  # no key is masked: the step need not mask anything
+        return None
+    return row.expand(batch, -1)
 
 
 @dataclass
@@ -99,10 +109,20 @@ class LatentReader:
     installed: bool = False
     latents: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     requests: dict[int, DecodeRequest] = field(default_factory=dict)
+    post_rope: bool = False  # key latents project the rotated keys (made here), not k_proj's input (a hook)
 
-    def take_latents(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take_latents(self, layer: int, tokens: int, key_states: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens' key and value latents ``[batch, tokens, rank]`` (``key_states``: their rotated keys
+        ``[batch, kv_heads, tokens, head_dim]``, what post-RoPE latents project)."""
         try:
-            latent_k, latent_v = self.latents.pop((layer, "k")), self.latents.pop((layer, "v"))
+            latent_v = self.latents.pop((layer, "v"))
+            if self.post_rope:
+                flat = key_states.detach().transpose(1, 2).flatten(2)
+                factors: LowRankKV = self.factors[layer]
+                latent_k = factors.k.down(flat.to(factors.k.down.weight.dtype)).detach()
+            else:
+                latent_k = self.latents.pop((layer, "k"))
         except KeyError:
             raise RuntimeError(f"layer {layer}'s k_proj / v_proj did not run before its cache update: "
                                "CSKV supports Llama-style attention") from None
@@ -117,7 +137,7 @@ class LatentReader:
         inv_freq, scaling = self.rope()
         return latent_keys_values(latent_k, latent_v, factors.k.up.weight, factors.k.up.bias, factors.v.up.weight,
                                   factors.v.up.bias, positions, inv_freq, scaling, kv_heads, head_dim,
-                                  key_norm=self.key_norm(layer))
+                                  key_norm=self.key_norm(layer), post_rope=self.post_rope)
 
     def key_norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.key_norms[layer] if self.key_norms else None
@@ -137,7 +157,8 @@ class LatentReader:
             request = self.requests.pop(layer, None)
             if request is None:
                 return fallback(module, query, key, value, attention_mask, **kwargs)
-            if self.key_norm(layer) is not None or kwargs.get("softcap") is not None:
+            # post-RoPE latents hold keys after the norm and the rotation: only soft-capping needs the fallback
+            if (self.key_norm(layer) is not None and not self.post_rope) or kwargs.get("softcap") is not None:
                 # what the fused step does not compute (a key norm, logit soft-capping): the model's own attention
                 # over the keys and values reconstructed from the latents, then the window's
                 window_k, window_v = request.window_k, request.window_v
@@ -154,6 +175,7 @@ class LatentReader:
                 query[:, :, 0], request.latent_k, request.latent_v, factors.k.up.weight, factors.k.up.bias,
                 factors.v.up.weight, factors.v.up.bias, request.positions, inv_freq, request.window_k,
                 request.window_v, sm_scale=kwargs.get("scaling") or module.head_dim ** -0.5,
-                rope_scaling=scaling, key_mask=key_mask_for_decode(attention_mask, batch, kv_length))
+                rope_scaling=scaling, key_mask=key_mask_for_decode(attention_mask, batch, kv_length),
+                post_rope=self.post_rope)
             return out[:, None].to(query.dtype), None  # [batch, 1, q_heads, head_dim], as SDPA returns
         return attend

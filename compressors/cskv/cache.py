@@ -4,7 +4,7 @@ Per layer, tokens older than the last ``window`` are held only as latents (``[ba
 K and for V, in the model dtype or packed to 8 / 4 bits); the last ``window`` tokens are held as
 full keys (rotated) and values, plus their float latents, which move to the latent branch (and are
 quantized) when the tokens leave the window. Token positions are held once for the whole cache
-(int32), because latent keys are rotated at their positions after reconstruction.
+(int32), because pre-RoPE latent keys are rotated at their positions after reconstruction.
 
 Every byte reported by ``nbytes`` is a tensor this object holds; nothing is simulated. The model
 writes the cache through the ``Cache.update`` API while its compressor is installed (``attention.py``
@@ -22,6 +22,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import NOT_READING, DecodeRequest, LatentReader
 from .quant import LatentStore, num_groups, padded_channels, store
+
+
+EVICT_BLOCK = 32  # decoded tokens leave the window together (``CSKVLayer.append`` says why)
 
 
 @dataclass(frozen=True)
@@ -131,14 +134,20 @@ class CSKVLayer(CacheLayerMixin):
     def append(self, keys: torch.Tensor, values: torch.Tensor, latent_k: torch.Tensor,
                latent_v: torch.Tensor) -> None:
         """Add new tokens: full rotated ``keys`` / ``values`` ``[batch, kv_heads, n, head_dim]`` and
-        their latents ``[batch, n, rank]``; tokens pushed out of the window keep only their latents."""
+        their latents ``[batch, n, rank]``; tokens pushed out of the window keep only their latents.
+
+        Several tokens at once (a prefill) leave exactly ``window`` in the window. Decoded one at a time, tokens
+        leave it in blocks of ``EVICT_BLOCK``: moving tokens to the latent branch copies the whole latent store
+        (``torch.cat``), and once per block instead of once per token keeps a decode step's cost from growing with
+        the context through that copy. Meanwhile up to ``EVICT_BLOCK - 1`` more tokens stay in full (and are held,
+        so ``nbytes`` counts them)."""
         dtype = self.cache_spec.dtype
         self.window_k = torch.cat([self.window_k, keys.detach().to(dtype)], dim=2)
         self.window_v = torch.cat([self.window_v, values.detach().to(dtype)], dim=2)
         self.window_latent_k = torch.cat([self.window_latent_k, latent_k.detach().to(dtype)], dim=1)
         self.window_latent_v = torch.cat([self.window_latent_v, latent_v.detach().to(dtype)], dim=1)
         overflow = self.window_len - self.cache_spec.window
-        if overflow > 0:
+        if overflow > 0 and (keys.shape[2] > 1 or overflow >= EVICT_BLOCK):
             bits, group = self.cache_spec.quant_bits, self.cache_spec.quant_group_size
             self.latent_k = self.latent_k.append(store(self.window_latent_k[:, :overflow], bits, group, dtype))
             self.latent_v = self.latent_v.append(store(self.window_latent_v[:, :overflow], bits, group, dtype))
@@ -213,7 +222,7 @@ class CSKVCache(Cache):
         if self.reader is None or not self.reader.installed:
             raise RuntimeError(NOT_READING)
         tokens = key_states.shape[2]
-        latent_k, latent_v = self.reader.take_latents(layer_idx, tokens)
+        latent_k, latent_v = self.reader.take_latents(layer_idx, tokens, key_states)
         if layer_idx == 0:
             self._record_positions(tokens)
         layer = self.layer(layer_idx)

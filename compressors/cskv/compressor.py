@@ -42,7 +42,7 @@ from ..models import whole_parameters
 from .attention import LatentReader
 from .cache import CacheSpec, CSKVCache, LayerSpec
 from .config import CSKVConfig, rank_for
-from .factorization import InputStatistics, LowRankKV, asvd_scale
+from .factorization import InputStatistics, KeyStatistics, LowRankKV, asvd_scale, query_weighted_factors
 from .quant import fake_quantize
 
 # RoPE variants whose cos / sin are cos / sin(position * inv_freq) * attention_scaling.
@@ -101,7 +101,8 @@ class CSKVCompressor(Compressor):
             k_proj, v_proj = attn.k_proj, attn.v_proj
             factors = LowRankKV(k_proj.in_features, k_proj.out_features,
                                 rank_for(key_density, k_proj.out_features),
-                                rank_for(value_density, v_proj.out_features), bias=k_proj.bias is not None)
+                                rank_for(value_density, v_proj.out_features), bias=k_proj.bias is not None,
+                                post_rope=config.post_rope)
             factors.to(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
             self.factors.append(factors)
         self._attention = tuple(attns)  # a tuple: not registered again as submodules
@@ -110,7 +111,7 @@ class CSKVCompressor(Compressor):
         # a layer's k_norm (Qwen3: per head; OLMo2: over all heads), applied to reconstructed keys before RoPE
         key_norms = [functools.partial(norm_keys, attn, method=self.compressor_type, model=self.base_lm)
                      if getattr(attn, "k_norm", None) is not None else None for attn in attns]
-        self.reader = LatentReader(self.factors, self.rope, key_norms=key_norms)
+        self.reader = LatentReader(self.factors, self.rope, key_norms=key_norms, post_rope=config.post_rope)
         self.initialize_svd()
 
     # ----- factors ------------------------------------------------------------------------
@@ -120,7 +121,13 @@ class CSKVCompressor(Compressor):
         for index, (attn, factors) in enumerate(zip(self._attention, self.factors)):
             scale = None if input_scales is None else input_scales[index]
             with whole_parameters(*attn.k_proj.parameters(), *attn.v_proj.parameters()):
-                factors.k.initialize(attn.k_proj.weight, attn.k_proj.bias, scale)
+                if self.compressor_config.post_rope:
+                    # Until calibrated: the key space's top principal directions of k_proj's output
+                    u = torch.linalg.svd(attn.k_proj.weight.detach().float(), full_matrices=False)[0]
+                    basis = u[:, : factors.k.rank]
+                    factors.k.set_factors(basis.T, basis)
+                else:
+                    factors.k.initialize(attn.k_proj.weight, attn.k_proj.bias, scale)
                 factors.v.initialize(attn.v_proj.weight, attn.v_proj.bias, scale)
 
     @torch.no_grad()
@@ -150,6 +157,56 @@ class CSKVCompressor(Compressor):
         if means is None:
             means, tokens = self.activation_means(batches)
         self.initialize_svd([asvd_scale(m, self.compressor_config.asvd_alpha) for m in means])
+        return tokens
+
+    @torch.no_grad()
+    def key_statistics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], seed: int = 0,
+                       ) -> KeyStatistics:
+        """Second moments of every layer's rotated keys and queries over calibration ``(input_ids, attention_mask)``
+        batches, each row placed at a random position offset (seeded) so that the rotations seen span positions
+        up to ``max_context_tokens``."""
+        stats = KeyStatistics(len(self._attention))
+        generator = torch.Generator().manual_seed(seed)
+        masks: list[torch.Tensor | None] = [None]
+
+        def capture(index: int):  # noqa: ANN202
+            def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Any, fallback: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+                stats.add(index, query, key, masks[0])
+                return fallback(module, query, key, value, attention_mask, **kwargs)
+            return attend
+
+        with overriding_attention(self.base_lm, {attn: capture(i) for i, attn in enumerate(self._attention)}):
+            for ids, mask in batches:
+                ids = ids.to(self.device)
+                mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+                room = max(1, self.compressor_config.max_context_tokens - ids.shape[1] + 1)
+                offsets = torch.randint(0, room, (ids.shape[0], 1), generator=generator).to(self.device)
+                positions = torch.arange(ids.shape[1], device=self.device)[None] + offsets
+                masks[0] = mask
+                self.decoder_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                stats.tokens += int(mask.sum())
+        if stats.tokens == 0:
+            raise ValueError("post-RoPE key calibration needs at least one token")
+        return stats
+
+    @torch.no_grad()
+    def calibrate_keys(self, stats: KeyStatistics) -> None:
+        """Set the post-RoPE key factors from calibration statistics (``query_weighted_factors``)."""
+        if not self.compressor_config.post_rope:
+            raise ValueError("calibrate_keys sets post-RoPE key factors; this compressor has key_space='pre_rope'")
+        for factors, (keys, queries) in zip(self.factors, stats.moments()):
+            factors.k.set_factors(*query_weighted_factors(keys, queries, factors.k.rank))
+
+    def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
+        """Every calibration the config asks for (ASVD scales, post-RoPE key factors); returns the tokens seen."""
+        tokens = 0
+        if self.compressor_config.init == "asvd":
+            tokens = self.calibrate_asvd(batches)
+        if self.compressor_config.post_rope:
+            stats = self.key_statistics(batches)
+            self.calibrate_keys(stats)
+            tokens = stats.tokens
         return tokens
 
     @property
@@ -185,8 +242,11 @@ class CSKVCompressor(Compressor):
         """The model can read and write CSKV caches (re-entrant; ``attention.py`` says how)."""
         if self._installed_depth == 0:
             stack = contextlib.ExitStack()
+            # post-RoPE key latents are made from the rotated keys in the cache update, not from k_proj's input
+            branches = ("v",) if self.compressor_config.post_rope else ("k", "v")
             for index, attn in enumerate(self._attention):
-                for branch, projection in (("k", attn.k_proj), ("v", attn.v_proj)):
+                for branch in branches:
+                    projection = getattr(attn, f"{branch}_proj")
                     stack.callback(projection.register_forward_hook(self.reader.latent_hook(index, branch)).remove)
             stack.enter_context(overriding_attention(
                 self.base_lm, {attn: self.reader.attention_override(index) for index, attn in enumerate(self._attention)}))
@@ -237,8 +297,11 @@ class CSKVCompressor(Compressor):
 
     def memory_format(self) -> dict[str, Any]:
         cfg = self.compressor_config
-        return {"key_ranks": self.key_ranks, "value_ranks": self.value_ranks, "window": cfg.window,
+        made = {"key_ranks": self.key_ranks, "value_ranks": self.value_ranks, "window": cfg.window,
                 "quant_bits": cfg.quant_bits, "quant_group_size": cfg.quant_group_size}
+        if cfg.post_rope:  # absent for pre-RoPE keys, so that memories saved before the option still load
+            made["key_space"] = cfg.key_space
+        return made
 
     def memory_cache(self, memory: Memory, repeat: int = 1) -> CSKVCache:
         """A fresh cache holding a ``latent_kv`` memory (decoding mutates caches: never share one)."""
@@ -272,15 +335,17 @@ class CSKVCompressor(Compressor):
         """Layer-wise reconstruction loss: sum over layers of the MSE between the base model's keys
         (before RoPE; RoPE is a rotation, so the error is the same after it) and values and their
         reconstructions ``up(down(x))`` from the same inputs; latents are fake-quantized (straight
-        through) when ``quant_bits`` is set. The base model runs frozen; only the factors get gradients.
+        through) when ``quant_bits`` is set. Post-RoPE keys: the rotated key's reconstruction error weighted by
+        the batch's query second moment (the squared score error, what ``calibrate_keys`` minimizes). The base
+        model runs frozen; only the factors get gradients.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.to(self.device)
         count = mask.sum().clamp(min=1)
         cfg = self.compressor_config
-        losses: list[tuple[torch.Tensor, torch.Tensor]] = []
-        inputs: dict[int, torch.Tensor] = {}
+        key_losses: dict[int, torch.Tensor] = {}
+        value_losses: dict[int, torch.Tensor] = {}
 
         def mse(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
             err = (estimate.float() - target.detach().float()).pow(2).sum(-1)
@@ -294,34 +359,52 @@ class CSKVCompressor(Compressor):
             norm = self.reader.key_norms[index]
 
             def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                x = args[0].detach()
-                inputs[index] = x
-                estimate = reconstruct(self.factors[index].k, x)
+                estimate = reconstruct(self.factors[index].k, args[0].detach())
                 if norm is not None:  # the keys the cache holds: after the layer's key norm
                     out, estimate = norm(out).flatten(-2), norm(estimate).flatten(-2)
-                losses.append((mse(out, estimate), torch.zeros((), device=x.device)))
+                key_losses[index] = mse(out, estimate)
             return hook
 
         def on_v(index: int):  # noqa: ANN202
-            def hook(_m: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                x = inputs.pop(index)
-                key_loss, _ = losses[-1]
-                losses[-1] = (key_loss, mse(out, reconstruct(self.factors[index].v, x)))
+            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                value_losses[index] = mse(out, reconstruct(self.factors[index].v, args[0].detach()))
             return hook
+
+        def on_rotated(index: int):  # noqa: ANN202
+            # post-RoPE keys: the score error q . (k - k_hat), weighted by this batch's queries of each KV head
+            def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Any, fallback: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+                batch, kv_heads, tokens, head_dim = key.shape
+                flat = key.detach().transpose(1, 2).reshape(batch, tokens, kv_heads * head_dim)
+                error = (reconstruct(self.factors[index].k, flat).float() - flat.float()).view(
+                    batch, tokens, kv_heads, head_dim) * mask[..., None, None]
+                queries = query.detach().float().view(batch, kv_heads, -1, tokens, head_dim) \
+                    * mask[:, None, None, :, None]
+                moment = torch.einsum("nkgti,nkgtj->kij", queries, queries)
+                # normalized so that isotropic queries give the plain MSE
+                moment = moment * head_dim / moment.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-12)[:, None, None]
+                key_losses[index] = torch.einsum("ntki,kij,ntkj->", error, moment, error) / (
+                    count * kv_heads * head_dim)
+                return fallback(module, query, key, value, attention_mask, **kwargs)
+            return attend
 
         handles = []
         for index, attn in enumerate(self._attention):
-            handles.append(attn.k_proj.register_forward_hook(on_k(index)))
+            if not cfg.post_rope:
+                handles.append(attn.k_proj.register_forward_hook(on_k(index)))
             handles.append(attn.v_proj.register_forward_hook(on_v(index)))
+        overrides = {attn: on_rotated(i) for i, attn in enumerate(self._attention)} if cfg.post_rope else {}
         try:
             # The base model is frozen and its inputs need no gradient, so autograd records only
             # the factor computations made in the hooks.
-            self.decoder_model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+            with overriding_attention(self.base_lm, overrides) if overrides else contextlib.nullcontext():
+                self.decoder_model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        if len(losses) != len(self._attention):
-            raise RuntimeError(f"reconstruction losses from {len(losses)} of {len(self._attention)} layers")
-        key_loss = torch.stack([k for k, _ in losses]).sum()
-        value_loss = torch.stack([v for _, v in losses]).sum()
+        layers = len(self._attention)
+        if len(key_losses) != layers or len(value_losses) != layers:
+            raise RuntimeError(f"reconstruction losses from {len(key_losses)} / {len(value_losses)} of {layers} layers")
+        key_loss = torch.stack(list(key_losses.values())).sum()
+        value_loss = torch.stack(list(value_losses.values())).sum()
         return {"loss": key_loss + value_loss, "key_mse": key_loss.detach(), "value_mse": value_loss.detach()}

@@ -8,6 +8,7 @@ from ..base import CompressorConfig
 
 QUANT_BITS = (None, 8, 4)
 INITS = ("svd", "asvd")
+KEY_SPACES = ("pre_rope", "post_rope")
 
 
 def _check_density(value: float, what: str) -> None:
@@ -24,6 +25,10 @@ class CSKVConfig(CompressorConfig):
     ``round(density * out_features)`` and an up-projection back. The cache keeps latents of old
     tokens and full keys/values of the last ``window`` tokens; latents may be quantized to 8 or 4
     bits (asymmetric, per token and per group of ``quant_group_size`` channels).
+
+    ``key_space`` says what a key latent is: ``pre_rope``, ``down(x)`` (keys rebuilt and rotated at their
+    positions when read, Palu's layout); ``post_rope``, a projection of the rotated key itself, so that a decode
+    step scores the query against the latents without rebuilding a key (fused CPU kernels for 8-bit latents).
     """
 
     density: float = field(default=0.5, metadata={
@@ -38,6 +43,10 @@ class CSKVConfig(CompressorConfig):
     quant_bits: int | None = field(default=None, metadata={
         "help": "None (latents in the model dtype), 8 or 4 (packed, two per byte)"})
     quant_group_size: int = field(default=32, metadata={"help": "latent channels sharing one scale / zero point"})
+    key_space: str = field(default="pre_rope", metadata={
+        "help": "pre_rope: a key latent is down(x), rebuilt and rotated when read; post_rope: a projection of the "
+                "rotated key onto its query-weighted principal directions (calibrated on training texts at "
+                "positions up to max_context_tokens), read in rank space: a decode step never rebuilds a key"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd, or asvd (activation-aware, calibrated on training texts)"})
     asvd_alpha: float = field(default=0.5, metadata={
@@ -61,10 +70,16 @@ class CSKVConfig(CompressorConfig):
         if isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int) \
                 or self.quant_group_size < 1:
             raise ValueError(f"quant_group_size must be a positive integer, got {self.quant_group_size!r}")
+        if self.key_space not in KEY_SPACES:
+            raise ValueError(f"key_space must be one of {list(KEY_SPACES)}, got {self.key_space!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if not 0.0 <= float(self.asvd_alpha) <= 2.0:
             raise ValueError(f"asvd_alpha must be in [0, 2], got {self.asvd_alpha!r}")
+
+    @property
+    def post_rope(self) -> bool:
+        return self.key_space == "post_rope"
 
     def densities(self, num_layers: int) -> list[tuple[float, float]]:
         """(key density, value density) for each of ``num_layers`` layers."""

@@ -6,6 +6,13 @@ SVD keeps the top ``r`` singular directions of ``W``; ASVD (Yuan et al. 2023, ar
 used by CSKV) first scales the input channels by ``s_j = mean|x_j| ** alpha`` measured on
 calibration text, so that channels the model actually drives are kept:
 ``W S = U Sigma V^T``, ``W ~ (U_r Sigma_r^1/2) (Sigma_r^1/2 V_r^T S^-1)``.
+
+Post-RoPE keys (``key_space="post_rope"``) are projected instead: ``down: [r, kv_features]`` takes the rotated
+key itself. What a key is read for is its score ``q . k``, so the factors minimize the expected squared score
+error ``E[(q . (k - up down k))^2]`` over calibration queries and keys (``query_weighted_factors``): with ``Q``
+the second moment of a KV head's queries and ``C`` that of the rotated keys, whiten by ``Q^1/2``, keep the top
+``r`` eigenvectors ``V`` of ``Q^1/2 C Q^1/2``, and ``down = V^T Q^1/2``, ``up = Q^-1/2 V``. Keys rotate with
+their position, so the calibration tokens sit at random offsets up to the longest context served.
 """
 
 from __future__ import annotations
@@ -43,13 +50,73 @@ class LowRankProjection(nn.Module):
                 self.up.bias.copy_(bias.to(self.up.bias.dtype))
 
 
-class LowRankKV(nn.Module):
-    """The key and value factor pairs of one attention layer."""
+    @torch.no_grad()
+    def set_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        self.down.weight.copy_(down.to(self.down.weight.dtype))
+        self.up.weight.copy_(up.to(self.up.weight.dtype))
 
-    def __init__(self, hidden_size: int, kv_features: int, key_rank: int, value_rank: int, bias: bool) -> None:
+
+class LowRankKV(nn.Module):
+    """The key and value factor pairs of one attention layer (post-RoPE keys: ``k`` maps key to key)."""
+
+    def __init__(self, hidden_size: int, kv_features: int, key_rank: int, value_rank: int, bias: bool,
+                 post_rope: bool = False) -> None:
         super().__init__()
-        self.k = LowRankProjection(hidden_size, kv_features, key_rank, bias)
+        if post_rope:
+            self.k = LowRankProjection(kv_features, kv_features, key_rank, bias=False)
+        else:
+            self.k = LowRankProjection(hidden_size, kv_features, key_rank, bias)
         self.v = LowRankProjection(hidden_size, kv_features, value_rank, bias)
+
+
+def query_weighted_factors(key_moment: torch.Tensor, query_moment: torch.Tensor, rank: int,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down [rank, F], up [F, rank])`` minimizing ``E[(q . (k - up down k))^2]`` (float32).
+
+    ``key_moment``: ``[F, F]`` second moment of the keys (``F = kv_heads * head_dim``, heads concatenated);
+    ``query_moment``: ``[kv_heads, head_dim, head_dim]``, the second moment of the queries that read each KV
+    head (its GQA group summed). A query moment of identity gives plain PCA (``up = down^T``)."""
+    q = query_moment.double()
+    values, vectors = torch.linalg.eigh(q)
+    # a floor on the query spectrum keeps Q^-1/2 finite where no query reads a direction
+    floor = values.amax(-1, keepdim=True).clamp(min=1e-30) * 1e-6
+    values = values.clamp(min=0) + floor
+    root = torch.block_diag(*[v @ torch.diag(e.sqrt()) @ v.T for e, v in zip(values, vectors)])
+    inverse_root = torch.block_diag(*[v @ torch.diag(e.rsqrt()) @ v.T for e, v in zip(values, vectors)])
+    _, basis = torch.linalg.eigh(root @ key_moment.double() @ root)
+    top = basis.flip(-1)[:, :rank]  # eigh sorts ascending
+    return (top.T @ root).float(), (inverse_root @ top).float()
+
+
+class KeyStatistics:
+    """Second moments of the rotated keys and queries of every layer, accumulated over calibration tokens."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.queries: list[torch.Tensor | None] = [None] * num_layers
+        self.tokens = 0
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """``query [batch, q_heads, T, d]`` and ``key [batch, kv_heads, T, d]`` (rotated) of ``mask``'s tokens."""
+        batch, kv_heads, tokens, head_dim = key.shape
+        keys = key.detach().double().transpose(1, 2).reshape(batch, tokens, kv_heads * head_dim)
+        queries = query.detach().double().view(batch, kv_heads, -1, tokens, head_dim)
+        if mask is not None:
+            keep = mask.to(key.device).bool()
+            keys = keys[keep]
+            queries = queries.permute(0, 3, 1, 2, 4)[keep]  # [kept, kv_heads, group, d]
+        else:
+            keys = keys.reshape(-1, kv_heads * head_dim)
+            queries = queries.permute(0, 3, 1, 2, 4).reshape(-1, kv_heads, queries.shape[2], head_dim)
+        key_moment = keys.T @ keys
+        query_moment = torch.einsum("nkga,nkgb->kab", queries, queries)
+        self.keys[layer] = key_moment if self.keys[layer] is None else self.keys[layer] + key_moment
+        self.queries[layer] = query_moment if self.queries[layer] is None else self.queries[layer] + query_moment
+
+    def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if any(k is None for k in self.keys):
+            raise ValueError("no calibration tokens reached every layer")
+        return list(zip(self.keys, self.queries))  # type: ignore[arg-type]
 
 
 def factorize(weight: torch.Tensor, rank: int, input_scale: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
 """PyTorch reference for CSKV attention: reconstruct keys from latents, rotate them, attend; read values in
 rank space (the attention-weighted sum of the latents, then the up-projection: the same sum reassociated).
+Post-RoPE key latents (``decode_attention_rank_space``) are scored in rank space as well: ``q . (U z) = (U^T q) . z``.
 
 ``decode_attention_reference`` is the oracle the Triton kernel (``kernel.py``) must match, with the
 same arguments; it is also the decode path on machines without a GPU. Keys are stored before
@@ -46,12 +47,16 @@ def reconstruct(latent: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Te
 
 def latent_keys(latent_k: LatentStore, up_k: torch.Tensor, bias_k: torch.Tensor | None, positions: torch.Tensor,
                 inv_freq: torch.Tensor, rope_scaling: float, num_heads: int, head_dim: int,
-                key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None, post_rope: bool = False,
+                ) -> torch.Tensor:
     """Rotated keys ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents.
 
     ``key_norm`` (the layer's key norm: ``[batch, tokens, kv_heads * head_dim]`` to ``[batch, tokens, kv_heads,
-    head_dim]``) runs on the reconstructed keys before RoPE, as the layer runs it on ``k_proj``'s output."""
+    head_dim]``) runs on the reconstructed keys before RoPE, as the layer runs it on ``k_proj``'s output.
+    ``post_rope``: the latents project keys already normed and rotated; they are only up-projected."""
     dtype = up_k.dtype
+    if post_rope:
+        return reconstruct(latent_k.dequantize(dtype), up_k, bias_k, num_heads, head_dim)
     if key_norm is None:
         keys = reconstruct(latent_k.dequantize(dtype), up_k, bias_k, num_heads, head_dim)
     else:
@@ -65,10 +70,11 @@ def latent_keys_values(latent_k: LatentStore, latent_v: LatentStore, up_k: torch
                        bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None,
                        positions: torch.Tensor, inv_freq: torch.Tensor, rope_scaling: float, num_heads: int,
                        head_dim: int, key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       post_rope: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated keys and values ``[batch, kv_heads, tokens, head_dim]`` (in ``up_k.dtype``) of latents
-    (``latent_keys`` says what ``key_norm`` is)."""
-    keys = latent_keys(latent_k, up_k, bias_k, positions, inv_freq, rope_scaling, num_heads, head_dim, key_norm)
+    (``latent_keys`` says what ``key_norm`` and ``post_rope`` are)."""
+    keys = latent_keys(latent_k, up_k, bias_k, positions, inv_freq, rope_scaling, num_heads, head_dim, key_norm,
+                       post_rope)
     values = reconstruct(latent_v.dequantize(up_k.dtype), up_v, bias_v, num_heads, head_dim)
     return keys, values
 
@@ -110,15 +116,71 @@ def decode_attention_reference(
     kv_heads = window_k.shape[1]
     group = q_heads // kv_heads
     keys = latent_keys(latent_k, up_k.float(), _f(bias_k), positions, inv_freq, rope_scaling, kv_heads, head_dim)
-    keys = torch.cat([keys, window_k.float()], dim=2)
-    valid = valid_keys(batch, latent_k.length, window_k.shape[2], q.device, key_mask, latent_lens, window_lens)
-    scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, kv_heads, group, head_dim), keys) * sm_scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no valid key reads nothing
-    old, recent = probs.split([latent_k.length, window_k.shape[2]], dim=-1)
+    old = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, kv_heads, group, head_dim), keys) * sm_scale
+    return _attend(q, old.reshape(batch, q_heads, -1), latent_v, up_v, bias_v, window_k, window_v, sm_scale=sm_scale,
+                   key_mask=key_mask, latent_lens=latent_lens, window_lens=window_lens)
+
+
+def decode_attention_rank_space(
+    q: torch.Tensor, latent_k: LatentStore, latent_v: LatentStore, up_k: torch.Tensor,
+    bias_k: torch.Tensor | None, up_v: torch.Tensor, bias_v: torch.Tensor | None, positions: torch.Tensor,
+    inv_freq: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, *, sm_scale: float,
+    rope_scaling: float = 1.0, key_mask: torch.Tensor | None = None, latent_lens: torch.Tensor | None = None,
+    window_lens: torch.Tensor | None = None, fused: bool = False,
+) -> torch.Tensor:
+    """One decode step over a cache of post-RoPE key latents (the arguments of ``decode_attention_reference``;
+    ``positions``, ``inv_freq`` and ``rope_scaling`` are not needed: the latents were rotated before projection).
+
+    Each query is projected into the key latents' space once, ``U^T q``, and scored against every latent without a
+    key being rebuilt. ``fused``: the latents' scores and value sums come from the CPU kernels (``cpu_kernel.py``)
+    where they apply (8-bit latents on the CPU, once built); the results are the same sums."""
+    from . import cpu_kernel
+
+    batch, q_heads, head_dim = q.shape
+    kv_heads = window_k.shape[1]
+    group = q_heads // kv_heads
+    projected = torch.einsum("bhgd,hdr->bhgr", q.float().view(batch, kv_heads, group, head_dim),
+                             up_k.float().view(kv_heads, head_dim, -1)).reshape(batch, q_heads, -1)
+    bias_score = 0.0
+    if bias_k is not None:
+        bias_score = torch.einsum("bhgd,hd->bhg", q.float().view(batch, kv_heads, group, head_dim),
+                                  bias_k.float().view(kv_heads, head_dim)).reshape(batch, q_heads, 1)
+    if fused and latent_k.length and cpu_kernel.supports(latent_k) and cpu_kernel.available():
+        old = cpu_kernel.latent_scores(projected, latent_k)
+    else:
+        old = cpu_kernel.latent_scores_reference(projected, latent_k)
+    mix = cpu_kernel.latent_mix if fused and cpu_kernel.supports(latent_v) and cpu_kernel.available() else None
+    return _attend(q, (old + bias_score) * sm_scale, latent_v, up_v, bias_v, window_k, window_v, sm_scale=sm_scale,
+                   key_mask=key_mask, latent_lens=latent_lens, window_lens=window_lens, mix=mix)
+
+
+def _attend(q: torch.Tensor, old_scores: torch.Tensor, latent_v: LatentStore, up_v: torch.Tensor,
+            bias_v: torch.Tensor | None, window_k: torch.Tensor, window_v: torch.Tensor, *, sm_scale: float,
+            key_mask: torch.Tensor | None, latent_lens: torch.Tensor | None, window_lens: torch.Tensor | None,
+            mix: Callable[[torch.Tensor, LatentStore], torch.Tensor] | None = None) -> torch.Tensor:
+    """The rest of a decode step, given the latent tokens' scaled scores ``[batch, q_heads, T]``: the window's
+    scores, the masked softmax over both branches, values read in rank space for the latents (``mix``: a fused
+    ``sum_t p_t z_t``, else PyTorch) and in full for the window; returns ``[batch, q_heads, head_dim]``."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = window_k.shape[1]
+    group = q_heads // kv_heads
+    latent_len = old_scores.shape[-1]
+    recent_scores = torch.einsum("bhgd,bhtd->bhgt", q.float().view(batch, kv_heads, group, head_dim),
+                                 window_k.float()) * sm_scale
+    scores = torch.cat([old_scores.view(batch, kv_heads, group, latent_len), recent_scores], dim=-1)
+    if key_mask is not None or latent_lens is not None or window_lens is not None:  # else every key is read
+        valid = valid_keys(batch, latent_len, window_k.shape[2], q.device, key_mask, latent_lens, window_lens)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no valid key reads nothing
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    old, recent = probs.split([latent_len, window_k.shape[2]], dim=-1)
     # The latent tokens' values are read in rank space: sum_t p_t (U l_t + b) = U (sum_t p_t l_t) + b sum_t p_t,
     # the same sum reassociated, so no [tokens, kv_heads * head_dim] values are ever reconstructed.
-    mixed = torch.einsum("bhgt,btr->bhgr", old, latent_v.dequantize(torch.float32))
+    if mix is not None and latent_len:
+        mixed = mix(old.reshape(batch, q_heads, latent_len), latent_v).view(batch, kv_heads, group, -1)
+    else:
+        mixed = torch.einsum("bhgt,btr->bhgr", old, latent_v.dequantize(torch.float32))
     out = torch.einsum("bhgr,hdr->bhgd", mixed, up_v.float().view(kv_heads, head_dim, -1))
     if bias_v is not None:
         out = out + old.sum(-1, keepdim=True) * bias_v.float().view(kv_heads, 1, head_dim)
