@@ -229,10 +229,12 @@ class CSKVCache(Cache):
         keys = [layer.window_k.to(key_states.dtype), key_states]
         values = [layer.window_v.to(value_states.dtype), value_states]
         if tokens == 1 and layer.get_seq_length() > 0:  # a decode step: the attention override reads latents
+            window_k, window_v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
             self.reader.requests[layer_idx] = DecodeRequest(
-                layer.latent_k, layer.latent_v, self.latent_positions(layer_idx), torch.cat(keys, dim=2),
-                torch.cat(values, dim=2))
-        elif layer.latent_len:
+                layer.latent_k, layer.latent_v, self.latent_positions(layer_idx), window_k, window_v)
+            layer.append(key_states, value_states, latent_k, latent_v)
+            return window_k, window_v  # what the model's attention passes on to the override
+        if layer.latent_len:
             old_k, old_v = self.reader.reconstruct(layer_idx, layer.latent_k, layer.latent_v,
                                                    self.latent_positions(layer_idx), key_states.shape[1],
                                                    key_states.shape[3])

@@ -7,8 +7,10 @@ the up-projection once). Both sums read 8-bit codes; in PyTorch each would first
 latent (4x the bytes read) and a gathered scale / zero per channel, which costs more than the dense cache's
 whole step. These kernels dequantize each token's codes in registers and never write a latent back:
 
-- ``latent_scores(q, codes, scale, zero, group_size)``: ``[batch, heads, tokens]`` scores ``q . z_t``;
-- ``latent_mix(probs, codes, scale, zero, group_size)``: ``[batch, heads, rank]`` sums ``sum_t p_t z_t``.
+- ``latent_scores(q, codes, scale, zero, group_size)``: ``[batch, heads, tokens]`` scores ``q . z_t``, blocks of
+  16 tokens laid out channel-major in a small buffer so that one multiply-add scores 16 tokens;
+- ``latent_mix(probs, codes, scale, zero, group_size)``: ``[batch, heads, rank]`` sums ``sum_t p_t z_t``, 8 tokens
+  per pass over each head's accumulator row.
 
 Layout: ``quant.py``'s 8-bit layout (codes ``uint8 [batch, tokens, rank]``, fp16 ``scale`` / ``zero``
 ``[batch, tokens, groups]``, channel ``c`` in group ``c // group_size``). Tokens are split over torch's intra-op
@@ -58,6 +60,8 @@ inline void dequantize_token(const uint8_t* code, const at::Half* scale, const a
 
 }  // namespace
 
+constexpr int64_t BLOCK = 16;  // tokens scored together: one vector lane per token
+
 torch::Tensor latent_scores(torch::Tensor q, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                             int64_t group_size) {
   check(codes, scale, zero, group_size);
@@ -72,17 +76,48 @@ torch::Tensor latent_scores(torch::Tensor q, torch::Tensor codes, torch::Tensor 
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* zp = zero.data_ptr<at::Half>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, batch * tokens, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(rank);
+  const int64_t blocks = (tokens + BLOCK - 1) / BLOCK;
+  // q . z = sum_g scale_g (q_g . codes_g) + sum_g zero_g (sum of q_g): the codes are read as integers-as-floats,
+  // laid out channel-major for a block of tokens, so that each multiply-add covers BLOCK tokens at once.
+  at::parallel_for(0, batch * blocks, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> codes_t(rank * BLOCK), scales(groups * BLOCK), zeros(groups * BLOCK), qsum(heads * groups);
+    int64_t summed_row = -1;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / tokens, t = i % tokens;
-      dequantize_token(cp + i * rank, sp + i * groups, zp + i * groups, rank, group_size, buf.data());
+      const int64_t b = i / blocks, t0 = (i % blocks) * BLOCK, n = std::min(BLOCK, tokens - t0);
+      if (summed_row != b) {
+        std::fill(qsum.begin(), qsum.end(), 0.f);
+        for (int64_t h = 0; h < heads; ++h)
+          for (int64_t c = 0; c < rank; ++c) qsum[h * groups + c / group_size] += qp[(b * heads + h) * rank + c];
+        summed_row = b;
+      }
+      for (int64_t j = 0; j < BLOCK; ++j) {
+        const bool real = j < n;
+        const uint8_t* row = cp + (b * tokens + t0 + j) * rank;
+        for (int64_t c = 0; c < rank; ++c) codes_t[c * BLOCK + j] = real ? static_cast<float>(row[c]) : 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          scales[g * BLOCK + j] = real ? static_cast<float>(sp[(b * tokens + t0 + j) * groups + g]) : 0.f;
+          zeros[g * BLOCK + j] = real ? static_cast<float>(zp[(b * tokens + t0 + j) * groups + g]) : 0.f;
+        }
+      }
       for (int64_t h = 0; h < heads; ++h) {
-        const float* qh = qp + (b * heads + h) * rank;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < rank; ++c) acc += qh[c] * buf[c];
-        op[(b * heads + h) * tokens + t] = acc;
+        const float* __restrict__ qh = qp + (b * heads + h) * rank;
+        float acc[BLOCK] = {0.f};
+        for (int64_t g = 0; g < groups; ++g) {
+          float part[BLOCK] = {0.f};
+          for (int64_t c = g * group_size, c1 = std::min(rank, c + group_size); c < c1; ++c) {
+            const float w = qh[c];
+            const float* __restrict__ column = codes_t.data() + c * BLOCK;
+#pragma omp simd
+            for (int64_t j = 0; j < BLOCK; ++j) part[j] += w * column[j];
+          }
+          const float qz = qsum[h * groups + g];
+          const float* __restrict__ s = scales.data() + g * BLOCK;
+          const float* __restrict__ z = zeros.data() + g * BLOCK;
+#pragma omp simd
+          for (int64_t j = 0; j < BLOCK; ++j) acc[j] += part[j] * s[j] + qz * z[j];
+        }
+        float* o = op + (b * heads + h) * tokens + t0;
+        for (int64_t j = 0; j < n; ++j) o[j] = acc[j];
       }
     }
   });
@@ -97,7 +132,9 @@ torch::Tensor latent_mix(torch::Tensor probs, torch::Tensor codes, torch::Tensor
   probs = probs.contiguous(); codes = codes.contiguous(); scale = scale.contiguous(); zero = zero.contiguous();
   const int64_t batch = codes.size(0), tokens = codes.size(1), rank = codes.size(2), heads = probs.size(1);
   const int64_t groups = scale.size(2);
-  // One accumulator per thread (a thread runs its chunks one after another), summed at the end.
+  // One accumulator per thread (a thread runs its chunks one after another), summed at the end. Tokens are
+  // added UNROLL at a time, so that each accumulator channel is loaded and stored once per UNROLL tokens.
+  constexpr int64_t UNROLL = 8;
   const int64_t threads = at::get_num_threads();
   auto partial = torch::zeros({threads, batch, heads, rank}, probs.options());
   const float* pp = probs.data_ptr<float>();
@@ -106,17 +143,26 @@ torch::Tensor latent_mix(torch::Tensor probs, torch::Tensor codes, torch::Tensor
   const at::Half* zp = zero.data_ptr<at::Half>();
   float* acc = partial.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
-    at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(rank);
+    at::parallel_for(0, (tokens + UNROLL - 1) / UNROLL, 32, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(UNROLL * rank);
       float* mine = acc + (at::get_thread_num() * batch + b) * heads * rank;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = b * tokens + t;
-        dequantize_token(cp + i * rank, sp + i * groups, zp + i * groups, rank, group_size, buf.data());
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t t0 = k * UNROLL, n = std::min(UNROLL, tokens - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = b * tokens + t0 + j;
+          dequantize_token(cp + i * rank, sp + i * groups, zp + i * groups, rank, group_size, buf.data() + j * rank);
+        }
         for (int64_t h = 0; h < heads; ++h) {
-          const float p = pp[(b * heads + h) * tokens + t];
-          float* row = mine + h * rank;
+          float p[UNROLL];
+          for (int64_t j = 0; j < UNROLL; ++j) p[j] = j < n ? pp[(b * heads + h) * tokens + t0 + j] : 0.f;
+          float* __restrict__ row = mine + h * rank;
+          const float* __restrict__ values = buf.data();
 #pragma omp simd
-          for (int64_t c = 0; c < rank; ++c) row[c] += p * buf[c];
+          for (int64_t c = 0; c < rank; ++c) {
+            float sum = row[c];
+            for (int64_t j = 0; j < UNROLL; ++j) sum += p[j] * values[j * rank + c];
+            row[c] = sum;
+          }
         }
       }
     });
