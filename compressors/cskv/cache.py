@@ -23,7 +23,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import NOT_READING, DecodeRequest, LatentReader
 from .quant import LatentStore, num_groups, padded_channels, store
 
-
 EVICT_BLOCK = 32  # decoded tokens leave the window together (``CSKVLayer.append`` says why)
 
 
