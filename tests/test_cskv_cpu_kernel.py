@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -55,3 +58,23 @@ def test_bad_inputs_are_refused_by_name(built) -> None:
     with pytest.raises(RuntimeError, match=r"probs must be float32 \[batch, heads, tokens\]"):
         cpu_kernel.latent_mix(torch.rand(1, 2, 6), latent)
     assert cpu_kernel.supports(latent) and not cpu_kernel.supports(store(torch.randn(1, 5, 8), 4, 4, torch.float32))
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_fresh_one_kept(tmp_path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_kernel._clear_stale_lock(tmp_path)  # a build running now: wait for it
+    assert lock.exists()
+    old = time.time() - cpu_kernel.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        cpu_kernel._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+def test_the_build_folder_follows_the_source(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = cpu_kernel.build_directory()
+    assert folder.parent == tmp_path
+    monkeypatch.setattr(cpu_kernel, "_SOURCE", cpu_kernel._SOURCE + "\n// changed\n")
+    assert cpu_kernel.build_directory() != folder

@@ -9,7 +9,8 @@ from test_cskv import decode_logits, full_cache_logits, ids, make
 
 from ctxzip.compressors import CompressedLM, Memory, load_compressor, save_compressor
 from ctxzip.compressors.cskv import CSKVConfig
-from ctxzip.compressors.cskv.factorization import query_weighted_factors
+from ctxzip.compressors.cskv.factorization import query_weighted_factors, rotation_invariant_factors
+from ctxzip.compressors.cskv.reference import apply_rope, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,6 +24,38 @@ def calibrated(tiny, **config):
 def test_key_space_is_validated() -> None:
     with pytest.raises(ValueError, match=r"key_space must be one of \['pre_rope', 'post_rope'\]"):
         CSKVConfig(key_space="after")
+    with pytest.raises(ValueError, match=r"post_rope_factors must be one of \['rotation_invariant', 'pca'\]"):
+        CSKVConfig(post_rope_factors="svd")
+
+
+def moments(kv_heads: int = 2, head_dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(4000, kv_heads, head_dim, generator=generator) * torch.linspace(3, 0.1, head_dim)
+    queries = torch.randn(4000, kv_heads, 3, head_dim, generator=generator) * torch.linspace(0.1, 3, head_dim)
+    key_moment = keys.flatten(1).T.double() @ keys.flatten(1).double()
+    return keys, queries, key_moment
+
+
+@pytest.mark.parametrize("rank", [6, 7, 16])
+def test_rotation_invariant_factors_commute_with_rope(rank) -> None:
+    keys, queries, key_moment = moments()
+    query_moment = torch.einsum("nkga,nkgb->kab", queries.double(), queries.double())
+    down, up = rotation_invariant_factors(key_moment, query_moment, rank)
+    assert down.shape == (rank, 16) and up.shape == (16, rank)
+    torch.testing.assert_close(down @ up, torch.eye(rank), atol=1e-4, rtol=1e-4)  # a projection
+    projection = up @ down
+    rotated = keys[:50].transpose(0, 1)[None]  # [1, kv_heads, tokens, head_dim]
+    cos, sin = rope_cos_sin(torch.arange(50)[None] * 37, 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8))
+    turned = apply_rope(rotated, cos, sin)
+
+    def project(k: torch.Tensor) -> torch.Tensor:  # [1, heads, T, d] -> the same, through the factors
+        flat = k[0].transpose(0, 1).reshape(-1, 16)
+        return (flat @ projection.T).view(-1, 2, 8).transpose(0, 1)[None]
+
+    if rank % 2 == 0:  # RoPE then project = project then RoPE
+        torch.testing.assert_close(project(turned), apply_rope(project(rotated), cos, sin), atol=1e-4, rtol=1e-4)
+    if rank == 16:
+        torch.testing.assert_close(projection, torch.eye(16), atol=1e-4, rtol=1e-4)
 
 
 def test_full_rank_post_rope_latents_reproduce_the_full_cache(tiny) -> None:
@@ -37,10 +70,7 @@ def test_full_rank_post_rope_latents_reproduce_the_full_cache(tiny) -> None:
 
 
 def test_query_weighted_factors_minimize_the_score_error() -> None:
-    generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(4000, 2, 8, generator=generator) * torch.linspace(3, 0.1, 8)
-    queries = torch.randn(4000, 2, 3, 8, generator=generator) * torch.linspace(0.1, 3, 8)  # reads small channels
-    key_moment = keys.flatten(1).T.double() @ keys.flatten(1).double()
+    keys, queries, key_moment = moments()  # the queries read the keys' small channels
     query_moment = torch.einsum("nkga,nkgb->kab", queries.double(), queries.double())
 
     def score_error(down: torch.Tensor, up: torch.Tensor) -> float:
@@ -104,9 +134,20 @@ def test_batched_padded_rows_save_load_and_generate(tiny, tmp_path) -> None:
         pre.decoder_forward(batched.select(0), ids(3), torch.ones(1, 3, dtype=torch.long))
 
 
-def test_training_lowers_the_query_weighted_key_loss_and_exports(tiny, tmp_path) -> None:
-    compressor = calibrated(tiny, density=0.25, quant_bits=8, quant_group_size=8).train()
-    compressor.factors[0].k.up.weight.data.mul_(0.5)  # away from the calibrated optimum
+@pytest.mark.parametrize("fit", ["rotation_invariant", "pca"])
+def test_both_fits_decode_close_to_the_full_cache_at_high_rank(tiny, fit) -> None:
+    compressor = calibrated(tiny, density=0.9, window=2, post_rope_factors=fit)
+    context, prompt = ids(40), ids(5, seed=1)
+    got = decode_logits(compressor, compressor.compress(context), prompt)
+    want = full_cache_logits(compressor.base_lm, context, prompt)
+    low = calibrated(tiny, density=0.25, window=2, post_rope_factors=fit)
+    worse = decode_logits(low, low.compress(context), prompt)
+    assert (got - want).abs().mean() < (worse - want).abs().mean()
+
+
+def test_training_moves_the_values_not_the_calibrated_keys_and_exports(tiny, tmp_path) -> None:
+    compressor = calibrated(tiny, density=0.25, value_density=0.5, quant_bits=8, quant_group_size=8).train()
+    assert not any(p.requires_grad for p in compressor.factors[0].k.parameters())
     factors = {k: v.clone() for k, v in compressor.own_state_dict().items()}
     optimizer = torch.optim.Adam([p for p in compressor.parameters() if p.requires_grad], lr=3e-3)
     batch, mask = ids(32, seed=7, batch=2), torch.ones(2, 32, dtype=torch.long)
@@ -117,9 +158,11 @@ def test_training_lowers_the_query_weighted_key_loss_and_exports(tiny, tmp_path)
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        losses.append(float(out["key_mse"]))
+        assert float(out["key_mse"]) == 0.0
+        losses.append(float(out["loss"].detach()))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    assert all(not torch.equal(v, compressor.own_state_dict()[k]) for k, v in factors.items())
+    after = compressor.own_state_dict()
+    assert all(torch.equal(v, after[k]) == (".k." in k) for k, v in factors.items())
     compressor.eval()
     _, tokenizer = tiny()
     save_compressor(compressor, tmp_path / "cskv", tokenizer)

@@ -9,8 +9,11 @@ optional low-bit latents, training of the factors only by layer-wise K/V reconst
 with fake quantization (straight-through) when ``quant_bits`` is set. As in the paper's code, a
 prefill attends with the exact keys / values of its own tokens; the cache then keeps latents.
 Different: one joint latent per layer for all KV heads (as in the paper's code, not Palu's
-per-head groups); keys are stored before RoPE and rotated after reconstruction (Palu-style) so that
-the latent is position-free; 8 / 4-bit latents use per-token groups of channels (the paper uses
+per-head groups); with ``key_space="pre_rope"`` keys are stored before RoPE and rotated after reconstruction
+(Palu-style) so that the latent is position-free; with ``key_space="post_rope"`` (beyond the paper) a key latent
+projects the rotated key onto query-weighted principal directions calibrated at random positions
+(``factorization.query_weighted_factors``), so that a decode step scores queries against latents in rank space
+(``reference.decode_attention_rank_space``, fused CPU kernels in ``cpu_kernel.py``) and never rebuilds a key; 8 / 4-bit latents use per-token groups of channels (the paper uses
 KIVI-style per-channel keys over token blocks); the recipe configs keep every value channel
 (``value_density: 1.0``) where the paper shrinks K and V alike (benchmarks/results/cskv_ablation).
 Beyond the paper (Llama / Mistral): on a layer with a key norm after ``k_proj`` (Qwen3 per head,
@@ -42,7 +45,14 @@ from ..models import whole_parameters
 from .attention import LatentReader
 from .cache import CacheSpec, CSKVCache, LayerSpec
 from .config import CSKVConfig, rank_for
-from .factorization import InputStatistics, KeyStatistics, LowRankKV, asvd_scale, query_weighted_factors
+from .factorization import (
+    InputStatistics,
+    KeyStatistics,
+    LowRankKV,
+    asvd_scale,
+    query_weighted_factors,
+    rotation_invariant_factors,
+)
 from .quant import fake_quantize
 
 # RoPE variants whose cos / sin are cos / sin(position * inv_freq) * attention_scaling.
@@ -104,6 +114,8 @@ class CSKVCompressor(Compressor):
                                 rank_for(value_density, v_proj.out_features), bias=k_proj.bias is not None,
                                 post_rope=config.post_rope)
             factors.to(device=k_proj.weight.device, dtype=k_proj.weight.dtype)
+            if config.post_rope:  # calibrated, not trained (``forward`` says why)
+                factors.k.requires_grad_(False)
             self.factors.append(factors)
         self._attention = tuple(attns)  # a tuple: not registered again as submodules
         self._installed_depth = 0
@@ -192,11 +204,13 @@ class CSKVCompressor(Compressor):
 
     @torch.no_grad()
     def calibrate_keys(self, stats: KeyStatistics) -> None:
-        """Set the post-RoPE key factors from calibration statistics (``query_weighted_factors``)."""
+        """Set the post-RoPE key factors from calibration statistics (``post_rope_factors`` says how)."""
         if not self.compressor_config.post_rope:
             raise ValueError("calibrate_keys sets post-RoPE key factors; this compressor has key_space='pre_rope'")
+        fit = rotation_invariant_factors if self.compressor_config.post_rope_factors == "rotation_invariant" \
+            else query_weighted_factors
         for factors, (keys, queries) in zip(self.factors, stats.moments()):
-            factors.k.set_factors(*query_weighted_factors(keys, queries, factors.k.rank))
+            factors.k.set_factors(*fit(keys, queries, factors.k.rank))
 
     def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
         """Every calibration the config asks for (ASVD scales, post-RoPE key factors); returns the tokens seen."""
@@ -335,8 +349,8 @@ class CSKVCompressor(Compressor):
         """Layer-wise reconstruction loss: sum over layers of the MSE between the base model's keys
         (before RoPE; RoPE is a rotation, so the error is the same after it) and values and their
         reconstructions ``up(down(x))`` from the same inputs; latents are fake-quantized (straight
-        through) when ``quant_bits`` is set. Post-RoPE keys: the rotated key's reconstruction error weighted by
-        the batch's query second moment (the squared score error, what ``calibrate_keys`` minimizes). The base
+        through) when ``quant_bits`` is set. Post-RoPE key factors are calibrated, not trained (``key_mse`` is 0):
+        training texts sit at the first positions, and fitting rotated keys there would fit those positions. The base
         model runs frozen; only the factors get gradients.
         """
         if attention_mask is None:
@@ -370,41 +384,21 @@ class CSKVCompressor(Compressor):
                 value_losses[index] = mse(out, reconstruct(self.factors[index].v, args[0].detach()))
             return hook
 
-        def on_rotated(index: int):  # noqa: ANN202
-            # post-RoPE keys: the score error q . (k - k_hat), weighted by this batch's queries of each KV head
-            def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Any, fallback: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-                batch, kv_heads, tokens, head_dim = key.shape
-                flat = key.detach().transpose(1, 2).reshape(batch, tokens, kv_heads * head_dim)
-                error = (reconstruct(self.factors[index].k, flat).float() - flat.float()).view(
-                    batch, tokens, kv_heads, head_dim) * mask[..., None, None]
-                queries = query.detach().float().view(batch, kv_heads, -1, tokens, head_dim) \
-                    * mask[:, None, None, :, None]
-                moment = torch.einsum("nkgti,nkgtj->kij", queries, queries)
-                # normalized so that isotropic queries give the plain MSE
-                moment = moment * head_dim / moment.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-12)[:, None, None]
-                key_losses[index] = torch.einsum("ntki,kij,ntkj->", error, moment, error) / (
-                    count * kv_heads * head_dim)
-                return fallback(module, query, key, value, attention_mask, **kwargs)
-            return attend
-
         handles = []
         for index, attn in enumerate(self._attention):
             if not cfg.post_rope:
                 handles.append(attn.k_proj.register_forward_hook(on_k(index)))
             handles.append(attn.v_proj.register_forward_hook(on_v(index)))
-        overrides = {attn: on_rotated(i) for i, attn in enumerate(self._attention)} if cfg.post_rope else {}
         try:
             # The base model is frozen and its inputs need no gradient, so autograd records only
             # the factor computations made in the hooks.
-            with overriding_attention(self.base_lm, overrides) if overrides else contextlib.nullcontext():
-                self.decoder_model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
+            self.decoder_model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
         layers = len(self._attention)
-        if len(key_losses) != layers or len(value_losses) != layers:
+        if len(key_losses) != (0 if cfg.post_rope else layers) or len(value_losses) != layers:
             raise RuntimeError(f"reconstruction losses from {len(key_losses)} / {len(value_losses)} of {layers} layers")
-        key_loss = torch.stack(list(key_losses.values())).sum()
+        key_loss = torch.stack(list(key_losses.values())).sum() if key_losses else torch.zeros((), device=self.device)
         value_loss = torch.stack(list(value_losses.values())).sum()
         return {"loss": key_loss + value_loss, "key_mse": key_loss.detach(), "value_mse": value_loss.detach()}

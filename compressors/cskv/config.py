@@ -9,6 +9,7 @@ from ..base import CompressorConfig
 QUANT_BITS = (None, 8, 4)
 INITS = ("svd", "asvd")
 KEY_SPACES = ("pre_rope", "post_rope")
+POST_ROPE_FACTORS = ("rotation_invariant", "pca")
 
 
 def _check_density(value: float, what: str) -> None:
@@ -47,6 +48,11 @@ class CSKVConfig(CompressorConfig):
         "help": "pre_rope: a key latent is down(x), rebuilt and rotated when read; post_rope: a projection of the "
                 "rotated key onto its query-weighted principal directions (calibrated on training texts at "
                 "positions up to max_context_tokens), read in rank space: a decode step never rebuilds a key"})
+    post_rope_factors: str = field(default="rotation_invariant", metadata={
+        "help": "how post-RoPE key factors are fitted: rotation_invariant (subspaces RoPE maps onto themselves, "
+                "chosen by query-weighted key energy per frequency: a latent loses the same at every position) or "
+                "pca (query-weighted PCA of rotated keys at random positions: fits no position exactly; pass keys "
+                "0.53 vs 0.76 at 1k, benchmarks/results/cskv_ablation)"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd, or asvd (activation-aware, calibrated on training texts)"})
     asvd_alpha: float = field(default=0.5, metadata={
@@ -72,6 +78,9 @@ class CSKVConfig(CompressorConfig):
             raise ValueError(f"quant_group_size must be a positive integer, got {self.quant_group_size!r}")
         if self.key_space not in KEY_SPACES:
             raise ValueError(f"key_space must be one of {list(KEY_SPACES)}, got {self.key_space!r}")
+        if self.post_rope_factors not in POST_ROPE_FACTORS:
+            raise ValueError(f"post_rope_factors must be one of {list(POST_ROPE_FACTORS)}, "
+                             f"got {self.post_rope_factors!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if not 0.0 <= float(self.asvd_alpha) <= 2.0:

@@ -15,7 +15,8 @@ whole step. These kernels dequantize each token's codes in registers and never w
 Layout: ``quant.py``'s 8-bit layout (codes ``uint8 [batch, tokens, rank]``, fp16 ``scale`` / ``zero``
 ``[batch, tokens, groups]``, channel ``c`` in group ``c // group_size``). Tokens are split over torch's intra-op
 threads (``at::parallel_for``). The sources compile once per machine with the C++ compiler torch finds
-(``torch.utils.cpp_extension.load_inline``, ``-O3 -march=native``, into torch's extension cache); where no compiler
+(``torch.utils.cpp_extension.load_inline``, ``-O3 -march=native``, into ``build_directory()``; a lock left there by
+a killed build is cleared after ``STALE_LOCK_SECONDS``); where no compiler
 works, ``available()`` is False and CSKV decodes with the PyTorch reference (``reference.py``), which these kernels
 must match (``tests/test_cskv_cpu_kernel.py``: odd shapes, float32 queries, 8-bit codes; 4-bit and float latents
 always take the reference).
@@ -24,7 +25,11 @@ always take the reference).
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import time
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -174,14 +179,37 @@ torch::Tensor latent_mix(torch::Tensor probs, torch::Tensor codes, torch::Tensor
 _FUNCTIONS = ["latent_scores", "latent_mix"]
 
 
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+STALE_LOCK_SECONDS = 600  # a build takes about a minute; an older lock is left by a build that was killed
+
+
+def build_directory() -> Path:
+    """Where the kernels are built: one folder per source, flags and torch version (a new source never meets an old
+    build), under ``TORCH_EXTENSIONS_DIR`` when set, else ``~/.cache/ctxzip/extensions``."""
+    key = hashlib.sha256("\n".join([_SOURCE, *_FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "ctxzip" / "extensions"
+    return Path(root) / f"cskv_cpu_{key}"
+
+
+def _clear_stale_lock(folder: Path) -> None:
+    # torch waits forever on a build lock; a build killed mid-way (Ctrl-C on the first decode) leaves one behind
+    lock = folder / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing a stale build lock left by a killed build: {lock}", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _module() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     try:
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder)
         return cpp_extension.load_inline(
-            name="ctxzip_cskv_cpu", cpp_sources=[_SOURCE], functions=_FUNCTIONS,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            name="ctxzip_cskv_cpu", cpp_sources=[_SOURCE], functions=_FUNCTIONS, extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the reference still works
         warnings.warn(f"the CSKV CPU kernels could not be built ({error!r}): CSKV decodes with the PyTorch "
                       "reference, which is several times slower", RuntimeWarning, stacklevel=3)

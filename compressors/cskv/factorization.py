@@ -8,11 +8,15 @@ calibration text, so that channels the model actually drives are kept:
 ``W S = U Sigma V^T``, ``W ~ (U_r Sigma_r^1/2) (Sigma_r^1/2 V_r^T S^-1)``.
 
 Post-RoPE keys (``key_space="post_rope"``) are projected instead: ``down: [r, kv_features]`` takes the rotated
-key itself. What a key is read for is its score ``q . k``, so the factors minimize the expected squared score
-error ``E[(q . (k - up down k))^2]`` over calibration queries and keys (``query_weighted_factors``): with ``Q``
-the second moment of a KV head's queries and ``C`` that of the rotated keys, whiten by ``Q^1/2``, keep the top
-``r`` eigenvectors ``V`` of ``Q^1/2 C Q^1/2``, and ``down = V^T Q^1/2``, ``up = Q^-1/2 V``. Keys rotate with
-their position, so the calibration tokens sit at random offsets up to the longest context served.
+key itself. What a key is read for is its score ``q . k``, so the factors weight the key error by the queries that
+read it. Two fits: ``rotation_invariant_factors`` (the default, ``post_rope_factors="rotation_invariant"``) keeps
+only subspaces that RoPE maps onto themselves, so a latent loses the same at every position;
+``query_weighted_factors`` (``"pca"``) minimizes the expected squared score error ``E[(q . (k - up down k))^2]``
+over calibration queries and keys with no constraint: with ``Q`` the second moment of a KV head's queries and
+``C`` that of the rotated keys, whiten by ``Q^1/2``, keep the top ``r`` eigenvectors ``V`` of ``Q^1/2 C Q^1/2``,
+and ``down = V^T Q^1/2``, ``up = Q^-1/2 V``; keys rotate with their position, so its calibration tokens sit at
+random offsets up to the longest context served, and a subspace fitted to the average position fits no
+position exactly.
 """
 
 from __future__ import annotations
@@ -86,6 +90,50 @@ def query_weighted_factors(key_moment: torch.Tensor, query_moment: torch.Tensor,
     _, basis = torch.linalg.eigh(root @ key_moment.double() @ root)
     top = basis.flip(-1)[:, :rank]  # eigh sorts ascending
     return (top.T @ root).float(), (inverse_root @ top).float()
+
+
+def rotation_invariant_factors(key_moment: torch.Tensor, query_moment: torch.Tensor, rank: int,
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down [rank, F], up [F, rank])`` spanning a subspace that RoPE maps onto itself (float32).
+
+    RoPE turns each channel pair ``(f, f + head_dim / 2)`` of every head by the same angle ``position * theta_f``:
+    read as a complex number ``z_f = k_f + i k_(f + head_dim / 2)``, frequency ``f`` of all KV heads is a vector of
+    ``C^kv_heads`` multiplied by ``e^(i position theta_f)``. Any complex subspace of one frequency's ``C^kv_heads``
+    is therefore invariant, and a projection onto a sum of them commutes with the rotation: the latent of a rotated
+    key is the rotated latent, whatever the position, as with pre-RoPE latents. Per frequency, the complex second
+    moment of the keys, weighted by the energy of the queries that read each head in that pair, gives eigenvectors;
+    the ``rank // 2`` largest over all frequencies are kept, each as two real directions (an odd rank adds the real
+    part of the next one, the only direction that is not invariant). Arguments as ``query_weighted_factors``."""
+    kv_heads, head_dim = query_moment.shape[0], query_moment.shape[-1]
+    half = head_dim // 2
+    c, q = key_moment.double(), query_moment.double()
+    candidates = []  # (eigenvalue, frequency, eigenvector in whitened coordinates)
+    for f in range(half):
+        real = [g * head_dim + f for g in range(kv_heads)]
+        imag = [g * head_dim + f + half for g in range(kv_heads)]
+        moment = torch.complex(c[real][:, real] + c[imag][:, imag], c[imag][:, real] - c[real][:, imag])
+        weight = torch.stack([q[g, f, f] + q[g, f + half, f + half] for g in range(kv_heads)])
+        weight = weight.clamp(min=0) + weight.amax().clamp(min=1e-30) * 1e-6
+        root = weight.sqrt().to(moment.dtype)
+        values, vectors = torch.linalg.eigh(root[:, None] * moment * root[None, :])
+        candidates += [(float(values[j]), f, vectors[:, j]) for j in range(kv_heads)]
+    candidates.sort(key=lambda item: -item[0])
+    basis, scale = [], torch.zeros(kv_heads * head_dim, dtype=torch.float64)
+    for f in range(half):
+        for g in range(kv_heads):
+            w = q[g, f, f] + q[g, f + half, f + half]
+            scale[g * head_dim + f] = scale[g * head_dim + f + half] = w
+    scale = (scale.clamp(min=0) + scale.amax().clamp(min=1e-30) * 1e-6).sqrt()
+    for index in range((rank + 1) // 2):
+        _, f, v = candidates[index]
+        for turned in ((v,) if 2 * index + 1 == rank else (v, 1j * v)):
+            direction = torch.zeros(kv_heads * head_dim, dtype=torch.float64)
+            for g in range(kv_heads):
+                direction[g * head_dim + f] = turned[g].real
+                direction[g * head_dim + f + half] = turned[g].imag
+            basis.append(direction)
+    top = torch.stack(basis, dim=1)  # [F, rank], orthonormal in whitened coordinates
+    return (top.T * scale[None, :]).float(), (top / scale[:, None]).float()
 
 
 class KeyStatistics:
