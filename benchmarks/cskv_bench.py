@@ -49,6 +49,7 @@ from ctxzip.compressors.cskv import (  # noqa: E402
 )
 from ctxzip.compressors.cskv.attention import use_kernel  # noqa: E402
 from ctxzip.compressors.cskv.cache import EVICT_BLOCK  # noqa: E402
+from ctxzip.compressors.cskv.factorization import asvd_scale  # noqa: E402
 from ctxzip.compressors.cskv.quant import store  # noqa: E402
 
 
@@ -249,7 +250,8 @@ def load_source(source: str, density: float, bits: int | None, window: int, base
         if source == "asvd":
             compressor.calibrate_asvd([], means=means)
         if compressor.compressor_config.post_rope:
-            compressor.calibrate_keys(key_stats)
+            scales = [asvd_scale(m, compressor.compressor_config.asvd_alpha) for m in means] if source == "asvd" else None
+            compressor.calibrate_keys(key_stats, scales)
         return compressor
     trained, _ = load_compressor(source, base_model=base, dtype=dtype)
     saved = trained.compressor_config

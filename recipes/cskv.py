@@ -81,6 +81,8 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
             tokens = compressor.calibrate(calibration_batches(calibration, collator))
         print(f"calibrated ({cskv_config.init} init, {cskv_config.key_space} keys) on {tokens} tokens")
     initial = {k: v.detach().clone() for k, v in compressor.own_state_dict().items()}
+    trainable = {n for n, p in compressor.named_parameters() if p.requires_grad}
+    frozen = {k: v for k, v in initial.items() if k not in trainable}  # post-RoPE key factors: calibrated only
     if script_args.skip_training:
         trained = {k: v for k, v in compressor.state_dict().items() if not k.startswith("model.")}
         is_main = training_args.process_index == 0
@@ -91,7 +93,7 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
         is_main = trainer.is_world_process_zero()
     if not is_main:
         return None
-    final = rebuild_trained(CSKVCompressor, cskv_config, base_name, trained, **plain)
+    final = rebuild_trained(CSKVCompressor, cskv_config, base_name, trained, frozen=frozen, **plain)
     results: list[dict[str, Any]] = []
     if script_args.num_eval_samples > 0:
         rows = build_task("continuation", tokenizer, num_samples=script_args.num_eval_samples,

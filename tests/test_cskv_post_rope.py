@@ -91,6 +91,9 @@ def test_calibration_sets_the_key_factors_and_refuses_pre_rope(tiny) -> None:
     assert compressor.factors[0].k.down.weight.shape == (16, 32)  # a projection of the 32 key channels
     assert compressor.calibrate([(ids(48, seed=11, batch=2), None)]) == 96
     assert not torch.equal(before, compressor.factors[0].k.down.weight)
+    asvd = make(tiny, density=0.5, key_space="post_rope", max_context_tokens=512, init="asvd")
+    asvd.calibrate([(ids(48, seed=11, batch=2), None)])  # k_proj's moment scaled as ASVD scales it: another fit
+    assert not torch.allclose(asvd.factors[0].k.down.weight, compressor.factors[0].k.down.weight)
     pre = make(tiny, density=0.5)
     with pytest.raises(ValueError, match="key_space='pre_rope'"):
         pre.calibrate_keys(compressor.key_statistics([(ids(8), None)]))

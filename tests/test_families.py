@@ -103,13 +103,15 @@ def test_full_context_generates_exactly_what_plain_generation_does(method: str, 
     assert gen(clm, [PROMPT], memory, TOKENS)[0] == plain_generate(model, ids, TOKENS)
 
 
+@pytest.mark.parametrize("key_space", ["pre_rope", "post_rope"])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if ("cskv", f) not in REFUSED])
-def test_cskv_full_rank_latents_reproduce_the_model(family: str, tokenizer) -> None:
-    """With no window every past key and value is read back from its latent (keys normed, as the layer norms
-    them, then rotated): at full rank that is the model's own cache."""
+def test_cskv_full_rank_latents_reproduce_the_model(family: str, key_space: str, tokenizer) -> None:
+    """With no window every past key and value is read back from its latent (pre-RoPE keys normed, as the layer
+    norms them, then rotated; post-RoPE latents hold keys after both): at full rank that is the model's own cache."""
     from ctxzip.compressors.cskv import CSKVCompressor, CSKVConfig
 
-    compressor = CSKVCompressor(CSKVConfig(density=1.0, window=0), family_model(family, tokenizer)).eval()
+    compressor = CSKVCompressor(CSKVConfig(density=1.0, window=0, key_space=key_space),
+                                family_model(family, tokenizer)).eval()
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(3, 2000, (1, 24), generator=generator)
     prompt = torch.randint(3, 2000, (1, 4), generator=generator)

@@ -85,19 +85,22 @@ def _restore_deepspeed_config(config: dict[str, Any]) -> None:
 
 
 def rebuild_trained(compressor_cls: type[Compressor], config: CompressorConfig, base_model: str,
-                    trained: dict[str, torch.Tensor], dtype: str = "float32", **load_kwargs: Any) -> Compressor:
+                    trained: dict[str, torch.Tensor], dtype: str = "float32",
+                    frozen: dict[str, torch.Tensor] | None = None, **load_kwargs: Any) -> Compressor:
     """A plain (unsharded, unwrapped) compressor holding ``trained``; what gets evaluated and exported.
 
     Rebuilding on a fresh base model works the same after DDP, ZeRO-2 and ZeRO-3 (where the
     training module's own parameters are partitioned across processes). ``trained`` must hold exactly
-    the compressor's trainable tensors. ``load_kwargs`` go to ``load_base`` (``revision``,
+    the compressor's trainable tensors; ``frozen``, own tensors fitted before training and left out of it
+    (calibrated factors), taken as they were then. ``load_kwargs`` go to ``load_base`` (``revision``,
     ``attn_implementation``; see ``trainers.script_args.base_model_kwargs(model_args, quantized=False)``).
     """
     with process_local_models():
         model, _ = load_base(base_model, dtype=dtype, **load_kwargs)
     compressor = compressor_cls(config, model)
-    expected = {n for n, p in compressor.named_parameters() if p.requires_grad}
-    load_exact(compressor, trained, expected, "the trained state")
+    frozen = frozen or {}
+    expected = {n for n, p in compressor.named_parameters() if p.requires_grad} | set(frozen)
+    load_exact(compressor, {**frozen, **trained}, expected, "the trained state")
     return compressor.eval()
 
 

@@ -203,23 +203,37 @@ class CSKVCompressor(Compressor):
         return stats
 
     @torch.no_grad()
-    def calibrate_keys(self, stats: KeyStatistics) -> None:
-        """Set the post-RoPE key factors from calibration statistics (``post_rope_factors`` says how)."""
+    def calibrate_keys(self, stats: KeyStatistics, input_scales: list[torch.Tensor] | None = None) -> None:
+        """Set the post-RoPE key factors (``post_rope_factors`` says how).
+
+        ``rotation_invariant``: the keys' second moment is ``k_proj``'s, ``W S^2 W^T (+ b b^T)``, with ``S`` the
+        input scaling ASVD uses (``input_scales``; none: plain ``W W^T``), as pre-RoPE ASVD keeps ``W S``; the
+        queries' energy per head and frequency comes from ``stats``. ``pca``: both moments from ``stats``."""
         if not self.compressor_config.post_rope:
             raise ValueError("calibrate_keys sets post-RoPE key factors; this compressor has key_space='pre_rope'")
-        fit = rotation_invariant_factors if self.compressor_config.post_rope_factors == "rotation_invariant" \
-            else query_weighted_factors
-        for factors, (keys, queries) in zip(self.factors, stats.moments()):
-            factors.k.set_factors(*fit(keys, queries, factors.k.rank))
+        for index, (attn, factors, (keys, queries)) in enumerate(zip(self._attention, self.factors, stats.moments())):
+            if self.compressor_config.post_rope_factors == "pca":
+                factors.k.set_factors(*query_weighted_factors(keys, queries, factors.k.rank))
+                continue
+            with whole_parameters(*attn.k_proj.parameters()):
+                weight = attn.k_proj.weight.detach().double()
+                if input_scales is not None:
+                    weight = weight * input_scales[index].detach().double().to(weight.device)[None, :]
+                moment = weight @ weight.T
+                if attn.k_proj.bias is not None:
+                    moment = moment + torch.outer(attn.k_proj.bias.double(), attn.k_proj.bias.double())
+            factors.k.set_factors(*rotation_invariant_factors(moment.cpu(), queries.cpu(), factors.k.rank))
 
     def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
         """Every calibration the config asks for (ASVD scales, post-RoPE key factors); returns the tokens seen."""
-        tokens = 0
-        if self.compressor_config.init == "asvd":
-            tokens = self.calibrate_asvd(batches)
-        if self.compressor_config.post_rope:
+        cfg, tokens, scales = self.compressor_config, 0, None
+        if cfg.init == "asvd":
+            means, tokens = self.activation_means(batches)
+            scales = [asvd_scale(m, cfg.asvd_alpha) for m in means]
+            self.initialize_svd(scales)
+        if cfg.post_rope:
             stats = self.key_statistics(batches)
-            self.calibrate_keys(stats)
+            self.calibrate_keys(stats, scales)
             tokens = stats.tokens
         return tokens
 

@@ -10,7 +10,8 @@ calibration text, so that channels the model actually drives are kept:
 Post-RoPE keys (``key_space="post_rope"``) are projected instead: ``down: [r, kv_features]`` takes the rotated
 key itself. What a key is read for is its score ``q . k``, so the factors weight the key error by the queries that
 read it. Two fits: ``rotation_invariant_factors`` (the default, ``post_rope_factors="rotation_invariant"``) keeps
-only subspaces that RoPE maps onto themselves, so a latent loses the same at every position;
+only subspaces that RoPE maps onto themselves, so a latent loses the same at every position (the key moment is
+``k_proj``'s own, scaled as ASVD scales it: fitted to calibration keys instead, pass keys dropped to 0.64);
 ``query_weighted_factors`` (``"pca"``) minimizes the expected squared score error ``E[(q . (k - up down k))^2]``
 over calibration queries and keys with no constraint: with ``Q`` the second moment of a KV head's queries and
 ``C`` that of the rotated keys, whiten by ``Q^1/2``, keep the top ``r`` eigenvectors ``V`` of ``Q^1/2 C Q^1/2``,
