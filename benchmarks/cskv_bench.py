@@ -115,7 +115,8 @@ def speed(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     config = CSKVConfig(density=args.density, value_density=args.value_density, window=args.window,
-                        quant_bits=args.bits, max_context_tokens=10**9, key_space=args.key_space)
+                        quant_bits=args.bits, max_context_tokens=10**9, key_space=args.key_space,
+                        quant_group_size=args.quant_group_size)
     compressor = CSKVCompressor(config, model).eval()
     post_rope = config.post_rope
     # the fused path: Triton on a GPU (pre-RoPE keys); the CPU kernels for post-RoPE 8-bit latents
@@ -242,9 +243,10 @@ def fill(compressor: CSKVCompressor, layers: list[tuple[torch.Tensor, torch.Tens
 
 def load_source(source: str, density: float, bits: int | None, window: int, base: str, dtype: str,
                 model: Any, means: list[torch.Tensor], value_density: float | None = None,
-                key_space: str = "pre_rope", key_stats: Any = None) -> CSKVCompressor | None:
+                key_space: str = "pre_rope", key_stats: Any = None, group_size: int = 32,
+                ) -> CSKVCompressor | None:
     config = dict(density=density, value_density=value_density, window=window, quant_bits=bits,
-                  max_context_tokens=10**9, key_space=key_space)
+                  max_context_tokens=10**9, key_space=key_space, quant_group_size=group_size)
     if source in ("svd", "asvd"):
         compressor = CSKVCompressor(CSKVConfig(init=source, **config), model).eval()
         if source == "asvd":
@@ -294,7 +296,7 @@ def quality(args: argparse.Namespace) -> None:
             for value_density in args.value_densities:
                 for bits in args.bits:
                     made = load_source(source, density, bits, args.window, args.base_model, args.dtype, model,
-                                       means, value_density, key_space, key_stats)
+                                       means, value_density, key_space, key_stats, args.quant_group_size)
                     if made is None:
                         continue
                     label = source if key_space == "pre_rope" else f"{source}, post-RoPE keys"
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--dtype", default="float32")
     f.add_argument("--window", type=int, default=32)
     for p in (s, q):
+        p.add_argument("--quant-group-size", type=int, default=32, help="latent channels per quantization group")
         p.add_argument("--base-model", default="smollm2-135m-instruct")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--window", type=int, default=32)

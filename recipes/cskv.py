@@ -37,7 +37,6 @@ from ctxzip.compressors.cskv.trainer import (
     calibration_batches,
 )
 from ctxzip.compressors.hub import load_exact
-from ctxzip.compressors.models import whole_parameters
 from ctxzip.data import build_task
 from ctxzip.trainers.distributed import process_group_closed
 from ctxzip.trainers.export import (
@@ -74,11 +73,9 @@ def main(script_args: CSKVScriptArguments, cskv_config: CSKVConfig, training_arg
                                training_args.seed, "train", script_args.data_source)
     if cskv_config.init == "asvd" or cskv_config.post_rope:
         calibration = train.select(range(min(len(train), script_args.calibration_samples)))
-        # The calibration passes run the base model before DeepSpeed wraps it: under ZeRO-3 its weights are
-        # still the shards transformers partitioned at load, so every process gathers them for these passes
-        # (the same batches on every process: the same factors everywhere).
-        with whole_parameters(*compressor.base_lm.parameters()):
-            tokens = compressor.calibrate(calibration_batches(calibration, collator))
+        # Before DeepSpeed wraps the model; under ZeRO-3 every process gathers the base model's shards for the
+        # calibration passes (the same batches on every process: the same factors everywhere).
+        tokens = compressor.calibrate(calibration_batches(calibration, collator))
         print(f"calibrated ({cskv_config.init} init, {cskv_config.key_space} keys) on {tokens} tokens")
     initial = {k: v.detach().clone() for k, v in compressor.own_state_dict().items()}
     trainable = {n for n, p in compressor.named_parameters() if p.requires_grad}

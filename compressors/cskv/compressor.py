@@ -226,15 +226,20 @@ class CSKVCompressor(Compressor):
 
     def calibrate(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> int:
         """Every calibration the config asks for (ASVD scales, post-RoPE key factors); returns the tokens seen."""
-        cfg, tokens, scales = self.compressor_config, 0, None
-        if cfg.init == "asvd":
-            means, tokens = self.activation_means(batches)
-            scales = [asvd_scale(m, cfg.asvd_alpha) for m in means]
+        cfg, tokens, means, stats = self.compressor_config, 0, None, None
+        # The passes run the whole base model: under ZeRO-3 its weights are shards until gathered here. The
+        # factorizations below gather the projections they read themselves (contexts may not overlap).
+        with whole_parameters(*self.base_lm.parameters()):
+            if cfg.init == "asvd":
+                means, tokens = self.activation_means(batches)
+            if cfg.post_rope:
+                stats = self.key_statistics(batches)
+                tokens = stats.tokens
+        scales = None if means is None else [asvd_scale(m, cfg.asvd_alpha) for m in means]
+        if scales is not None:
             self.initialize_svd(scales)
-        if cfg.post_rope:
-            stats = self.key_statistics(batches)
+        if stats is not None:
             self.calibrate_keys(stats, scales)
-            tokens = stats.tokens
         return tokens
 
     @property
