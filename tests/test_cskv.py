@@ -204,22 +204,28 @@ def test_memory_save_load_and_plain_attention_refuses_the_cache(tiny, tmp_path) 
 
 
 # ----- training -------------------------------------------------------------------------------
+def train_steps(compressor, steps: int = 8) -> list[dict]:
+    """``steps`` Adam steps of the reconstruction loss on two rows (the second padded); each step's outputs."""
+    optimizer = torch.optim.Adam([p for p in compressor.parameters() if p.requires_grad], lr=3e-3)
+    batch, mask = ids(32, seed=7, batch=2), torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    outs = []
+    for _ in range(steps):
+        out = compressor(input_ids=batch, attention_mask=mask)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        outs.append({k: v.detach() for k, v in out.items()})
+    return outs
+
+
 def test_reconstruction_training_moves_only_the_factors(tiny) -> None:
     compressor = make(tiny, density=0.25, quant_bits=4, quant_group_size=8).train()
     trainable = {n for n, p in compressor.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("factors.") for n in trainable)
     base = {k: v.clone() for k, v in compressor.base_lm.state_dict().items()}
     factors = {k: v.clone() for k, v in compressor.own_state_dict().items()}
-    optimizer = torch.optim.Adam([p for p in compressor.parameters() if p.requires_grad], lr=3e-3)
-    batch, mask = ids(32, seed=7, batch=2), torch.ones(2, 32, dtype=torch.long)
-    mask[1, 20:] = 0
-    losses = []
-    for _ in range(8):
-        out = compressor(input_ids=batch, attention_mask=mask)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        losses.append(float(out["loss"].detach()))
+    losses = [float(out["loss"]) for out in train_steps(compressor)]
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, compressor.base_lm.state_dict()[k]) for k, v in base.items())
     assert all(not torch.equal(v, compressor.own_state_dict()[k]) for k, v in factors.items())

@@ -49,7 +49,7 @@ def test_quality_grid_sets_key_and_value_densities_apart() -> None:
 
 def test_speed_with_post_rope_keys_times_the_fused_cpu_kernels() -> None:
     out = bench("speed", *TINY, "--density", "0.5", "--value-density", "1.0", "--bits", "8", "--key-space",
-                "post_rope", "--lengths", "300", "--steps", "2", "--window", "8")
+                "post_rope", "--quant-group-size", "8", "--lengths", "300", "--steps", "2", "--window", "8")
     assert "post_rope keys" in out and "CSKV fused CPU kernels ms/tok" in out
     (row,) = table_rows(out)
     assert row[0] == "300" and all(float(v) > 0 for v in row[4:7]) and row[7].endswith("x faster")
@@ -59,7 +59,7 @@ def test_quality_grid_compares_pre_and_post_rope_keys() -> None:
     rows = table_rows(bench("quality", *TINY, "--densities", "0.5", "--value-densities", "1.0", "--bits", "8",
                             "--sources", "asvd", "--key-spaces", "pre_rope,post_rope", "--num-samples", "1",
                             "--context-tokens", "64", "--answer-tokens", "8", "--window", "8",
-                            "--calibration-samples", "2"))
+                            "--calibration-samples", "2", "--quant-group-size", "8"))
     assert [r[0] for r in rows] == ["full cache", "asvd", "asvd, post-RoPE keys"]
     assert rows[1][4] == rows[2][4]  # the same bytes: only what a key latent projects differs
     assert all(float(r[7]) > 0 for r in rows)

@@ -108,23 +108,21 @@ def rotation_invariant_factors(key_moment: torch.Tensor, query_moment: torch.Ten
     kv_heads, head_dim = query_moment.shape[0], query_moment.shape[-1]
     half = head_dim // 2
     c, q = key_moment.double(), query_moment.double()
+    # the queries' energy in each head's channel pair, [kv_heads, half]; a floor keeps the whitening finite
+    diagonal = q.diagonal(dim1=-2, dim2=-1)
+    energy = diagonal[:, :half] + diagonal[:, half:]
+    energy = energy.clamp(min=0) + energy.amax().clamp(min=1e-30) * 1e-6
     candidates = []  # (eigenvalue, frequency, eigenvector in whitened coordinates)
     for f in range(half):
         real = [g * head_dim + f for g in range(kv_heads)]
         imag = [g * head_dim + f + half for g in range(kv_heads)]
         moment = torch.complex(c[real][:, real] + c[imag][:, imag], c[imag][:, real] - c[real][:, imag])
-        weight = torch.stack([q[g, f, f] + q[g, f + half, f + half] for g in range(kv_heads)])
-        weight = weight.clamp(min=0) + weight.amax().clamp(min=1e-30) * 1e-6
-        root = weight.sqrt().to(moment.dtype)
+        root = energy[:, f].sqrt().to(moment.dtype)
         values, vectors = torch.linalg.eigh(root[:, None] * moment * root[None, :])
         candidates += [(float(values[j]), f, vectors[:, j]) for j in range(kv_heads)]
     candidates.sort(key=lambda item: -item[0])
-    basis, scale = [], torch.zeros(kv_heads * head_dim, dtype=torch.float64)
-    for f in range(half):
-        for g in range(kv_heads):
-            w = q[g, f, f] + q[g, f + half, f + half]
-            scale[g * head_dim + f] = scale[g * head_dim + f + half] = w
-    scale = (scale.clamp(min=0) + scale.amax().clamp(min=1e-30) * 1e-6).sqrt()
+    scale = energy.repeat(1, 2).reshape(-1).sqrt()  # per channel: its pair's energy, heads concatenated
+    basis = []
     for index in range((rank + 1) // 2):
         _, f, v = candidates[index]
         for turned in ((v,) if 2 * index + 1 == rank else (v, 1j * v)):
