@@ -154,6 +154,18 @@ def test_dense_reader_retrieves_the_toy_corpus() -> None:
     assert retrieval_metrics([1, 2, 1, 6])["MRR"] == pytest.approx((1 + 0.5 + 1 + 1 / 6) / 4)
 
 
+def test_dense_reader_embeds_each_text_once_and_the_same_as_alone() -> None:
+    from ctxzip.compressors.color.evaluation import DenseReader
+
+    reader, fresh = DenseReader(), DenseReader()
+    together = reader.embed([TOY[0], TOY[1], TOY[0]])
+    assert len(reader._embeddings) == 2
+    assert torch.allclose(together[0], together[2])
+    alone = torch.cat([fresh.embed([t]) for t in TOY[:2]])
+    assert torch.allclose(together[:2], alone, atol=1e-5)
+    assert reader.embed([]).numel() == 0
+
+
 def test_extract_candidates_are_reproducible_sentence_draws() -> None:
     from ctxzip.compressors.color.data import extract, parse_variants, split_sentences
 
@@ -392,6 +404,43 @@ def test_labels_and_pairs_stages_resume(tmp_path) -> None:
     prompts.clear()
     again = make_pairs(corpus, candidates, labels, prompt, [2], "</s>", tmp_path)
     assert prompts == [] and again.to_list() == pairs.to_list()  # cached
+
+
+def test_labels_against_original_passages_refuse_a_win_by_everyone_losing(tmp_path) -> None:
+    from ctxzip.compressors.color.data import Variant, label_candidates
+
+    corpus = toy_corpus()  # windows: (p0, p1) and (p2)
+    facts = {p["passage_id"]: p["passage"].split(". ")[0] for p in corpus.passages}
+    fillers = {p["passage_id"]: p["passage"].split(". ")[1] for p in corpus.passages}
+    candidates = [{"passage_id": pid, "variant": "fact", "text": text, "ids": [1], "tokens": 1}
+                  for pid, text in facts.items()]
+    candidates += [{"passage_id": pid, "variant": "filler", "text": text, "ids": [1], "tokens": 1}
+                   for pid, text in fillers.items()]
+    variants = [Variant("fact"), Variant("filler")]
+
+    class Reader:  # a passage scores by the query's words it holds; ties go to the first passage
+        name = "words"
+        ranked = []
+
+        def rank(self, passages, queries):
+            Reader.ranked.append(list(passages))
+            words = [set(q.lower().rstrip("?").split()) for q in queries]
+            return [sorted(range(len(passages)), key=lambda i: (-len(w & set(passages[i].lower().split())), i))
+                    for w in words]
+
+    def success(negatives):
+        labels = label_candidates(corpus, candidates, variants, Reader(), tmp_path / negatives, negatives=negatives)
+        return {(r["passage_id"], r["variant"]): r["success"] for r in labels}
+
+    compressed = success("compressed")
+    assert compressed[("p0", "filler")]  # every passage lost its fact: p0 ranks first by the tie alone
+    Reader.ranked.clear()
+    original = success("original")
+    assert original == {("p0", "fact"): True, ("p1", "fact"): True, ("p2", "fact"): True,
+                        ("p0", "filler"): False, ("p1", "filler"): False, ("p2", "filler"): True}
+    assert [facts["p0"], TOY[1]] in Reader.ranked and [TOY[0], facts["p1"]] in Reader.ranked
+    with pytest.raises(ValueError, match="negatives"):
+        label_candidates(corpus, candidates, variants, Reader(), tmp_path, negatives="others")
 
 
 def _matches(template: str, text: str) -> bool:

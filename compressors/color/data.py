@@ -11,8 +11,9 @@ renames (a killed run never leaves half a file), and resumes where it stopped:
 2. ``candidates`` (`generate_candidates`): several compressions per passage, one per *variant*
    (a prompt / length target / sampling setting), written by a caller-given function.
 3. ``labels`` (`label_candidates`): for each variant, the window's passages are replaced by their
-   compressions under that variant and a reader ranks them for each query; a candidate succeeds
-   when every query of its passage ranks the passage first.
+   compressions under that variant (or one candidate at a time among the others as they are) and a
+   reader ranks them for each query; a candidate succeeds when every query of its passage ranks the
+   passage first.
 4. ``pairs`` (`make_pairs`): per passage, chosen = the shortest successful candidate and rejected =
    the longest failed one; the released CoLoR code's variants cover passages with no failure
    (shortest vs longest) and with no success (skipped, its "hard" setting, or shortest vs longest).
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "PASSAGE_COLUMNS", "QUERY_COLUMNS", "PairRules", "Retriever", "RetrievalCorpus", "Stage", "Variant",
-    "extract", "generate_candidates", "label_candidates", "load_corpus", "make_pair", "make_pairs", "offline_corpus",
-    "parse_variants", "passage_pairs", "split_sentences",
+    "LABEL_NEGATIVES", "PASSAGE_COLUMNS", "QUERY_COLUMNS", "PairRules", "Retriever", "RetrievalCorpus", "Stage",
+    "Variant", "extract", "generate_candidates", "label_candidates", "load_corpus", "make_pair", "make_pairs",
+    "offline_corpus", "parse_variants", "passage_pairs", "split_sentences",
 ]
 
 #: Part of every stage's cache key: bump it when a stage's logic changes, so old caches are recomputed.
@@ -458,27 +459,47 @@ def retrieve(corpus: RetrievalCorpus, texts: dict[str, str], reader: Retriever,
     return out
 
 
+#: What a candidate competes against when it is labelled (``label_candidates``' ``negatives``).
+LABEL_NEGATIVES = ("compressed", "original")
+
+
 def label_candidates(corpus: RetrievalCorpus, candidates: list[dict[str, Any]], variants: Sequence[Variant],
                      reader: Retriever, cache_dir: str | os.PathLike, candidates_fingerprint: str = "",
-                     name: str = "labels") -> list[dict[str, Any]]:
+                     name: str = "labels", negatives: str = "compressed") -> list[dict[str, Any]]:
     """Success of each (passage, variant) candidate with ``reader`` in the loop (cached stage ``name``).
 
-    For a variant, every passage of a window is replaced by its compression under that variant
-    (the corpus the paper's reader sees is compressed as a whole); a candidate succeeds when every
-    query whose gold it is ranks it first. Records: passage_id, variant, success, gold_rank.
+    ``negatives="compressed"`` (the paper): every passage of a window is replaced by its compression under
+    the variant at once, the corpus the reader sees compressed as a whole. ``"original"``: each candidate is
+    ranked alone among the window's other passages as they are, so it cannot win because the others lost
+    their facts too (with ``compressed``, a short extract that keeps nothing of the fact still ranks first
+    about once per window size by chance). A candidate succeeds when every query whose gold it is ranks it
+    first. Records: passage_id, variant, success, gold_rank.
     """
+    if negatives not in LABEL_NEGATIVES:
+        raise ValueError(f"label negatives must be one of {list(LABEL_NEGATIVES)}, got {negatives!r}")
     stage = Stage(cache_dir, name, {"corpus": corpus.fingerprint, "candidates": candidates_fingerprint,
                                     "variants": [v.name for v in variants], "reader": reader.name,
-                                    "corpus_size": corpus.corpus_size})
+                                    "corpus_size": corpus.corpus_size, "negatives": negatives})
     windows = [w[0]["window"] for w in corpus.windows]
     items = [(v.name, w) for v in variants for w in windows]
+    originals = corpus_texts(corpus, None, None)
+
+    def rankings(variant: str, window: int) -> list[dict[str, Any]]:
+        texts = corpus_texts(corpus, candidates, variant)
+        if negatives == "compressed":
+            return retrieve(corpus, texts, reader, windows=[window])
+        out = []
+        for passage in corpus.windows[windows.index(window)]:
+            pid = passage["passage_id"]
+            alone = retrieve(corpus, {**originals, pid: texts[pid]}, reader, windows=[window])
+            out.extend(r for r in alone if r["gold_id"] == pid)
+        return out
 
     def run(batch: list[tuple[str, int]]) -> list[dict[str, Any]]:
         records = []
         for variant, window in batch:
-            texts = corpus_texts(corpus, candidates, variant)
             ranks: dict[str, list[int]] = {}
-            for r in retrieve(corpus, texts, reader, windows=[window]):
+            for r in rankings(variant, window):
                 ranks.setdefault(r["gold_id"], []).append(r["gold_rank"])
             for pid, gold_ranks in ranks.items():
                 records.append({"passage_id": pid, "variant": variant, "success": all(g == 1 for g in gold_ranks),

@@ -141,7 +141,10 @@ def minilm_path() -> Path:
 
 
 class DenseReader:
-    """Cosine similarity of all-MiniLM-L6-v2 embeddings (mean pooling over tokens, L2-normalised)."""
+    """Cosine similarity of all-MiniLM-L6-v2 embeddings (mean pooling over tokens, L2-normalised).
+
+    Each distinct text is embedded once per reader (labels against the original passages rank the same
+    passages once per candidate of their window)."""
 
     name = "dense"
 
@@ -152,18 +155,20 @@ class DenseReader:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
         self.device, self.batch_size, self.max_tokens = device, batch_size, max_tokens
+        self._embeddings: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
+        new = list(dict.fromkeys(t for t in texts if t not in self._embeddings))
+        for start in range(0, len(new), self.batch_size):
+            chunk = new[start:start + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt").to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(out).cpu()
+            self._embeddings.update(zip(chunk, torch.nn.functional.normalize(pooled, dim=-1).cpu()))
+        return torch.stack([self._embeddings[t] for t in texts]) if texts else torch.empty(0, 0)
 
     def rank(self, passages: list[str], queries: list[str]) -> list[list[int]]:
         scores = self.embed(queries) @ self.embed(passages).T

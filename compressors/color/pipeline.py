@@ -164,7 +164,7 @@ def build_pairs(args: ColorScriptArguments, config: ColorConfig, train: Retrieva
     the chat template's end of turn (the tokens the policy must learn to stop with)."""
     candidates = generate_candidates(train, variants, writer, cache, writer.fingerprint(), batch_size)
     labels = label_candidates(train, candidates, variants, readers.lazy(args.label_reader), cache,
-                              stage_fingerprint(cache, "candidates"))
+                              stage_fingerprint(cache, "candidates"), negatives=args.label_negatives)
     end_ids = list(ConversationLayout(tokenizer).end_of_turn_ids)
     if not end_ids:
         raise CtxzipError("the tokenizer has neither a chat template that closes a turn nor an eos token: the "

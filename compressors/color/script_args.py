@@ -38,6 +38,10 @@ class ColorScriptArguments:
         metadata={"help": "candidate writers: greedy | words:F | sample:T (the policy) | extract:N[:D] (N random "
                           "sentences of the passage, draw D) | group:N:D (the D-th of disjoint groups of N sentences)"})
     label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
+    label_negatives: str = field(default="compressed", metadata={
+        "help": "what a candidate is ranked against when labelled: compressed (the window compressed by the same "
+                "variant, the paper) or original (the window's other passages as they are: a candidate wins only "
+                "by what it keeps)"})
     eval_readers: list[str] = field(default_factory=lambda: ["dense"], metadata={
         "help": "readers of the final held-out table: dense and/or lm (none: no evaluation)"})
     extractive_baselines: list[str] = field(default_factory=lambda: ["lead", "self_information"], metadata={
@@ -52,11 +56,13 @@ class ColorScriptArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "data stage cache (default <output_dir>/color_data)"})
 
     def __post_init__(self) -> None:
-        from .data import check_fact_families
+        from .data import LABEL_NEGATIVES, check_fact_families
         from .evaluation import EXTRACTIVE_SCORERS
 
         unknown = [s for s in self.extractive_baselines if s not in EXTRACTIVE_SCORERS]
         if unknown:
             raise ValueError(f"unknown extractive baseline(s) {unknown}; expected any of {list(EXTRACTIVE_SCORERS)}")
+        if self.label_negatives not in LABEL_NEGATIVES:
+            raise ValueError(f"label_negatives must be one of {list(LABEL_NEGATIVES)}, got {self.label_negatives!r}")
         for name in ("train_families", "eval_families"):
             check_fact_families(getattr(self, name), name)
