@@ -29,25 +29,44 @@ from ctxzip.data.mixture import MIXTURE_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: name -> (what changes, recipe flags, whether its candidates differ from the default's)
-ABLATIONS: dict[str, tuple[str, list[str], bool]] = {
-    "default": ("the recipe's defaults: every failure paired, 1 epoch", [], False),
-    "longest_failure": ("one pair per passage, the longest failure (the released code), 2 epochs",
-                        ["--pairs_rejected", "longest", "--num_train_epochs", "2"], False),
-    "no_extracts": ("candidates from the policy only (greedy, a word budget, sampling)",
-                    ["--candidate_variants", "greedy", "words:0.25", "sample:0.8"], True),
-    "no_length_penalty": ("length penalty off (length_penalty_coef 0)", ["--length_penalty_coef", "0"], False),
-    "two_epochs": ("twice the steps (2 epochs)", ["--num_train_epochs", "2"], False),
-    "single_sentences": ("extracts: five different single sentences and a pair (group:N:D) instead of 3 random "
-                         "single sentences and a pair", ["--candidate_variants", "greedy", "words:0.25", "group:1:0",
-                                                         "group:1:1", "group:1:2", "group:1:3", "group:1:4", "group:2:0"],
-                         True),
-    "six_families": ("training facts from all six retrieval families of data/mixture.py, not only multi_fact",
-                     ["--train_families", *MIXTURE_FAMILIES], True),
+#: The earlier default's data: facts about people only (multi_fact), three random single sentences and a pair among
+#: the policy's own rewrites, each labelled with the whole window compressed by the same variant (the paper's labels).
+RANDOM_EXTRACT_CANDIDATES = ["--candidate_variants", "greedy", "words:0.25", "extract:1", "extract:1:1", "extract:1:2",
+                             "extract:2", "--label_negatives", "compressed"]
+RANDOM_EXTRACTS = ["--train_families", "multi_fact", *RANDOM_EXTRACT_CANDIDATES]
+
+#: name -> (what changes, recipe flags, the data cache it shares: runs with the same candidates share one)
+ABLATIONS: dict[str, tuple[str, list[str], str]] = {
+    "default": ("the recipe's defaults: facts from six families, every sentence a candidate, labels against the "
+                "original passages, every failure paired, 1 epoch", [], "data"),
+    "multi_fact_only": ("training facts about people only (multi_fact: 6 needle wordings, not 36)",
+                        ["--train_families", "multi_fact"], "multi-fact-data"),
+    "multi_fact_only_lr1e-4": ("multi_fact_only at learning rate 1e-4, not 5e-4",
+                               ["--train_families", "multi_fact", "--learning_rate", "1e-4"], "multi-fact-data"),
+    "compressed_labels": ("labels with the window compressed by the same variant (the paper's), not against the "
+                          "original passages", ["--label_negatives", "compressed"], "compressed-labels-data"),
+    "random_extracts": ("the earlier default: multi_fact only, 3 random single sentences and a pair as extracts, "
+                        "compressed labels", RANDOM_EXTRACTS, "random-extracts-data"),
+    "longest_failure": ("random_extracts, with one pair per passage against the longest failure (the released "
+                        "code), 2 epochs", [*RANDOM_EXTRACTS, "--pairs_rejected", "longest", "--num_train_epochs", "2"],
+                        "random-extracts-data"),
+    "no_extracts": ("multi_fact only, candidates from the policy only (greedy, a word budget, sampling), compressed "
+                    "labels", ["--train_families", "multi_fact", "--candidate_variants", "greedy", "words:0.25",
+                               "sample:0.8", "--label_negatives", "compressed"], "no_extracts-data"),
+    "no_length_penalty": ("random_extracts, with the length penalty off (length_penalty_coef 0)",
+                          [*RANDOM_EXTRACTS, "--length_penalty_coef", "0"], "random-extracts-data"),
+    "two_epochs": ("random_extracts, twice the steps (2 epochs)", [*RANDOM_EXTRACTS, "--num_train_epochs", "2"],
+                   "random-extracts-data"),
+    "single_sentences": ("random_extracts, with five different single sentences and a pair (group:N:D) as extracts",
+                         ["--train_families", "multi_fact", "--candidate_variants", "greedy", "words:0.25",
+                          "group:1:0", "group:1:1", "group:1:2", "group:1:3", "group:1:4", "group:2:0",
+                          "--label_negatives", "compressed"], "single_sentences-data"),
+    "six_families": ("random_extracts, with training facts from all six retrieval families of data/mixture.py",
+                     ["--train_families", *MIXTURE_FAMILIES, *RANDOM_EXTRACT_CANDIDATES], "six_families-data"),
     "dpo": ("DPO against the adapter-free reference (beta 0.1) instead of ORPO", ["--color_loss", "dpo",
-                                                                                   "--beta", "0.1"], False),
+                                                                                   "--beta", "0.1"], "data"),
 }
-SHARED_STAGES = ("corpus-train", "corpus-test", "eval-untrained")
+SHARED_STAGES = ("corpus-train", "corpus-test", "eval-untrained", "candidates")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -62,10 +81,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def run(name: str, extra: list[str], work: Path) -> tuple[list[dict[str, Any]], float]:
     """One recipe run; its held-out rows and its wall time."""
-    _, flags, own_data = ABLATIONS[name]
-    cache = work / (f"{name}-data" if own_data else "data")
-    if own_data and not cache.exists() and (work / "data").exists():
-        for stage in SHARED_STAGES:  # the corpora and the untrained held-out compressions are the same
+    _, flags, cache_name = ABLATIONS[name]
+    cache = work / cache_name
+    if not cache.exists() and (work / "data").exists():
+        for stage in SHARED_STAGES:  # a copied stage is kept only where its fingerprint is this run's
             if (work / "data" / stage).is_dir():
                 shutil.copytree(work / "data" / stage, cache / stage)
     out = work / name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ctxzip.data.mixture import MIXTURE_FAMILIES
+
 
 @dataclass
 class ColorScriptArguments:
@@ -23,7 +25,7 @@ class ColorScriptArguments:
     eval_data_source: str = field(default="stdlib", metadata={
         "help": "offline corpus: text the held-out facts are embedded in (its test split; the held-out facts and "
                 "queries also use held-out wordings)"})
-    train_families: list[str] = field(default_factory=lambda: ["multi_fact"], metadata={
+    train_families: list[str] = field(default_factory=lambda: list(MIXTURE_FAMILIES), metadata={
         "help": "offline corpus: data.mixture retrieval families of the training facts (passage i from family i "
                 "mod their number), in their training wordings"})
     eval_families: list[str] = field(default_factory=lambda: ["multi_fact"], metadata={
@@ -34,11 +36,11 @@ class ColorScriptArguments:
     passage_tokens: int = field(default=96, metadata={"help": "offline corpus: tokens per passage"})
     corpus_size: int = field(default=8, metadata={"help": "passages a reader sees at once (one retrieval corpus)"})
     candidate_variants: list[str] = field(
-        default_factory=lambda: ["greedy", "words:0.25", "extract:1", "extract:1:1", "extract:1:2", "extract:2"],
+        default_factory=lambda: ["greedy", "words:0.25", *(f"group:1:{d}" for d in range(8)), "extract:2"],
         metadata={"help": "candidate writers: greedy | words:F | sample:T (the policy) | extract:N[:D] (N random "
                           "sentences of the passage, draw D) | group:N:D (the D-th of disjoint groups of N sentences)"})
     label_reader: str = field(default="dense", metadata={"help": "reader in the loop for labels: dense or lm"})
-    label_negatives: str = field(default="compressed", metadata={
+    label_negatives: str = field(default="original", metadata={
         "help": "what a candidate is ranked against when labelled: compressed (the window compressed by the same "
                 "variant, the paper) or original (the window's other passages as they are: a candidate wins only "
                 "by what it keeps)"})
