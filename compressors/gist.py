@@ -22,6 +22,7 @@ segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class GistConfig(CompressorConfig, LoraSettings):
     lora_in_decoder: bool = field(default=False, metadata={
         "help": "keep the LoRA on while the decoder reads the memory (ICAE / 500xCompressor keep the decoder "
                 "frozen: False)"})
+    adapter_scope: str = field(default="all", metadata={
+        "help": "where the encoder's LoRA adapter acts: all (every token of a segment and its gists) or gists "
+                "(the gist positions only, Activation Beacon's beacon-only weights: the plain base model reads the "
+                "context, so context tokens need no backward pass and training steps are cheaper)"})
     init: str = field(default="vocab_mean", metadata={
         "help": "gist embedding initialization: vocab_mean (mean word embedding plus noise) or random"})
 
@@ -59,6 +64,8 @@ class GistConfig(CompressorConfig, LoraSettings):
             raise ValueError("tokens_per_gist must be >= 1")
         if self.segment_length < self.tokens_per_gist:
             raise ValueError("segment_length must be >= tokens_per_gist")
+        if self.adapter_scope not in ("all", "gists"):
+            raise ValueError(f"adapter_scope must be 'all' or 'gists', got {self.adapter_scope!r}")
         if self.init not in ("vocab_mean", "random"):
             raise ValueError(f"init must be 'vocab_mean' or 'random', got {self.init!r}")
 
@@ -128,18 +135,30 @@ class GistCompressor(EncoderAdapter, Compressor):
         token_pos = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
         gist_pos = (start + real)[:, None] + gist_index.clamp(min=0)
         gists = self.gist_embeddings(gist_index.clamp(min=0))  # the module call, not .weight[...]: ZeRO-3
-        embeds = torch.cat([self.base_lm.get_input_embeddings()(ids), gists.to(self.base_lm.dtype)], dim=1)
-        full_mask = torch.cat([mask, gist_mask], dim=1)
-        cache = None
+        context_embeds = self.base_lm.get_input_embeddings()(ids)
+        cache, previous_mask = None, mask[:, :0]
         if previous is not None:
             cache = previous.to_cache()
             previous_mask = previous.tensors.get("slot_mask")
             if previous_mask is None:
                 previous_mask = mask.new_ones(batch, previous.slots)
-            full_mask = torch.cat([previous_mask.to(mask.dtype), full_mask], dim=1)
+            previous_mask = previous_mask.to(mask.dtype)
+        if self.compressor_config.adapter_scope == "gists":
+            # The plain base model reads the segment without gradients (nothing trainable acts on it; the
+            # previous memory's gradient comes from the decoder and from the gists below), then the gists
+            # read the previous memory and the segment with the adapter on.
+            with torch.no_grad(), self._adapter_off():
+                out = self.model(inputs_embeds=context_embeds, attention_mask=torch.cat([previous_mask, mask], 1),
+                                 use_cache=True, logits_to_keep=1, position_ids=token_pos, **with_cache(cache))
+            cache = _gist_pass_cache(previous, _cache_layers(cache_of(out)), ids.shape[1])
+            embeds, positions = gists.to(self.base_lm.dtype), gist_pos
+        else:
+            embeds = torch.cat([context_embeds, gists.to(self.base_lm.dtype)], dim=1)
+            positions = torch.cat([token_pos, gist_pos], dim=1)
+        full_mask = torch.cat([previous_mask, mask, gist_mask], dim=1)
         # Only the cache is used: logits_to_keep=1 spares the [batch, tokens, vocab] logits of every position.
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True, logits_to_keep=1,
-                         position_ids=torch.cat([token_pos, gist_pos], dim=1), **with_cache(cache))
+                         position_ids=positions, **with_cache(cache))
         tensors = {}
         for layer, (key, value) in enumerate(_cache_layers(cache_of(out))):
             tensors[f"key.{layer}"] = key[:, :, -n_gists:]
@@ -149,11 +168,32 @@ class GistCompressor(EncoderAdapter, Compressor):
         return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists,
                                position_offset=(start + real + row_gists).tolist())
 
+    def _adapter_off(self) -> contextlib.AbstractContextManager:
+        """The base model without the encoder's adapter, whatever the adapter's current state."""
+        from peft import PeftModel
+
+        return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+
     # ----- which model ``model`` is ------------------------------------------------------------
     @property
     def separate_encoder(self) -> bool:
         """Whether the encoder has a LoRA adapter that the decoder must not use."""
         return self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder
+
+
+def _gist_pass_cache(previous: Memory | None, read: list[tuple[torch.Tensor, torch.Tensor]], tokens: int) -> Any:
+    """The cache the gists attend to: the previous memory as it is (its gradient kept) and the last ``tokens``
+    positions of ``read``, the segment's keys/values from the plain base model."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (key, value) in enumerate(read):
+        key, value = key[:, :, -tokens:], value[:, :, -tokens:]
+        if previous is not None:
+            old_key, old_value = previous.layer_kv(layer)
+            key, value = torch.cat([old_key, key], dim=2), torch.cat([old_value, value], dim=2)
+        cache.update(key, value, layer)
+    return cache
 
 
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -109,8 +109,9 @@ def _training_batch(seed: int = 0) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones_like(target), "labels": labels}
 
 
-def test_compress_is_differentiable_and_only_trainable_params_change(tiny) -> None:
-    gist = make_gist(tiny)
+@pytest.mark.parametrize("scope", ["all", "gists"])
+def test_compress_is_differentiable_and_only_trainable_params_change(tiny, scope: str) -> None:
+    gist = make_gist(tiny, adapter_scope=scope)
     gist.train()
     trainable = {n: p for n, p in gist.named_parameters() if p.requires_grad}
     frozen = {n: p for n, p in gist.named_parameters() if not p.requires_grad}
@@ -170,14 +171,71 @@ def test_decoder_is_frozen_base_unless_lora_in_decoder(tiny) -> None:
     assert not torch.allclose(decode(in_decoder, memory2, prompt), ref, atol=1e-4)
 
 
+# ----- where the adapter acts -------------------------------------------------------------------
+def _memories_equal(first: Memory, second: Memory, atol: float = 1e-5) -> bool:
+    return first.tensors.keys() == second.tensors.keys() and all(
+        torch.allclose(first.tensors[name].float(), second.tensors[name].float(), atol=atol) for name in first.tensors)
+
+
+def test_gists_scope_with_an_idle_adapter_equals_one_pass_over_every_segment(tiny) -> None:
+    """With LoRA B at zero the adapter adds nothing, so reading the segment first and the gists after must give
+    what one pass over [segment, gists] gives: the same cache, masks and positions, padding and segments included."""
+    contexts = [ids(n, seed=30 + i)[0].tolist() for i, n in enumerate([40, 21, 5])]
+    batch_ids, batch_mask = left_pad(contexts, pad_id=2)
+    memories = {}
+    for scope in ("all", "gists"):
+        gist = make_gist(tiny, segment_length=8, adapter_scope=scope)
+        with torch.no_grad():
+            for name, param in gist.named_parameters():
+                if "lora_B" in name:
+                    param.zero_()
+            memories[scope] = gist.compress(batch_ids, batch_mask)
+    assert memories["all"].position_offset == memories["gists"].position_offset
+    assert _memories_equal(memories["all"], memories["gists"])
+
+
+def _adapter_token_counts(gist: GistCompressor, context: torch.Tensor) -> list[int]:
+    """How many positions each call of the first layer's LoRA ``q_proj`` factor saw while compressing."""
+    module = dict(gist.model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"]
+    seen: list[int] = []
+    handle = module.register_forward_hook(lambda _module, args, _out: seen.append(args[0].shape[-2]))
+    try:
+        with torch.no_grad():
+            gist.compress(context)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_gists_scope_runs_the_adapter_at_the_gist_positions_only(tiny) -> None:
+    context = ids(20, seed=3)  # segments of 4 and 16 tokens: 1 and 4 gists
+    assert _adapter_token_counts(make_gist(tiny, adapter_scope="all"), context) == [4 + 1, 16 + 4]
+    gist = make_gist(tiny, adapter_scope="gists")
+    assert _adapter_token_counts(gist, context) == [1, 4]
+    # A randomized adapter changes the gists, and the decoder (after as_decoder) compresses the same way.
+    with torch.no_grad():
+        trained = gist.compress(context)
+        gist.as_decoder()
+        with gist.encoding():
+            assert _memories_equal(gist.compress(context), trained)
+        assert _adapter_token_counts(gist, context) == []  # outside encoding() the adapter is off
+    idle = make_gist(tiny, adapter_scope="gists")
+    with torch.no_grad():
+        for name, param in idle.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+        assert not _memories_equal(idle.compress(context), trained)
+
+
 # ----- batching -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("lengths", "segment_length"), [
     ([13, 7, 16], 16),  # one segment; 4, 2 and 4 gists
     ([12, 11], 16),  # the same gist count, different padding
     ([40, 20, 5], 8),  # several segments; the short rows have fewer
 ])
-def test_left_padded_batch_equals_rows_compressed_alone(tiny, lengths, segment_length) -> None:
-    gist = make_gist(tiny, segment_length=segment_length)
+@pytest.mark.parametrize("scope", ["all", "gists"])
+def test_left_padded_batch_equals_rows_compressed_alone(tiny, lengths, segment_length, scope) -> None:
+    gist = make_gist(tiny, segment_length=segment_length, adapter_scope=scope)
     contexts = [ids(n, seed=20 + i)[0].tolist() for i, n in enumerate(lengths)]
     prompt = ids(5, seed=9)
     batch_ids, batch_mask = left_pad(contexts, pad_id=2)
@@ -236,6 +294,8 @@ def test_gist_config_validates() -> None:
         GistConfig(tokens_per_gist=8, segment_length=4)
     with pytest.raises(ValueError):
         GistConfig(init="zeros")
+    with pytest.raises(ValueError, match="adapter_scope"):
+        GistConfig(adapter_scope="context")
     with pytest.raises(ValueError, match="tokens_per_gits"):
         GistConfig.from_dict({"tokens_per_gits": 4})
 
