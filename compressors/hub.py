@@ -319,6 +319,17 @@ def check_push_revision(revision: str | None) -> None:
                          "that is created from main when it does not exist)")
 
 
+def artifact_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the exported compressor in ``folder``, as paths relative to it.
+
+    Only the artifact, each file by its exact path: an output_dir also holds checkpoints and logs that must stay
+    local, and a PEFT checkpoint (checkpoint-N/adapter_model.safetensors) looks like a named adapter's subfolder,
+    so the adapters are the ones the artifact lists, never a "*/" pattern."""
+    meta = read_metadata(Path(folder))
+    adapters = (meta.get("adapters") or ["default"]) if meta.get("has_adapter") else []
+    return [WEIGHTS_NAME, "README.md", CONFIG_NAME] + [
+        (adapter_folder(Path(), name) / file).as_posix() for name in adapters for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
                 token: str | None = None, commit_message: str = "Upload ctxzip compressor",
                 revision: str | None = None) -> str:
@@ -332,14 +343,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     from huggingface_hub import HfApi
 
     check_push_revision(revision)
-    meta = read_metadata(Path(folder))  # before creating the repo: refuse a folder that is no artifact
-    # Only the artifact files, each by its exact path: an output_dir also holds checkpoints and logs that must
-    # stay local, and a PEFT checkpoint (checkpoint-N/adapter_model.safetensors) looks like a named adapter's
-    # subfolder, so the adapters are the ones the artifact lists, never a "*/" pattern.
-    adapters = (meta.get("adapters") or ["default"]) if meta.get("has_adapter") else []
-    artifact = [WEIGHTS_NAME, "README.md", CONFIG_NAME] + [
-        glob.escape((adapter_folder(Path(), name) / file).as_posix()) for name in adapters
-        for file in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)]
+    artifact = [glob.escape(name) for name in artifact_files(folder)]  # refuses a folder that is no artifact
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # "name" -> "user/name"
     if revision not in (None, "main"):

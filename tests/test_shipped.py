@@ -75,3 +75,41 @@ def test_each_shipped_compressor_loads_offline_with_its_table(name: str, monkeyp
     clm = CompressedLM.from_pretrained(name)
     memory = clm.compress(CONTEXT * 4)
     assert memory.slots < len(clm.tokenizer(CONTEXT * 4).input_ids)
+
+
+def test_ship_copies_the_artifact_with_its_table_and_replaces_an_older_copy(own_shipped, tmp_path, monkeypatch) -> None:
+    from ctxzip.compressors import shipped
+
+    name, clm = own_shipped
+    export = tmp_path / "run"
+    clm.save_pretrained(export)
+    (export / "checkpoint-5").mkdir()
+    (export / "checkpoint-5" / "optimizer.pt").write_bytes(b"local only")
+    folder = shipped.ship(export, "gist-run", "## Held-out\n\n| method | accuracy |\n")
+    assert shipped_names() == sorted([name, "ctxzip/gist-run"])
+    assert not (folder / "checkpoint-5").exists()
+    assert (folder / "README.md").read_text().endswith("## Held-out\n\n| method | accuracy |\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = CompressedLM.from_pretrained("ctxzip/gist-run")
+    assert torch.equal(loaded.compressor.gist_embeddings.weight, clm.compressor.gist_embeddings.weight)
+
+    shipped.ship(export, "gist-run", "## Measured again\n")
+    card = (folder / "README.md").read_text()
+    assert "Measured again" in card and "Held-out" not in card
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["gist-run", "gist-tiny"]  # nothing staged is left
+
+
+def test_ship_refuses_bad_names_folders_that_are_no_export_and_big_artifacts(own_shipped, tmp_path, monkeypatch) -> None:
+    from ctxzip.compressors import shipped
+
+    export = shipped_root() / "gist-tiny"
+    for bad in ("", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="one folder name"):
+            shipped.ship(export, bad)
+    with pytest.raises(CtxzipError):
+        shipped.ship(tmp_path, "empty")
+    monkeypatch.setattr(shipped, "SHIPPED_MAX_BYTES", 1024)
+    with pytest.raises(ValueError, match="MiB of artifact"):
+        shipped.ship(export, "too-big")
+    assert shipped_names() == [own_shipped[0]]
+    assert shipped_folder("ctxzip/.gist-tiny.new") is None
