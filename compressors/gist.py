@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 
 from .adapters import LoraSettings, add_named_lora
 from .base import Compressor, CompressorConfig, EncoderAdapter, register_compressor
-from .compat import cache_of, with_cache
+from .compat import attn_implementation, cache_of, with_cache
 from .memory import Memory
 from .models import whole_parameters
 
@@ -56,6 +56,11 @@ class GistConfig(CompressorConfig, LoraSettings):
         "help": "where the encoder's LoRA adapter acts: all (every token of a segment and its gists) or gists "
                 "(the gist positions only, Activation Beacon's beacon-only weights: the plain base model reads the "
                 "context, so context tokens need no backward pass and training steps are cheaper)"})
+    gist_layout: str = field(default="end", metadata={
+        "help": "where a segment's gists sit: end (after the segment, at the next positions: every gist reads the "
+                "whole segment) or interleaved (gist i at the position of the last of the tokens it stands for and "
+                "reading only up to there, Activation Beacon's layout: the memory keeps the context's positions and "
+                "the decoder continues right after the context; needs adapter_scope gists and sdpa/eager attention)"})
     init: str = field(default="vocab_mean", metadata={
         "help": "gist embedding initialization: vocab_mean (mean word embedding plus noise) or random"})
 
@@ -66,6 +71,11 @@ class GistConfig(CompressorConfig, LoraSettings):
             raise ValueError("segment_length must be >= tokens_per_gist")
         if self.adapter_scope not in ("all", "gists"):
             raise ValueError(f"adapter_scope must be 'all' or 'gists', got {self.adapter_scope!r}")
+        if self.gist_layout not in ("end", "interleaved"):
+            raise ValueError(f"gist_layout must be 'end' or 'interleaved', got {self.gist_layout!r}")
+        if self.gist_layout == "interleaved" and self.adapter_scope != "gists":
+            raise ValueError("gist_layout 'interleaved' needs adapter_scope 'gists' (the segment is read first, "
+                             "then each gist reads up to its own tokens)")
         if self.init not in ("vocab_mean", "random"):
             raise ValueError(f"init must be 'vocab_mean' or 'random', got {self.init!r}")
 
@@ -132,8 +142,14 @@ class GistCompressor(EncoderAdapter, Compressor):
         n_gists = int(row_gists.max())
         gist_index = torch.arange(n_gists, device=ids.device) - (n_gists - row_gists)[:, None]  # <0: padding
         gist_mask = (gist_index >= 0).to(mask.dtype)
-        token_pos = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
-        gist_pos = (start + real)[:, None] + gist_index.clamp(min=0)
+        token_index = (mask.long().cumsum(-1) - 1).clamp(min=0)  # each token's place among its row's real tokens
+        token_pos = start[:, None] + token_index
+        interleaved = self.compressor_config.gist_layout == "interleaved"
+        if interleaved:  # gist i stands for real tokens [i*k, (i+1)*k) and sits at the last one's position
+            last_token = torch.minimum((gist_index.clamp(min=0) + 1) * per_gist, real[:, None]) - 1
+            gist_pos = start[:, None] + last_token
+        else:
+            gist_pos = (start + real)[:, None] + gist_index.clamp(min=0)
         gists = self.gist_embeddings(gist_index.clamp(min=0))  # the module call, not .weight[...]: ZeRO-3
         context_embeds = self.base_lm.get_input_embeddings()(ids)
         cache, previous_mask = None, mask[:, :0]
@@ -156,6 +172,10 @@ class GistCompressor(EncoderAdapter, Compressor):
             embeds = torch.cat([context_embeds, gists.to(self.base_lm.dtype)], dim=1)
             positions = torch.cat([token_pos, gist_pos], dim=1)
         full_mask = torch.cat([previous_mask, mask, gist_mask], dim=1)
+        if interleaved:
+            full_mask = _interleaved_gist_mask(previous_mask, mask, token_index, gist_index, last_token,
+                                               None if attn_implementation(self.base_lm.config) == "sdpa"
+                                               else self.base_lm.dtype)
         # Only the cache is used: logits_to_keep=1 spares the [batch, tokens, vocab] logits of every position.
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=True, logits_to_keep=1,
                          position_ids=positions, **with_cache(cache))
@@ -165,8 +185,9 @@ class GistCompressor(EncoderAdapter, Compressor):
             tensors[f"value.{layer}"] = value[:, :, -n_gists:]
         if not bool(gist_mask.all()):
             tensors["slot_mask"] = gist_mask.to(torch.int8)  # the decoder must not read padding gists
-        return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists,
-                               position_offset=(start + real + row_gists).tolist())
+        # The decoder goes on after the last position the memory holds: the context's own for interleaved gists.
+        offset = start + real if interleaved else start + real + row_gists
+        return self.new_memory(tensors, source_tokens=real.tolist(), slots=n_gists, position_offset=offset.tolist())
 
     def _adapter_off(self) -> contextlib.AbstractContextManager:
         """The base model without the encoder's adapter, whatever the adapter's current state."""
@@ -179,6 +200,26 @@ class GistCompressor(EncoderAdapter, Compressor):
     def separate_encoder(self) -> bool:
         """Whether the encoder has a LoRA adapter that the decoder must not use."""
         return self.compressor_config.lora_r > 0 and not self.compressor_config.lora_in_decoder
+
+
+def _interleaved_gist_mask(previous_mask: torch.Tensor, mask: torch.Tensor, token_index: torch.Tensor,
+                           gist_index: torch.Tensor, last_token: torch.Tensor,
+                           additive: torch.dtype | None) -> torch.Tensor:
+    """The 4D attention mask ``[batch, 1, gists, previous + tokens + gists]`` of the interleaved gists: each real
+    gist reads the previous memory, the segment's real tokens up to its own last one and the gists up to itself; a
+    padding gist reads only itself (its slot is masked out of the memory). Boolean (True: read) for SDPA, or additive
+    in dtype ``additive`` (0 / its minimum) for the implementations that add the mask to the scores (eager)."""
+    real_gist = gist_index >= 0
+    reads_token = mask.bool()[:, None, :] & (token_index[:, None, :] <= last_token[:, :, None])
+    reads_gist = (gist_index[:, None, :] <= gist_index[:, :, None]) & real_gist[:, None, :]
+    reads_previous = previous_mask.bool()[:, None, :].expand(-1, gist_index.shape[1], -1)
+    allowed = torch.cat([reads_previous, reads_token, reads_gist], dim=-1) & real_gist[:, :, None]
+    own = torch.eye(gist_index.shape[1], dtype=torch.bool, device=mask.device)
+    allowed[:, :, -gist_index.shape[1]:] |= own & ~real_gist[:, :, None]
+    if additive is None:
+        return allowed[:, None]
+    blocked = torch.zeros(allowed.shape, dtype=additive, device=mask.device)
+    return blocked.masked_fill_(~allowed, torch.finfo(additive).min)[:, None]
 
 
 def _gist_pass_cache(previous: Memory | None, read: list[tuple[torch.Tensor, torch.Tensor]], tokens: int) -> Any:

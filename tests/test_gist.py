@@ -227,15 +227,68 @@ def test_gists_scope_runs_the_adapter_at_the_gist_positions_only(tiny) -> None:
         assert not _memories_equal(idle.compress(context), trained)
 
 
+INTERLEAVED = {"adapter_scope": "gists", "gist_layout": "interleaved"}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_an_interleaved_gist_reads_up_to_its_own_tokens_only(tiny, attention) -> None:
+    gist = make_gist(tiny, **INTERLEAVED)
+    gist.base_lm.set_attn_implementation(attention)  # the mask's form depends on it (bool / additive)
+    context = ids(14, seed=7)  # one segment: gists for tokens 0-3, 4-7, 8-11, 12-13
+    with torch.no_grad():
+        memory = gist.compress(context)
+        for changed, first_affected in [(13, 3), (9, 2), (2, 0)]:
+            edited = context.clone()
+            edited[0, changed] = (edited[0, changed] + 1) % 2000 + 10
+            other = gist.compress(edited)
+            for layer in range(gist.base_lm.config.num_hidden_layers):
+                key, other_key = memory.tensors[f"key.{layer}"], other.tensors[f"key.{layer}"]
+                assert torch.allclose(key[:, :, :first_affected], other_key[:, :, :first_affected], atol=1e-6)
+            assert not torch.allclose(memory.tensors["value.1"][:, :, first_affected],
+                                      other.tensors["value.1"][:, :, first_affected], atol=1e-4)
+    assert memory.slots == 4 and memory.position_offset == [14]  # the decoder goes on right after the context
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_interleaved_gists_carry_over_segments(tiny, attention) -> None:
+    # Three layers: a memory slot's layer-0 keys/values come from its own embedding alone, so a token of the first
+    # segment reaches the third segment's gists at layer 2 (first segment's gists at layer 1, then layer 2).
+    model, _ = tiny(num_hidden_layers=3)
+    gist = randomize(GistCompressor(GistConfig(tokens_per_gist=4, segment_length=16, lora_r=4, **INTERLEAVED),
+                                    model).eval())
+    gist.base_lm.set_attn_implementation(attention)
+    context = ids(40, seed=8)  # segments of 8, 16 and 16 tokens (cut from the right)
+    with torch.no_grad():
+        memory = gist.compress(context)
+        edited = context.clone()
+        edited[0, 0] += 1
+        other = gist.compress(edited)
+    assert memory.slots == 2 + 4 + 4 and memory.position_offset == [40]
+    # The first token reaches every later gist through the memory of the first segment.
+    assert not torch.allclose(memory.tensors["value.2"][:, :, -1], other.tensors["value.2"][:, :, -1], atol=1e-5)
+
+
+def test_interleaved_sdpa_and_eager_masks_agree(tiny) -> None:
+    contexts = [ids(n, seed=40 + i)[0].tolist() for i, n in enumerate([21, 9])]
+    batch_ids, batch_mask = left_pad(contexts, pad_id=2)
+    gist = make_gist(tiny, segment_length=8, **INTERLEAVED)
+    memories = []
+    for attention in ("sdpa", "eager"):
+        gist.base_lm.set_attn_implementation(attention)
+        with torch.no_grad():
+            memories.append(gist.compress(batch_ids, batch_mask))
+    assert _memories_equal(*memories, atol=1e-4)
+
+
 # ----- batching -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("lengths", "segment_length"), [
     ([13, 7, 16], 16),  # one segment; 4, 2 and 4 gists
     ([12, 11], 16),  # the same gist count, different padding
     ([40, 20, 5], 8),  # several segments; the short rows have fewer
 ])
-@pytest.mark.parametrize("scope", ["all", "gists"])
-def test_left_padded_batch_equals_rows_compressed_alone(tiny, lengths, segment_length, scope) -> None:
-    gist = make_gist(tiny, segment_length=segment_length, adapter_scope=scope)
+@pytest.mark.parametrize(("scope", "layout"), [("all", "end"), ("gists", "end"), ("gists", "interleaved")])
+def test_left_padded_batch_equals_rows_compressed_alone(tiny, lengths, segment_length, scope, layout) -> None:
+    gist = make_gist(tiny, segment_length=segment_length, adapter_scope=scope, gist_layout=layout)
     contexts = [ids(n, seed=20 + i)[0].tolist() for i, n in enumerate(lengths)]
     prompt = ids(5, seed=9)
     batch_ids, batch_mask = left_pad(contexts, pad_id=2)
@@ -296,6 +349,10 @@ def test_gist_config_validates() -> None:
         GistConfig(init="zeros")
     with pytest.raises(ValueError, match="adapter_scope"):
         GistConfig(adapter_scope="context")
+    with pytest.raises(ValueError, match="gist_layout"):
+        GistConfig(gist_layout="middle")
+    with pytest.raises(ValueError, match="needs adapter_scope 'gists'"):
+        GistConfig(gist_layout="interleaved")
     with pytest.raises(ValueError, match="tokens_per_gits"):
         GistConfig.from_dict({"tokens_per_gits": 4})
 
