@@ -1,7 +1,8 @@
 """Gist tokens: compress a context into the keys/values of a few learned gist positions.
 
 Papers: Mu et al. 2023, "Learning to Compress Prompts with Gist Tokens" (arXiv 2304.08467);
-Li et al. 2024, "500xCompressor" (arXiv 2408.03094); Ge et al. 2024, ICAE (arXiv 2307.06945).
+Li et al. 2024, "500xCompressor" (arXiv 2408.03094); Ge et al. 2024, ICAE (arXiv 2307.06945); the two layout
+options follow Zhang et al. 2024, "Long Context Compression with Activation Beacon" (arXiv 2401.03462).
 
 How it works here: ``k`` learnable gist embeddings live in their own parameter table (the tied
 vocabulary is never resized). A context is split into segments of ``segment_length`` tokens; each
@@ -15,6 +16,12 @@ context together and compresses both: the decoder sees gists, then the rest of t
 
 Faithful: KV-at-gist-positions memory (500xCompressor / the KV form of gisting), frozen decoder
 with a LoRA encoder (ICAE, 500xCompressor), autoencoding + continuation + task SFT objectives.
+Options: ``adapter_scope="gists"`` applies the LoRA at the gist positions only (the plain base reads the
+segment, without gradients); ``gist_layout="interleaved"`` puts each gist at the position of the last token it
+stands for, reading only up to there, so the memory keeps the context's positions (Activation Beacon's layout;
+not faithful to it: the gists of a segment are computed after the segment in one pass, not interleaved in the
+token stream, so context tokens never read the segment's own gists, and each gist has its own embedding).
+
 Not faithful: gisting trains in one pass with a gist attention mask; here the encoder and the
 decoder are two passes (mathematically the same attention pattern, but twice the prefill). The
 segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather than any one paper.
