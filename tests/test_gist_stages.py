@@ -79,7 +79,8 @@ def test_init_from_an_export_starts_its_adapter_too_and_refuses_another_lora(tin
 
 def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
     """benchmarks/gist_heldout.sh, the held-out yardstick the gist page documents, with only sizes overridden (later
-    flags win): a saved compressor beside SnapKV and the references, on held-out wordings of stdlib text."""
+    flags win): the training-free bar, then a saved compressor alone and its report against the bar, on held-out
+    wordings of stdlib text."""
     from ctxzip.compressors import GistCompressor, GistConfig
     from ctxzip.compressors.hub import save_compressor
 
@@ -88,16 +89,22 @@ def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
     save_compressor(GistCompressor(GistConfig(tokens_per_gist=4, segment_length=32, lora_r=0), model), folder,
                     tokenizer)
     out = tmp_path / "heldout"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(ROOT / "benchmarks/gist_heldout.sh"), str(folder), "--base-model",
-                             "tiny-random-llama", "--num-samples", "1", "--context-length", "96", "--no-progress",
-                             "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((out / "metrics.json").read_text())["results"]
-    assert {(r["task"], r["method"]) for r in rows} >= {
-        (task, method) for task in ("retrieve_number", "retrieve_word", "multi_fact")
-        for method in ("gist-tiny", "snapkv", "truncation", "full_context", "no_context")}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HELDOUT_RESULTS": str(out)}
+    sizes = ["--base-model", "tiny-random-llama", "--num-samples", "1", "--context-length", "96", "--no-progress"]
+    for target in ("bar", str(folder)):
+        result = subprocess.run(["bash", str(ROOT / "benchmarks/gist_heldout.sh"), target, *sizes], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    tasks = ("retrieve_number", "retrieve_word", "multi_fact")
+    bar = json.loads((out / "training_free" / "metrics.json").read_text())["results"]
+    assert {(r["task"], r["method"]) for r in bar} >= {
+        (task, method) for task in tasks for method in ("snapkv", "truncation", "full_context", "no_context")}
+    alone = json.loads((out / "gist-tiny" / "metrics.json").read_text())["results"]
+    assert {(r["task"], r["method"]) for r in alone} == {(task, "gist-tiny") for task in tasks}
+    report = (out / "gist-tiny-vs-training-free" / "report.md").read_text()
+    assert "Learned vs the best training-free method at the same bytes" in report and "gist-tiny" in report
     import yaml
 
-    config = yaml.safe_load((out / "config.yaml").read_text())
+    config = yaml.safe_load((out / "gist-tiny" / "config.yaml").read_text())
     assert (config["source"], config["split"], config["num_samples"]) == ("stdlib", "test", 1)
