@@ -44,3 +44,22 @@ def test_the_script_reads_finished_and_running_folders(tmp_path: Path) -> None:
     failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/leading_digits.py"), str(empty)],
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "no evaluated rows" in failed.stderr
+
+
+def test_the_shuffled_context_control_runs(tiny, tmp_path: Path) -> None:
+    """benchmarks/shuffled_context.py on a tiny saved compressor: both columns counted; one sample is refused."""
+    from ctxzip.compressors import GistCompressor, GistConfig
+    from ctxzip.compressors.hub import save_compressor
+
+    model, tokenizer = tiny()
+    folder = tmp_path / "gist-tiny"
+    save_compressor(GistCompressor(GistConfig(tokens_per_gist=4, segment_length=32, lora_r=0), model), folder,
+                    tokenizer)
+    script = [sys.executable, str(ROOT / "benchmarks/shuffled_context.py"), str(folder), "--context-tokens", "64",
+              "--max-new-tokens", "2"]
+    result = subprocess.run([*script, "--samples", "3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["n"] == 3 and 0 <= counts["own_context"] <= 3 and 0 <= counts["another_rows_context"] <= 3
+    refused = subprocess.run([*script, "--samples", "1"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "at least 2" in refused.stderr
