@@ -321,7 +321,8 @@ def test_gist_stages_arguments_parse_with_the_recipes_parser() -> None:
     assert first.train_tasks == ["continuation", "reconstruction"] and first.context_tokens == 512
     assert first.init_from is None and first.fused_lm_loss and train1.output_dir == "/tmp/stage1"
     assert second.init_from == "/tmp/stage1" and second.num_eval_samples == 100 and second.eval_scoring == "generate"
-    assert (second.context_tokens, second.max_train_context_tokens, second.eval_data_source) == (128, 1024, "stdlib")
+    assert (second.context_tokens, second.max_train_context_tokens, second.eval_data_source) == (128, 512, "stdlib")
+    assert (config1.adapter_scope, config1.gist_layout) == (config2.adapter_scope, config2.gist_layout) == ("gists", "interleaved")
     assert (config1.tokens_per_gist, config1.lora_r) == (config2.tokens_per_gist, config2.lora_r)  # init_from fits
     with pytest.raises(ValueError, match="init_from"):
         suite_real.stage_overrides(2, False, "/tmp/stage2", batch=16, eval_samples=100)
