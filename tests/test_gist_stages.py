@@ -91,12 +91,13 @@ def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
     out = tmp_path / "heldout"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HELDOUT_RESULTS": str(out)}
-    sizes = ["--base-model", "tiny-random-llama", "--num-samples", "1", "--context-length", "96", "--no-progress"]
+    sizes = ["--base-model", "tiny-random-llama", "--num-samples", "1", "--context-length", "96", "--no-progress",
+             "--tasks", "retrieve_number", "multi_fact"]  # two of the three tasks: the suite's time
     for target in ("bar", str(folder)):
         result = subprocess.run(["bash", str(ROOT / "benchmarks/gist_heldout.sh"), target, *sizes], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-    tasks = ("retrieve_number", "retrieve_word", "multi_fact")
+    tasks = ("retrieve_number", "multi_fact")
     bar = json.loads((out / "training_free" / "metrics.json").read_text())["results"]
     assert {(r["task"], r["method"]) for r in bar} >= {
         (task, method) for task in tasks for method in ("snapkv", "truncation", "full_context", "no_context")}
