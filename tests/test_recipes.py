@@ -313,3 +313,27 @@ def test_incomes_recipe_one_step_distils_exports_and_reloads(tmp_path: Path) -> 
     assert {"weighted_ce", "kl", "pool_entries"} <= set(log) and log["pool_entries"] == 6
     for name in ("compressor_config.json", "compressor.safetensors", "adapter_model.safetensors", "README.md"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize("flags, warns", [("fpu avx2 fma", True), ("fpu avx512f avx512_bf16", False),
+                                          ("fpu amx_bf16 amx_tile", False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tmp_path, flags, warns):
+    """--bf16 on a CPU whose flags have neither avx512_bf16 nor amx_bf16 warns and names the fix; with either, or
+    with bf16 off, it is silent."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from ctxzip.trainers.script_args import warn_if_bf16_is_emulated
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    for bf16 in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to="none")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_bf16_is_emulated(args, cpuinfo)
+        messages = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+        assert len(messages) == (1 if bf16 and warns else 0), messages
+        if messages:
+            assert "--bf16 false" in messages[0]
