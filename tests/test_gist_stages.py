@@ -109,3 +109,19 @@ def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
 
     config = yaml.safe_load((out / "gist-tiny" / "config.yaml").read_text())
     assert (config["source"], config["split"], config["num_samples"]) == ("stdlib", "test", 1)
+
+
+def test_a_compared_export_for_another_base_model_is_refused_before_it_loads(tiny) -> None:
+    """--eval_compare_with scores every export on rows tokenized by the run's tokenizer: an export trained for
+    another base (the shipped SmolLM2 compressor beside a run on the tiny model) is refused with the reason, before
+    its base model is loaded."""
+    import pytest
+
+    from ctxzip.compressors import GistCompressor, GistConfig
+    from ctxzip.compressors.errors import BaseModelMismatchError
+    from ctxzip.trainers.memory_recipe import compared_exports
+
+    model, tokenizer = tiny()
+    final = GistCompressor(GistConfig(tokens_per_gist=4, segment_length=32, lora_r=4), model).use_tokenizer(tokenizer)
+    with pytest.raises(BaseModelMismatchError, match="SmolLM2"):
+        compared_exports(["ctxzip/gist-smollm2-135m"], final, tokenizer, "float32")

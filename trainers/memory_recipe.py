@@ -15,7 +15,13 @@ import datasets
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from ctxzip.compressors import Compressor, CompressorConfig
-from ctxzip.compressors.hub import init_from_export, load_compressor
+from ctxzip.compressors.hub import (
+    check_base_model,
+    init_from_export,
+    load_compressor,
+    read_metadata,
+    resolve_folder,
+)
 from ctxzip.eval.compare import compare_with_baselines, print_table
 
 from .collator import MemoryCollator
@@ -110,7 +116,7 @@ def long_context_data(script_args: CompressorScriptArguments, config: Compressor
         1, script_args.num_eval_samples)), tokenizer, seed)
 
     def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
-        others = compared_exports(script_args.eval_compare_with, final, model_args.dtype)
+        others = compared_exports(script_args.eval_compare_with, final, tokenizer, model_args.dtype)
         summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
                                            untrained=untrained, baselines=script_args.eval_baselines, others=others)
         print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
@@ -125,11 +131,15 @@ def long_context_data(script_args: CompressorScriptArguments, config: Compressor
                       fused_lm_loss=script_args.fused_lm_loss, distillation_weight=distillation)
 
 
-def compared_exports(names: list[str], final: Compressor, dtype: str | None) -> dict[str, Compressor]:
+def compared_exports(names: list[str], final: Compressor, tokenizer: PreTrainedTokenizerBase,
+                     dtype: str | None) -> dict[str, Compressor]:
     """The exported compressors ``names`` (``eval_compare_with``: folders, Hub ids, shipped short names), each on its
-    own recorded base model, where ``final`` is, by their table label."""
+    own recorded base model, where ``final`` is, by their table label. Each must be for ``final``'s base model and
+    ``tokenizer``: the held-out rows are tokenized once, by ``tokenizer``, for every compressor of the table."""
     from ctxzip.eval.runner import label_for
 
+    for name in names:
+        check_base_model(read_metadata(resolve_folder(name)), final.base_lm, tokenizer)
     return {label_for(name): load_compressor(name, dtype=dtype or "float32")[0].to(final.device) for name in names}
 
 
