@@ -138,9 +138,11 @@ def compared_exports(names: list[str], final: Compressor, tokenizer: PreTrainedT
     ``tokenizer``: the held-out rows are tokenized once, by ``tokenizer``, for every compressor of the table."""
     from ctxzip.eval.runner import label_for
 
-    for name in names:
-        check_base_model(read_metadata(resolve_folder(name)), final.base_lm, tokenizer)
-    return {label_for(name): load_compressor(name, dtype=dtype or "float32")[0].to(final.device) for name in names}
+    folders = {label_for(name): resolve_folder(name) for name in names}  # resolved (downloaded) once
+    for folder in folders.values():
+        check_base_model(read_metadata(folder), final.base_lm, tokenizer)
+    return {label: load_compressor(folder, dtype=dtype or "float32")[0].to(final.device)
+            for label, folder in folders.items()}
 
 
 def start_from_export(compressor: Compressor, init_from: str | None) -> None:
