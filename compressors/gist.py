@@ -22,6 +22,12 @@ stands for, reading only up to there, so the memory keeps the context's position
 not faithful to it: the gists of a segment are computed after the segment in one pass, not interleaved in the
 token stream, so context tokens never read the segment's own gists, and each gist has its own embedding).
 
+``recent_tokens`` keeps the context's last tokens raw after the gists (Activation Beacon's recent window): the
+decoder reads them through the gists of the text before them, and their keys/values join the memory; at equal bytes,
+an 8x compressor with a raw window of about a seventh of the context makes a 4x memory that still holds the recent
+text verbatim, which continuation needs. It can be set when loading (``config_overrides``) or evaluating
+(``--learned_config recent_tokens=N``).
+
 Not faithful: gisting trains in one pass with a gist attention mask; here the encoder and the
 decoder are two passes (mathematically the same attention pattern, but twice the prefill). The
 segment-by-segment recurrence follows ICAE/AutoCompressor-style chunking rather than any one paper.
@@ -70,6 +76,11 @@ class GistConfig(CompressorConfig, LoraSettings):
                 "the decoder continues right after the context; needs adapter_scope gists and sdpa/eager attention)"})
     init: str = field(default="vocab_mean", metadata={
         "help": "gist embedding initialization: vocab_mean (mean word embedding plus noise) or random"})
+    recent_tokens: int = field(default=0, metadata={
+        "help": "keep the context's last N tokens raw: their keys/values, read by the decoder through the gists of "
+                "the text before them, follow the gists in the memory (Activation Beacon's raw recent window); the "
+                "memory then holds gists for the first tokens and N raw slots, so its ratio falls. A setting of "
+                "how a context is read, not of the weights: it can be changed when loading (config_overrides)"})
 
     def __post_init__(self) -> None:
         if self.tokens_per_gist < 1:
@@ -83,6 +94,8 @@ class GistConfig(CompressorConfig, LoraSettings):
         if self.gist_layout == "interleaved" and self.adapter_scope != "gists":
             raise ValueError("gist_layout 'interleaved' needs adapter_scope 'gists' (the segment is read first, "
                              "then each gist reads up to its own tokens)")
+        if self.recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
         if self.init not in ("vocab_mean", "random"):
             raise ValueError(f"init must be 'vocab_mean' or 'random', got {self.init!r}")
 
@@ -130,14 +143,42 @@ class GistCompressor(EncoderAdapter, Compressor):
         first = int((attention_mask.sum(0) > 0).nonzero()[0])
         context_ids, attention_mask = context_ids[:, first:], attention_mask[:, first:]
         memory: Memory | None = None
-        length, step = context_ids.shape[1], self.compressor_config.segment_length
+        # The last recent_tokens columns stay raw; with left padding, a shorter row's window holds its padding
+        # and its gisted part is padding only (its gists are masked slots).
+        gisted = max(0, context_ids.shape[1] - self.compressor_config.recent_tokens)
+        step = self.compressor_config.segment_length
         # Segments are cut from the right so that only the first one can hold left padding.
-        bounds = [(max(0, end - step), end) for end in range(length, 0, -step)][::-1]
+        bounds = [(max(0, end - step), end) for end in range(gisted, 0, -step)][::-1]
         for start, end in bounds:
             segment = self._compress_segment(context_ids[:, start:end], attention_mask[:, start:end], memory)
             memory = segment if memory is None else memory.cat(segment)
+        if gisted < context_ids.shape[1]:
+            recent = self._read_recent(context_ids[:, gisted:], attention_mask[:, gisted:], memory)
+            memory = recent if memory is None else memory.cat(recent)
         assert memory is not None
         return memory
+
+    def _read_recent(self, ids: torch.Tensor, mask: torch.Tensor, previous: Memory | None) -> Memory:
+        """The raw recent window: its tokens read by the decoder (the base model without the encoder's adapter)
+        after the gists of the text before them; their keys/values become memory slots."""
+        batch = ids.shape[0]
+        start = torch.tensor(previous.position_offset if previous else [0] * batch, device=ids.device)
+        previous_mask = previous.slot_mask().to(mask) if previous is not None else mask[:, :0]
+        positions = start[:, None] + (mask.long().cumsum(-1) - 1).clamp(min=0)
+        decoder = self._adapter_off() if self.separate_encoder else contextlib.nullcontext()
+        cache = previous.to_cache() if previous is not None else None
+        with decoder:  # only the cache is used: logits_to_keep=1 spares the logits of every position
+            out = self.model(input_ids=ids, attention_mask=torch.cat([previous_mask, mask], 1), use_cache=True,
+                             logits_to_keep=1, position_ids=positions, **with_cache(cache))
+        tensors = {}
+        for layer, (key, value) in enumerate(_cache_layers(cache_of(out))):
+            tensors[f"key.{layer}"] = key[:, :, -ids.shape[1]:]
+            tensors[f"value.{layer}"] = value[:, :, -ids.shape[1]:]
+        if not bool(mask.all()):
+            tensors["slot_mask"] = mask.to(torch.int8)
+        real = mask.long().sum(-1)
+        return self.new_memory(tensors, source_tokens=real.tolist(), slots=ids.shape[1],
+                               position_offset=(start + real).tolist())
 
     def _compress_segment(self, ids: torch.Tensor, mask: torch.Tensor, previous: Memory | None) -> Memory:
         # Each row gets ceil(its own tokens / tokens_per_gist) gists, as if compressed alone: rows

@@ -218,9 +218,13 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
                     dtype: str | torch.dtype | None = "float32", revision: str | None = None, *,
                     device_map: str | dict[str, Any] | None = None, token: str | bool | None = None,
                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                    config_overrides: dict[str, Any] | None = None,
                     ) -> tuple[Compressor, PreTrainedTokenizerBase]:
     """Load a saved compressor onto ``model`` (or onto its recorded base model, loaded here).
 
+    ``config_overrides`` replaces settings of the saved config that say how a context is read, not what the
+    weights are (a gist compressor's ``recent_tokens``); an unknown key is refused, and one that changes a trained
+    tensor's shape fails when the weights load.
     ``name_or_path`` is a folder or a Hub repo id (``revision``: its branch, tag or commit). ``token``,
     ``cache_dir`` and ``local_files_only`` go to ``huggingface_hub.snapshot_download`` for the compressor and to
     transformers' ``from_pretrained`` for the base model; ``dtype`` and ``device_map`` load the base model (the
@@ -236,7 +240,7 @@ def load_compressor(name_or_path: str | os.PathLike, model: PreTrainedModel | No
         tokenizer = tokenizer or loaded_tokenizer
     check_base_model(meta, model, tokenizer)
     cls = compressor_class(meta["compressor_type"])
-    compressor = cls(cls.config_class.from_dict(meta["config"]), model)
+    compressor = cls(cls.config_class.from_dict({**meta["config"], **(config_overrides or {})}), model)
     _load_own_weights(compressor, folder)
     if meta.get("has_adapter"):
         _load_adapter(compressor, folder, meta.get("adapters") or ["default"])

@@ -52,7 +52,8 @@ class CompressedLM:
                         dtype: str | torch.dtype | None = "float32", device: str | None = None,
                         revision: str | None = None, *, device_map: str | dict[str, Any] | None = None,
                         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool = False) -> CompressedLM:
+                        local_files_only: bool = False,
+                        config_overrides: dict[str, Any] | None = None) -> CompressedLM:
         """Load a saved compressor folder or Hub repo with its base model (checked to match).
 
         ``base_model`` overrides the base recorded in the artifact (a Hub id or folder of the same shape and
@@ -60,14 +61,16 @@ class CompressedLM:
         ``local_files_only`` go to ``huggingface_hub.snapshot_download`` (the compressor) and to transformers'
         ``from_pretrained`` (the base model); ``dtype`` and ``device_map`` to the base model's ``from_pretrained``
         (e.g. ``device_map="auto"``), whose device and dtype the compressor's own tensors follow. ``device``
-        instead moves the whole loaded compressor to one device afterwards.
+        instead moves the whole loaded compressor to one device afterwards. ``config_overrides`` changes how the
+        compressor reads a context, e.g. ``{"recent_tokens": 128}`` keeps a gist memory's last 128 tokens raw.
         """
         if device is not None and device_map is not None:
             raise ValueError("give device (move everything after loading) or device_map (place the base model "
                              "while loading), not both")
         compressor, tokenizer = load_compressor(name_or_path, base_model=base_model, dtype=dtype, revision=revision,
                                                 device_map=device_map, token=token, cache_dir=cache_dir,
-                                                local_files_only=local_files_only)
+                                                local_files_only=local_files_only,
+                                                config_overrides=config_overrides)
         if device:
             compressor.to(device)
         return cls(compressor, tokenizer)

@@ -89,6 +89,10 @@ class EvalConfig:
         "the methods to evaluate: training-free baseline names (snapkv, truncation, ...), saved compressor "
         "folders, Hub repo ids, or a registered learned type built untrained; several share the full-context, "
         "no-context and truncation references")})
+    learned_config: list[str] = field(default_factory=list, metadata={"help": (
+        "KEY=VALUE settings that replace those saved with every learned compressor evaluated, for how it reads a "
+        "context (e.g. recent_tokens=128: a gist memory keeps the context's last 128 tokens raw); the tables name "
+        "the method with them")})
     compare: list[str] | None = field(default=None, metadata={"help": (
         "instead of evaluating: merge the metrics of these finished run folders into one report (in --output_dir)")})
     base_model: str | None = field(default=None, metadata={"help": (
@@ -159,7 +163,28 @@ class EvalConfig:
             raise ValueError("num_samples and context lengths must be >= 1")
         for name in self.compressors:
             kind_of_method(name)
+        parse_learned_config(self.learned_config)
         check_device_map(self.device_map)
+
+    @property
+    def learned_overrides(self) -> tuple[tuple[str, Any], ...]:
+        """``learned_config`` as sorted (key, value) pairs (hashable: labels are cached by them)."""
+        return tuple(sorted(parse_learned_config(self.learned_config).items()))
+
+
+def parse_learned_config(items: list[str]) -> dict[str, Any]:
+    """``["recent_tokens=128", "name=x"]`` -> ``{"recent_tokens": 128, "name": "x"}`` (values read as JSON when
+    they parse, else kept as strings)."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--learned_config takes KEY=VALUE settings, got {item!r}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
 
 
 def kind_of_method(name: str) -> str:
@@ -240,32 +265,37 @@ def on_base_device(compressor: Compressor) -> Compressor:
     return compressor.to(devices.pop())
 
 
-def load_learned(name: str, base_model: str | None, dtype: str, device_map: str = "cpu") -> Compressor:
+def load_learned(name: str, base_model: str | None, dtype: str, device_map: str = "cpu",
+                 overrides: tuple[tuple[str, Any], ...] = ()) -> Compressor:
     """A learned method on its own copy of the base model, on ``device_map``: a saved folder or Hub id (on the base
-    model it names, unless ``base_model``), or a registered type built untrained on ``base_model``."""
+    model it names, unless ``base_model``), or a registered type built untrained on ``base_model``; ``overrides``
+    replace settings of its config (``--learned_config``)."""
     if kind_of_method(name) == "untrained":
         if base_model is None:
             raise ValueError(f"--base_model is required to build an untrained {name!r} compressor")
         model, tokenizer = load_on(base_model, dtype, device_map)
         kind = compressor_class(name)
-        return on_base_device(CompressedLM(kind(kind.config_class.from_dict({}), model).eval(), tokenizer).compressor)
+        config = kind.config_class.from_dict(dict(overrides))
+        return on_base_device(CompressedLM(kind(config, model).eval(), tokenizer).compressor)
     from ctxzip.compressors.hub import read_metadata, resolve_folder
 
     model, tokenizer = load_on(base_model or read_metadata(resolve_folder(name, None))["base_model"], dtype,
                                device_map)
-    return on_base_device(load_compressor(name, model=model, tokenizer=tokenizer)[0])
+    return on_base_device(load_compressor(name, model=model, tokenizer=tokenizer, config_overrides=dict(overrides))[0])
 
 
 PER_QUESTION = " (a memory per question)"
 
 
 @functools.cache
-def label_for(name: str) -> str:
-    """A method's name in every table: a baseline's name, a saved folder's name or a Hub id, and for a learned
-    compressor whose memory is made per question (QD-LCIRC) a mark saying so (its compression is per question)."""
+def label_for(name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> str:
+    """A method's name in every table: a baseline's name, a saved folder's name or a Hub id (a learned one followed
+    by its ``--learned_config`` settings), and for a learned compressor whose memory is made per question
+    (QD-LCIRC) a mark saying so (its compression is per question)."""
     kind = kind_of_method(name)
     if kind == "baseline":
         return name
+    settings = " [" + ", ".join(f"{key}={value}" for key, value in overrides) + "]" if overrides else ""
     from ctxzip.compressors.hub import read_metadata, resolve_folder
 
     if kind == "untrained":
@@ -273,6 +303,7 @@ def label_for(name: str) -> str:
     else:
         label = Path(name).name if kind == "saved" else name
         compressor_type = read_metadata(resolve_folder(name, None))["compressor_type"]
+    label += settings
     return label + PER_QUESTION if compressor_class(compressor_type).memory_per_query else label
 
 
@@ -426,16 +457,17 @@ class NoContext(Method):
 
 
 def method_for(name: str, model: Any, tokenizer: Any, base: str | None = None, dtype: str = "float32",
-               label: str | None = None, device_map: str | None = None) -> Method:
+               label: str | None = None, device_map: str | None = None,
+               overrides: tuple[tuple[str, Any], ...] = ()) -> Method:
     """The evaluated method ``name`` (``kind_of_method``), of the type that says how it makes its memories. A
-    learned one loads on ``device_map`` (default: the shared ``model``'s device)."""
+    learned one loads on ``device_map`` (default: the shared ``model``'s device) with ``overrides`` in its config."""
     if name == NO_CONTEXT:
         return NoContext(name, model, tokenizer, label=label)
     learned = None if kind_of_method(name) == "baseline" else load_learned(
-        name, base, dtype, device_map or str(model.device))
+        name, base, dtype, device_map or str(model.device), overrides)
     kind = type(learned) if learned is not None else COMPRESSORS[name]
     cls = FromPrefill if issubclass(kind, PrefillSelection) else Method
-    return cls(name, model, tokenizer, learned=learned, label=label)
+    return cls(name, model, tokenizer, learned=learned, label=label or label_for(name, overrides))
 
 
 def shared_prefill(methods: list[Method], model: Any, tokenizer: Any, context: str) -> ContextPrefill | None:
@@ -509,7 +541,8 @@ def run(cfg: EvalConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys((list(REFERENCES) if cfg.references else []) + cfg.compressors))
-    methods = [method_for(name, model, tokenizer, base, cfg.dtype, device_map=device_map) for name in names]
+    methods = [method_for(name, model, tokenizer, base, cfg.dtype, device_map=device_map,
+                          overrides=cfg.learned_overrides) for name in names]
     check_length(model, cfg.context_lengths, methods, verbose=state.is_main_process)
     plan = []  # (task label, length, method, pending ratios)
     for task in (task_label(cfg, t) for t in cfg.tasks):
@@ -681,7 +714,8 @@ def collect(out: Path, cfg: EvalConfig | None = None) -> list[dict[str, Any]]:
             saved["summary"].update(interval_fields(saved["rows"]))
         summaries.append(saved["summary"])
     if cfg is not None:
-        labels = {label_for(n) for n in (list(REFERENCES) if cfg.references else []) + cfg.compressors}
+        labels = {label_for(n, cfg.learned_overrides) for n in (list(REFERENCES) if cfg.references else [])
+                  + cfg.compressors}
         tasks = {task_label(cfg, t) for t in cfg.tasks}
         lengths = {length for t in cfg.tasks for length in task_lengths(cfg, t)}
         summaries = [s for s in summaries if s["task"] in tasks and s["context_length"] in lengths

@@ -274,6 +274,25 @@ def test_a_method_that_makes_a_memory_per_question_gets_one_for_each_and_the_tab
     assert "(a memory per question)" in (out / "report.md").read_text()
 
 
+def test_learned_config_changes_how_a_saved_compressor_reads_and_the_tables_name_it(tmp_path):
+    from ctxzip.compressors import CompressedLM, GistCompressor, GistConfig, load_base
+
+    model, tokenizer = load_base("tiny-random-llama")
+    gist = GistCompressor(GistConfig(tokens_per_gist=4, segment_length=32, lora_r=2), model)
+    folder = CompressedLM(gist, tokenizer).save_pretrained(tmp_path / "gist")
+    common = ["--compressor", str(folder), "--tasks", "passkey", "--timing-samples", "0", "--no-references", *TINY]
+    assert main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--learned_config", "recent_tokens=16", "--output-dir", str(tmp_path / "window")]) == 0
+    plain, window = (json.loads((tmp_path / run / "metrics.json").read_text())["results"][0]
+                     for run in ("plain", "window"))
+    assert plain["method"] == "gist" and window["method"] == "gist [recent_tokens=16]"
+    # 16 more tokens kept raw: four gists fewer, sixteen raw slots more (the window is 16 tokens per sample)
+    assert window["memory_bytes"] > plain["memory_bytes"]
+    assert window["achieved_ratio"] < plain["achieved_ratio"]
+    assert "gist [recent_tokens=16]" in (tmp_path / "window" / "report.md").read_text()
+    assert main([*common, "--learned_config", "recent_tokens", "--output-dir", str(tmp_path / "x")]) == 2
+
+
 def test_each_method_is_the_type_that_says_how_it_makes_its_memories_and_what_they_cost(monkeypatch):
     """``method_for`` picks the type once (a ``PrefillSelection`` baseline starts from the shared prefill, the floor
     has no memory, the others compress per ratio); ``compress_s`` keeps its meaning on every path."""

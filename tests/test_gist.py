@@ -317,6 +317,73 @@ def test_extra_padding_columns_are_ignored(tiny) -> None:
     assert torch.allclose(decode(gist, a, prompt), decode(gist, b, prompt), atol=1e-4)
 
 
+# ----- the raw recent window ------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["end", "interleaved"])
+def test_recent_tokens_are_what_the_decoder_reads_after_the_gists_of_the_text_before(tiny, layout) -> None:
+    """A memory with a raw window of 6 tokens = the gists of the first tokens, then the window read by the decoder:
+    a prompt after it gets the logits of window + prompt decoded after the gists alone."""
+    gist = make_gist(tiny, segment_length=8, gist_layout=layout, adapter_scope="gists")
+    windowed = make_gist(tiny, segment_length=8, gist_layout=layout, adapter_scope="gists", recent_tokens=6)
+    windowed.load_state_dict(gist.state_dict())
+    context, prompt = ids(23, seed=6), ids(4, seed=7)
+    with torch.no_grad():
+        memory = windowed.compress(context)
+        gists = gist.compress(context[:, :17])
+        ref = decode(gist, gists, torch.cat([context[:, 17:], prompt], dim=1))[:, 6:]
+        logits = decode(windowed, memory, prompt)
+    assert memory.slots == gists.slots + 6 and memory.source_tokens == [23]
+    assert memory.position_offset == [gists.position_offset[0] + 6]
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
+def test_a_window_longer_than_the_context_is_the_full_context(tiny) -> None:
+    model, _ = tiny()
+    gist = randomize(GistCompressor(GistConfig(tokens_per_gist=4, segment_length=8, lora_r=4, recent_tokens=32),
+                                    model).eval())
+    context, prompt = ids(11, seed=1), ids(5, seed=2)
+    with torch.no_grad():
+        memory = gist.compress(context)
+        logits = decode(gist, memory, prompt)
+        with gist.model.disable_adapter():  # the plain model: the encoder's LoRA is injected into it
+            ref = model(input_ids=torch.cat([context, prompt], dim=1)).logits[:, 11:]
+    assert memory.slots == 11 and memory.ratio == 1.0 and memory.position_offset == [11]
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
+def test_recent_tokens_left_padded_batch_equals_rows_compressed_alone(tiny) -> None:
+    gist = make_gist(tiny, segment_length=8, recent_tokens=6, **INTERLEAVED)
+    lengths = [30, 13, 4]  # the last row is shorter than the window: no gists, a padded window
+    contexts = [ids(n, seed=30 + i)[0].tolist() for i, n in enumerate(lengths)]
+    prompt = ids(5, seed=9)
+    batch_ids, batch_mask = left_pad(contexts, pad_id=2)
+    with torch.no_grad():
+        batched = gist.compress(batch_ids, batch_mask)
+        alone = [gist.compress(torch.tensor([c])) for c in contexts]
+        batched_logits = decode(gist, batched, prompt.expand(len(lengths), -1))
+    assert batched.source_tokens == lengths
+    assert batched.position_offset == [m.position_offset[0] for m in alone]
+    for row, memory in enumerate(alone):
+        assert torch.allclose(batched_logits[row], decode(gist, memory, prompt)[0], atol=1e-4), row
+
+
+def test_recent_tokens_can_be_set_when_loading(tiny, tmp_path) -> None:
+    from ctxzip.compressors import CompressedLM, load_base
+    from ctxzip.compressors.hub import load_compressor, save_compressor
+
+    model, _ = tiny()
+    _, tokenizer = load_base("tiny-random-llama")
+    gist = make_gist(tiny, segment_length=8)
+    save_compressor(gist, tmp_path / "gist", tokenizer)
+    loaded, _ = load_compressor(tmp_path / "gist", config_overrides={"recent_tokens": 5})
+    assert loaded.compressor_config.recent_tokens == 5
+    with torch.no_grad():
+        assert loaded.compress(ids(21, seed=3)).slots == 4 + 5  # 16 tokens in 4 gists, then 5 raw
+    lm = CompressedLM.from_pretrained(tmp_path / "gist", config_overrides={"recent_tokens": 2})
+    assert lm.compressor.compressor_config.recent_tokens == 2
+    with pytest.raises(ValueError, match="unknown GistConfig keys"):
+        load_compressor(tmp_path / "gist", config_overrides={"recent_token": 5})
+
+
 # ----- bad input ------------------------------------------------------------------------------------
 def test_empty_context_raises(tiny) -> None:
     gist = make_gist(tiny)
@@ -341,6 +408,8 @@ def test_context_longer_than_max_context_tokens_raises(tiny) -> None:
 
 
 def test_gist_config_validates() -> None:
+    with pytest.raises(ValueError, match="recent_tokens"):
+        GistConfig(recent_tokens=-1)
     with pytest.raises(ValueError):
         GistConfig(tokens_per_gist=0)
     with pytest.raises(ValueError):
