@@ -8,7 +8,7 @@
 #   bash benchmarks/gist_heldout.sh COMPRESSOR [flags]
 #       a saved compressor (folder or shipped name) alone, then one report of it against every training-free
 #       folder under the results (training_free*): the table "learned vs the best training-free method at the
-#       same bytes".
+#       same bytes". --learned_config KEY=VALUE changes how it reads (e.g. recent_tokens=144) and names its folder.
 # Results go under $HELDOUT_RESULTS (default benchmarks/results/gist_heldout). Resumable: a rerun skips finished
 # configurations.
 set -euo pipefail
@@ -22,7 +22,16 @@ common=(--base-model smollm2-135m-instruct --dtype float32 --scoring generate --
 if [ "$target" = bar ]; then
   python -m ctxzip.eval --compressor snapkv "${common[@]}" --output-dir "$results/training_free" "$@"
 else
-  name="$(basename "$target")"
+  # --learned_config KEY=VALUE ... names the results folder too: out/gist-8x with recent_tokens=144 writes
+  # gist-8x-recent_tokens144 beside gist-8x
+  name="$(basename "$target")" settings=0
+  for arg in "$@"; do
+    case "$arg" in
+      --learned_config|--learned-config) settings=1 ;;
+      --*) settings=0 ;;
+      *) if [ "$settings" = 1 ]; then name+="-${arg//=/}"; fi ;;
+    esac
+  done
   python -m ctxzip.eval --compressor "$target" --no_references "${common[@]}" --output-dir "$results/$name" "$@"
   python -m ctxzip.eval --compare "$results"/training_free* "$results/$name" \
     --output-dir "$results/$name-vs-training-free"

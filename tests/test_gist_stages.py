@@ -93,9 +93,10 @@ def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
            "HELDOUT_RESULTS": str(out)}
     sizes = ["--base-model", "tiny-random-llama", "--num-samples", "1", "--context-length", "96", "--no-progress",
              "--tasks", "retrieve_number", "multi_fact"]  # two of the three tasks: the suite's time
-    for target in ("bar", str(folder)):
-        result = subprocess.run(["bash", str(ROOT / "benchmarks/gist_heldout.sh"), target, *sizes], cwd=ROOT,
-                                env=env, capture_output=True, text=True, timeout=600)
+    window = ["--learned_config", "recent_tokens=16"]
+    for target, extra in (("bar", []), (str(folder), []), (str(folder), window)):
+        result = subprocess.run(["bash", str(ROOT / "benchmarks/gist_heldout.sh"), target, *sizes, *extra],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     tasks = ("retrieve_number", "multi_fact")
     bar = json.loads((out / "training_free" / "metrics.json").read_text())["results"]
@@ -103,6 +104,9 @@ def test_the_held_out_benchmark_script_runs(tiny, tmp_path: Path) -> None:
         (task, method) for task in tasks for method in ("snapkv", "truncation", "full_context", "no_context")}
     alone = json.loads((out / "gist-tiny" / "metrics.json").read_text())["results"]
     assert {(r["task"], r["method"]) for r in alone} == {(task, "gist-tiny") for task in tasks}
+    windowed = json.loads((out / "gist-tiny-recent_tokens16" / "metrics.json").read_text())["results"]
+    assert {r["method"] for r in windowed} == {"gist-tiny [recent_tokens=16]"}
+    assert "gist-tiny [recent_tokens=16]" in (out / "gist-tiny-recent_tokens16-vs-training-free" / "report.md").read_text()
     report = (out / "gist-tiny-vs-training-free" / "report.md").read_text()
     assert "Learned vs the best training-free method at the same bytes" in report and "gist-tiny" in report
     import yaml
