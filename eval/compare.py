@@ -15,9 +15,11 @@ from .scoring import Summary, markdown_table, score_rows
 
 def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenizerBase, rows: Any,
                            scoring: str = "loglik", untrained: Compressor | None = None,
-                           baselines: bool = True, others: dict[str, Compressor] | None = None) -> list[Summary]:
+                           baselines: bool = True, others: dict[str, Compressor] | None = None,
+                           untrained_label: str = "untrained") -> list[Summary]:
     """Score ``compressor`` on ``rows``, then each of ``others`` (other learned compressors, by label: e.g. a
-    shipped one) on the same rows; with ``baselines``, also the untrained compressor, truncation to the
+    shipped one) on the same rows; with ``baselines``, also the untrained compressor (``untrained_label``: the
+    compressor before this training, which may have started from an export), truncation to the
     compressor's achieved ratio (the same memory budget in tokens), the full context (the ceiling) and the
     question alone (no context: the floor)."""
     trained, _ = score_rows(CompressedLM(compressor, tokenizer), rows, "trained", scoring)
@@ -27,7 +29,7 @@ def compare_with_baselines(compressor: Compressor, tokenizer: PreTrainedTokenize
     if not baselines:
         return summaries
     if untrained is not None:
-        summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, "untrained", scoring)[0])
+        summaries.append(score_rows(CompressedLM(untrained.eval(), tokenizer), rows, untrained_label, scoring)[0])
     # The baselines read the plain base: the untrained compressor's when there is one (a method that trains
     # the base's own weights, e.g. RCC with train_mode full, has no plain base of its own).
     reference = untrained if untrained is not None else compressor

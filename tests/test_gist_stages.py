@@ -47,6 +47,7 @@ def test_pretrain_then_mixture_from_its_export(tmp_path: Path) -> None:
     first, second = load_file(pretrain / "compressor.safetensors"), load_file(mixture / "compressor.safetensors")
     assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
     assert f"| {pretrain.name} |" in result.stdout  # the compared export, scored on the same held-out rows
+    assert "| before training (init_from) |" in result.stdout and "| untrained |" not in result.stdout
     assert "best training-free (budget)" in result.stdout  # the learned-vs-training-free table
 
 

@@ -123,7 +123,8 @@ def test_gist_stages_train_evaluate_and_bring_both_artifacts_back_or_say_why_not
     first, second = (load_file(folder / s / "compressor.safetensors") for s in ("stage1", "stage2"))
     assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)  # stage 2 trained
     rows = [r for r in record["rows"] if r["stage"] == 2]
-    assert {r["method"] for r in rows} == {"trained", "untrained", "truncation", "full_context", "no_context"}
+    assert {r["method"] for r in rows} == {"trained", "before training (init_from)", "truncation", "full_context",
+                                           "no_context"}
     assert all(r["n"] == 2 and r["scoring"] == "generate" and r["accuracy_ci"] for r in rows), rows
     assert {r["task"] for r in record["rows"] if r["stage"] == 1} == {"continuation"}
     markdown = (smoke["out"] / "results.md").read_text()

@@ -105,6 +105,9 @@ def train_memory_compressor(compressor_cls: type[Compressor], config: Compressor
                                     tokenizer, push, recipe_data)
 
 
+STARTING_LABEL = "before training (init_from)"  # the table's row of the --init_from export this run started from
+
+
 def long_context_data(script_args: CompressorScriptArguments, config: CompressorConfig,
                       compressor_cls: type[Compressor], model_args: CompressorModelConfig,
                       tokenizer: PreTrainedTokenizerBase, seed: int) -> RecipeData:
@@ -117,8 +120,11 @@ def long_context_data(script_args: CompressorScriptArguments, config: Compressor
 
     def evaluate(final: Compressor, untrained: Compressor) -> list[dict[str, Any]]:
         others = compared_exports(script_args.eval_compare_with, final, tokenizer, model_args.dtype)
+        # with --init_from, the compressor before this run's training is that export, not an untrained one
+        before = STARTING_LABEL if script_args.init_from else "untrained"
         summaries = compare_with_baselines(final, tokenizer, eval_rows, script_args.eval_scoring,
-                                           untrained=untrained, baselines=script_args.eval_baselines, others=others)
+                                           untrained=untrained, baselines=script_args.eval_baselines, others=others,
+                                           untrained_label=before)
         print_table(summaries, f"held-out {script_args.eval_task} ({script_args.eval_scoring} scoring)")
         return [s.as_row() for s in summaries]
 
@@ -161,7 +167,7 @@ def _evaluate_and_export(compressor_cls: type[Compressor], config: CompressorCon
     if recipe_data.evaluate is not None:
         final.to(training_args.device)  # evaluate where training ran (the GPU when there is one)
         untrained = compressor_cls(config, load_base_model(model_args, quantized=False)[0]).use_tokenizer(tokenizer)
-        start_from_export(untrained, script_args.init_from)  # "untrained": before this run's training
+        start_from_export(untrained, script_args.init_from)  # the compressor as this run's training found it
         untrained.to(training_args.device)
         rows = recipe_data.evaluate(final, untrained)
     folder = save_and_push(final.cpu(), tokenizer, training_args.output_dir, rows or None, push)

@@ -47,7 +47,7 @@ STAGES_COLUMNS = ["stage", "task", "method", "scoring", "n", "accuracy", "accura
                   "answer_logprob_ci", "bleu", "bleu_ci", "perplexity_ci", "achieved_ratio", "memory_bytes"]
 # What the two stages need around their training on an H100 (seconds): the two model loads, the data,
 # stage 1's small loglik evaluation, two exports and reload checks; and per held-out sample of stage 2's
-# evaluation, generation by five methods (trained, untrained = stage 1, truncation, full and no context).
+# evaluation, generation by five methods (trained, stage 1's export, truncation, full and no context).
 STAGES_OVERHEAD_S = 60.0
 STAGES_EVAL_S_PER_SAMPLE = 1.2
 STAGES_MIN_MINUTES = 0.5  # per stage: below this the section is skipped rather than run as a token gesture
@@ -407,7 +407,7 @@ def section_stages(record: dict[str, Any], results: Results, clock: Clock, devic
     record["notes"] = [
         "stage 1: recipes/configs/gist/pretrain.yaml, stage 2: recipes/configs/gist/mixture.yaml started from stage "
         "1's export; both with the GPU overrides of each stage*_command, stopped by the clock",
-        "stage 2's 'untrained' row is stage 1's export (before stage 2); its evaluation is the held-out wordings "
+        "stage 2's 'before training (init_from)' row is stage 1's export; its evaluation is the held-out wordings "
         "on stdlib text, which no stage trains on; *_ci: 95% intervals (Wilson for 0/1 scores, bootstrap otherwise)",
         "tokens_per_s counts the tokens the batches read (context and target, no padding), over the training time",
         f"the artifacts (no checkpoints) are under {STAGES_SECTION}/stage1 and {STAGES_SECTION}/stage2 next to "
