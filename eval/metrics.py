@@ -115,6 +115,25 @@ def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamp
     return float(low), float(high)
 
 
+def ratio_of_means_interval(numerators: Sequence[float], denominators: Sequence[float], confidence: float = 0.95,
+                            resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``mean(numerators) / mean(denominators)``, the two measured on the same
+    samples (e.g. one method's perplexities over the full context's): each resample draws sample indices, so a
+    hard sample weighs on both means at once and the interval is narrower than two separate ones would suggest."""
+    top, bottom = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if top.shape != bottom.shape:
+        raise ValueError(f"paired values need equal lengths, got {top.size} and {bottom.size}")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and resamples >= 1, got {confidence}, {resamples}")
+    if top.size == 0:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, top.size, size=(resamples, top.size))
+    ratios = top[picks].mean(axis=1) / bottom[picks].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def mean_interval(values: Sequence[float], binary: bool, z: float = 1.96) -> tuple[float, float]:
     """The 95% interval of the mean of one metric over samples: Wilson for a ``binary`` metric (accuracy,
     exact or substring match) whose values are all 0 or 1, the bootstrap otherwise: a continuous metric (BLEU,

@@ -54,6 +54,24 @@ def test_bootstrap_interval_is_deterministic_and_sensible() -> None:
         bootstrap_interval(values, confidence=1.5)
 
 
+def test_the_paired_ratio_interval_holds_the_ratio_and_pairing_narrows_it() -> None:
+    import numpy as np
+
+    from ctxzip.eval.metrics import bootstrap_interval, ratio_of_means_interval
+
+    rng = np.random.default_rng(1)
+    hardness = rng.lognormal(3.0, 0.6, size=100)  # some samples are hard for every method
+    full, method = hardness, hardness * 1.2 * rng.lognormal(0.0, 0.05, size=100)
+    low, high = ratio_of_means_interval(method, full)
+    assert low < method.mean() / full.mean() < high and low > 1.1 and high < 1.3
+    assert ratio_of_means_interval(method, full) == (low, high)  # seeded
+    # apart, the two means' intervals overlap although every sample is about 1.2x worse
+    assert bootstrap_interval(method)[0] < bootstrap_interval(full)[1]
+    assert ratio_of_means_interval(full, full) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="equal lengths"):
+        ratio_of_means_interval([1.0, 2.0], [1.0])
+
+
 def test_a_mean_of_zeros_and_ones_gets_wilson_anything_else_the_bootstrap() -> None:
     assert mean_interval([1.0, 0.0, 1.0, 1.0], binary=True) == wilson_interval(3, 4)
     fractions = [1.0, 0.5, 0.0, 1.0]  # the shared-context mode: a sample's fraction of questions right

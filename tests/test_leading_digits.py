@@ -1,4 +1,5 @@
-"""benchmarks/leading_digits.py: partial credit on number answers, from an evaluation folder's rows."""
+"""benchmarks/leading_digits.py and perplexity_ratio.py: partial credit on number answers and perplexity ratios, from
+evaluation folders' rows."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ def test_the_script_reads_finished_and_running_folders(tmp_path: Path) -> None:
     failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/leading_digits.py"), str(empty)],
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "no evaluated rows" in failed.stderr
+
+
+def test_the_perplexity_ratio_pairs_samples_with_the_reference(tmp_path: Path) -> None:
+    full, other = tmp_path / "full", tmp_path / "other"
+    for folder, method, values in ((full, "full_context", [10.0, 20.0, 30.0]), (other, "m", [12.0, 24.0, 36.0, 99.0])):
+        folder.mkdir()
+        rows = [{"task": "continuation", "method": method, "id": f"s{i}", "perplexity": v} for i, v in enumerate(values)]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ratio.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(full), str(other),
+                             "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    # s3 has no full-context row: left out; every paired sample is 1.2x, so the interval is the point
+    assert lines[-1] == "| m | 3 | 24.00 | 20.00 | 1.200 | [1.200, 1.200] |"
+    failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(other)],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and "no 'full_context' rows" in failed.stderr
 
 
 def test_the_shuffled_context_control_runs(tiny, tmp_path: Path) -> None:
