@@ -21,11 +21,17 @@ from ctxzip.compressors.io import write_text_atomic
 from ctxzip.eval.metrics import ratio_of_means_interval
 
 
+def method_label(row: dict) -> str:
+    """A row's method, with its requested ratio when it has one (truncation at 4x and at 4.08x are two methods)."""
+    ratio = float(row.get("ratio") or 0)
+    return row["method"] if ratio <= 1 else f"{row['method']} {ratio:g}x"
+
+
 def table(folders: list[Path], reference: str = "full_context", task: str = "continuation") -> str:
     by_method: dict[str, dict[str, float]] = defaultdict(dict)
     for folder in folders:
         for row in read_rows(folder, task):
-            by_method[row["method"]][row["id"]] = float(row["perplexity"])
+            by_method[method_label(row)][row["id"]] = float(row["perplexity"])
     if reference not in by_method:
         raise SystemExit(f"no {reference!r} rows of {task!r} in {', '.join(map(str, folders))}")
     base = by_method[reference]

@@ -53,13 +53,19 @@ def test_the_perplexity_ratio_pairs_samples_with_the_reference(tmp_path: Path) -
         folder.mkdir()
         rows = [{"task": "continuation", "method": method, "id": f"s{i}", "perplexity": v} for i, v in enumerate(values)]
         (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    more = tmp_path / "more"  # the same method at two ratios: two rows
+    more.mkdir()
+    rows = [{"task": "continuation", "method": "m", "ratio": r, "id": "s0", "perplexity": 15.0} for r in (4, 8)]
+    (more / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "ratio.md"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(full), str(other),
+                             str(more),
                              "--output", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
     # s3 has no full-context row: left out; every paired sample is 1.2x, so the interval is the point
-    assert lines[-1] == "| m | 3 | 24.00 | 20.00 | 1.200 | [1.200, 1.200] |"
+    assert lines[-3] == "| m | 3 | 24.00 | 20.00 | 1.200 | [1.200, 1.200] |"
+    assert lines[-2].startswith("| m 4x | 1 | 15.00 | 10.00 | 1.500 |") and lines[-1].startswith("| m 8x | 1 |")
     failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(other)],
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "no 'full_context' rows" in failed.stderr
