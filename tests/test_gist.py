@@ -289,7 +289,12 @@ def test_interleaved_sdpa_and_eager_masks_agree(tiny) -> None:
 @pytest.mark.parametrize(("scope", "layout"), [("all", "end"), ("gists", "end"), ("gists", "interleaved")])
 def test_left_padded_batch_equals_rows_compressed_alone(tiny, lengths, segment_length, scope, layout) -> None:
     gist = make_gist(tiny, segment_length=segment_length, adapter_scope=scope, gist_layout=layout)
-    contexts = [ids(n, seed=20 + i)[0].tolist() for i, n in enumerate(lengths)]
+    assert_batch_equals_rows_alone(gist, lengths, seed=20)
+
+
+def assert_batch_equals_rows_alone(gist: GistCompressor, lengths: list[int], seed: int) -> None:
+    """Left-padded contexts of ``lengths`` compressed as one batch read as each row compressed alone."""
+    contexts = [ids(n, seed=seed + i)[0].tolist() for i, n in enumerate(lengths)]
     prompt = ids(5, seed=9)
     batch_ids, batch_mask = left_pad(contexts, pad_id=2)
     with torch.no_grad():
@@ -352,18 +357,8 @@ def test_a_window_longer_than_the_context_is_the_full_context(tiny) -> None:
 
 def test_recent_tokens_left_padded_batch_equals_rows_compressed_alone(tiny) -> None:
     gist = make_gist(tiny, segment_length=8, recent_tokens=6, **INTERLEAVED)
-    lengths = [30, 13, 4]  # the last row is shorter than the window: no gists, a padded window
-    contexts = [ids(n, seed=30 + i)[0].tolist() for i, n in enumerate(lengths)]
-    prompt = ids(5, seed=9)
-    batch_ids, batch_mask = left_pad(contexts, pad_id=2)
-    with torch.no_grad():
-        batched = gist.compress(batch_ids, batch_mask)
-        alone = [gist.compress(torch.tensor([c])) for c in contexts]
-        batched_logits = decode(gist, batched, prompt.expand(len(lengths), -1))
-    assert batched.source_tokens == lengths
-    assert batched.position_offset == [m.position_offset[0] for m in alone]
-    for row, memory in enumerate(alone):
-        assert torch.allclose(batched_logits[row], decode(gist, memory, prompt)[0], atol=1e-4), row
+    # the last row is shorter than the window: no gists, a padded window
+    assert_batch_equals_rows_alone(gist, [30, 13, 4], seed=30)
 
 
 def test_recent_tokens_can_be_set_when_loading(tiny, tmp_path) -> None:
