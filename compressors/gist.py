@@ -81,6 +81,11 @@ class GistConfig(CompressorConfig, LoraSettings):
                 "the text before them, follow the gists in the memory (Activation Beacon's raw recent window); the "
                 "memory then holds gists for the first tokens and N raw slots, so its ratio falls. A setting of "
                 "how a context is read, not of the weights: it can be changed when loading (config_overrides)"})
+    train_recent_fraction: float = field(default=0.0, metadata={
+        "help": "in training only: each batch keeps a raw recent window of a random length, drawn uniformly from 0 "
+                "to this share of its context's length (Activation Beacon samples its ratios the same way), so "
+                "that the gists learn to be read with raw text after them as well as without; in [0, 1). Reading "
+                "(eval mode) always uses recent_tokens"})
 
     def __post_init__(self) -> None:
         if self.tokens_per_gist < 1:
@@ -96,6 +101,8 @@ class GistConfig(CompressorConfig, LoraSettings):
                              "then each gist reads up to its own tokens)")
         if self.recent_tokens < 0:
             raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
+        if not 0.0 <= self.train_recent_fraction < 1.0:
+            raise ValueError(f"train_recent_fraction must be in [0, 1), got {self.train_recent_fraction}")
         if self.init not in ("vocab_mean", "random"):
             raise ValueError(f"init must be 'vocab_mean' or 'random', got {self.init!r}")
 
@@ -145,7 +152,7 @@ class GistCompressor(EncoderAdapter, Compressor):
         memory: Memory | None = None
         # The last recent_tokens columns stay raw; with left padding, a shorter row's window holds its padding
         # and its gisted part is padding only (its gists are masked slots).
-        gisted = max(0, context_ids.shape[1] - self.compressor_config.recent_tokens)
+        gisted = max(0, context_ids.shape[1] - self._window_length(context_ids.shape[1]))
         step = self.compressor_config.segment_length
         # Segments are cut from the right so that only the first one can hold left padding.
         bounds = [(max(0, end - step), end) for end in range(gisted, 0, -step)][::-1]
@@ -157,6 +164,14 @@ class GistCompressor(EncoderAdapter, Compressor):
             memory = recent if memory is None else memory.cat(recent)
         assert memory is not None
         return memory
+
+    def _window_length(self, length: int) -> int:
+        """How many of a ``length``-column context's last tokens stay raw: ``recent_tokens``, or in training with
+        ``train_recent_fraction`` a random length for the whole batch (torch's generator: the run's seed sets it)."""
+        fraction = self.compressor_config.train_recent_fraction
+        if self.training and fraction > 0:
+            return int(torch.randint(0, int(fraction * length) + 1, ()))
+        return self.compressor_config.recent_tokens
 
     def _read_recent(self, ids: torch.Tensor, mask: torch.Tensor, previous: Memory | None) -> Memory:
         """The raw recent window: its tokens read by the decoder (the base model without the encoder's adapter)

@@ -361,6 +361,28 @@ def test_recent_tokens_left_padded_batch_equals_rows_compressed_alone(tiny) -> N
     assert_batch_equals_rows_alone(gist, [30, 13, 4], seed=30)
 
 
+def test_training_draws_a_window_per_batch_and_reading_keeps_recent_tokens(tiny) -> None:
+    """In training, train_recent_fraction draws the window's length per batch (from the seeded generator), and the
+    memory is the one recent_tokens of that length reads; in eval mode the fraction plays no part."""
+    gist = make_gist(tiny, segment_length=8, recent_tokens=3, train_recent_fraction=0.5, **INTERLEAVED)
+    context = ids(22, seed=4)
+    with torch.no_grad():
+        assert gist.compress(context).slots == 5 + 3  # eval mode: 19 tokens in 5 gists, then 3 raw
+        drawn = []
+        for seed in range(12):
+            torch.manual_seed(seed)
+            window = int(torch.randint(0, 11 + 1, ()))  # up to half of 22 tokens
+            torch.manual_seed(seed)
+            trained = gist.train().compress(context)
+            reference = make_gist(tiny, segment_length=8, recent_tokens=window, **INTERLEAVED)
+            reference.load_state_dict(gist.state_dict())
+            expected = reference.compress(context)
+            assert trained.slots == expected.slots and trained.position_offset == expected.position_offset
+            assert all(torch.equal(trained.tensors[k], expected.tensors[k]) for k in expected.tensors)
+            drawn.append(window)
+    assert len(set(drawn)) > 3 and max(drawn) <= 11
+
+
 def test_recent_tokens_can_be_set_when_loading(tiny, tmp_path) -> None:
     from ctxzip.compressors import CompressedLM, load_base
     from ctxzip.compressors.hub import load_compressor, save_compressor
@@ -405,6 +427,8 @@ def test_context_longer_than_max_context_tokens_raises(tiny) -> None:
 def test_gist_config_validates() -> None:
     with pytest.raises(ValueError, match="recent_tokens"):
         GistConfig(recent_tokens=-1)
+    with pytest.raises(ValueError, match="train_recent_fraction"):
+        GistConfig(train_recent_fraction=1.0)
     with pytest.raises(ValueError):
         GistConfig(tokens_per_gist=0)
     with pytest.raises(ValueError):
