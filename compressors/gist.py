@@ -26,7 +26,8 @@ token stream, so context tokens never read the segment's own gists, and each gis
 decoder reads them through the gists of the text before them, and their keys/values join the memory; at equal bytes,
 an 8x compressor with a raw window of about a seventh of the context makes a 4x memory that still holds the recent
 text verbatim, which continuation needs. It can be set when loading (``config_overrides``) or evaluating
-(``--learned_config recent_tokens=N``).
+(``--learned_config recent_tokens=N``). ``train_recent_fraction`` trains with such a window, of a length drawn per
+batch (up to that share of the context), so that the gists are also trained to be read with raw text after them.
 
 Not faithful: gisting trains in one pass with a gist attention mask; here the encoder and the
 decoder are two passes (mathematically the same attention pattern, but twice the prefill). The

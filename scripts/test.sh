@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${CTXZIP_VENV:-.venv}/bin/activate"
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
