@@ -24,6 +24,21 @@ def test_leading_digits_right(reply: str, answer: str, right: int) -> None:
     assert leading_digits.leading_digits_right(reply, answer) == right
 
 
+@pytest.mark.parametrize(("reply", "answer", "kept"), [
+    ("834515", "834515", (1.0, 1.0)), ("Code: 438155 then 834515", "834515", (1.0, 2 / 6)),
+    ("8345159999", "834515", (1.0, 1.0)),  # only the answer's length counts: a long reply gains nothing
+    ("83", "834515", (2 / 6, 2 / 6)), ("555555", "834515", (2 / 6, 2 / 6)), ("none", "834515", (0.0, 0.0)),
+])
+def test_digits_kept_in_any_order_and_in_place(reply: str, answer: str, kept: tuple[float, float]) -> None:
+    assert leading_digits.digits_kept(reply, answer) == pytest.approx(kept)
+
+
+def test_chance_replies_are_random_numbers_of_the_answers_length() -> None:
+    replies = leading_digits.chance_replies(["123456", "42"], draws=50)
+    assert len(replies) == 100 and all(len(reply) == len(answer) for reply, answer in replies)
+    assert len({reply for reply, _ in replies}) > 50 and replies == leading_digits.chance_replies(["123456", "42"], 50)
+
+
 def test_the_script_reads_finished_and_running_folders(tmp_path: Path) -> None:
     finished, running = tmp_path / "finished", tmp_path / "running"
     finished.mkdir()
@@ -37,9 +52,13 @@ def test_the_script_reads_finished_and_running_folders(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/leading_digits.py"), str(finished), str(running),
                              "--output", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    lines = out.read_text().splitlines()
-    assert lines[-2].startswith("| a | 3 | 0.67 ") and "| 0.67 [" in lines[-2] and lines[-2].count("0.33 [") == 1
-    assert lines[-1].startswith("| b | 1 | 1.00 ") and lines[-1].endswith("| 0.00 [0.00, 0.79] |")
+    rows = {line.split(" | ")[0][2:]: line for line in out.read_text().splitlines() if line.startswith("| ")}
+    # a: 123 (3 right, all present, all in place), 129 (2; 2/3, 2/3), 9 (0; 0, 0)
+    assert rows["a"].startswith("| a | 3 | 0.67 ") and rows["a"].count("0.33 [") == 1
+    assert rows["a"].endswith("| 0.56 [0.00, 1.00] | 0.56 [0.00, 1.00] |")
+    assert rows["b"].startswith("| b | 1 | 1.00 ") and "| 0.00 [0.00, 0.79] | 0.33 [0.33, 0.33] | 0.33 [0.33, 0.33] |" \
+        in rows["b"]
+    assert rows["chance (random numbers)"].startswith("| chance (random numbers) | 100 | ")  # one answer, 100 draws
     empty = tmp_path / "empty"
     empty.mkdir()
     failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/leading_digits.py"), str(empty)],
