@@ -2,7 +2,8 @@
 bootstrap 95% interval: the question "within 25% of the full context" asks of the ratio, and the per-method
 intervals of a report overlap because hard samples are hard for every method. Reads the ``continuation`` rows of
 the given evaluation folders (``python -m ctxzip.eval`` output), pairs them by sample id with the reference
-method's (default ``full_context``).
+method's (default ``full_context``). The median of the per-sample ratios stands beside it: a mean of perplexities
+can be carried by one sample that a memory derails.
 
     python benchmarks/perplexity_ratio.py benchmarks/results/gist_heldout/continuation \\
         benchmarks/results/gist_heldout/continuation-gist-8x-recent_tokens144 \\
@@ -12,6 +13,7 @@ method's (default ``full_context``).
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,8 +37,8 @@ def table(folders: list[Path], reference: str = "full_context", task: str = "con
     if reference not in by_method:
         raise SystemExit(f"no {reference!r} rows of {task!r} in {', '.join(map(str, folders))}")
     base = by_method[reference]
-    lines = [f"| method | n | mean perplexity | {reference} on the same samples | ratio | 95% interval (paired) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| method | n | mean perplexity | {reference} on the same samples | ratio | 95% interval (paired) "
+             "| median per-sample ratio |", "|---|---|---|---|---|---|---|"]
     for method, values in sorted(by_method.items()):
         ids = sorted(set(values) & set(base))
         if not ids:
@@ -44,7 +46,9 @@ def table(folders: list[Path], reference: str = "full_context", task: str = "con
         mine, theirs = [values[i] for i in ids], [base[i] for i in ids]
         low, high = ratio_of_means_interval(mine, theirs)
         mean, ref = sum(mine) / len(mine), sum(theirs) / len(theirs)
-        lines.append(f"| {method} | {len(ids)} | {mean:.2f} | {ref:.2f} | {mean / ref:.3f} | [{low:.3f}, {high:.3f}] |")
+        median = statistics.median(m / t for m, t in zip(mine, theirs))
+        lines.append(f"| {method} | {len(ids)} | {mean:.2f} | {ref:.2f} | {mean / ref:.3f} | [{low:.3f}, {high:.3f}] "
+                     f"| {median:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -67,8 +67,9 @@ def test_the_script_reads_finished_and_running_folders(tmp_path: Path) -> None:
 
 
 def test_the_perplexity_ratio_pairs_samples_with_the_reference(tmp_path: Path) -> None:
-    full, other = tmp_path / "full", tmp_path / "other"
-    for folder, method, values in ((full, "full_context", [10.0, 20.0, 30.0]), (other, "m", [12.0, 24.0, 36.0, 99.0])):
+    full, other, derailed = tmp_path / "full", tmp_path / "other", tmp_path / "derailed"
+    for folder, method, values in ((full, "full_context", [10.0, 20.0, 30.0]), (other, "m", [12.0, 24.0, 36.0, 99.0]),
+                                   (derailed, "d", [10.0, 20.0, 3000.0])):
         folder.mkdir()
         rows = [{"task": "continuation", "method": method, "id": f"s{i}", "perplexity": v} for i, v in enumerate(values)]
         (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -78,12 +79,13 @@ def test_the_perplexity_ratio_pairs_samples_with_the_reference(tmp_path: Path) -
     (more / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "ratio.md"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(full), str(other),
-                             str(more),
+                             str(more), str(derailed),
                              "--output", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
+    assert lines[-5].startswith("| d | 3 | 1010.00 | 20.00 | 50.500 |") and lines[-5].endswith("| 1.000 |")  # one derailed
     # s3 has no full-context row: left out; every paired sample is 1.2x, so the interval is the point
-    assert lines[-3] == "| m | 3 | 24.00 | 20.00 | 1.200 | [1.200, 1.200] |"
+    assert lines[-3] == "| m | 3 | 24.00 | 20.00 | 1.200 | [1.200, 1.200] | 1.200 |"
     assert lines[-2].startswith("| m 4x | 1 | 15.00 | 10.00 | 1.500 |") and lines[-1].startswith("| m 8x | 1 |")
     failed = subprocess.run([sys.executable, str(ROOT / "benchmarks/perplexity_ratio.py"), str(other)],
                             capture_output=True, text=True, timeout=120)
