@@ -383,6 +383,22 @@ def test_training_draws_a_window_per_batch_and_reading_keeps_recent_tokens(tiny)
     assert len(set(drawn)) > 3 and max(drawn) <= 11
 
 
+def test_a_training_step_with_a_drawn_window_reaches_the_gists(tiny) -> None:
+    """The forward a trainer calls, in training mode: a finite loss whose gradient reaches the gist embeddings (a
+    window of at most 12 of the 24 tokens leaves gists), and a ratio that changes with the drawn window."""
+    gist = make_gist(tiny, segment_length=8, train_recent_fraction=0.5, **INTERLEAVED).train()
+    context, target = ids(24, seed=8), ids(5, seed=9)
+    ratios = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        gist.zero_grad()
+        out = gist(context_ids=context, input_ids=target, attention_mask=torch.ones_like(target), labels=target)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and gist.gist_embeddings.weight.grad.abs().sum() > 0
+        ratios.add(round(float(out["ratio"]), 4))
+    assert len(ratios) > 1
+
+
 def test_recent_tokens_can_be_set_when_loading(tiny, tmp_path) -> None:
     from ctxzip.compressors import CompressedLM, load_base
     from ctxzip.compressors.hub import load_compressor, save_compressor
