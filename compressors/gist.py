@@ -152,8 +152,7 @@ class GistCompressor(EncoderAdapter, Compressor):
         context_ids, attention_mask = context_ids[:, first:], attention_mask[:, first:]
         memory: Memory | None = None
         # The last columns (the window, _window_length) stay raw; with left padding, a shorter row's window holds
-        # its padding
-        # and its gisted part is padding only (its gists are masked slots).
+        # its padding and its gisted part is padding only (its gists are masked slots).
         gisted = max(0, context_ids.shape[1] - self._window_length(context_ids.shape[1]))
         step = self.compressor_config.segment_length
         # Segments are cut from the right so that only the first one can hold left padding.
