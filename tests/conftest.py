@@ -37,6 +37,13 @@ os.environ.update(
     }
 )
 
+# Under pytest-xdist the workers share the cores: each gets its share of threads (set before torch is
+# imported, and inherited by the recipes the tests launch), since oversubscribed OpenMP threads spin-wait
+# on each other and tiny-model ops then run many times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest  # noqa: E402
 from fake_hub import FakeHub  # noqa: E402  (imports huggingface_hub: after the environment above)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def run(recipe: str, args: list[str], out: Path, launch: Path | None) -> subproc
         command = [sys.executable, *script, "--gradient_accumulation_steps", "2"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-                   "--num_processes", "2", *script, "--gradient_accumulation_steps", "1"]
+                   "--num_processes", "2", "--main_process_port", str(free_port()), *script, "--gradient_accumulation_steps", "1"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     where = launch.name if launch else "one process"
     assert result.returncode == 0, f"{recipe} ({where}) failed:\n{result.stderr[-4000:]}"
@@ -207,9 +207,7 @@ def test_two_machines_train_as_one(tiny_folder: Path, tmp_path: Path) -> None:
     run("gist", args, tmp_path / "single", None)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the rendezvous
     outs = [tmp_path / f"machine{rank}" for rank in (0, 1)]
     machines = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

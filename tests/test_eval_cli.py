@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from ports import free_port
 
 from ctxzip.eval import bleu, exact_match, rouge_l, substring_match
 from ctxzip.eval.__main__ import main
@@ -369,7 +370,6 @@ def test_accelerate_launch_splits_the_samples_and_writes_what_one_process_writes
     is resumed, a task with fewer samples than processes runs, and a rerun of the finished run scores nothing."""
     import os
     import re
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -383,9 +383,7 @@ def test_accelerate_launch_splits_the_samples_and_writes_what_one_process_writes
     # on the CPU (gloo) even where GPUs are; ``--multi_gpu`` is what makes accelerate spawn the processes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    port = str(free_port())
     root = Path(__file__).resolve().parents[1]
 
     def launch(*command: str) -> str:
