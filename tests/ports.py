@@ -7,8 +7,8 @@ import socket
 
 
 def free_port() -> int:
-    """A port the system has just handed out and released (another process could take it in between, but
-    the system hands ports out in turn, so two calls here do not get the same one)."""
+    """A port the system has just handed out and released. Another process could take it before the launch
+    binds it; that race is rare, where a fixed port collides whenever two launches overlap."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -41,7 +41,8 @@ def run(recipe: str, args: list[str], out: Path, launch: Path | None) -> subproc
         command = [sys.executable, *script, "--gradient_accumulation_steps", "2"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-                   "--num_processes", "2", "--main_process_port", str(free_port()), *script, "--gradient_accumulation_steps", "1"]
+                   "--num_processes", "2", "--main_process_port", str(free_port()), *script,
+                   "--gradient_accumulation_steps", "1"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     where = launch.name if launch else "one process"
     assert result.returncode == 0, f"{recipe} ({where}) failed:\n{result.stderr[-4000:]}"

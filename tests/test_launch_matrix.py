@@ -120,8 +120,8 @@ def launch(recipe: str, config: str, launcher: str, flags: list[str], model: Pat
         cpu += ["--num_processes", "2"]
         recipe_cpu = ["--use_cpu", "true"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               f"accelerate_configs/{launcher}.yaml", *cpu, "--main_process_port", str(free_port()), f"recipes/{recipe}.py", "--config",
-               f"recipes/configs/{recipe}/{config}.yaml", "--model_name_or_path", str(model), *ONE_STEP,
+               f"accelerate_configs/{launcher}.yaml", *cpu, "--main_process_port", str(free_port()),
+               f"recipes/{recipe}.py", "--config", f"recipes/configs/{recipe}/{config}.yaml", "--model_name_or_path", str(model), *ONE_STEP,
                *SIZES[f"{recipe}/{config}"], *extra, *recipe_cpu, "--output_dir", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\nfailed:\n{result.stderr[-4000:]}"
