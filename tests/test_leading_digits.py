@@ -109,3 +109,45 @@ def test_the_shuffled_context_control_runs(tiny, tmp_path: Path) -> None:
     assert counts["n"] == 3 and 0 <= counts["own_context"] <= 3 and 0 <= counts["another_rows_context"] <= 3
     refused = subprocess.run([*script, "--samples", "1"], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "at least 2" in refused.stderr
+
+
+FACTS = [{"attr": "home town", "key": "Ann Lee", "value": "Nairobi"}, {"attr": "home town", "key": "Bo Chan", "value": "Oslo"},
+         {"attr": "favourite dish", "key": "Cy Dorn", "value": "ramen"}]
+
+
+@pytest.mark.parametrize(("reply", "correct", "kind"), [
+    ("Nairobi", True, "right"), ("Oslo.", False, "same attribute"), ("ramen", False, "other attribute"),
+    ("Lima", False, "not in the passage"), ("", False, "not in the passage"),
+    ("Oslos", False, "not in the passage"),  # whole words only
+])
+def test_fact_binding_classes(reply: str, correct: bool, kind: str) -> None:
+    import fact_binding
+
+    assert fact_binding.classify(reply, correct, FACTS, FACTS[0]) == kind
+
+
+def test_fact_binding_rebuilds_the_samples_a_folder_answered(tmp_path: Path) -> None:
+    from ctxzip.compressors.models import load_tokenizer
+    from ctxzip.data.tasks import build_task
+
+    config = {"base_model": "smollm2-135m-instruct", "context_lengths": [256], "num_samples": 3, "seed": 0,
+              "split": "test", "source": "stdlib"}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    samples = list(build_task("multi_fact", load_tokenizer(config["base_model"]), num_samples=3, context_tokens=256,
+                              seed=0, split="test", source="stdlib"))
+    rows = []
+    for sample, kind in zip(samples, ("right", "same attribute", "other attribute")):
+        facts = json.loads(sample["metadata"])["facts"]
+        asked = next(f for f in facts if f["value"] == sample["answer"] and f["key"] in sample["question"])
+        replies = {"right": sample["answer"],
+                   "same attribute": [f["value"] for f in facts if f["attr"] == asked["attr"] and f is not asked],
+                   "other attribute": [f["value"] for f in facts if f["attr"] != asked["attr"]]}
+        reply = replies[kind] if kind == "right" else replies[kind][0]  # these samples hold such facts
+        rows.append({"task": "multi_fact", "method": "m", "id": sample["id"], "prediction": reply,
+                     "answer": sample["answer"], "correct": float(kind == "right")})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/fact_binding.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("| m |"))
+    assert line.startswith("| m | 3 | 0.33 [") and line.count("| 0.33 [") == 3 and line.endswith("| 0.00 [0.00, 0.56] |")
