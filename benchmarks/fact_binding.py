@@ -23,10 +23,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import yaml
-from leading_digits import read_rows
+from leading_digits import read_rows, share
 
 from ctxzip.compressors.io import write_text_atomic
-from ctxzip.eval.metrics import wilson_interval
 
 TASK = "multi_fact"
 CLASSES = ("right", "same attribute", "other attribute", "not in the passage")
@@ -74,10 +73,7 @@ def table(folders: list[Path]) -> str:
     lines = ["| method | n | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
     for method, counted in sorted(counts.items()):
         n = sum(counted.values())
-        cells = []
-        for name in CLASSES:
-            low, high = wilson_interval(counted[name], n)
-            cells.append(f"{counted[name] / n:.2f} [{low:.2f}, {high:.2f}]")
+        cells = [share(counted[name], n) for name in CLASSES]
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -67,7 +67,8 @@ def chance_replies(answers: list[str], draws: int = 100, seed: int = 0) -> list[
     return [(str(rng.randrange(10 ** (len(a) - 1), 10 ** len(a))), a) for a in answers for _ in range(draws)]
 
 
-def _share(hits: int, n: int) -> str:
+def share(hits: int, n: int) -> str:
+    """``hits / n`` with its Wilson 95% interval, as a table cell."""
     low, high = wilson_interval(hits, n)
     return f"{hits / n:.2f} [{low:.2f}, {high:.2f}]"
 
@@ -90,7 +91,7 @@ def table(folders: list[Path], task: str) -> str:
     for method, rows in sorted(pairs.items()):
         rights = [leading_digits_right(reply, answer) for reply, answer in rows]
         kept = [digits_kept(reply, answer) for reply, answer in rows]
-        cells = [_share(sum(r >= k for r in rights), len(rights)) for k in DIGITS]
+        cells = [share(sum(r >= k for r in rights), len(rights)) for k in DIGITS]
         cells += [_mean([present for present, _ in kept]), _mean([in_place for _, in_place in kept])]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
